@@ -1,0 +1,34 @@
+# Set-up from nothing: a repo-local virtualenv with the PyPI torch wheel that
+# provides libtorch (and safetensors + numpy for the interop tests), and the
+# `.venv/torch` link that `.cargo/config.toml` points LIBTORCH at.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.ready
+TORCH_VERSION := 2.11.0
+
+.PHONY: setup test demo build clean-venv
+
+setup: $(READY)
+
+$(READY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) safetensors numpy
+	ln -sfn $$($(PY) -c 'import torch, os; print(os.path.relpath(os.path.dirname(torch.__file__), "$(VENV)"))') $(VENV)/torch
+	touch $(READY)
+
+build: setup
+	cargo build --release --all-targets
+
+# Every test: unit, integration, property, Python interop, CLI.
+test: setup
+	cargo build --release --bin modelio
+	cargo test
+
+# The main job: the demo trainer (saves, snapshots, resumes when run again).
+demo: setup
+	cargo run --release --example train -- $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,107 @@
+//! Every message the actors exchange. Callers never build these: they use
+//! [`crate::ModelIo`], which owns the addresses.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Message;
+use tokio::sync::oneshot;
+
+use crate::error::Error;
+use crate::format::DType;
+use crate::snapshot::Pinned;
+use crate::staging::{FenceGuard, Lease};
+
+/// What a committed save reports on its ticket.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Iteration count stored in the archive.
+    pub iterations: u64,
+    /// The archive written.
+    pub path: PathBuf,
+    /// Tensor bytes written.
+    pub bytes: u64,
+    /// Mean loss since the previous save.
+    pub average_loss: f64,
+    /// Whether `.bk` copies are made of this save.
+    pub backed_up: bool,
+    /// Whether the optimizer state went in.
+    pub with_optimizer: bool,
+    /// True when the save was skipped because every staging buffer was busy.
+    pub skipped: bool,
+    /// Time the trainer spent in `save`.
+    pub stall: Duration,
+    /// Time copying tensors into host buffers.
+    pub copy: Duration,
+    /// Time writing and committing the files.
+    pub write: Duration,
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<Committed, Arc<Error>>>;
+
+/// A tensor's description; its bytes are in the lease at the same index.
+#[derive(Debug, Clone)]
+pub(crate) struct Desc {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// Everything a save needs besides the tensor bytes.
+pub(crate) struct SaveJob {
+    pub iterations: u64,
+    pub state_json: Vec<u8>,
+    pub average_loss: f64,
+    pub backup: bool,
+    pub model: Vec<Desc>,
+    /// Kind, JSON and tensor descriptions (bytes follow the model's in the lease).
+    pub optimizer: Option<(String, serde_json::Value, Vec<Desc>)>,
+    pub stall: Duration,
+    pub reply: Reply,
+}
+
+/// Copy tensors into the lease, then hand the save to the saver.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stage {
+    pub job: SaveJob,
+    pub tensors: Vec<tch::Tensor>,
+    pub lease: Lease,
+    /// Released as soon as the bytes are copied: parameters may change again.
+    pub guard: FenceGuard,
+}
+
+/// Write the staged bytes as archive + state file.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Write {
+    pub job: SaveJob,
+    pub lease: Lease,
+    pub copy: Duration,
+}
+
+/// Snapshot the save committed last (ordered after every earlier save).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Snapshot;
+
+/// Build a snapshot from files pinned at save `iterations`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct BuildSnapshot {
+    pub iterations: u64,
+    pub pinned: Vec<Pinned>,
+}
+
+/// Make `.bk` files from links pinned at a save: (pin, target).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Backup {
+    pub pinned: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Answered once everything sent before it is done, downstream included.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Flush;

@@ -1,0 +1,147 @@
+//! The actors: stager -> saver -> {backup, snapshot}, each a single-threaded
+//! actix `SyncArbiter` on an actix `System` of its own thread.
+//!
+//! Ordering: every request enters through the stager's mailbox and is passed
+//! on in order, so a snapshot is always built after the save before it, and
+//! a flush is answered only after everything sent before it is done.
+
+mod backup;
+pub mod messages;
+mod saver;
+mod snapshot;
+mod stager;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::{Addr, SyncArbiter};
+
+use crate::error::{Error, Result};
+use crate::folder::ModelPaths;
+use crate::staging::lock;
+use messages::{Flush, Reply};
+
+pub(crate) use stager::Stager;
+
+/// Counters of a handle's saves.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requested: AtomicU64,
+    pub skipped: AtomicU64,
+    pub waited: AtomicU64,
+    pub committed: AtomicU64,
+}
+
+/// What the actors and the handle share.
+pub(crate) struct Shared {
+    pub paths: ModelPaths,
+    /// The first background failure not yet reported to the trainer. Set by
+    /// any actor, taken by the trainer's next call.
+    failure: Mutex<Option<(&'static str, Arc<Error>)>>,
+    pub stats: Stats,
+    /// Test hook: an artificial delay before each write (ms).
+    write_delay_ms: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(paths: ModelPaths) -> Shared {
+        Shared { paths, failure: Mutex::new(None), stats: Stats::default(), write_delay_ms: AtomicU64::new(0) }
+    }
+
+    /// Report a background failure: on the ticket if there is one, and to the
+    /// trainer's next call in any case.
+    pub fn fail(&self, what: &'static str, e: Error, reply: Option<Reply>) {
+        tracing::error!(target: "modelio", "background {what} failed: {e}");
+        let e = Arc::new(e);
+        if let Some(r) = reply {
+            let _ = r.send(Err(e.clone()));
+        }
+        let mut slot = lock(&self.failure);
+        if slot.is_none() {
+            *slot = Some((what, e));
+        }
+    }
+
+    /// Take the pending background failure, if any.
+    pub fn take_failure(&self) -> Result<()> {
+        match lock(&self.failure).take() {
+            Some((what, source)) => Err(Error::Background { what, source }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn write_delay(&self) -> Duration {
+        Duration::from_millis(self.write_delay_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_write_delay(&self, d: Duration) {
+        self.write_delay_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The running actor system.
+pub(crate) struct Actors {
+    pub stager: Addr<Stager>,
+    system: actix::System,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Actors {
+    /// Start the system thread and the four actors.
+    pub fn start(shared: Arc<Shared>, snapshot_keep: usize) -> Result<Actors> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("modelio-actors".into())
+            .spawn(move || {
+                let system = actix::System::new();
+                system.block_on(async move {
+                    let s = shared.clone();
+                    let backup = SyncArbiter::start(1, move || backup::BackupActor { shared: s.clone() });
+                    let s = shared.clone();
+                    let snapshot = SyncArbiter::start(1, move || snapshot::SnapshotActor { shared: s.clone(), keep: snapshot_keep });
+                    let s = shared.clone();
+                    let saver = SyncArbiter::start(1, move || saver::Saver {
+                        shared: s.clone(),
+                        backup: backup.clone(),
+                        snapshot: snapshot.clone(),
+                        last_committed: None,
+                    });
+                    let s = shared.clone();
+                    let stager = SyncArbiter::start(1, move || Stager { shared: s.clone(), saver: saver.clone() });
+                    let _ = tx.send((stager, actix::System::current()));
+                });
+                let _ = system.run();
+            })
+            .map_err(|e| Error::io("start actor thread for", ".", e))?;
+        let (stager, system) = rx.recv().map_err(|_| Error::Stopped)?;
+        Ok(Actors { stager, system, thread: Some(thread) })
+    }
+
+    /// Wait until everything sent so far is done.
+    pub async fn flush(&self) -> Result<()> {
+        self.stager.send(Flush).await.map_err(|_| Error::Stopped)
+    }
+
+    /// Flush, blocking the calling thread (for `Drop` and non-async callers).
+    pub fn flush_blocking(&self) -> Result<()> {
+        futures::executor::block_on(self.stager.send(Flush)).map_err(|_| Error::Stopped)
+    }
+
+    /// Stop the system and join its thread (call after a flush).
+    pub fn stop(&mut self) {
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Actors {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.flush_blocking();
+            self.stop();
+        }
+    }
+}

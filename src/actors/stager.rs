@@ -1,0 +1,60 @@
+//! The stager: copies a save's tensors into host buffers off the trainer's
+//! thread, releases the fence, and passes the save on to the saver.
+
+use std::time::Instant;
+
+use actix::{Addr, Handler, SyncContext};
+
+use super::messages::{Flush, Snapshot, Stage, Write};
+use super::saver::Saver;
+use super::Shared;
+use crate::error::Result;
+use crate::staging::Lease;
+use std::sync::Arc;
+
+pub(crate) struct Stager {
+    pub shared: Arc<Shared>,
+    pub saver: Addr<Saver>,
+}
+
+impl actix::Actor for Stager {
+    type Context = SyncContext<Self>;
+}
+
+/// Copy every tensor into its buffer of the lease.
+pub(crate) fn copy_all(tensors: &[tch::Tensor], lease: &mut Lease) -> Result<()> {
+    for (i, t) in tensors.iter().enumerate() {
+        let buf = lease.sized(i, crate::tensors::byte_len(t));
+        crate::tensors::copy_bytes(t, buf)?;
+    }
+    Ok(())
+}
+
+impl Handler<Stage> for Stager {
+    type Result = ();
+    fn handle(&mut self, msg: Stage, _: &mut Self::Context) {
+        let Stage { job, tensors, mut lease, guard } = msg;
+        let start = Instant::now();
+        let copied = copy_all(&tensors, &mut lease);
+        drop(tensors);
+        drop(guard);
+        match copied {
+            Ok(()) => self.saver.do_send(Write { job, lease, copy: start.elapsed() }),
+            Err(e) => self.shared.fail("save", e, Some(job.reply)),
+        }
+    }
+}
+
+impl Handler<Snapshot> for Stager {
+    type Result = ();
+    fn handle(&mut self, msg: Snapshot, _: &mut Self::Context) {
+        self.saver.do_send(msg);
+    }
+}
+
+impl Handler<Flush> for Stager {
+    type Result = ();
+    fn handle(&mut self, _: Flush, _: &mut Self::Context) {
+        let _ = futures::executor::block_on(self.saver.send(Flush));
+    }
+}

@@ -1,0 +1,360 @@
+//! Writing and reading archives (format v1, see `docs/FORMAT.md`).
+//!
+//! Plain functions over bytes, free of actors and libtorch. The reader maps
+//! the file and hands out tensor bytes in place; it treats the file as hostile:
+//! every offset and size is checked, every allocation is bounded, and every
+//! problem is an [`Error::Damaged`] naming the file and the part.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Cursor, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zip::write::SimpleFileOptions;
+use zip::{CompressionMethod, ZipArchive, ZipWriter};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::*;
+
+/// JSON entries and safetensors headers larger than this are refused as damaged.
+const MAX_JSON: u64 = 256 << 20;
+
+/// Write a complete archive to `out`.
+///
+/// # Errors
+/// [`Error::Io`] when writing fails; [`Error::Optimizer`] on duplicate tensor names.
+pub fn write_archive<W: Write + Seek>(
+    out: W,
+    path: &Path,
+    name: &str,
+    iterations: u64,
+    model: &[TensorRef<'_>],
+    optimizer: Option<OptimizerRef<'_>>,
+) -> Result<W> {
+    let manifest = Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        name: name.into(),
+        iterations,
+        created: chrono::Utc::now().to_rfc3339(),
+        model: metas(model)?,
+        optimizer: match optimizer {
+            Some(o) => Some(OptimizerMeta { kind: o.kind.into(), tensors: metas(o.tensors)? }),
+            None => None,
+        },
+    };
+    let zip_err = |e: zip::result::ZipError| match e {
+        zip::result::ZipError::Io(io) => Error::io("write", path, io),
+        other => Error::io("write", path, std::io::Error::other(other)),
+    };
+    let io_err = |e: std::io::Error| Error::io("write", path, e);
+    let mut zip = ZipWriter::new(out);
+    let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io("encode manifest for", path, e.into()))?;
+    zip.start_file(MANIFEST_ENTRY, entry_options(manifest_json.len() as u64)).map_err(zip_err)?;
+    zip.write_all(&manifest_json).map_err(io_err)?;
+    write_safetensors(&mut zip, MODEL_ENTRY, model).map_err(zip_err)?;
+    if let Some(o) = optimizer {
+        write_safetensors(&mut zip, OPTIMIZER_ENTRY, o.tensors).map_err(zip_err)?;
+        let json = serde_json::to_vec_pretty(o.json).map_err(|e| Error::io("encode optimizer state for", path, e.into()))?;
+        zip.start_file(OPTIMIZER_JSON_ENTRY, entry_options(json.len() as u64)).map_err(zip_err)?;
+        zip.write_all(&json).map_err(io_err)?;
+    }
+    zip.finish().map_err(zip_err)
+}
+
+/// Write an archive atomically to `target` (through [`crate::durable::commit`]).
+///
+/// # Errors
+/// As [`write_archive`] and [`crate::durable::commit`].
+pub fn commit_archive(
+    target: &Path,
+    name: &str,
+    iterations: u64,
+    model: &[TensorRef<'_>],
+    optimizer: Option<OptimizerRef<'_>>,
+) -> Result<u64> {
+    let size: u64 = model.iter().chain(optimizer.iter().flat_map(|o| o.tensors.iter())).map(|t| t.data.len() as u64).sum();
+    let mut write = |out: &mut BufWriter<File>| write_archive(out, target, name, iterations, model, optimizer).map(|_| ());
+    crate::durable::commit(target, crate::durable::Source::Write { size_hint: size, write: &mut write })?;
+    Ok(size)
+}
+
+fn entry_options(size: u64) -> SimpleFileOptions {
+    SimpleFileOptions::default()
+        .compression_method(CompressionMethod::Stored)
+        .with_alignment(ALIGN as u16)
+        .large_file(size >= u32::MAX as u64)
+        .last_modified_time(zip::DateTime::default())
+}
+
+fn metas(tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
+    let mut seen = HashSet::new();
+    tensors
+        .iter()
+        .map(|t| {
+            if !seen.insert(t.name) {
+                return Err(Error::Optimizer(format!("tensor name `{}` appears twice", t.name)));
+            }
+            Ok(TensorMeta { name: t.name.into(), dtype: t.dtype, shape: t.shape.to_vec(), crc32c: crc32c::crc32c(t.data) })
+        })
+        .collect()
+}
+
+#[derive(Serialize, Deserialize)]
+struct StEntry {
+    dtype: DType,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+/// The order tensors are laid out in: larger elements first, so that with
+/// the data starting 64-aligned every tensor starts aligned to its element size
+/// (safetensors allows no gaps between tensors).
+fn layout_order<'a>(tensors: &'a [TensorRef<'a>]) -> Vec<&'a TensorRef<'a>> {
+    let mut order: Vec<&TensorRef> = tensors.iter().collect();
+    order.sort_by(|a, b| b.dtype.size().cmp(&a.dtype.size()).then(a.name.cmp(b.name)));
+    order
+}
+
+/// A safetensors blob header whose length (plus the 8-byte prefix) is a
+/// multiple of [`ALIGN`], padded with spaces as the format allows.
+fn safetensors_header(order: &[&TensorRef<'_>]) -> Vec<u8> {
+    let mut map = BTreeMap::new();
+    let mut offset = 0usize;
+    for t in order {
+        let end = offset + t.data.len();
+        map.insert(t.name.to_string(), StEntry { dtype: t.dtype, shape: t.shape.to_vec(), data_offsets: [offset, end] });
+        offset = end;
+    }
+    // Serializing a map of plain structs cannot fail.
+    let mut header = serde_json::to_vec(&map).unwrap_or_else(|_| b"{}".to_vec());
+    let total = 8 + header.len() as u64;
+    let padded = total.div_ceil(ALIGN) * ALIGN;
+    header.resize((padded - 8) as usize, b' ');
+    header
+}
+
+fn write_safetensors<W: Write + Seek>(zip: &mut ZipWriter<W>, entry: &str, tensors: &[TensorRef<'_>]) -> zip::result::ZipResult<()> {
+    let order = layout_order(tensors);
+    let header = safetensors_header(&order);
+    let size = 8 + header.len() as u64 + order.iter().map(|t| t.data.len() as u64).sum::<u64>();
+    zip.start_file(entry, entry_options(size))?;
+    zip.write_all(&(header.len() as u64).to_le_bytes())?;
+    zip.write_all(&header)?;
+    for t in order {
+        zip.write_all(t.data)?;
+    }
+    Ok(())
+}
+
+/// Where one tensor lives in the file.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub meta: TensorMeta,
+    /// Absolute offset of the tensor's first byte in the file.
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// An opened, structurally checked archive. Tensor bytes are checked against
+/// their checksums by [`ArchiveReader::verify`] or when read with
+/// [`ArchiveReader::checked_data`].
+pub struct ArchiveReader {
+    path: PathBuf,
+    name: String,
+    map: memmap2::Mmap,
+    pub manifest: Manifest,
+    pub model: Vec<Located>,
+    pub optimizer: Option<(Vec<Located>, serde_json::Value)>,
+}
+
+impl std::fmt::Debug for ArchiveReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveReader").field("path", &self.path).field("manifest", &self.manifest).finish()
+    }
+}
+
+impl ArchiveReader {
+    /// Open and check the structure of the archive at `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read, [`Error::Damaged`] naming the
+    /// broken part otherwise.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).at("open", path)?;
+        // SAFETY: modelio never modifies a committed file in place (files are
+        // replaced by rename), so the mapping's bytes do not change under us.
+        let map = unsafe { memmap2::Mmap::map(&file) }.at("map", path)?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let damaged = |what: &str, detail: String| Error::damaged(path, &name, what, detail);
+
+        let mut zip = ZipArchive::new(Cursor::new(&map[..])).map_err(|e| damaged("zip structure", e.to_string()))?;
+        check_names(&mut zip).map_err(|d| damaged("zip structure", d))?;
+
+        let manifest_bytes = read_small(&mut zip, MANIFEST_ENTRY).map_err(|d| damaged(MANIFEST_ENTRY, d))?;
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|e| damaged(MANIFEST_ENTRY, e.to_string()))?;
+        if manifest.format != FORMAT_NAME || manifest.format_version != FORMAT_VERSION {
+            return Err(damaged(
+                MANIFEST_ENTRY,
+                format!("format {} version {} is not {FORMAT_NAME} version {FORMAT_VERSION}", manifest.format, manifest.format_version),
+            ));
+        }
+        let model = locate(&mut zip, &map, MODEL_ENTRY, &manifest.model).map_err(|d| damaged(MODEL_ENTRY, d))?;
+        let optimizer = match &manifest.optimizer {
+            None => None,
+            Some(meta) => {
+                let located = locate(&mut zip, &map, OPTIMIZER_ENTRY, &meta.tensors).map_err(|d| damaged(OPTIMIZER_ENTRY, d))?;
+                let json = read_small(&mut zip, OPTIMIZER_JSON_ENTRY).map_err(|d| damaged(OPTIMIZER_JSON_ENTRY, d))?;
+                let json = serde_json::from_slice(&json).map_err(|e| damaged(OPTIMIZER_JSON_ENTRY, e.to_string()))?;
+                Some((located, json))
+            }
+        };
+        drop(zip);
+        Ok(ArchiveReader { path: path.to_path_buf(), name, map, manifest, model, optimizer })
+    }
+
+    /// The file this archive was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A tensor's bytes in place, unchecked.
+    pub fn data(&self, t: &Located) -> &[u8] {
+        // `locate` checked the range against the file size.
+        &self.map[t.offset..t.offset + t.len]
+    }
+
+    /// A tensor's bytes after checking its checksum.
+    ///
+    /// # Errors
+    /// [`Error::Damaged`] naming the tensor when the checksum fails.
+    pub fn checked_data(&self, t: &Located) -> Result<&[u8]> {
+        let data = self.data(t);
+        let found = crc32c::crc32c(data);
+        if found != t.meta.crc32c {
+            return Err(Error::damaged(
+                &self.path,
+                &self.name,
+                format!("tensor `{}`", t.meta.name),
+                format!("checksum {found:08x} != stored {:08x}", t.meta.crc32c),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Check every tensor's checksum; returns the names of the damaged ones.
+    pub fn verify(&self) -> Vec<String> {
+        let optimizer = self.optimizer.iter().flat_map(|(t, _)| t.iter());
+        self.model.iter().chain(optimizer).filter(|t| self.checked_data(t).is_err()).map(|t| t.meta.name.clone()).collect()
+    }
+
+    /// Total bytes of tensor data.
+    pub fn tensor_bytes(&self) -> u64 {
+        let optimizer = self.optimizer.iter().flat_map(|(t, _)| t.iter());
+        self.model.iter().chain(optimizer).map(|t| t.len as u64).sum()
+    }
+}
+
+/// Refuse entry names that could escape a folder when extracted, and duplicates.
+fn check_names<R: Read + Seek>(zip: &mut ZipArchive<R>) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    for i in 0..zip.len() {
+        let entry = zip.by_index_raw(i).map_err(|e| e.to_string())?;
+        let name = entry.name().to_string();
+        let bad = name.starts_with('/') || name.starts_with('\\') || name.split(['/', '\\']).any(|c| c == "..") || name.contains(':');
+        if bad {
+            return Err(format!("entry name `{name}` is not a plain relative name"));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(format!("entry `{name}` appears twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Read a small entry whole (its zip CRC-32 is checked by the zip reader).
+fn read_small<R: Read + Seek>(zip: &mut ZipArchive<R>, entry: &str) -> Result<Vec<u8>, String> {
+    let mut file = zip.by_name(entry).map_err(|e| format!("missing or unreadable: {e}"))?;
+    if file.size() > MAX_JSON {
+        return Err(format!("{} bytes is more than the {MAX_JSON} allowed", file.size()));
+    }
+    let mut out = Vec::with_capacity(file.size() as usize);
+    file.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Find every tensor of a safetensors entry in the file and check that the
+/// entry's header agrees with the manifest.
+fn locate<R: Read + Seek>(zip: &mut ZipArchive<R>, map: &[u8], entry: &str, metas: &[TensorMeta]) -> Result<Vec<Located>, String> {
+    let file = zip.by_name(entry).map_err(|e| format!("missing or unreadable: {e}"))?;
+    if file.compression() != CompressionMethod::Stored {
+        return Err(format!("stored compressed ({:?}); tensor entries must be stored", file.compression()));
+    }
+    let start = file.data_start();
+    let size = file.size();
+    let end = start.checked_add(size).filter(|&e| e <= map.len() as u64).ok_or("entry runs past the end of the file")?;
+    let blob = &map[start as usize..end as usize];
+    if blob.len() < 8 {
+        return Err("shorter than a safetensors header".into());
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&blob[..8]);
+    let n = u64::from_le_bytes(n);
+    if n > MAX_JSON || n > (blob.len() - 8) as u64 {
+        return Err(format!("safetensors header length {n} does not fit the entry"));
+    }
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&blob[8..8 + n as usize]).map_err(|e| format!("safetensors header: {e}"))?;
+    let data_start = start as usize + 8 + n as usize;
+    let data_len = blob.len() - 8 - n as usize;
+    let mut located = Vec::with_capacity(metas.len());
+    for meta in metas {
+        let raw = header.get(&meta.name).ok_or_else(|| format!("tensor `{}` is in the manifest but not in the entry", meta.name))?;
+        let st: StEntry =
+            serde_json::from_value(raw.clone()).map_err(|e| format!("tensor `{}`: bad header entry: {e}", meta.name))?;
+        if st.dtype != meta.dtype || st.shape != meta.shape {
+            return Err(format!("tensor `{}`: header says {} {:?}, manifest says {} {:?}", meta.name, st.dtype, st.shape, meta.dtype, meta.shape));
+        }
+        let [b, e] = st.data_offsets;
+        let len = meta.byte_len().ok_or_else(|| format!("tensor `{}`: shape overflows", meta.name))?;
+        if b > e || e > data_len || e - b != len {
+            return Err(format!("tensor `{}`: data offsets {b}..{e} do not fit {len} bytes in {data_len}", meta.name));
+        }
+        located.push(Located { meta: meta.clone(), offset: data_start + b, len });
+    }
+    let listed = header.keys().filter(|k| k.as_str() != "__metadata__").count();
+    if listed != metas.len() {
+        return Err(format!("entry holds {listed} tensors, manifest lists {}", metas.len()));
+    }
+    Ok(located)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t<'a>(name: &'a str, dtype: DType, shape: &'a [usize], data: &'a [u8]) -> TensorRef<'a> {
+        TensorRef { name, dtype, shape, data }
+    }
+
+    #[test]
+    fn layout_aligns_every_tensor_to_its_element_size() {
+        let a = [1u8; 3];
+        let b = [2u8; 8];
+        let c = [3u8; 6];
+        let tensors = [t("a", DType::U8, &[3], &a), t("b", DType::F64, &[1], &b), t("c", DType::F16, &[3], &c)];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        commit_archive(&path, "m", 7, &tensors, None).unwrap();
+        let r = ArchiveReader::open(&path).unwrap();
+        assert_eq!(r.manifest.iterations, 7);
+        for l in &r.model {
+            assert_eq!(l.offset % l.meta.dtype.size(), 0, "{}", l.meta.name);
+        }
+        let first = r.model.iter().map(|l| l.offset).min().unwrap();
+        assert_eq!(first as u64 % ALIGN, 0);
+        assert!(r.verify().is_empty());
+        assert!(r.optimizer.is_none());
+    }
+}

@@ -1,0 +1,268 @@
+//! Typed configuration, read from one TOML file and validated at start.
+//!
+//! Every key has a default (see `config/modelio.toml`); an unknown key or a
+//! bad value is an error naming the key, the value and what is allowed.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub save: SaveConfig,
+    pub snapshot: SnapshotConfig,
+    pub staging: StagingConfig,
+    pub load: LoadConfig,
+    pub train: TrainConfig,
+}
+
+/// `[model]`: which model, where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model name: archives are `<dir>/<name>.mio`.
+    pub name: String,
+    /// The model folder.
+    pub dir: PathBuf,
+    /// Predict mode: only load; a missing model is an error.
+    pub predict: bool,
+}
+
+/// When the optimizer state goes into the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerPolicy {
+    /// Never store the optimizer.
+    Never,
+    /// Store it with every save.
+    Always,
+    /// Store it only with the exit save.
+    Exit,
+}
+
+impl OptimizerPolicy {
+    /// Whether a save with this `is_exit` stores the optimizer.
+    pub fn stores(self, is_exit: bool) -> bool {
+        match self {
+            OptimizerPolicy::Never => false,
+            OptimizerPolicy::Always => true,
+            OptimizerPolicy::Exit => is_exit,
+        }
+    }
+}
+
+/// `[save]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SaveConfig {
+    /// Save on iteration 1 and every `interval` iterations.
+    pub interval: u64,
+    /// When the optimizer is stored: "never", "always" or "exit".
+    pub optimizer: OptimizerPolicy,
+}
+
+/// `[snapshot]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Snapshot after saves whose iteration is a multiple of this (0 = never).
+    pub interval: u64,
+    /// Snapshots to keep, newest by iteration (0 = keep all).
+    pub keep: usize,
+}
+
+/// What a save does when every staging buffer is busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBusy {
+    /// Wait for a buffer (the trainer stalls).
+    Wait,
+    /// Skip this save and count it (exit saves always wait).
+    Skip,
+}
+
+/// `[staging]`: host buffers saves are copied into.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StagingConfig {
+    /// Saves in flight at once; host memory holds at most this many copies of the state.
+    pub max_inflight: usize,
+    /// "wait" or "skip".
+    pub on_busy: OnBusy,
+}
+
+/// `[load]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadConfig {
+    /// Load the newest archive that verifies (`.bk`, then snapshots) when the
+    /// live one is damaged or missing.
+    pub fallback: bool,
+}
+
+/// `[train]`: settings of the demo trainer (ignored by the library).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub batch_size: u64,
+    pub learning_rate: f64,
+    pub seed: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            model: ModelConfig::default(),
+            save: SaveConfig::default(),
+            snapshot: SnapshotConfig::default(),
+            staging: StagingConfig::default(),
+            load: LoadConfig::default(),
+            train: TrainConfig::default(),
+        }
+    }
+}
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { name: "model".into(), dir: PathBuf::from("models/model"), predict: false }
+    }
+}
+impl Default for SaveConfig {
+    fn default() -> Self {
+        SaveConfig { interval: 100, optimizer: OptimizerPolicy::Exit }
+    }
+}
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig { interval: 0, keep: 0 }
+    }
+}
+impl Default for StagingConfig {
+    fn default() -> Self {
+        StagingConfig { max_inflight: 1, on_busy: OnBusy::Wait }
+    }
+}
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig { fallback: false }
+    }
+}
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { batch_size: 16, learning_rate: 1e-3, seed: 0 }
+    }
+}
+
+impl Config {
+    /// Read and validate a TOML file.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read, [`Error::ConfigParse`] on bad
+    /// TOML or an unknown key, [`Error::ConfigValue`] on a bad value.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read config", path, e))?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` only names the source in errors.
+    ///
+    /// # Errors
+    /// As [`Config::from_file`].
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| Error::ConfigParse { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check every value.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] naming the first bad key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, value: String, allowed: &str| {
+            Err(Error::ConfigValue { key: key.into(), value, allowed: allowed.into() })
+        };
+        let name = &self.model.name;
+        if name.is_empty()
+            || name.starts_with('.')
+            || name.contains(['/', '\\', '\0'])
+            || name.ends_with(".bk")
+        {
+            return bad("model.name", format!("{name:?}"), "a non-empty file name without '/', not starting with '.'");
+        }
+        if self.model.dir.as_os_str().is_empty() {
+            return bad("model.dir", "\"\"".into(), "a folder path");
+        }
+        if self.save.interval == 0 {
+            return bad("save.interval", "0".into(), "an integer >= 1");
+        }
+        if self.staging.max_inflight == 0 || self.staging.max_inflight > 64 {
+            return bad("staging.max_inflight", self.staging.max_inflight.to_string(), "an integer from 1 to 64");
+        }
+        if self.train.batch_size == 0 {
+            return bad("train.batch_size", "0".into(), "an integer >= 1");
+        }
+        if !(self.train.learning_rate.is_finite() && self.train.learning_rate > 0.0) {
+            return bad("train.learning_rate", self.train.learning_rate.to_string(), "a finite number > 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn shipped_example_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/modelio.toml");
+        assert_eq!(Config::from_file(&path).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[save]\nintervall = 3\n").unwrap_err().to_string();
+        assert!(err.contains("intervall") && err.contains("test.toml"), "{err}");
+        let err = parse("[sav]\n").unwrap_err().to_string();
+        assert!(err.contains("sav"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_allowed() {
+        let err = parse("[save]\noptimizer = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(err.contains("sometimes") && err.contains("always") && err.contains("optimizer"), "{err}");
+        let err = parse("[save]\ninterval = 0\n").unwrap_err().to_string();
+        assert_eq!(err, "config key `save.interval` has value 0, allowed: an integer >= 1");
+        let err = parse("[model]\nname = \"a/b\"\n").unwrap_err().to_string();
+        assert!(err.contains("model.name") && err.contains("a/b"), "{err}");
+        let err = parse("[staging]\nmax_inflight = 0\n").unwrap_err().to_string();
+        assert!(err.contains("staging.max_inflight"), "{err}");
+        let err = parse("[staging]\non_busy = \"drop\"\n").unwrap_err().to_string();
+        assert!(err.contains("drop") && err.contains("skip"), "{err}");
+        let err = parse("[snapshot]\nkeep = -1\n").unwrap_err().to_string();
+        assert!(err.contains("keep") || err.contains("-1"), "{err}");
+    }
+
+    #[test]
+    fn policy_table() {
+        use OptimizerPolicy::*;
+        let cases = [(Never, false, false), (Never, true, false), (Always, false, true), (Always, true, true), (Exit, false, false), (Exit, true, true)];
+        for (policy, is_exit, stores) in cases {
+            assert_eq!(policy.stores(is_exit), stores, "{policy:?} {is_exit}");
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! The one way modelio commits a file: write a temporary file in the same
+//! folder, fsync it, rename it over the target, fsync the folder.
+//!
+//! A reader therefore sees either the previous file or the new one, never a
+//! torn one, even after a crash or SIGKILL. Temporary files all start with
+//! [`TEMP_PREFIX`], so readers skip them and [`remove_stale_temps`] clears what a
+//! crash left behind. Because a committed file is never modified in place, a
+//! backup or snapshot of it may be a hard link ([`Source::Link`]).
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Every temporary file or folder modelio creates starts with this.
+pub const TEMP_PREFIX: &str = ".modelio-tmp-";
+
+/// Where the bytes of a commit come from.
+pub enum Source<'a> {
+    /// Bytes written by a closure into the temporary file. `size_hint` is the
+    /// expected size, reported when the disk is full.
+    Write { size_hint: u64, write: &'a mut dyn FnMut(&mut BufWriter<File>) -> Result<()> },
+    /// A hard link to an already committed file (copied when linking fails,
+    /// e.g. across filesystems).
+    Link(&'a Path),
+    /// A copy of an existing file.
+    Copy(&'a Path),
+}
+
+/// Atomically make `target` hold the bytes of `source`.
+///
+/// # Errors
+/// [`Error::Io`] naming the file on any filesystem failure, [`Error::NoSpace`]
+/// when the disk is full. On error the temporary file is removed and `target`
+/// is unchanged.
+pub fn commit(target: &Path, source: Source<'_>) -> Result<()> {
+    let dir = parent_of(target);
+    let tmp = temp_path(&dir, target);
+    let result = stage(&tmp, target, source).and_then(|()| {
+        fs::rename(&tmp, target).at("rename into place", target)?;
+        sync_dir(&dir)
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn stage(tmp: &Path, target: &Path, source: Source<'_>) -> Result<()> {
+    match source {
+        Source::Write { size_hint, write } => {
+            let file = File::options().write(true).create_new(true).open(tmp).at("create", tmp)?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let no_space = |e: Error| match e {
+                Error::NoSpace { free, .. } => Error::NoSpace { path: target.to_path_buf(), needed: size_hint, free },
+                other => other,
+            };
+            write(&mut out).map_err(no_space)?;
+            let file = out.into_inner().map_err(|e| Error::io("write", tmp, e.into_error())).map_err(no_space)?;
+            file.sync_all().at("fsync", tmp).map_err(no_space)
+        }
+        Source::Link(src) => match fs::hard_link(src, tmp) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::io("link", src, e)),
+            Err(_) => copy_synced(src, tmp),
+        },
+        Source::Copy(src) => copy_synced(src, tmp),
+    }
+}
+
+fn copy_synced(src: &Path, tmp: &Path) -> Result<()> {
+    fs::copy(src, tmp).at("copy", src)?;
+    File::open(tmp).and_then(|f| f.sync_all()).at("fsync", tmp)
+}
+
+/// A fresh temporary path in `dir` for building `target`.
+pub fn temp_path(dir: &Path, target: &Path) -> PathBuf {
+    let base = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!("{TEMP_PREFIX}{}-{}-{base}", std::process::id(), uuid::Uuid::new_v4().simple()))
+}
+
+/// Whether `name` is one of modelio's temporary files (readers skip these).
+pub fn is_temp(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
+/// The folder holding `path` ("." for a bare file name).
+pub fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// fsync a folder so a rename inside it survives a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at("fsync folder", dir)
+}
+
+/// Atomically put the folder `built` at `target`, replacing an existing
+/// folder only once the new one is complete (Linux `RENAME_EXCHANGE`).
+///
+/// # Errors
+/// [`Error::Io`] naming the folder.
+pub fn commit_dir(built: &Path, target: &Path) -> Result<()> {
+    let dir = parent_of(target);
+    if target.exists() {
+        exchange(built, target)?;
+        // `built` now holds the old folder.
+        fs::remove_dir_all(built).at("remove the replaced folder", built)?;
+    } else {
+        fs::rename(built, target).at("rename into place", target)?;
+    }
+    sync_dir(&dir)
+}
+
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes()).map_err(|e| Error::io("exchange", a, io::Error::other(e)))?;
+    let cb = CString::new(b.as_os_str().as_bytes()).map_err(|e| Error::io("exchange", b, io::Error::other(e)))?;
+    // SAFETY: both are valid NUL-terminated paths; renameat2 only reads them.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::io("atomically replace", b, io::Error::last_os_error()))
+    }
+}
+
+/// Remove temporary files and folders a crashed process left in `dir`.
+/// Returns how many were removed.
+///
+/// # Errors
+/// [`Error::Io`] when `dir` cannot be listed.
+pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("list", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.at("list", dir)?;
+        if !is_temp(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        let path = entry.path();
+        let ok = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path).is_ok(),
+            _ => fs::remove_file(&path).is_ok(),
+        };
+        if ok {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Free bytes on the filesystem holding `path` (or its nearest existing parent).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        p = p.parent()?.to_path_buf();
+        if p.as_os_str().is_empty() {
+            p = PathBuf::from(".");
+        }
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid path and `st` is a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
+        let mut w = |out: &mut BufWriter<File>| out.write_all(bytes).map_err(|e| Error::io("write", target, e));
+        commit(target, Source::Write { size_hint: bytes.len() as u64, write: &mut w })
+    }
+
+    #[test]
+    fn commit_replaces_atomically_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.bin");
+        write_bytes(&target, b"one").unwrap();
+        write_bytes(&target, b"two").unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn failed_write_keeps_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.bin");
+        write_bytes(&target, b"good").unwrap();
+        let mut fail = |out: &mut BufWriter<File>| {
+            out.write_all(b"partial").map_err(|e| Error::io("write", "x", e))?;
+            Err(Error::Optimizer("boom".into()))
+        };
+        assert!(commit(&target, Source::Write { size_hint: 0, write: &mut fail }).is_err());
+        assert_eq!(fs::read(&target).unwrap(), b"good");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn link_and_dir_exchange() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        write_bytes(&a, b"x").unwrap();
+        commit(&dir.path().join("a.bk"), Source::Link(&a)).unwrap();
+        write_bytes(&a, b"y").unwrap();
+        assert_eq!(fs::read(dir.path().join("a.bk")).unwrap(), b"x");
+
+        let target = dir.path().join("snap");
+        for content in ["first", "second"] {
+            let built = temp_path(dir.path(), &target);
+            fs::create_dir(&built).unwrap();
+            fs::write(built.join("f"), content).unwrap();
+            commit_dir(&built, &target).unwrap();
+        }
+        assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "second");
+        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn stale_temps_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(format!("{TEMP_PREFIX}1-x-m.mio")), b"torn").unwrap();
+        fs::create_dir(dir.path().join(format!("{TEMP_PREFIX}snap"))).unwrap();
+        fs::write(dir.path().join("m.mio"), b"keep").unwrap();
+        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 2);
+        assert!(dir.path().join("m.mio").exists());
+    }
+}

@@ -1,0 +1,43 @@
+//! modelio: the model IO of a libtorch (`tch`) training loop.
+//!
+//! A training loop holds a [`ModelIo`]. `save` takes a staging buffer, queues
+//! the copy of the tensors and returns a [`Ticket`]; actors copy, write the
+//! archive and state file atomically, make `.bk` backups when the loss
+//! improved, and build snapshots, all off the trainer's thread.
+//!
+//! Where things are:
+//! - [`handle`]: [`ModelIo`], the trainer's handle (save, load, snapshot, shutdown).
+//! - [`actors`]: stager -> saver -> backup / snapshot, thin actix actors.
+//! - [`staging`]: the bounded pool of host buffers and the [`Fence`].
+//! - [`archive`] and [`format`]: archive format v1 (zip + safetensors), reader and writer.
+//! - [`durable`]: the one atomic-commit helper every write goes through.
+//! - [`state`]: the state file and the backup rule; [`folder`]: names in a model folder.
+//! - [`snapshot`], [`retention`], [`restore`], [`schedule`]: snapshots, which to keep,
+//!   restoring backups, and when to save.
+//! - [`optim`]: SGD, Adam and AdamW whose state can be saved, behind [`Optimizer`].
+//! - [`config`]: the TOML configuration; [`error`]: the one error type.
+
+pub mod actors;
+pub mod archive;
+pub mod config;
+pub mod durable;
+pub mod error;
+pub mod folder;
+pub mod format;
+pub mod handle;
+pub mod optim;
+pub mod restore;
+pub mod retention;
+pub mod schedule;
+pub mod snapshot;
+pub mod staging;
+pub mod state;
+pub mod tensors;
+
+pub use actors::messages::Committed;
+pub use config::Config;
+pub use error::{Error, Result};
+pub use handle::{Loaded, ModelIo, SaveStats, Ticket};
+pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
+pub use schedule::Schedule;
+pub use staging::Fence;

@@ -1,0 +1,195 @@
+//! Host staging buffers and the fence that keeps parameters still while they
+//! are copied.
+//!
+//! Host memory is bounded: the pool hands out at most `max_inflight` buffer
+//! sets, each reused save after save (a buffer only grows when a tensor got
+//! bigger). When none is free a save waits or is skipped, per `staging.on_busy`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Lock a mutex, recovering the data if a thread panicked while holding it
+/// (every value guarded here stays consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Blocks parameter updates while a save is still copying them.
+///
+/// A save arms the fence on the trainer's thread before it returns; the
+/// copier releases it when the bytes are in host memory. An optimizer's `step`
+/// calls [`Fence::wait`] first, so it never modifies a parameter mid-copy.
+#[derive(Clone, Default)]
+pub struct Fence {
+    inner: Arc<FenceInner>,
+}
+
+#[derive(Default)]
+struct FenceInner {
+    /// Copies in flight. Guarded by the mutex so that `wait` cannot miss the
+    /// notification of the last release.
+    pending: Mutex<u64>,
+    released: Condvar,
+    waited_ns: AtomicU64,
+    waits: AtomicU64,
+}
+
+/// Held by an in-flight copy; dropping it releases the fence (also on error).
+pub struct FenceGuard {
+    inner: Arc<FenceInner>,
+}
+
+impl Fence {
+    /// Mark one copy in flight.
+    pub fn arm(&self) -> FenceGuard {
+        *lock(&self.inner.pending) += 1;
+        FenceGuard { inner: self.inner.clone() }
+    }
+
+    /// Wait until no copy is in flight; returns how long it waited.
+    pub fn wait(&self) -> Duration {
+        let start = Instant::now();
+        let mut pending = lock(&self.inner.pending);
+        if *pending == 0 {
+            return Duration::ZERO;
+        }
+        while *pending > 0 {
+            pending = self.inner.released.wait(pending).unwrap_or_else(|p| p.into_inner());
+        }
+        let waited = start.elapsed();
+        self.inner.waited_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        self.inner.waits.fetch_add(1, Ordering::Relaxed);
+        waited
+    }
+
+    /// Total time optimizer steps spent waiting on this fence, and how often they waited.
+    pub fn waited(&self) -> (Duration, u64) {
+        (Duration::from_nanos(self.inner.waited_ns.load(Ordering::Relaxed)), self.inner.waits.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for FenceGuard {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.inner.pending);
+        *pending = pending.saturating_sub(1);
+        self.inner.released.notify_all();
+    }
+}
+
+/// One save's host buffers, one per tensor.
+pub type BufferSet = Vec<Vec<u8>>;
+
+/// A bounded pool of reusable buffer sets.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    free: Mutex<Vec<BufferSet>>,
+    returned: Condvar,
+    grown: AtomicU64,
+}
+
+/// A buffer set on loan; dropping it returns the set to the pool.
+pub struct Lease {
+    set: BufferSet,
+    pool: Arc<PoolInner>,
+}
+
+impl Pool {
+    /// A pool of `sets` buffer sets (allocated lazily, then reused).
+    pub fn new(sets: usize) -> Pool {
+        let free = (0..sets.max(1)).map(|_| Vec::new()).collect();
+        Pool { inner: Arc::new(PoolInner { free: Mutex::new(free), returned: Condvar::new(), grown: AtomicU64::new(0) }) }
+    }
+
+    /// A free set now, or `None` when every set is in flight.
+    pub fn try_lease(&self) -> Option<Lease> {
+        lock(&self.inner.free).pop().map(|set| Lease { set, pool: self.inner.clone() })
+    }
+
+    /// Wait for a free set.
+    pub fn lease(&self) -> Lease {
+        let mut free = lock(&self.inner.free);
+        loop {
+            if let Some(set) = free.pop() {
+                return Lease { set, pool: self.inner.clone() };
+            }
+            free = self.inner.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// How many times a buffer had to grow (0 after the first save of a
+    /// fixed-size state means every later save reused memory).
+    pub fn growths(&self) -> u64 {
+        self.inner.grown.load(Ordering::Relaxed)
+    }
+}
+
+impl Lease {
+    /// The buffer for tensor `i`, created on first use.
+    pub fn buffer(&mut self, i: usize) -> &mut Vec<u8> {
+        if self.set.len() <= i {
+            self.set.resize_with(i + 1, Vec::new);
+        }
+        &mut self.set[i]
+    }
+
+    /// Make buffer `i` hold `len` bytes, counting a growth when it must reallocate.
+    pub fn sized(&mut self, i: usize, len: usize) -> &mut Vec<u8> {
+        let pool = self.pool.clone();
+        let buf = self.buffer(i);
+        if buf.capacity() < len {
+            pool.grown.fetch_add(1, Ordering::Relaxed);
+            buf.reserve_exact(len - buf.len());
+        }
+        buf
+    }
+
+    /// The filled buffers.
+    pub fn buffers(&self) -> &[Vec<u8>] {
+        &self.set
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let set = std::mem::take(&mut self.set);
+        lock(&self.pool.free).push(set);
+        self.pool.returned.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_blocks_until_released() {
+        let fence = Fence::default();
+        assert_eq!(fence.wait(), Duration::ZERO);
+        let guard = fence.arm();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            drop(guard);
+        });
+        let waited = fence.wait();
+        assert!(waited >= Duration::from_millis(20), "{waited:?}");
+        assert_eq!(fence.waited().1, 1);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn pool_is_bounded_and_reuses_memory() {
+        let pool = Pool::new(1);
+        let mut a = pool.try_lease().unwrap();
+        assert!(pool.try_lease().is_none());
+        a.sized(0, 1000).resize(1000, 1);
+        drop(a);
+        let mut b = pool.try_lease().unwrap();
+        b.sized(0, 1000);
+        assert_eq!(pool.growths(), 1);
+    }
+}

@@ -1,0 +1,139 @@
+//! Between libtorch tensors and archive bytes.
+
+use tch::{Kind, Tensor};
+
+use crate::archive::{ArchiveReader, Located};
+use crate::error::{Error, Result};
+use crate::format::DType;
+
+/// The archive dtype of a libtorch kind.
+///
+/// # Errors
+/// [`Error::UnsupportedDtype`] for kinds the format does not store (complex, quantized...).
+pub fn dtype_of(name: &str, kind: Kind) -> Result<DType> {
+    Ok(match kind {
+        Kind::Double => DType::F64,
+        Kind::Float => DType::F32,
+        Kind::Half => DType::F16,
+        Kind::BFloat16 => DType::BF16,
+        Kind::Int64 => DType::I64,
+        Kind::Int => DType::I32,
+        Kind::Int16 => DType::I16,
+        Kind::Int8 => DType::I8,
+        Kind::Uint8 => DType::U8,
+        Kind::Bool => DType::Bool,
+        other => return Err(Error::UnsupportedDtype { tensor: name.into(), dtype: format!("{other:?}") }),
+    })
+}
+
+/// The libtorch kind of an archive dtype.
+pub fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::F64 => Kind::Double,
+        DType::F32 => Kind::Float,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::I64 => Kind::Int64,
+        DType::I32 => Kind::Int,
+        DType::I16 => Kind::Int16,
+        DType::I8 => Kind::Int8,
+        DType::U8 => Kind::Uint8,
+        DType::Bool => Kind::Bool,
+    }
+}
+
+/// Shape of a tensor as archive dimensions.
+pub fn shape_of(t: &Tensor) -> Vec<usize> {
+    t.size().iter().map(|&d| d.max(0) as usize).collect()
+}
+
+/// Copy a tensor's bytes into `dst`, reusing its capacity (one memcpy for a
+/// contiguous CPU tensor). Works for tensors on any device; blocks until the
+/// bytes are in `dst`.
+///
+/// # Errors
+/// [`Error::Torch`] when libtorch fails.
+pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
+    let cpu = if t.device() == tch::Device::Cpu { t.shallow_clone() } else { t.f_to_device(tch::Device::Cpu)? };
+    let cpu = cpu.f_contiguous()?;
+    let len = cpu.numel() * cpu.kind().elt_size_in_bytes();
+    dst.clear();
+    if len > 0 {
+        // SAFETY: `cpu` is a contiguous CPU tensor of exactly `len` bytes that
+        // stays alive (and unmodified: see `Fence`) for this call.
+        let src = unsafe { std::slice::from_raw_parts(cpu.data_ptr() as *const u8, len) };
+        dst.extend_from_slice(src);
+    }
+    Ok(())
+}
+
+/// Bytes of a tensor.
+pub fn byte_len(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
+}
+
+/// A libtorch tensor holding a copy of `data`.
+///
+/// # Errors
+/// [`Error::Torch`] when libtorch fails.
+pub fn to_tensor(dtype: DType, shape: &[usize], data: &[u8]) -> Result<Tensor> {
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Ok(Tensor::f_from_data_size(data, &shape, kind_of(dtype))?)
+}
+
+/// Read a checked tensor out of an archive.
+///
+/// # Errors
+/// [`Error::Damaged`] when its checksum fails.
+pub fn read_tensor(reader: &ArchiveReader, t: &Located) -> Result<Tensor> {
+    to_tensor(t.meta.dtype, &t.meta.shape, reader.checked_data(t)?)
+}
+
+/// Copy the archive's model tensors into the variables of `vs`. Every variable
+/// must be in the archive with the same dtype and shape, and every archive
+/// tensor must be a variable; checksums are verified before anything is copied.
+///
+/// # Errors
+/// [`Error::Mismatch`] naming the tensor, [`Error::Damaged`] on a bad checksum.
+pub fn load_varstore(reader: &ArchiveReader, vs: &tch::nn::VarStore) -> Result<()> {
+    let vars = vs.variables();
+    let path = reader.path();
+    let mismatch = |tensor: &str, expected: String, found: String| Error::Mismatch {
+        path: path.to_path_buf(),
+        tensor: tensor.into(),
+        expected,
+        found,
+    };
+    for t in &reader.model {
+        if !vars.contains_key(&t.meta.name) {
+            return Err(mismatch(&t.meta.name, "no such variable in the model".into(), "a tensor in the archive".into()));
+        }
+    }
+    let mut pending = Vec::with_capacity(vars.len());
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        let stored = reader
+            .model
+            .iter()
+            .find(|t| &t.meta.name == name)
+            .ok_or_else(|| mismatch(name, "a tensor in the archive".into(), "none".into()))?;
+        let want = (dtype_of(name, var.kind())?, shape_of(var));
+        if want.0 != stored.meta.dtype || want.1 != stored.meta.shape {
+            return Err(mismatch(
+                name,
+                format!("{} {:?}", want.0, want.1),
+                format!("{} {:?}", stored.meta.dtype, stored.meta.shape),
+            ));
+        }
+        pending.push((var, read_tensor(reader, stored)?));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (var, value) in pending {
+            let mut var = var.shallow_clone();
+            var.f_copy_(&value)?;
+        }
+        Ok(())
+    })
+}
