@@ -1,0 +1,83 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use modelio::{Config, ModelIo};
+use tch::nn::{self, Module, VarStore};
+use tch::{Device, Kind, Tensor};
+
+/// A config saving model `name` into `dir`.
+pub fn config(dir: &Path, name: &str) -> Config {
+    let mut c = Config::default();
+    c.model.dir = dir.to_path_buf();
+    c.model.name = name.into();
+    c
+}
+
+/// A small model: two linear layers and a batch-norm (with non-trainable buffers).
+#[derive(Debug)]
+pub struct Net {
+    pub l1: nn::Linear,
+    pub l2: nn::Linear,
+}
+
+pub fn net(vs: &VarStore) -> Net {
+    let root = vs.root();
+    Net { l1: nn::linear(&root / "l1", 8, 16, Default::default()), l2: nn::linear(&root / "l2", 16, 4, Default::default()) }
+}
+
+impl Module for Net {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.l2.forward(&self.l1.forward(x).relu())
+    }
+}
+
+/// A VarStore with `net` filled with seeded random values.
+pub fn seeded_store(seed: i64) -> (VarStore, Net) {
+    tch::manual_seed(seed);
+    let vs = VarStore::new(Device::Cpu);
+    let n = net(&vs);
+    (vs, n)
+}
+
+/// Whether two stores hold bitwise equal variables.
+pub fn stores_equal(a: &VarStore, b: &VarStore) -> bool {
+    let (va, vb) = (a.variables(), b.variables());
+    va.len() == vb.len() && va.iter().all(|(k, t)| vb.get(k).map(|u| bitwise_eq(t, u)).unwrap_or(false))
+}
+
+/// Bitwise equality (NaN-safe) of two tensors of the same kind.
+pub fn bitwise_eq(a: &Tensor, b: &Tensor) -> bool {
+    if a.kind() != b.kind() || a.size() != b.size() {
+        return false;
+    }
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    modelio::tensors::copy_bytes(a, &mut x).unwrap();
+    modelio::tensors::copy_bytes(b, &mut y).unwrap();
+    x == y
+}
+
+/// One deterministic training step of `net` on batch `i`.
+pub fn batch(i: u64) -> (Tensor, Tensor) {
+    let x = Tensor::arange(64, (Kind::Float, Device::Cpu)).reshape([8, 8]) * (0.01 * (i as f64 + 1.0)).sin();
+    let y = x.narrow(1, 0, 4).cos();
+    (x, y)
+}
+
+/// Path of the dev-profile CLI.
+pub fn cli() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_modelio"))
+}
+
+pub fn open(dir: &Path, name: &str) -> ModelIo {
+    ModelIo::open(config(dir, name)).unwrap()
+}
+
+/// Flip one byte of a file in place (tests only: simulates disk damage).
+pub fn flip_byte(path: &Path, offset: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+}
