@@ -1,0 +1,254 @@
+//! The demo trainer: a small convolutional autoencoder on procedurally
+//! generated images, saved, backed up and snapshotted by modelio.
+//!
+//! Run it again to resume (a new session; iterations continue). Ctrl-C stops
+//! training with an exit save (optimizer included); a second Ctrl-C aborts.
+//! Each batch is a pure function of the global iteration number, so a run
+//! split in two ends bitwise equal to one uninterrupted run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use modelio::{Adam, Config, ModelIo, Schedule};
+use tch::nn::{self, Module, ModuleT};
+use tch::{Device, Kind, Tensor};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(about = "Train a small autoencoder with modelio checkpointing")]
+struct Args {
+    /// The TOML configuration.
+    #[arg(long, default_value = "config/modelio.toml")]
+    config: PathBuf,
+    /// Override `model.dir`.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Iterations to train in this run.
+    #[arg(long, default_value_t = 300)]
+    iterations: u64,
+    /// Override `save.interval`.
+    #[arg(long)]
+    save_interval: Option<u64>,
+    /// Override `snapshot.interval`.
+    #[arg(long)]
+    snapshot_interval: Option<u64>,
+    /// libtorch CPU threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+/// Encoder and decoder convolutions.
+#[derive(Debug)]
+struct AutoEncoder {
+    enc1: nn::Conv2D,
+    enc2: nn::Conv2D,
+    dec1: nn::ConvTranspose2D,
+    dec2: nn::ConvTranspose2D,
+}
+
+impl AutoEncoder {
+    fn new(p: &nn::Path) -> Self {
+        let c = nn::ConvConfig { stride: 2, padding: 1, ..Default::default() };
+        let t = nn::ConvTransposeConfig { stride: 2, padding: 1, ..Default::default() };
+        AutoEncoder {
+            enc1: nn::conv2d(p / "enc1", 1, 8, 3, c),
+            enc2: nn::conv2d(p / "enc2", 8, 16, 3, c),
+            dec1: nn::conv_transpose2d(p / "dec1", 16, 8, 4, t),
+            dec2: nn::conv_transpose2d(p / "dec2", 8, 1, 4, t),
+        }
+    }
+}
+
+impl Module for AutoEncoder {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let z = self.enc2.forward(&self.enc1.forward(x).relu()).relu();
+        self.dec2.forward(&self.dec1.forward(&z).relu()).sigmoid()
+    }
+}
+
+/// A pseudo-random number in [0, 1) from (iteration, index): splitmix64.
+fn unit(iteration: u64, index: u64) -> f64 {
+    let mut z = iteration.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The batch of global iteration `iteration`: soft discs on striped backgrounds, 32x32.
+fn batch(iteration: u64, size: u64) -> Tensor {
+    let grid = Tensor::arange(32, (Kind::Float, Device::Cpu)) / 31.0;
+    let ys = grid.view([32, 1]);
+    let xs = grid.view([1, 32]);
+    let images: Vec<Tensor> = (0..size)
+        .map(|b| {
+            let r = |k: u64| unit(iteration, b * 8 + k);
+            let (cx, cy, radius, freq) = (r(0), r(1), 0.1 + 0.25 * r(2), 2.0 + 6.0 * r(3));
+            let d2 = (&xs - cx).square() + (&ys - cy).square();
+            let disc = ((d2 * -1.0 + radius * radius) * 200.0).sigmoid();
+            let stripes = ((&xs * freq + &ys * (freq * r(4))) * std::f64::consts::TAU).sin() * 0.25 + 0.25;
+            (disc * 0.7 + stripes).clamp(0.0, 1.0).unsqueeze(0)
+        })
+        .collect();
+    Tensor::stack(&images, 0)
+}
+
+struct Summary {
+    trained: u64,
+    total: u64,
+    last_loss: f64,
+    stalls: Vec<Duration>,
+    interrupted: bool,
+}
+
+fn train(io: &mut ModelIo, args: &Args, token: &CancellationToken) -> modelio::Result<Summary> {
+    let config = io.config().clone();
+    tch::manual_seed(config.train.seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = AutoEncoder::new(&vs.root());
+    let mut opt = Adam::adamw(&vs, config.train.learning_rate, (0.9, 0.999), 1e-8, 0.01)?.with_fence(io.fence());
+    if io.model_exists() {
+        let loaded = io.load(&vs)?;
+        if let Some(state) = io.load_optimizer()? {
+            modelio::Optimizer::load_state(&mut opt, &state)?;
+        }
+        eprintln!("resumed from {} at iteration {}", loaded.path.display(), io.iterations());
+    }
+    let schedule = Schedule::from_config(&config);
+    let bar = ProgressBar::new(args.iterations);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut summary = Summary { trained: 0, total: io.iterations(), last_loss: 0.0, stalls: Vec::new(), interrupted: false };
+    let mut last_stall = Duration::ZERO;
+    for _ in 0..args.iterations {
+        if token.is_cancelled() {
+            summary.interrupted = true;
+            break;
+        }
+        let x = batch(io.iterations() + 1, config.train.batch_size);
+        let loss = net.forward_t(&x, true).mse_loss(&x, tch::Reduction::Mean);
+        opt.zero_grad();
+        loss.backward();
+        opt.step()?;
+        let loss = loss.double_value(&[]);
+        io.record(loss);
+        let iteration = io.iterations();
+        if schedule.save_at(iteration) {
+            let started = std::time::Instant::now();
+            // Committed in the background; a failure reaches the next call.
+            let _ticket = io.save(&vs, Some(&opt), false)?;
+            last_stall = started.elapsed();
+            summary.stalls.push(last_stall);
+        }
+        if schedule.snapshot_at(iteration) {
+            io.snapshot()?;
+        }
+        summary.trained += 1;
+        summary.total = iteration;
+        summary.last_loss = loss;
+        bar.inc(1);
+        bar.set_message(format!("iteration {iteration} loss {loss:.5} last save stall {:.3} ms", last_stall.as_secs_f64() * 1e3));
+    }
+    bar.finish_and_clear();
+    let committed = io.save(&vs, Some(&opt), true)?.wait_blocking()?;
+    let (fence_wait, fence_waits) = io.fence().waited();
+    eprintln!(
+        "exit save: {} ({} bytes, iteration {}); optimizer steps waited {} times for save copies, {:.3} ms in all",
+        committed.path.display(),
+        committed.bytes,
+        committed.iterations,
+        fence_waits,
+        fence_wait.as_secs_f64() * 1e3
+    );
+    Ok(summary)
+}
+
+fn init_logging(io: &ModelIo) -> Option<()> {
+    let session = io.state().sessions.last()?.id.clone();
+    let dir = io.model_dir().join(format!("{}_logs", io.name())).join(session);
+    std::fs::create_dir_all(&dir).ok()?;
+    let file = std::fs::File::create(dir.join("train.log")).ok()?;
+    tracing_subscriber::fmt().with_writer(Arc::new(file)).with_ansi(false).with_env_filter("modelio=info").try_init().ok()
+}
+
+/// First signal: cancel the token (the loop ends with an exit save). Second: abort.
+fn watch_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            eprintln!("warning: cannot install signal handlers; Ctrl-C will stop without an exit save");
+            return;
+        };
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        eprintln!("\nstopping: finishing the iteration, then the exit save (press Ctrl-C again to abort)");
+        token.cancel();
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        eprintln!("aborted: committed files are intact; the exit save in progress is lost");
+        std::process::exit(130);
+    });
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> modelio::Result<()> {
+    let args = Args::parse();
+    let mut config = Config::from_file(&args.config)?;
+    if let Some(d) = &args.model_dir {
+        config.model.dir = d.clone();
+    }
+    if let Some(n) = args.save_interval {
+        config.save.interval = n;
+    }
+    if let Some(n) = args.snapshot_interval {
+        config.snapshot.interval = n;
+    }
+    config.validate()?;
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let token = CancellationToken::new();
+    watch_signals(token.clone());
+
+    let mut io = ModelIo::open(config)?;
+    io.set_model_config(serde_json::json!({"model": "conv-autoencoder", "image": [1, 32, 32]}));
+    if let Some(others) = io.multiple_models_in_folder() {
+        eprintln!("note: {} also holds other models: {}", io.model_dir().display(), others.join(", "));
+    }
+    init_logging(&io);
+    let worker_token = token.clone();
+    // libtorch work blocks: keep it off the async executor's threads.
+    let (io, summary) = tokio::task::spawn_blocking(move || {
+        let summary = train(&mut io, &args, &worker_token);
+        (io, summary)
+    })
+    .await
+    .map_err(|_| modelio::Error::Stopped)?;
+    let summary = summary?;
+    let stats = io.stats();
+    io.shutdown().await?;
+    let max_stall = summary.stalls.iter().max().copied().unwrap_or_default();
+    println!(
+        "{}trained {} iterations (total {}), last loss {:.5}; saves: {} committed, {} skipped; trainer stall per save: max {:.3} ms",
+        if summary.interrupted { "interrupted: " } else { "" },
+        summary.trained,
+        summary.total,
+        summary.last_loss,
+        stats.committed,
+        stats.skipped,
+        max_stall.as_secs_f64() * 1e3,
+    );
+    Ok(())
+}
