@@ -173,3 +173,46 @@ fn async_handle_in_tokio() {
         assert!(modelio::snapshot::snapshot_dir(&dir, 1).join("m.mio").exists());
     });
 }
+
+#[test]
+fn busy_policy_wait_loses_nothing_and_skip_counts() {
+    use modelio::config::OnBusy;
+    for on_busy in [OnBusy::Wait, OnBusy::Skip] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = common::config(dir.path(), "m");
+        c.staging.on_busy = on_busy;
+        c.staging.max_inflight = 1;
+        let mut io = ModelIo::open(c).unwrap();
+        io.set_write_delay(Duration::from_millis(40));
+        let (vs, _n) = common::seeded_store(0);
+        let tensors = vs.variables().len() as u64;
+        let mut tickets = Vec::new();
+        for _ in 0..6 {
+            io.record(1.0);
+            tickets.push(io.save(&vs, None, false).unwrap());
+        }
+        io.record(1.0);
+        tickets.push(io.save(&vs, None, true).unwrap()); // exit save: always waits
+        let results: Vec<_> = tickets.into_iter().map(|t| t.wait_blocking().unwrap()).collect();
+        let stats = io.stats();
+        io.shutdown_blocking().unwrap();
+        assert_eq!(stats.requested, 7);
+        assert_eq!(stats.buffer_growths, tensors, "buffers are allocated once and reused");
+        let skipped = results.iter().filter(|c| c.skipped).count() as u64;
+        assert_eq!(skipped, stats.skipped);
+        assert!(!results.last().unwrap().skipped, "the exit save is never skipped");
+        match on_busy {
+            OnBusy::Wait => {
+                assert_eq!(stats.committed, 7);
+                assert!(stats.waited > 0);
+                assert_eq!(skipped, 0);
+            }
+            OnBusy::Skip => {
+                assert!(skipped >= 4, "{stats:?}");
+                assert_eq!(stats.committed + stats.skipped, 7);
+            }
+        }
+        let r = modelio::archive::ArchiveReader::open(&dir.path().join("m.mio")).unwrap();
+        assert_eq!(r.manifest.iterations, 7);
+    }
+}

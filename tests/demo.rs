@@ -1,0 +1,94 @@
+//! The demo trainer as a child process: Ctrl-C exit saves, split runs resume exactly.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use modelio::archive::ArchiveReader;
+use modelio::state::State;
+
+fn demo() -> PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/train
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile_dir.join("examples/train");
+    assert!(path.exists(), "{} missing: `cargo test` builds examples", path.display());
+    path
+}
+
+fn run_demo(dir: &Path, iterations: u64) {
+    let out = Command::new(demo())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("--model-dir")
+        .arg(dir)
+        .args(["--iterations", &iterations.to_string(), "--save-interval", "7", "--snapshot-interval", "14", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let r = ArchiveReader::open(path).unwrap();
+    let opt = r.optimizer.iter().flat_map(|(t, _)| t.iter());
+    let mut all: Vec<(String, Vec<u8>)> = r.model.iter().chain(opt).map(|t| (t.meta.name.clone(), r.checked_data(t).unwrap().to_vec())).collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn split_run_equals_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, split) = (tmp.path().join("one/model"), tmp.path().join("split/model"));
+    run_demo(&one, 30);
+    run_demo(&split, 15);
+    run_demo(&split, 15);
+    let (a, b) = (tensors(&one.join("model.mio")), tensors(&split.join("model.mio")));
+    assert_eq!(a.len(), b.len());
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(da == db, "tensor {na} differs between one run of 30 and 15 + 15");
+    }
+    let state = State::read(&split.join("model_state.json")).unwrap();
+    assert_eq!(state.total_iterations, 30);
+    assert_eq!(state.sessions.len(), 2);
+    assert!(modelio::snapshot::snapshot_dir(&split, 28).join("model.mio").exists());
+    assert!(split.join("model_logs").join(&state.sessions[1].id).join("train.log").exists());
+}
+
+#[test]
+fn sigint_mid_run_exits_0_with_exit_save() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let mut child = Command::new(demo())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("--model-dir")
+        .arg(&dir)
+        .args(["--iterations", "1000000", "--save-interval", "50", "--threads", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (the first save is committed).
+    let started = Instant::now();
+    while !dir.join("model_state.json").exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "demo never saved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("interrupted"), "{stdout}");
+    let archive = ArchiveReader::open(&dir.join("model.mio")).unwrap();
+    assert!(archive.verify().is_empty());
+    assert!(archive.optimizer.is_some(), "policy `exit`: the exit save holds the optimizer");
+    let state = State::read(&dir.join("model_state.json")).unwrap();
+    let trained: u64 = stdout.split("trained ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(trained > 0);
+    assert_eq!(state.total_iterations, trained);
+    assert_eq!(archive.manifest.iterations, trained);
+}
