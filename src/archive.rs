@@ -31,6 +31,7 @@ pub fn write_archive<W: Write + Seek>(
     iterations: u64,
     model: &[TensorRef<'_>],
     optimizer: Option<OptimizerRef<'_>>,
+    state: Option<&[u8]>,
 ) -> Result<W> {
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
@@ -60,6 +61,10 @@ pub fn write_archive<W: Write + Seek>(
         zip.start_file(OPTIMIZER_JSON_ENTRY, entry_options(json.len() as u64)).map_err(zip_err)?;
         zip.write_all(&json).map_err(io_err)?;
     }
+    if let Some(state) = state {
+        zip.start_file(STATE_ENTRY, entry_options(state.len() as u64)).map_err(zip_err)?;
+        zip.write_all(state).map_err(io_err)?;
+    }
     zip.finish().map_err(zip_err)
 }
 
@@ -73,9 +78,10 @@ pub fn commit_archive(
     iterations: u64,
     model: &[TensorRef<'_>],
     optimizer: Option<OptimizerRef<'_>>,
+    state: Option<&[u8]>,
 ) -> Result<u64> {
     let size: u64 = model.iter().chain(optimizer.iter().flat_map(|o| o.tensors.iter())).map(|t| t.data.len() as u64).sum();
-    let mut write = |out: &mut BufWriter<File>| write_archive(out, target, name, iterations, model, optimizer).map(|_| ());
+    let mut write = |out: &mut BufWriter<File>| write_archive(out, target, name, iterations, model, optimizer, state).map(|_| ());
     crate::durable::commit(target, crate::durable::Source::Write { size_hint: size, write: &mut write })?;
     Ok(size)
 }
@@ -167,6 +173,8 @@ pub struct ArchiveReader {
     pub manifest: Manifest,
     pub model: Vec<Located>,
     pub optimizer: Option<(Vec<Located>, serde_json::Value)>,
+    /// The state file as of this save (absent in archives written without one).
+    pub state: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ArchiveReader {
@@ -210,8 +218,13 @@ impl ArchiveReader {
                 Some((located, json))
             }
         };
+        let state = if zip.index_for_name(STATE_ENTRY).is_some() {
+            Some(read_small(&mut zip, STATE_ENTRY).map_err(|d| damaged(STATE_ENTRY, d))?)
+        } else {
+            None
+        };
         drop(zip);
-        Ok(ArchiveReader { path: path.to_path_buf(), name, map, manifest, model, optimizer })
+        Ok(ArchiveReader { path: path.to_path_buf(), name, map, manifest, model, optimizer, state })
     }
 
     /// The file this archive was read from.
@@ -346,7 +359,7 @@ mod tests {
         let tensors = [t("a", DType::U8, &[3], &a), t("b", DType::F64, &[1], &b), t("c", DType::F16, &[3], &c)];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.mio");
-        commit_archive(&path, "m", 7, &tensors, None).unwrap();
+        commit_archive(&path, "m", 7, &tensors, None, None).unwrap();
         let r = ArchiveReader::open(&path).unwrap();
         assert_eq!(r.manifest.iterations, 7);
         for l in &r.model {

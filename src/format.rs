@@ -16,6 +16,9 @@ pub const MANIFEST_ENTRY: &str = "manifest.json";
 pub const MODEL_ENTRY: &str = "model.safetensors";
 pub const OPTIMIZER_ENTRY: &str = "optimizer.safetensors";
 pub const OPTIMIZER_JSON_ENTRY: &str = "optimizer.json";
+/// A copy of the state file as of this save: the archive is the source of
+/// truth when a crash left the state file one save behind.
+pub const STATE_ENTRY: &str = "state.json";
 
 /// Alignment of every zip entry's data and of the first tensor in it.
 pub const ALIGN: u64 = 64;

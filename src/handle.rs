@@ -112,6 +112,9 @@ pub struct ModelIo {
     shared: Arc<Shared>,
     /// `None` in predict mode, which never writes.
     actors: Option<Actors>,
+    /// Held while training: one writer per model folder. Declared after
+    /// `actors` so it is released only once they are drained.
+    _lock: Option<crate::lock::FolderLock>,
     pool: Pool,
     fence: Fence,
     model_config: serde_json::Value,
@@ -129,22 +132,36 @@ impl ModelIo {
         config.validate()?;
         let paths = ModelPaths::new(&config.model.dir, &config.model.name);
         let shared = Arc::new(Shared::new(paths.clone()));
-        let state_path = paths.state();
-        let mut state = if state_path.exists() { State::read(&state_path)? } else { State::new(&paths.name) };
-        let actors = if config.model.predict {
-            None
+        let (lock, actors) = if config.model.predict {
+            (None, None)
         } else {
             std::fs::create_dir_all(&paths.dir).at("create model folder", &paths.dir)?;
+            // Under the lock no other writer exists, so every temp file is stale.
+            let lock = crate::lock::acquire(&paths.dir)?;
             let removed = crate::durable::remove_stale_temps(&paths.dir)?
                 + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir))?;
             if removed > 0 {
                 tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
             }
-            state.start_session(config.train.batch_size);
-            Some(Actors::start(shared.clone(), config.snapshot.keep)?)
+            (Some(lock), Some(Actors::start(shared.clone(), config.snapshot.keep)?))
         };
+        let mut state = reconcile_state(&paths, config.model.predict)?;
+        if !config.model.predict {
+            state.start_session(config.train.batch_size);
+        }
         let pool = Pool::new(config.staging.max_inflight);
-        Ok(ModelIo { config, paths, state, history: Vec::new(), shared, actors, pool, fence: Fence::default(), model_config: serde_json::Value::Null })
+        Ok(ModelIo {
+            config,
+            paths,
+            state,
+            history: Vec::new(),
+            shared,
+            actors,
+            _lock: lock,
+            pool,
+            fence: Fence::default(),
+            model_config: serde_json::Value::Null,
+        })
     }
 
     /// `<model_dir>/<name>.mio`
@@ -425,5 +442,35 @@ impl ModelIo {
     #[doc(hidden)]
     pub fn set_write_delay(&self, delay: Duration) {
         self.shared.set_write_delay(delay);
+    }
+}
+
+/// The state to continue from. The archive carries a copy of the state file
+/// as of its save, so when a crash fell between committing the archive and
+/// the state file (or the state file is damaged), the archive's copy wins and,
+/// in training mode, is written back.
+fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State> {
+    let state_path = paths.state();
+    let from_file = if state_path.exists() { Some(State::read(&state_path)) } else { None };
+    let from_archive: Option<State> = ArchiveReader::open(&paths.archive())
+        .ok()
+        .and_then(|r| r.state)
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    match (from_file, from_archive) {
+        (Some(Ok(f)), Some(a)) if f.total_iterations == a.total_iterations => Ok(f),
+        (_, Some(a)) => {
+            if !predict {
+                tracing::warn!(target: "modelio", "state file {} did not match the archive; restored it from the archive", state_path.display());
+                let json = a.to_json();
+                let mut write = |out: &mut std::io::BufWriter<std::fs::File>| {
+                    use std::io::Write as _;
+                    out.write_all(&json).map_err(|e| Error::io("write", &state_path, e))
+                };
+                crate::durable::commit(&state_path, crate::durable::Source::Write { size_hint: json.len() as u64, write: &mut write })?;
+            }
+            Ok(a)
+        }
+        (Some(f), None) => f,
+        (None, None) => Ok(State::new(&paths.name)),
     }
 }

@@ -15,6 +15,7 @@
 //! - [`snapshot`], [`retention`], [`restore`], [`schedule`]: snapshots, which to keep,
 //!   restoring backups, and when to save.
 //! - [`optim`]: SGD, Adam and AdamW whose state can be saved, behind [`Optimizer`].
+//! - [`lock`]: one training process per model folder.
 //! - [`config`]: the TOML configuration; [`error`]: the one error type.
 
 pub mod actors;
@@ -25,6 +26,7 @@ pub mod error;
 pub mod folder;
 pub mod format;
 pub mod handle;
+pub mod lock;
 pub mod optim;
 pub mod restore;
 pub mod retention;

@@ -47,7 +47,7 @@ proptest! {
         let path = dir.path().join("m.mio");
         let json = serde_json::json!({"step": 3});
         let opt_refs = refs(&opt);
-        commit_archive(&path, "m", iterations, &refs(&model), Some(OptimizerRef { kind: "adamw", json: &json, tensors: &opt_refs })).unwrap();
+        commit_archive(&path, "m", iterations, &refs(&model), Some(OptimizerRef { kind: "adamw", json: &json, tensors: &opt_refs }), Some(b"{}")).unwrap();
         let r = ArchiveReader::open(&path).unwrap();
         prop_assert_eq!(r.manifest.iterations, iterations);
         prop_assert!(r.verify().is_empty());
@@ -62,6 +62,7 @@ proptest! {
             }
         }
         prop_assert_eq!(&r.optimizer.as_ref().unwrap().1, &json);
+        prop_assert_eq!(r.state.as_deref(), Some(&b"{}"[..]));
     }
 
     #[test]

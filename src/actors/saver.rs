@@ -51,7 +51,7 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
         .collect();
     let optimizer = job.optimizer.as_ref().map(|(kind, json, _)| OptimizerRef { kind, json, tensors: &opt_tensors });
     let paths = &shared.paths;
-    let bytes = crate::archive::commit_archive(&paths.archive(), &paths.name, job.iterations, &model, optimizer)?;
+    let bytes = crate::archive::commit_archive(&paths.archive(), &paths.name, job.iterations, &model, optimizer, Some(&job.state_json))?;
     let state = paths.state();
     let mut write_state = |out: &mut std::io::BufWriter<std::fs::File>| {
         use std::io::Write as _;
