@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 TORCH_VERSION := 2.11.0
 
-.PHONY: setup test demo build clean-venv
+.PHONY: setup test demo build soak clean-venv
 
 setup: $(READY)
 
@@ -29,6 +29,11 @@ test: setup
 # The main job: the demo trainer (saves, snapshots, resumes when run again).
 demo: setup
 	cargo run --release --example train -- $(ARGS)
+
+# 200 crash trials (SIGKILL at random moments); prints the count.
+soak: setup
+	cargo build --examples
+	MODELIO_CRASH_TRIALS=200 cargo test --test crash -- --nocapture
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,61 @@
+//! Test helper for the crash harness (`tests/crash.rs`): saves as fast as it
+//! can (model + optimizer, backups, snapshots) until it is killed. Every
+//! parameter holds the save's iteration number, so a reader can tell exactly
+//! which save an archive holds. Prints `requested N` before each save and
+//! `committed N` once it is durable.
+
+use std::io::Write;
+
+use modelio::config::OptimizerPolicy;
+use modelio::{Adam, Config, ModelIo};
+use tch::nn::VarStore;
+use tch::Device;
+
+fn main() -> modelio::Result<()> {
+    let Some(dir) = std::env::args().nth(1) else {
+        eprintln!("usage: crash_helper MODEL_DIR");
+        std::process::exit(2);
+    };
+    let mut config = Config::default();
+    config.model.dir = dir.into();
+    config.model.name = "crash".into();
+    config.save.optimizer = OptimizerPolicy::Always;
+    config.snapshot.keep = 2;
+    let mut io = ModelIo::open(config)?;
+    let vs = VarStore::new(Device::Cpu);
+    for i in 0..4 {
+        let _ = vs.root().zeros(&format!("w{i}"), &[256, 256]);
+    }
+    let mut opt = Adam::adamw(&vs, 1e-3, (0.9, 0.999), 1e-8, 0.01)?.with_fence(io.fence());
+    if io.model_exists() {
+        io.load(&vs)?;
+    }
+    let mut out = std::io::stdout();
+    loop {
+        let n = io.iterations() + 1;
+        tch::no_grad(|| {
+            for (_, mut t) in vs.variables() {
+                let _ = t.f_fill_(n as f64);
+            }
+        });
+        // A gradient so the optimizer has state, then put the parameters back.
+        let loss = vs.variables().values().map(|t| t.sum(tch::Kind::Float)).fold(tch::Tensor::from(0f32), |a, b| a + b);
+        opt.zero_grad();
+        loss.backward();
+        opt.step()?;
+        tch::no_grad(|| {
+            for (_, mut t) in vs.variables() {
+                let _ = t.f_fill_(n as f64);
+            }
+        });
+        io.record(1000.0 / n as f64);
+        let _ = writeln!(out, "requested {n}");
+        let _ = out.flush();
+        io.save(&vs, Some(&opt), false)?.wait_blocking()?;
+        let _ = writeln!(out, "committed {n}");
+        let _ = out.flush();
+        if n % 3 == 0 {
+            io.snapshot()?;
+        }
+    }
+}
