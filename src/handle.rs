@@ -414,6 +414,17 @@ impl ModelIo {
         self.shared.take_failure()
     }
 
+    /// [`ModelIo::flush`] for code outside an async runtime.
+    ///
+    /// # Errors
+    /// As [`ModelIo::flush`].
+    pub fn flush_blocking(&self) -> Result<()> {
+        if let Some(a) = &self.actors {
+            a.flush_blocking()?;
+        }
+        self.shared.take_failure()
+    }
+
     /// Drain every pending write, backup and snapshot, then stop the actors.
     ///
     /// # Errors
