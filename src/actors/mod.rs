@@ -54,12 +54,16 @@ impl Shared {
     pub fn fail(&self, what: &'static str, e: Error, reply: Option<Reply>) {
         tracing::error!(target: "modelio", "background {what} failed: {e}");
         let e = Arc::new(e);
-        if let Some(r) = reply {
-            let _ = r.send(Err(e.clone()));
+        // The slot is set before the ticket is answered, so a trainer that
+        // saw the failure on its ticket also sees it on its next call.
+        {
+            let mut slot = lock(&self.failure);
+            if slot.is_none() {
+                *slot = Some((what, e.clone()));
+            }
         }
-        let mut slot = lock(&self.failure);
-        if slot.is_none() {
-            *slot = Some((what, e));
+        if let Some(r) = reply {
+            let _ = r.send(Err(e));
         }
     }
 
