@@ -198,7 +198,7 @@ impl ArchiveReader {
         let damaged = |what: &str, detail: String| Error::damaged(path, &name, what, detail);
 
         let mut zip = ZipArchive::new(Cursor::new(&map[..])).map_err(|e| damaged("zip structure", e.to_string()))?;
-        check_names(&mut zip).map_err(|d| damaged("zip structure", d))?;
+        check_names(&mut zip, &map).map_err(|d| damaged("zip structure", d))?;
 
         let manifest_bytes = read_small(&mut zip, MANIFEST_ENTRY).map_err(|d| damaged(MANIFEST_ENTRY, d))?;
         let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|e| damaged(MANIFEST_ENTRY, e.to_string()))?;
@@ -270,7 +270,7 @@ impl ArchiveReader {
 }
 
 /// Refuse entry names that could escape a folder when extracted, and duplicates.
-fn check_names<R: Read + Seek>(zip: &mut ZipArchive<R>) -> Result<(), String> {
+fn check_names<R: Read + Seek>(zip: &mut ZipArchive<R>, map: &[u8]) -> Result<(), String> {
     let mut seen = HashSet::new();
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| e.to_string())?;
@@ -283,7 +283,27 @@ fn check_names<R: Read + Seek>(zip: &mut ZipArchive<R>) -> Result<(), String> {
             return Err(format!("entry `{name}` appears twice"));
         }
     }
+    // The zip reader keeps one entry per name: count the central directory's
+    // records to find names that appear twice.
+    let records = central_records(map, zip.central_directory_start());
+    if records != zip.len() {
+        return Err(format!("central directory holds {records} records for {} distinct names: an entry name appears twice", zip.len()));
+    }
     Ok(())
+}
+
+/// Number of consecutive central directory records starting at `start`.
+fn central_records(map: &[u8], start: u64) -> usize {
+    const SIG: [u8; 4] = [0x50, 0x4b, 0x01, 0x02];
+    let field = |at: usize| -> Option<usize> { Some(u16::from_le_bytes([*map.get(at)?, *map.get(at + 1)?]) as usize) };
+    let mut at = usize::try_from(start).unwrap_or(usize::MAX);
+    let mut count = 0;
+    while map.get(at..at + 4) == Some(&SIG[..]) {
+        let (Some(name), Some(extra), Some(comment)) = (field(at + 28), field(at + 30), field(at + 32)) else { break };
+        count += 1;
+        at += 46 + name + extra + comment;
+    }
+    count
 }
 
 /// Read a small entry whole (its zip CRC-32 is checked by the zip reader).

@@ -1,0 +1,197 @@
+//! Damaged archives: every flipped byte and every truncation is a typed error
+//! or is caught by a checksum; never a panic, a hang, or silently wrong data.
+//! Unsafe or duplicate entry names are refused. Fallback loads the newest good copy.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+
+use modelio::archive::{commit_archive, ArchiveReader};
+use modelio::format::{DType, TensorRef};
+use modelio::{Error, ModelIo};
+use zip::write::SimpleFileOptions;
+
+fn small_archive(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let a: Vec<u8> = (0..64u8).collect();
+    let b: Vec<u8> = (0..24u8).map(|x| x.wrapping_mul(7)).collect();
+    let tensors = [
+        TensorRef { name: "a", dtype: DType::F32, shape: &[4, 4], data: &a },
+        TensorRef { name: "b", dtype: DType::I64, shape: &[3], data: &b },
+    ];
+    let json = serde_json::json!({"step": 1});
+    let opt = [TensorRef { name: "a.exp_avg", dtype: DType::F32, shape: &[4, 4], data: &a }];
+    let optimizer = modelio::format::OptimizerRef { kind: "adam", json: &json, tensors: &opt };
+    commit_archive(path, "m", 3, &tensors, Some(optimizer), Some(b"{\"x\":1}")).unwrap();
+    vec![("a".into(), a.clone()), ("b".into(), b), ("a.exp_avg".into(), a)]
+}
+
+/// Open and verify; Ok(true) when everything checks out and the data is the original.
+fn outcome(path: &Path, original: &[(String, Vec<u8>)]) -> Result<(), String> {
+    let r = ArchiveReader::open(path).map_err(|e| {
+        assert!(matches!(e, Error::Damaged { .. } | Error::Io { .. }), "untyped error: {e:?}");
+        e.to_string()
+    })?;
+    let damaged = r.verify();
+    if !damaged.is_empty() {
+        return Err(format!("checksums: {damaged:?}"));
+    }
+    // Undetected: then every tensor must be exactly the original.
+    let all = r.model.iter().chain(r.optimizer.iter().flat_map(|(t, _)| t.iter()));
+    for t in all {
+        let want = &original.iter().find(|(n, _)| n == &t.meta.name).expect("no invented tensors").1;
+        assert_eq!(r.data(t), &want[..], "silently wrong data in {}", t.meta.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn every_flip_and_truncation_is_caught_or_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.mio");
+    let original = small_archive(&path);
+    let pristine = std::fs::read(&path).unwrap();
+    assert!(outcome(&path, &original).is_ok());
+    let probe = dir.path().join("probe.mio");
+    let (mut caught, mut harmless) = (0, 0);
+    for offset in 0..pristine.len() {
+        for mask in [0x01u8, 0xff] {
+            let mut bytes = pristine.clone();
+            bytes[offset] ^= mask;
+            std::fs::write(&probe, &bytes).unwrap();
+            match outcome(&probe, &original) {
+                Ok(()) => harmless += 1,
+                Err(_) => caught += 1,
+            }
+        }
+        std::fs::write(&probe, &pristine[..offset]).unwrap();
+        assert!(outcome(&probe, &original).is_err(), "truncated to {offset} bytes must not load");
+    }
+    println!("{} bytes: {caught} flips caught, {harmless} harmless (padding, timestamps, unread metadata)", pristine.len());
+    // The tensor bytes themselves are always caught.
+    let r = ArchiveReader::open(&path).unwrap();
+    for t in r.model.iter() {
+        let mut bytes = pristine.clone();
+        bytes[t.offset] ^= 1;
+        std::fs::write(&probe, &bytes).unwrap();
+        assert!(outcome(&probe, &original).is_err());
+    }
+}
+
+fn zip_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, data) in entries {
+        zip.start_file(*name, opts).unwrap();
+        zip.write_all(data).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+#[test]
+fn unsafe_and_duplicate_entry_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.mio");
+    for bad in ["../evil", "/abs/path", "a/../../b", "C:\\x"] {
+        std::fs::write(&path, zip_with(&[("manifest.json", b"{}"), (bad, b"x")])).unwrap();
+        let err = ArchiveReader::open(&path).unwrap_err().to_string();
+        assert!(err.contains("not a plain relative name") && err.contains("m.mio"), "{bad}: {err}");
+    }
+    // Two entries with the same name (renamed in place after writing).
+    let mut bytes = zip_with(&[("manifest.json", b"{}"), ("manifesX.json", b"{}")]);
+    let from = b"manifesX.json";
+    let mut i = 0;
+    while i + from.len() <= bytes.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i + 7] = b't';
+        }
+        i += 1;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let err = ArchiveReader::open(&path).unwrap_err().to_string();
+    assert!(err.contains("twice") || err.contains("uplicate"), "{err}");
+}
+
+fn io_with_fallback(dir: &Path, fallback: bool) -> ModelIo {
+    let mut c = common::config(dir, "m");
+    c.load.fallback = fallback;
+    ModelIo::open(c).unwrap()
+}
+
+#[test]
+fn fallback_loads_newest_good_copy_and_says_which() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let (v1, _a) = common::seeded_store(1);
+    let (v2, _b) = common::seeded_store(2);
+    let (v3, _c) = common::seeded_store(3);
+    let mut io = io_with_fallback(&dir, false);
+    io.record(3.0);
+    io.save(&v1, None, false).unwrap();
+    io.snapshot().unwrap(); // snapshot 1 = v1
+    io.record(2.0);
+    io.save(&v2, None, false).unwrap(); // lower: .bk = v2
+    io.record(9.0);
+    io.save(&v3, None, false).unwrap(); // live = v3
+    io.shutdown_blocking().unwrap();
+    let live = dir.join("m.mio");
+    let r = ArchiveReader::open(&live).unwrap();
+    let off = r.model[1].offset;
+    drop(r);
+    // Replace (not modify) the live file by a damaged copy: .bk is a hard link
+    // of an earlier save and must stay as it is.
+    let mut bytes = std::fs::read(&live).unwrap();
+    bytes[off] ^= 0xff;
+    std::fs::remove_file(&live).unwrap();
+    std::fs::write(&live, &bytes).unwrap();
+
+    let (target, _t) = common::seeded_store(9);
+    let strict = io_with_fallback(&dir, false);
+    let err = strict.load(&target).unwrap_err();
+    assert!(err.is_damaged() && err.to_string().contains("modelio restore"), "{err}");
+    drop(strict);
+
+    let lenient = io_with_fallback(&dir, true);
+    let loaded = lenient.load(&target).unwrap();
+    assert!(loaded.fallback);
+    assert_eq!(loaded.path, dir.join("m.mio.bk"));
+    assert!(common::stores_equal(&target, &v2));
+    drop(lenient);
+
+    // Without the live archive and with a damaged backup: the newest snapshot.
+    std::fs::remove_file(&live).unwrap();
+    std::fs::remove_file(dir.join("m.mio.bk")).unwrap();
+    std::fs::write(dir.join("m.mio.bk"), b"junk").unwrap();
+    let lenient = io_with_fallback(&dir, true);
+    let loaded = lenient.load(&target).unwrap();
+    assert_eq!(loaded.path, modelio::snapshot::snapshot_dir(&dir, 1).join("m.mio"));
+    assert!(common::stores_equal(&target, &v1));
+    drop(lenient);
+    let strict = io_with_fallback(&dir, false);
+    assert!(matches!(strict.load(&target), Err(Error::ModelNotFound { .. })));
+}
+
+#[test]
+fn second_training_process_gets_the_holders_pid_and_predict_may_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let exe = std::env::current_exe().unwrap();
+    let helper = exe.parent().and_then(Path::parent).unwrap().join("examples/crash_helper");
+    let mut child = std::process::Command::new(helper).arg(&dir).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !dir.join("crash.mio").exists() {
+        assert!(start.elapsed().as_secs() < 60, "helper never saved");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let err = ModelIo::open(common::config(&dir, "crash")).err().expect("the folder is locked");
+    let msg = err.to_string();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(matches!(err, Error::Locked { .. }), "{err:?}");
+    assert!(msg.contains(&child.id().to_string()) && msg.contains(&dir.display().to_string()), "{msg}");
+    // Predict mode takes no lock and reads committed files.
+    let mut c = common::config(&dir, "crash");
+    c.model.predict = true;
+    let io = ModelIo::open(c).unwrap();
+    assert!(io.model_exists());
+}
