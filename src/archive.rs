@@ -169,12 +169,28 @@ pub struct Located {
 pub struct ArchiveReader {
     path: PathBuf,
     name: String,
-    map: memmap2::Mmap,
+    map: Backing,
     pub manifest: Manifest,
     pub model: Vec<Located>,
     pub optimizer: Option<(Vec<Located>, serde_json::Value)>,
     /// The state file as of this save (absent in archives written without one).
     pub state: Option<Vec<u8>>,
+}
+
+/// The bytes of an archive: a mapping of the file, or bytes in memory.
+enum Backing {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
 }
 
 impl std::fmt::Debug for ArchiveReader {
@@ -194,6 +210,18 @@ impl ArchiveReader {
         // SAFETY: modelio never modifies a committed file in place (files are
         // replaced by rename), so the mapping's bytes do not change under us.
         let map = unsafe { memmap2::Mmap::map(&file) }.at("map", path)?;
+        Self::parse(path, Backing::Mapped(map))
+    }
+
+    /// Check an archive held in memory; `path` only names it in errors.
+    ///
+    /// # Errors
+    /// [`Error::Damaged`] naming the broken part.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path, Backing::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Backing) -> Result<Self> {
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let damaged = |what: &str, detail: String| Error::damaged(path, &name, what, detail);
 

@@ -67,6 +67,7 @@ pub enum Error {
     Optimizer(String),
 
     /// A libtorch call failed.
+    #[cfg(feature = "torch")]
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 

@@ -18,6 +18,7 @@
 //! - [`lock`]: one training process per model folder.
 //! - [`config`]: the TOML configuration; [`error`]: the one error type.
 
+#[cfg(feature = "torch")]
 pub mod actors;
 pub mod archive;
 pub mod config;
@@ -25,21 +26,29 @@ pub mod durable;
 pub mod error;
 pub mod folder;
 pub mod format;
+#[cfg(feature = "torch")]
 pub mod handle;
 pub mod lock;
+#[cfg(feature = "torch")]
 pub mod optim;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod snapshot;
+#[cfg(feature = "torch")]
 pub mod staging;
 pub mod state;
+#[cfg(feature = "torch")]
 pub mod tensors;
 
+#[cfg(feature = "torch")]
 pub use actors::messages::Committed;
 pub use config::Config;
 pub use error::{Error, Result};
+#[cfg(feature = "torch")]
 pub use handle::{Loaded, ModelIo, SaveStats, Ticket};
+#[cfg(feature = "torch")]
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use schedule::Schedule;
+#[cfg(feature = "torch")]
 pub use staging::Fence;
