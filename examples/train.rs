@@ -38,6 +38,9 @@ struct Args {
     /// libtorch CPU threads (default: libtorch's choice).
     #[arg(long)]
     threads: Option<i32>,
+    /// Test hook: make every background write sleep this long first.
+    #[arg(long, hide = true)]
+    write_delay_ms: Option<u64>,
 }
 
 /// Encoder and decoder convolutions.
@@ -223,6 +226,9 @@ async fn run() -> modelio::Result<()> {
     watch_signals(token.clone());
 
     let mut io = ModelIo::open(config)?;
+    if let Some(ms) = args.write_delay_ms {
+        io.set_write_delay(Duration::from_millis(ms));
+    }
     io.set_model_config(serde_json::json!({"model": "conv-autoencoder", "image": [1, 32, 32]}));
     if let Some(others) = io.multiple_models_in_folder() {
         eprintln!("note: {} also holds other models: {}", io.model_dir().display(), others.join(", "));

@@ -339,25 +339,40 @@ impl ModelIo {
             _ => None,
         };
 
-        let lease = match self.pool.try_lease() {
-            Some(l) => l,
+        let (mut lease, waited) = match self.pool.try_lease() {
+            Some(l) => (l, false),
             None if self.config.staging.on_busy == OnBusy::Skip && !is_exit => {
                 stats.skipped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(target: "modelio", iterations = self.state.total_iterations, "save skipped: every staging buffer is busy (staging.on_busy = \"skip\")");
+                tracing::warn!(target: "modelio", iterations = self.state.total_iterations, skipped = true, "save skipped: every staging buffer is busy (staging.on_busy = \"skip\")");
                 return Ok(Ticket { inner: TicketInner::Ready(self.skipped(started.elapsed())) });
             }
             None => {
                 stats.waited.fetch_add(1, Ordering::Relaxed);
-                self.pool.lease()
+                (self.pool.lease(), true)
             }
         };
+        // GPU tensors: queue non-blocking copies into pinned buffers now, in
+        // stream order with training (later kernels that modify a parameter
+        // run after its copy). CPU tensors: copied by the stager while the
+        // fence holds optimizer steps back.
+        let mut cpu = Vec::with_capacity(tensors.len());
+        let mut cuda = None;
+        for (i, t) in tensors.into_iter().enumerate() {
+            match t.device() {
+                tch::Device::Cuda(d) => {
+                    enqueue_device_copy(&t, &mut lease, i)?;
+                    cuda = Some(d);
+                }
+                _ => cpu.push((i, t)),
+            }
+        }
 
         let decision = backup_rule(&self.history, self.state.lowest_average_loss);
         self.history.clear();
         self.state.lowest_average_loss = decision.lowest;
         self.state.config = serde_json::json!({ "modelio": self.config, "model": self.model_config });
         let (reply, rx) = oneshot::channel();
-        let guard = self.fence.arm();
+        let guard = if cpu.is_empty() { None } else { Some(self.fence.arm()) };
         let stall = started.elapsed();
         let job = SaveJob {
             iterations: self.state.total_iterations,
@@ -367,10 +382,10 @@ impl ModelIo {
             model,
             optimizer,
             stall,
-
+            waited,
             reply,
         };
-        actors.stager.try_send(Stage { job, tensors, lease, guard }).map_err(|_| Error::Stopped)?;
+        actors.stager.try_send(Stage { job, tensors: cpu, lease, guard, cuda }).map_err(|_| Error::Stopped)?;
         Ok(Ticket { inner: TicketInner::Pending(rx) })
     }
 
@@ -484,4 +499,17 @@ fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State> {
         (Some(f), None) => f,
         (None, None) => Ok(State::new(&paths.name)),
     }
+}
+
+/// Queue a non-blocking copy of a GPU tensor into pinned buffer `i` of the lease.
+fn enqueue_device_copy(t: &tch::Tensor, lease: &mut crate::staging::Lease, i: usize) -> Result<()> {
+    let len = crate::tensors::byte_len(t);
+    let buf = lease.pinned(i, len, t.device())?;
+    if len == 0 {
+        return Ok(());
+    }
+    let src = t.f_contiguous()?;
+    let dst = buf.f_view_dtype(src.kind())?.f_reshape(src.size())?;
+    let _ = src.f_internal_copy_from(&dst, true)?;
+    Ok(())
 }

@@ -77,8 +77,35 @@ impl Drop for FenceGuard {
     }
 }
 
-/// One save's host buffers, one per tensor.
-pub type BufferSet = Vec<Vec<u8>>;
+/// One tensor's host buffer.
+pub enum Buffer {
+    /// Pageable memory, filled by a memcpy (CPU tensors).
+    Host(Vec<u8>),
+    /// Page-locked memory as a `u8` libtorch tensor, filled by a non-blocking
+    /// device-to-host copy (GPU tensors).
+    Pinned(tch::Tensor),
+}
+
+impl Buffer {
+    /// The buffer's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Buffer::Host(v) => v,
+            Buffer::Pinned(t) => {
+                let len = t.numel();
+                if len == 0 {
+                    return &[];
+                }
+                // SAFETY: a contiguous CPU u8 tensor of `len` elements owned by this
+                // buffer; it is read only after the copy into it completed.
+                unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+            }
+        }
+    }
+}
+
+/// One save's buffers, one per tensor.
+pub type BufferSet = Vec<Buffer>;
 
 /// A bounded pool of reusable buffer sets.
 #[derive(Clone)]
@@ -130,17 +157,22 @@ impl Pool {
 
 impl Lease {
     /// The buffer for tensor `i`, created on first use.
-    pub fn buffer(&mut self, i: usize) -> &mut Vec<u8> {
+    fn slot(&mut self, i: usize) -> &mut Buffer {
         if self.set.len() <= i {
-            self.set.resize_with(i + 1, Vec::new);
+            self.set.resize_with(i + 1, || Buffer::Host(Vec::new()));
         }
         &mut self.set[i]
     }
 
-    /// Make buffer `i` hold `len` bytes, counting a growth when it must reallocate.
+    /// A host buffer for tensor `i` with room for `len` bytes (counting a
+    /// growth when it must reallocate).
     pub fn sized(&mut self, i: usize, len: usize) -> &mut Vec<u8> {
         let pool = self.pool.clone();
-        let buf = self.buffer(i);
+        let slot = self.slot(i);
+        if !matches!(slot, Buffer::Host(_)) {
+            *slot = Buffer::Host(Vec::new());
+        }
+        let Buffer::Host(buf) = slot else { unreachable!("set to Host above") };
         if buf.capacity() < len {
             pool.grown.fetch_add(1, Ordering::Relaxed);
             buf.reserve_exact(len - buf.len());
@@ -148,9 +180,29 @@ impl Lease {
         buf
     }
 
-    /// The filled buffers.
-    pub fn buffers(&self) -> &[Vec<u8>] {
-        &self.set
+    /// A pinned buffer for tensor `i` of exactly `len` bytes, allocated on
+    /// first use and reused while the size stays the same.
+    ///
+    /// # Errors
+    /// [`crate::Error::Torch`] when pinned memory cannot be allocated.
+    pub fn pinned(&mut self, i: usize, len: usize, device: tch::Device) -> crate::Result<&tch::Tensor> {
+        let pool = self.pool.clone();
+        let slot = self.slot(i);
+        let fits = matches!(slot, Buffer::Pinned(t) if t.numel() == len);
+        if !fits {
+            pool.grown.fetch_add(1, Ordering::Relaxed);
+            let t = tch::Tensor::f_empty([len as i64], (tch::Kind::Uint8, tch::Device::Cpu))?.f_pin_memory(device)?;
+            *slot = Buffer::Pinned(t);
+        }
+        match slot {
+            Buffer::Pinned(t) => Ok(t),
+            Buffer::Host(_) => unreachable!("set to Pinned above"),
+        }
+    }
+
+    /// The filled buffers' bytes.
+    pub fn buffers(&self) -> Vec<&[u8]> {
+        self.set.iter().map(Buffer::bytes).collect()
     }
 }
 

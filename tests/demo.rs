@@ -92,3 +92,38 @@ fn sigint_mid_run_exits_0_with_exit_save() {
     assert_eq!(state.total_iterations, trained);
     assert_eq!(archive.manifest.iterations, trained);
 }
+
+#[test]
+fn second_sigint_during_the_drain_aborts_and_loses_nothing_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let mut child = Command::new(demo())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("--model-dir")
+        .arg(&dir)
+        .args(["--iterations", "1000000", "--save-interval", "5", "--threads", "1", "--write-delay-ms", "400"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !dir.join("model_state.json").exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "demo never saved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("aborted"), "{stderr}");
+    // What was committed is intact, and the folder opens for the next run.
+    let archive = ArchiveReader::open(&dir.join("model.mio")).unwrap();
+    assert!(archive.verify().is_empty());
+    let mut c = common::config(&dir, "model");
+    c.model.dir = dir.clone();
+    let io = modelio::ModelIo::open(c).unwrap();
+    assert_eq!(io.iterations(), archive.manifest.iterations);
+}

@@ -58,6 +58,8 @@ pub(crate) struct SaveJob {
     /// Kind, JSON and tensor descriptions (bytes follow the model's in the lease).
     pub optimizer: Option<(String, serde_json::Value, Vec<Desc>)>,
     pub stall: Duration,
+    /// Whether the save had to wait for a free staging buffer.
+    pub waited: bool,
     pub reply: Reply,
 }
 
@@ -66,10 +68,14 @@ pub(crate) struct SaveJob {
 #[rtype(result = "()")]
 pub(crate) struct Stage {
     pub job: SaveJob,
-    pub tensors: Vec<tch::Tensor>,
+    /// CPU tensors to copy, with their buffer index in the lease.
+    pub tensors: Vec<(usize, tch::Tensor)>,
     pub lease: Lease,
-    /// Released as soon as the bytes are copied: parameters may change again.
-    pub guard: FenceGuard,
+    /// Held while CPU tensors are being copied; released as soon as the bytes
+    /// are in the lease, so parameters may change again.
+    pub guard: Option<FenceGuard>,
+    /// GPU whose queued device-to-host copies must complete first.
+    pub cuda: Option<usize>,
 }
 
 /// Write the staged bytes as archive + state file.

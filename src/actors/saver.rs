@@ -40,14 +40,14 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
         .model
         .iter()
         .enumerate()
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(i).map(Vec::as_slice).unwrap_or(&[]) })
+        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(i).copied().unwrap_or(&[]) })
         .collect();
     let n = job.model.len();
     let opt_tensors: Vec<TensorRef> = job
         .optimizer
         .iter()
         .flat_map(|(_, _, descs)| descs.iter().enumerate())
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(n + i).map(Vec::as_slice).unwrap_or(&[]) })
+        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(n + i).copied().unwrap_or(&[]) })
         .collect();
     let optimizer = job.optimizer.as_ref().map(|(kind, json, _)| OptimizerRef { kind, json, tensors: &opt_tensors });
     let paths = &shared.paths;
@@ -106,6 +106,7 @@ impl Handler<Write> for Saver {
             write_ms = write.as_secs_f64() * 1e3,
             gbps = if secs > 0.0 { bytes as f64 / secs / 1e9 } else { 0.0 },
             optimizer = job.optimizer.is_some(),
+            waited = job.waited,
             "saved {} at iteration {}, average loss since last save {:.6}, {}",
             self.shared.paths.archive().display(),
             job.iterations,

@@ -21,10 +21,10 @@ impl actix::Actor for Stager {
     type Context = SyncContext<Self>;
 }
 
-/// Copy every tensor into its buffer of the lease.
-pub(crate) fn copy_all(tensors: &[tch::Tensor], lease: &mut Lease) -> Result<()> {
-    for (i, t) in tensors.iter().enumerate() {
-        let buf = lease.sized(i, crate::tensors::byte_len(t));
+/// Copy CPU tensors into their buffers of the lease.
+pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<()> {
+    for (i, t) in tensors {
+        let buf = lease.sized(*i, crate::tensors::byte_len(t));
         crate::tensors::copy_bytes(t, buf)?;
     }
     Ok(())
@@ -33,8 +33,13 @@ pub(crate) fn copy_all(tensors: &[tch::Tensor], lease: &mut Lease) -> Result<()>
 impl Handler<Stage> for Stager {
     type Result = ();
     fn handle(&mut self, msg: Stage, _: &mut Self::Context) {
-        let Stage { job, tensors, mut lease, guard } = msg;
+        let Stage { job, tensors, mut lease, guard, cuda } = msg;
         let start = Instant::now();
+        if let Some(device) = cuda {
+            // The trainer queued the device-to-host copies in stream order;
+            // wait for them here, off the trainer's thread.
+            tch::Cuda::synchronize(device as i64);
+        }
         let copied = copy_all(&tensors, &mut lease);
         drop(tensors);
         drop(guard);
