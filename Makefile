@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 TORCH_VERSION := 2.11.0
 
-.PHONY: setup test demo build soak clean-venv
+.PHONY: setup test demo build soak bench clean-venv
 
 setup: $(READY)
 
@@ -29,6 +29,15 @@ test: setup
 # The main job: the demo trainer (saves, snapshots, resumes when run again).
 demo: setup
 	cargo run --release --example train -- $(ARGS)
+
+# Benchmarks side by side (SIZE_MIB=1024 by default, DEVICE=cpu|cuda): the
+# Python peers, then modelio's own figures; one table, and target/bench.json.
+SIZE_MIB ?= 1024
+DEVICE ?= cpu
+bench: setup
+	cargo build --release --bin modelio
+	PYTHONUNBUFFERED=1 $(PY) bench/peers.py --size-mib $(SIZE_MIB) --device $(DEVICE) --json target/bench-peers.json
+	target/release/modelio bench --size-mib $(SIZE_MIB) --device $(DEVICE) --peers target/bench-peers.json --json target/bench.json
 
 # 200 crash trials (SIGKILL at random moments); prints the count.
 soak: setup

@@ -102,7 +102,8 @@ fn metas(tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
             if !seen.insert(t.name) {
                 return Err(Error::Optimizer(format!("tensor name `{}` appears twice", t.name)));
             }
-            Ok(TensorMeta { name: t.name.into(), dtype: t.dtype, shape: t.shape.to_vec(), crc32c: crc32c::crc32c(t.data) })
+            let crc32c = t.crc32c.unwrap_or_else(|| crc32c::crc32c(t.data));
+            Ok(TensorMeta { name: t.name.into(), dtype: t.dtype, shape: t.shape.to_vec(), crc32c })
         })
         .collect()
 }
@@ -210,6 +211,9 @@ impl ArchiveReader {
         // SAFETY: modelio never modifies a committed file in place (files are
         // replaced by rename), so the mapping's bytes do not change under us.
         let map = unsafe { memmap2::Mmap::map(&file) }.at("map", path)?;
+        // Loads read the file front to back: ask for aggressive readahead.
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let _ = map.advise(memmap2::Advice::WillNeed);
         Self::parse(path, Backing::Mapped(map))
     }
 

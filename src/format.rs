@@ -130,6 +130,9 @@ pub struct TensorRef<'a> {
     pub dtype: DType,
     pub shape: &'a [usize],
     pub data: &'a [u8],
+    /// The CRC-32C of `data` when already known (computed while staging);
+    /// computed by the writer otherwise.
+    pub crc32c: Option<u32>,
 }
 
 /// Optimizer content of a save: its kind, JSON hyper-parameters and step

@@ -1,5 +1,6 @@
 //! The `modelio` command: inspect, verify, restore and list snapshots.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -41,6 +42,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure save stall, write and load throughput, memory and training
+    /// throughput against their references, on the disk of `--dir`.
+    Bench {
+        /// Model + optimizer state size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// A folder on the disk to measure.
+        #[arg(long, default_value = "target/bench-dir")]
+        dir: PathBuf,
+        /// Repetitions per figure (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// "cpu" or "cuda".
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Training steps per throughput run.
+        #[arg(long, default_value_t = 60)]
+        steps: u64,
+        /// Save every this many steps in the training-throughput run.
+        #[arg(long, default_value_t = 10)]
+        save_every: u64,
+        /// JSON of the Python peers' figures to merge (from bench/peers.py).
+        #[arg(long)]
+        peers: Option<PathBuf>,
+        /// Write every figure as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +79,9 @@ fn main() -> ExitCode {
         Command::Verify { path } => verify(&path),
         Command::Restore { dir, name } => restore(&dir, &name),
         Command::Snapshots { dir, name, json } => snapshots(&dir, &name, json),
+        Command::Bench { size_mib, dir, reps, device, steps, save_every, peers, json } => {
+            bench(size_mib, dir, reps, &device, steps, save_every, peers.as_deref(), json.as_deref())
+        }
     };
     match result {
         Ok(code) => code,
@@ -167,6 +199,45 @@ fn snapshots(dir: &Path, name: &str, json: bool) -> Result<ExitCode, Error> {
         for r in &rows {
             println!("{:>10} iterations  {:>12} bytes  {}  {}", r["iterations"], r["bytes"], if r["verifies"] == true { "ok     " } else { "DAMAGED" }, r["path"].as_str().unwrap_or(""));
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(size_mib: u64, dir: PathBuf, reps: usize, device: &str, steps: u64, save_every: u64, peers: Option<&Path>, json: Option<&Path>) -> Result<ExitCode, Error> {
+    let device = match device {
+        "cpu" => tch::Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
+        "cuda" => {
+            return Err(Error::ConfigValue { key: "--device".into(), value: "cuda".into(), allowed: "cpu (no CUDA device is available)".into() })
+        }
+        other => return Err(Error::ConfigValue { key: "--device".into(), value: other.into(), allowed: "cpu or cuda".into() }),
+    };
+    if save_every == 0 {
+        return Err(Error::ConfigValue { key: "--save-every".into(), value: "0".into(), allowed: "an integer >= 1".into() });
+    }
+    let opts = modelio::bench::BenchOptions { size_mib, dir, reps, device, steps, save_every };
+    eprintln!("measuring a {size_mib} MiB state on {device:?} in {} ({reps} repetitions each)...", opts.dir.display());
+    let mut report = modelio::bench::run(&opts)?;
+    if let Some(p) = peers {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::Io { op: "read", path: p.to_path_buf(), source: e })?;
+        let v: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| Error::ConfigParse { path: p.to_path_buf(), message: e.to_string() })?;
+        for (k, v) in v {
+            if let Some(x) = v.as_f64() {
+                report.insert(k, x);
+            }
+        }
+    }
+    let rows = modelio::bench::table(&report);
+    println!("{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", "figure", "modelio", "reference", "ratio", "target", "holds");
+    for r in &rows {
+        println!("{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", r[0], r[1], r[2], r[3], r[4], r[5]);
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        std::fs::write(path, text).map_err(|e| Error::Io { op: "write", path: path.to_path_buf(), source: e })?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -84,6 +84,8 @@ pub(crate) struct Stage {
 pub(crate) struct Write {
     pub job: SaveJob,
     pub lease: Lease,
+    /// CRC-32C of each buffer, computed while copying.
+    pub crcs: Vec<u32>,
     pub copy: Duration,
 }
 

@@ -84,6 +84,16 @@ impl Shared {
     }
 }
 
+/// Lower the calling thread's scheduling priority (nice 10), so background
+/// checksumming and writing run in the time training leaves idle.
+fn yield_cpu() {
+    // SAFETY: plain syscalls on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// The running actor system.
 pub(crate) struct Actors {
     pub stager: Addr<Stager>,
@@ -100,16 +110,28 @@ impl Actors {
             .spawn(move || {
                 let system = actix::System::new();
                 system.block_on(async move {
+                    // Factories run on the actor's own thread: the disk-bound
+                    // actors yield the CPU to training; the stager does not,
+                    // since optimizer steps wait for its copies.
                     let s = shared.clone();
-                    let backup = SyncArbiter::start(1, move || backup::BackupActor { shared: s.clone() });
+                    let backup = SyncArbiter::start(1, move || {
+                        yield_cpu();
+                        backup::BackupActor { shared: s.clone() }
+                    });
                     let s = shared.clone();
-                    let snapshot = SyncArbiter::start(1, move || snapshot::SnapshotActor { shared: s.clone(), keep: snapshot_keep });
+                    let snapshot = SyncArbiter::start(1, move || {
+                        yield_cpu();
+                        snapshot::SnapshotActor { shared: s.clone(), keep: snapshot_keep }
+                    });
                     let s = shared.clone();
-                    let saver = SyncArbiter::start(1, move || saver::Saver {
+                    let saver = SyncArbiter::start(1, move || {
+                        yield_cpu();
+                        saver::Saver {
                         shared: s.clone(),
                         backup: backup.clone(),
                         snapshot: snapshot.clone(),
                         last_committed: None,
+                        }
                     });
                     let s = shared.clone();
                     let stager = SyncArbiter::start(1, move || Stager { shared: s.clone(), saver: saver.clone() });

@@ -40,14 +40,14 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
         .model
         .iter()
         .enumerate()
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(i).copied().unwrap_or(&[]) })
+        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(i).copied().unwrap_or(&[]), crc32c: w.crcs.get(i).copied() })
         .collect();
     let n = job.model.len();
     let opt_tensors: Vec<TensorRef> = job
         .optimizer
         .iter()
         .flat_map(|(_, _, descs)| descs.iter().enumerate())
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(n + i).copied().unwrap_or(&[]) })
+        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(n + i).copied().unwrap_or(&[]), crc32c: w.crcs.get(n + i).copied() })
         .collect();
     let optimizer = job.optimizer.as_ref().map(|(kind, json, _)| OptimizerRef { kind, json, tensors: &opt_tensors });
     let paths = &shared.paths;
@@ -81,7 +81,7 @@ impl Handler<Write> for Saver {
     fn handle(&mut self, w: Write, _: &mut Self::Context) {
         let start = Instant::now();
         let written = write_save(&self.shared, &w);
-        let Write { job, lease, copy } = w;
+        let Write { job, lease, copy, .. } = w;
         drop(lease);
         let bytes = match written {
             Ok(b) => b,

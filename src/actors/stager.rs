@@ -21,13 +21,20 @@ impl actix::Actor for Stager {
     type Context = SyncContext<Self>;
 }
 
-/// Copy CPU tensors into their buffers of the lease.
-pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<()> {
+/// Copy CPU tensors into their buffers of the lease; then checksum every
+/// buffer (CPU ones during their copy, pinned ones once their copy landed).
+pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<Vec<u32>> {
+    let mut crcs = vec![None; lease.len()];
     for (i, t) in tensors {
         let buf = lease.sized(*i, crate::tensors::byte_len(t));
-        crate::tensors::copy_bytes(t, buf)?;
+        let crc = crate::tensors::copy_bytes_crc(t, buf)?;
+        if crcs.len() <= *i {
+            crcs.resize(*i + 1, None);
+        }
+        crcs[*i] = Some(crc);
     }
-    Ok(())
+    let bufs = lease.buffers();
+    Ok(bufs.iter().enumerate().map(|(i, b)| crcs.get(i).copied().flatten().unwrap_or_else(|| crc32c::crc32c(b))).collect())
 }
 
 impl Handler<Stage> for Stager {
@@ -44,7 +51,7 @@ impl Handler<Stage> for Stager {
         drop(tensors);
         drop(guard);
         match copied {
-            Ok(()) => self.saver.do_send(Write { job, lease, copy: start.elapsed() }),
+            Ok(crcs) => self.saver.do_send(Write { job, lease, crcs, copy: start.elapsed() }),
             Err(e) => self.shared.fail("save", e, Some(job.reply)),
         }
     }

@@ -1,0 +1,373 @@
+//! `modelio bench`: speed and memory, each figure side by side with its
+//! reference measured in the same run (medians of several repetitions).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tch::nn::{self, Module, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::archive::{commit_archive, ArchiveReader};
+use crate::config::{Config, OptimizerPolicy};
+use crate::error::{Error, IoContext, Result};
+use crate::format::{OptimizerRef, TensorRef};
+use crate::optim::{Adam, Optimizer};
+use crate::tensors::{byte_len, dtype_of, shape_of};
+use crate::ModelIo;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Model + optimizer state size in MiB.
+    pub size_mib: u64,
+    /// Folder on the disk to measure (created; bench files are removed after).
+    pub dir: PathBuf,
+    /// Repetitions per measurement (medians are reported).
+    pub reps: usize,
+    pub device: Device,
+    /// Training steps per throughput run, and the save interval while saving.
+    pub steps: u64,
+    pub save_every: u64,
+}
+
+/// Figures by name (the keys of `target/bench.json`).
+pub type Report = BTreeMap<String, f64>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A synthetic model whose tensors mix large matrices, medium ones and small
+/// vectors, with AdamW state (twice the model), about `bytes` in all.
+pub fn synthetic_state(bytes: u64, device: Device) -> Result<(VarStore, Adam)> {
+    let vs = VarStore::new(device);
+    let model_bytes = bytes / 3;
+    let pattern: [&[i64]; 6] = [&[4096, 4096], &[4096], &[1024, 4096], &[1024], &[1024, 1024], &[1024]];
+    let mut total = 0u64;
+    let mut i = 0usize;
+    while total < model_bytes {
+        let mut shape = pattern[i % pattern.len()].to_vec();
+        let size = 4 * shape.iter().product::<i64>() as u64;
+        if total + size > model_bytes {
+            shape = vec![((model_bytes - total) / 4).max(1) as i64];
+        }
+        let t = (vs.root() / format!("layer{}", i / 6)).var(&format!("p{}", i % 6), &shape, nn::Init::Uniform { lo: -0.1, up: 0.1 });
+        total += byte_len(&t) as u64;
+        i += 1;
+    }
+    let mut opt = Adam::adamw(&vs, 1e-4, (0.9, 0.999), 1e-8, 0.01)?;
+    // One real step so the optimizer state holds real values.
+    let loss = vs.trainable_variables().iter().map(|t| t.square().sum(Kind::Float)).fold(Tensor::from(0f32).to_device(device), |a, b| a + b);
+    opt.zero_grad();
+    loss.backward();
+    opt.step()?;
+    Ok((vs, opt))
+}
+
+/// All tensors of the state, model then optimizer, on the CPU.
+fn cpu_tensors(vs: &VarStore, opt: &Adam) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+    let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    model.sort_by(|a, b| a.0.cmp(&b.0));
+    let to_cpu = |v: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
+        v.into_iter().map(|(n, t)| Ok((n, t.f_to_device(Device::Cpu)?.f_contiguous()?))).collect()
+    };
+    Ok((to_cpu(model)?, to_cpu(opt.state_tensors())?))
+}
+
+fn bytes_of(t: &Tensor) -> &[u8] {
+    let len = byte_len(t);
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: `t` is a contiguous CPU tensor of `len` bytes, borrowed for the slice's life.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+}
+
+/// The synchronous baseline: write the archive and fsync on the caller.
+fn sync_save(path: &Path, vs: &VarStore, opt: &Adam) -> Result<Duration> {
+    let start = Instant::now();
+    let (model, state) = cpu_tensors(vs, opt)?;
+    let shapes: Vec<Vec<usize>> = model.iter().chain(&state).map(|(_, t)| shape_of(t)).collect();
+    let mut refs = Vec::with_capacity(shapes.len());
+    for ((name, t), shape) in model.iter().chain(&state).zip(&shapes) {
+        refs.push(TensorRef { name, dtype: dtype_of(name, t.kind())?, shape, data: bytes_of(t), crc32c: None });
+    }
+    let (m, o) = refs.split_at(model.len());
+    let json = opt.state_json();
+    commit_archive(path, "sync", 0, m, Some(OptimizerRef { kind: opt.kind(), json: &json, tensors: o }), None)?;
+    Ok(start.elapsed())
+}
+
+/// Drop a file's pages from the page cache so the next read comes from disk.
+fn evict(path: &Path) {
+    if let Ok(f) = File::open(path) {
+        // SAFETY: advisory call on a descriptor we own.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn io_for(dir: &Path, name: &str) -> Result<ModelIo> {
+    let mut c = Config::default();
+    c.model.dir = dir.to_path_buf();
+    c.model.name = name.into();
+    c.save.optimizer = OptimizerPolicy::Always;
+    ModelIo::open(c)
+}
+
+/// A small real model for the training-throughput comparison.
+#[derive(Debug)]
+struct Mlp {
+    layers: Vec<nn::Linear>,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h);
+            if i + 1 < self.layers.len() {
+                h = h.relu();
+            }
+        }
+        h
+    }
+}
+
+/// Steps per second of a real model, saving every `save_every` steps when `io` is given.
+fn train_rate(device: Device, steps: u64, save_every: u64, io: Option<&mut ModelIo>) -> Result<f64> {
+    tch::manual_seed(0);
+    let vs = VarStore::new(device);
+    let dims = [512, 1024, 1024, 1024, 512];
+    let layers = dims.windows(2).enumerate().map(|(i, w)| nn::linear(vs.root() / format!("l{i}"), w[0], w[1], Default::default())).collect();
+    let net = Mlp { layers };
+    let mut opt = Adam::adamw(&vs, 1e-4, (0.9, 0.999), 1e-8, 0.01)?;
+    if let Some(io) = &io {
+        opt = opt.with_fence(io.fence());
+    }
+    let x = Tensor::f_randn([128, 512], (Kind::Float, device))?;
+    let mut io = io;
+    let start = Instant::now();
+    for step in 1..=steps {
+        let loss = net.forward(&x).square().mean(Kind::Float);
+        opt.zero_grad();
+        loss.backward();
+        opt.step()?;
+        if let Some(io) = io.as_deref_mut() {
+            io.record(1.0);
+            if step % save_every == 0 {
+                io.save(&vs, Some(&opt), false)?;
+            }
+        }
+    }
+    if device != Device::Cpu {
+        tch::Cuda::synchronize(0);
+    }
+    let rate = steps as f64 / start.elapsed().as_secs_f64();
+    if let Some(io) = io {
+        io.flush_blocking()?;
+    }
+    Ok(rate)
+}
+
+/// Run every measurement.
+///
+/// # Errors
+/// Any IO or libtorch failure, naming the file.
+pub fn run(opts: &BenchOptions) -> Result<Report> {
+    let mut r = Report::new();
+    let reps = opts.reps.max(1);
+    std::fs::create_dir_all(&opts.dir).at("create", &opts.dir)?;
+    let work = opts.dir.join(format!("modelio-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).at("create", &work)?;
+    let result = run_in(opts, reps, &work, &mut r);
+    let _ = std::fs::remove_dir_all(&work);
+    result.map(|()| r)
+}
+
+fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Result<()> {
+    let state_bytes = opts.size_mib << 20;
+    let (vs, opt) = synthetic_state(state_bytes, opts.device)?;
+    let (model, state) = cpu_tensors(&vs, &opt)?;
+    let bytes: u64 = model.iter().chain(&state).map(|(_, t)| byte_len(t) as u64).sum();
+    drop((model, state));
+    r.insert("state_bytes".into(), bytes as f64);
+
+    // Memory first (before anything maps files): peak extra RSS over 20 saves.
+    let mut io = io_for(&work.join("mem"), "bench")?;
+    let base = rss_kib("VmRSS:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    for _ in 0..20 {
+        io.record(1.0);
+        io.save(&vs, Some(&opt), false)?;
+    }
+    io.flush_blocking()?;
+    let peak = rss_kib("VmHWM:").max(rss_kib("VmRSS:"));
+    r.insert("peak_extra_mem_ratio".into(), (peak.saturating_sub(base) * 1024) as f64 / bytes as f64);
+    let growths = io.stats().buffer_growths;
+    r.insert("buffer_allocations_over_20_saves".into(), growths as f64);
+
+    // Async save: trainer-visible stall, time until parameters may change, write throughput.
+    let (mut stall, mut fenced, mut write_gbps, mut staged) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..reps {
+        io.record(1.0);
+        let start = Instant::now();
+        let ticket = io.save(&vs, Some(&opt), false)?;
+        stall.push(ms(start.elapsed()));
+        io.fence().wait();
+        if opts.device != Device::Cpu {
+            tch::Cuda::synchronize(0);
+        }
+        fenced.push(ms(start.elapsed()));
+        let c = ticket.wait_blocking()?;
+        staged.push(ms(c.copy));
+        write_gbps.push(c.bytes as f64 / c.write.as_secs_f64() / 1e9);
+    }
+    io.shutdown_blocking()?;
+    r.insert("async_stall_ms".into(), median(stall));
+    r.insert("async_copy_done_ms".into(), median(fenced));
+    r.insert("write_gbps".into(), median(write_gbps));
+    if opts.device != Device::Cpu {
+        r.insert("staging_gbps".into(), bytes as f64 / (r["async_copy_done_ms"] / 1e3) / 1e9);
+    }
+
+    // Synchronous save and memcpy of the same state.
+    let sync_path = work.join("sync.mio");
+    let sync: Vec<f64> = (0..reps).map(|_| sync_save(&sync_path, &vs, &opt).map(ms)).collect::<Result<_>>()?;
+    r.insert("sync_save_ms".into(), median(sync));
+    let (model, state) = cpu_tensors(&vs, &opt)?;
+    let mut buffers: Vec<Vec<u8>> = model.iter().chain(&state).map(|(_, t)| Vec::with_capacity(byte_len(t))).collect();
+    let mut memcpy = vec![];
+    for _ in 0..reps {
+        let start = Instant::now();
+        for ((_, t), b) in model.iter().chain(&state).zip(buffers.iter_mut()) {
+            b.clear();
+            b.extend_from_slice(bytes_of(t));
+        }
+        memcpy.push(ms(start.elapsed()));
+    }
+    r.insert("memcpy_ms".into(), median(memcpy));
+    drop((model, state));
+
+    // Raw sequential write of the same bytes, fsynced, to the same folder.
+    let raw = work.join("raw.bin");
+    let mut raw_gbps = vec![];
+    for _ in 0..reps {
+        let start = Instant::now();
+        let mut f = File::create(&raw).at("create", &raw)?;
+        for b in &buffers {
+            f.write_all(b).at("write", &raw)?;
+        }
+        f.sync_all().at("fsync", &raw)?;
+        raw_gbps.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    r.insert("raw_write_gbps".into(), median(raw_gbps));
+    drop(buffers);
+
+    // Loads from disk (page cache dropped) vs a raw read of the same file.
+    let archive = work.join("mem").join("bench.mio");
+    let file_bytes = std::fs::metadata(&archive).at("stat", &archive)?.len() as f64;
+    let (mut load, mut mapped, mut read) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        evict(&archive);
+        let start = Instant::now();
+        let data = std::fs::read(&archive).at("read", &archive)?;
+        read.push(file_bytes / start.elapsed().as_secs_f64() / 1e9);
+        drop(data);
+
+        evict(&archive);
+        let start = Instant::now();
+        let reader = ArchiveReader::open(&archive)?;
+        let opt_tensors = reader.optimizer.iter().flat_map(|(t, _)| t.iter());
+        let mut loaded = Vec::new();
+        for t in reader.model.iter().chain(opt_tensors) {
+            loaded.push(crate::tensors::read_tensor(&reader, t)?);
+        }
+        load.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
+        drop((loaded, reader));
+
+        evict(&archive);
+        let start = Instant::now();
+        let reader = ArchiveReader::open(&archive)?;
+        let damaged = reader.verify();
+        if !damaged.is_empty() {
+            return Err(Error::damaged(&archive, "bench", "tensors", damaged.join(", ")));
+        }
+        mapped.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    r.insert("load_gbps".into(), median(load));
+    r.insert("mapped_load_gbps".into(), median(mapped));
+    r.insert("raw_read_gbps".into(), median(read));
+    drop((vs, opt));
+
+    // Training throughput with and without saves, alternated.
+    let (mut plain, mut saving) = (vec![], vec![]);
+    let mut io = io_for(&work.join("train"), "mlp")?;
+    train_rate(opts.device, 5, opts.save_every, None)?; // warm-up
+    for _ in 0..reps {
+        plain.push(train_rate(opts.device, opts.steps, opts.save_every, None)?);
+        saving.push(train_rate(opts.device, opts.steps, opts.save_every, Some(&mut io))?);
+    }
+    io.shutdown_blocking()?;
+    r.insert("steps_per_s_plain".into(), median(plain));
+    r.insert("steps_per_s_saving".into(), median(saving));
+    Ok(())
+}
+
+/// The comparison table: (figure, ours, reference, ratio, target, holds).
+pub fn table(r: &Report) -> Vec<[String; 6]> {
+    let get = |k: &str| r.get(k).copied();
+    let mut rows = Vec::new();
+    let mut row = |name: &str, ours: Option<f64>, reference: Option<f64>, ratio: Option<f64>, target: &str, holds: Option<bool>| {
+        let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+        rows.push([name.into(), f(ours), f(reference), f(ratio), target.into(), holds.map(|h| if h { "yes" } else { "NO" }.to_string()).unwrap_or("-".into())]);
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| if b == 0.0 { f64::INFINITY } else { a / b });
+    let stall = get("async_stall_ms");
+    let s = ratio(stall, get("sync_save_ms"));
+    row("stall ms: async save vs sync save", stall, get("sync_save_ms"), s, "<= 0.01", s.map(|x| x <= 0.01));
+    let m = ratio(stall, get("memcpy_ms"));
+    row("stall ms: async save vs memcpy", stall, get("memcpy_ms"), m, "-", None);
+    let c = ratio(get("async_copy_done_ms"), get("memcpy_ms"));
+    row("copy landed ms vs memcpy", get("async_copy_done_ms"), get("memcpy_ms"), c, "-", None);
+    let w = ratio(get("write_gbps"), get("raw_write_gbps"));
+    row("write GB/s vs raw write+fsync", get("write_gbps"), get("raw_write_gbps"), w, ">= 0.9", w.map(|x| x >= 0.9));
+    let l = ratio(get("load_gbps"), get("raw_read_gbps"));
+    row("load GB/s vs raw read", get("load_gbps"), get("raw_read_gbps"), l, ">= 0.9", l.map(|x| x >= 0.9));
+    let ml = ratio(get("mapped_load_gbps"), get("raw_read_gbps"));
+    row("mapped load GB/s vs raw read", get("mapped_load_gbps"), get("raw_read_gbps"), ml, "-", None);
+    let mem = get("peak_extra_mem_ratio");
+    row("peak extra memory / state (20 saves)", mem, Some(1.0), mem, "<= 1.1", mem.map(|x| x <= 1.1));
+    let t = ratio(get("steps_per_s_saving"), get("steps_per_s_plain"));
+    row("steps/s saving vs plain", get("steps_per_s_saving"), get("steps_per_s_plain"), t, ">= 0.95", t.map(|x| x >= 0.95));
+    let ts = ratio(get("torch_save_ms"), stall);
+    row("torch.save ms / our stall", get("torch_save_ms"), stall, ts, ">= 20", ts.map(|x| x >= 20.0));
+    let st = ratio(get("safetensors_save_ms"), stall);
+    row("safetensors save ms / our stall", get("safetensors_save_ms"), stall, st, "-", None);
+    let d = ratio(get("dcp_async_stall_ms"), stall);
+    row("DCP async_save stall ms / our stall", get("dcp_async_stall_ms"), stall, d, ">= 10 (GPU)", d.map(|x| x >= 10.0));
+    if let Some(g) = get("staging_gbps") {
+        let p = ratio(Some(g), get("pinned_d2h_gbps"));
+        row("staging GB/s vs torch pinned D2H", Some(g), get("pinned_d2h_gbps"), p, ">= 0.85", p.map(|x| x >= 0.85));
+    }
+    rows
+}
