@@ -400,7 +400,7 @@ mod tests {
     use super::*;
 
     fn t<'a>(name: &'a str, dtype: DType, shape: &'a [usize], data: &'a [u8]) -> TensorRef<'a> {
-        TensorRef { name, dtype, shape, data }
+        TensorRef { name, dtype, shape, data, crc32c: None }
     }
 
     #[test]
