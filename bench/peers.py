@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--json", default="target/bench-peers.json")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="peers-", dir=args.dir)
+    work = os.path.abspath(tempfile.mkdtemp(prefix="peers-", dir=args.dir))
     device = torch.device(args.device)
     state = synthetic_state(args.size_mib << 20, device)
     out = {}

@@ -111,6 +111,13 @@ fn sync_save(path: &Path, vs: &VarStore, opt: &Adam) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
+/// Flush every dirty page and give the disk a moment, between measured writes.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 /// Drop a file's pages from the page cache so the next read comes from disk.
 fn evict(path: &Path) {
     if let Ok(f) = File::open(path) {
@@ -132,6 +139,22 @@ fn io_for(dir: &Path, name: &str) -> Result<ModelIo> {
     c.model.name = name.into();
     c.save.optimizer = OptimizerPolicy::Always;
     ModelIo::open(c)
+}
+
+/// Peak extra resident memory over 20 consecutive saves, as a ratio to the state.
+fn memory_phase(dir: &Path, vs: &VarStore, opt: &Adam, bytes: u64, r: &mut Report) -> Result<()> {
+    let mut io = io_for(dir, "bench")?;
+    let base = rss_kib("VmRSS:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    for _ in 0..20 {
+        io.record(1.0);
+        io.save(vs, Some(opt), false)?;
+    }
+    io.flush_blocking()?;
+    let peak = rss_kib("VmHWM:").max(rss_kib("VmRSS:"));
+    r.insert("peak_extra_mem_ratio".into(), (peak.saturating_sub(base) * 1024) as f64 / bytes as f64);
+    r.insert("buffer_allocations_over_20_saves".into(), io.stats().buffer_growths as f64);
+    io.shutdown_blocking()
 }
 
 /// A small real model for the training-throughput comparison.
@@ -212,76 +235,75 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
     drop((model, state));
     r.insert("state_bytes".into(), bytes as f64);
 
-    // Memory first (before anything maps files): peak extra RSS over 20 saves.
+    // Memory first (before anything maps files): peak extra RSS over 20
+    // saves. Written to a tmpfs when there is one: the figure is the
+    // process's resident memory, and 20 full writes to a slow disk would
+    // dominate the run. (tmpfs pages are not part of the process's RSS.)
+    let shm = Path::new("/dev/shm");
+    let mem_dir = if shm.is_dir() { shm.join(format!("modelio-bench-{}", std::process::id())) } else { work.join("mem") };
+    let result = memory_phase(&mem_dir, &vs, &opt, bytes, r);
+    let _ = std::fs::remove_dir_all(&mem_dir);
+    result?;
     let mut io = io_for(&work.join("mem"), "bench")?;
-    let base = rss_kib("VmRSS:");
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    for _ in 0..20 {
-        io.record(1.0);
-        io.save(&vs, Some(&opt), false)?;
-    }
-    io.flush_blocking()?;
-    let peak = rss_kib("VmHWM:").max(rss_kib("VmRSS:"));
-    r.insert("peak_extra_mem_ratio".into(), (peak.saturating_sub(base) * 1024) as f64 / bytes as f64);
-    let growths = io.stats().buffer_growths;
-    r.insert("buffer_allocations_over_20_saves".into(), growths as f64);
 
-    // Async save: trainer-visible stall, time until parameters may change, write throughput.
-    let (mut stall, mut fenced, mut write_gbps, mut staged) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..reps {
-        io.record(1.0);
-        let start = Instant::now();
-        let ticket = io.save(&vs, Some(&opt), false)?;
-        stall.push(ms(start.elapsed()));
-        io.fence().wait();
-        if opts.device != Device::Cpu {
-            tch::Cuda::synchronize(0);
+    // Async save, synchronous save and a raw write of the same bytes,
+    // interleaved per repetition so that drifts of the disk's speed hit all three alike.
+    let (model, state) = cpu_tensors(&vs, &opt)?;
+    let mut buffers: Vec<Vec<u8>> = model.iter().chain(&state).map(|(_, t)| Vec::with_capacity(byte_len(t))).collect();
+    let (mut stall, mut fenced, mut write_gbps) = (vec![], vec![], vec![]);
+    let (mut sync, mut memcpy, mut raw_gbps) = (vec![], vec![], vec![]);
+    let sync_path = work.join("sync.mio");
+    let raw = work.join("raw.bin");
+    for rep in 0..reps {
+        // Rotate the order each repetition, and let the disk settle before
+        // each write, so no method always pays for the one before it.
+        for which in (0..3).map(|k| (k + rep) % 3) {
+            settle();
+            match which {
+                0 => {
+                    io.record(1.0);
+                    let start = Instant::now();
+                    let ticket = io.save(&vs, Some(&opt), false)?;
+                    stall.push(ms(start.elapsed()));
+                    io.fence().wait();
+                    if opts.device != Device::Cpu {
+                        tch::Cuda::synchronize(0);
+                    }
+                    fenced.push(ms(start.elapsed()));
+                    let c = ticket.wait_blocking()?;
+                    write_gbps.push(c.bytes as f64 / c.write.as_secs_f64() / 1e9);
+                }
+                1 => sync.push(ms(sync_save(&sync_path, &vs, &opt)?)),
+                _ => {
+                    let start = Instant::now();
+                    for ((_, t), b) in model.iter().chain(&state).zip(buffers.iter_mut()) {
+                        b.clear();
+                        b.extend_from_slice(bytes_of(t));
+                    }
+                    memcpy.push(ms(start.elapsed()));
+                    settle();
+                    let start = Instant::now();
+                    let mut f = File::create(&raw).at("create", &raw)?;
+                    for b in &buffers {
+                        f.write_all(b).at("write", &raw)?;
+                    }
+                    f.sync_all().at("fsync", &raw)?;
+                    raw_gbps.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
+                }
+            }
         }
-        fenced.push(ms(start.elapsed()));
-        let c = ticket.wait_blocking()?;
-        staged.push(ms(c.copy));
-        write_gbps.push(c.bytes as f64 / c.write.as_secs_f64() / 1e9);
     }
     io.shutdown_blocking()?;
+    drop((model, state, buffers));
     r.insert("async_stall_ms".into(), median(stall));
     r.insert("async_copy_done_ms".into(), median(fenced));
     r.insert("write_gbps".into(), median(write_gbps));
     if opts.device != Device::Cpu {
         r.insert("staging_gbps".into(), bytes as f64 / (r["async_copy_done_ms"] / 1e3) / 1e9);
     }
-
-    // Synchronous save and memcpy of the same state.
-    let sync_path = work.join("sync.mio");
-    let sync: Vec<f64> = (0..reps).map(|_| sync_save(&sync_path, &vs, &opt).map(ms)).collect::<Result<_>>()?;
     r.insert("sync_save_ms".into(), median(sync));
-    let (model, state) = cpu_tensors(&vs, &opt)?;
-    let mut buffers: Vec<Vec<u8>> = model.iter().chain(&state).map(|(_, t)| Vec::with_capacity(byte_len(t))).collect();
-    let mut memcpy = vec![];
-    for _ in 0..reps {
-        let start = Instant::now();
-        for ((_, t), b) in model.iter().chain(&state).zip(buffers.iter_mut()) {
-            b.clear();
-            b.extend_from_slice(bytes_of(t));
-        }
-        memcpy.push(ms(start.elapsed()));
-    }
     r.insert("memcpy_ms".into(), median(memcpy));
-    drop((model, state));
-
-    // Raw sequential write of the same bytes, fsynced, to the same folder.
-    let raw = work.join("raw.bin");
-    let mut raw_gbps = vec![];
-    for _ in 0..reps {
-        let start = Instant::now();
-        let mut f = File::create(&raw).at("create", &raw)?;
-        for b in &buffers {
-            f.write_all(b).at("write", &raw)?;
-        }
-        f.sync_all().at("fsync", &raw)?;
-        raw_gbps.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
-    }
     r.insert("raw_write_gbps".into(), median(raw_gbps));
-    drop(buffers);
 
     // Loads from disk (page cache dropped) vs a raw read of the same file.
     let archive = work.join("mem").join("bench.mio");

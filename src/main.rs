@@ -52,16 +52,16 @@ enum Command {
         #[arg(long, default_value = "target/bench-dir")]
         dir: PathBuf,
         /// Repetitions per figure (medians are reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         reps: usize,
         /// "cpu" or "cuda".
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Training steps per throughput run.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 100)]
         steps: u64,
         /// Save every this many steps in the training-throughput run.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 25)]
         save_every: u64,
         /// JSON of the Python peers' figures to merge (from bench/peers.py).
         #[arg(long)]
