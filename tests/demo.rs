@@ -57,28 +57,38 @@ fn split_run_equals_one_run() {
     assert!(split.join("model_logs").join(&state.sessions[1].id).join("train.log").exists());
 }
 
-#[test]
-fn sigint_mid_run_exits_0_with_exit_save() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    let mut child = Command::new(demo())
+/// Start a long demo run into `dir` and wait until its first save is committed.
+fn start_training(dir: &Path, extra: &[&str]) -> std::process::Child {
+    let child = Command::new(demo())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("--model-dir")
-        .arg(&dir)
-        .args(["--iterations", "1000000", "--save-interval", "50", "--threads", "1"])
+        .arg(dir)
+        .args(["--iterations", "1000000", "--threads", "1"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until training is under way (the first save is committed).
     let started = Instant::now();
     while !dir.join("model_state.json").exists() {
         assert!(started.elapsed() < Duration::from_secs(60), "demo never saved");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    child
+}
+
+fn sigint(child: &std::process::Child) {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+}
+
+#[test]
+fn sigint_mid_run_exits_0_with_exit_save() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let child = start_training(&dir, &["--save-interval", "50"]);
+    std::thread::sleep(Duration::from_millis(300));
+    sigint(&child);
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
@@ -97,24 +107,10 @@ fn sigint_mid_run_exits_0_with_exit_save() {
 fn second_sigint_during_the_drain_aborts_and_loses_nothing_committed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
-    let mut child = Command::new(demo())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("--model-dir")
-        .arg(&dir)
-        .args(["--iterations", "1000000", "--save-interval", "5", "--threads", "1", "--write-delay-ms", "400"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !dir.join("model_state.json").exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "demo never saved");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: signals to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let child = start_training(&dir, &["--save-interval", "5", "--write-delay-ms", "400"]);
+    sigint(&child);
     std::thread::sleep(Duration::from_millis(100));
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    sigint(&child);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");

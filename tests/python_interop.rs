@@ -30,7 +30,7 @@ fn python_reads_what_rust_wrote() {
     for (prefix, kind) in kinds {
         for (i, shape) in shapes.iter().enumerate() {
             let name = format!("{prefix}.t{i}");
-            (vs.root() / prefix).add(&format!("t{i}"), expected(kind, shape), false);
+            let _ = (vs.root() / prefix).add(&format!("t{i}"), expected(kind, shape), false);
             listed.insert(name, shape.to_vec());
         }
     }
