@@ -78,7 +78,9 @@ pub fn synthetic_state(bytes: u64, device: Device) -> Result<(VarStore, Adam)> {
 }
 
 /// All tensors of the state, model then optimizer, on the CPU.
-fn cpu_tensors(vs: &VarStore, opt: &Adam) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+type Named = Vec<(String, Tensor)>;
+
+fn cpu_tensors(vs: &VarStore, opt: &Adam) -> Result<(Named, Named)> {
     let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     model.sort_by(|a, b| a.0.cmp(&b.0));
     let to_cpu = |v: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {

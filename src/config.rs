@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub model: ModelConfig,
@@ -67,7 +67,7 @@ pub struct SaveConfig {
 }
 
 /// `[snapshot]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SnapshotConfig {
     /// Snapshot after saves whose iteration is a multiple of this (0 = never).
@@ -97,7 +97,7 @@ pub struct StagingConfig {
 }
 
 /// `[load]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoadConfig {
     /// Load the newest archive that verifies (`.bk`, then snapshots) when the
@@ -114,18 +114,6 @@ pub struct TrainConfig {
     pub seed: i64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            model: ModelConfig::default(),
-            save: SaveConfig::default(),
-            snapshot: SnapshotConfig::default(),
-            staging: StagingConfig::default(),
-            load: LoadConfig::default(),
-            train: TrainConfig::default(),
-        }
-    }
-}
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig { name: "model".into(), dir: PathBuf::from("models/model"), predict: false }
@@ -136,19 +124,9 @@ impl Default for SaveConfig {
         SaveConfig { interval: 100, optimizer: OptimizerPolicy::Exit }
     }
 }
-impl Default for SnapshotConfig {
-    fn default() -> Self {
-        SnapshotConfig { interval: 0, keep: 0 }
-    }
-}
 impl Default for StagingConfig {
     fn default() -> Self {
         StagingConfig { max_inflight: 1, on_busy: OnBusy::Wait }
-    }
-}
-impl Default for LoadConfig {
-    fn default() -> Self {
-        LoadConfig { fallback: false }
     }
 }
 impl Default for TrainConfig {

@@ -257,7 +257,7 @@ impl ModelIo {
         }
         let mut candidates = vec![ModelPaths::backup_of(&live)];
         let mut snaps = crate::snapshot::list(&self.paths.dir);
-        snaps.sort_by(|a, b| b.0.cmp(&a.0));
+        snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         candidates.extend(snaps.into_iter().map(|(_, dir)| dir.join(live.file_name().unwrap_or_default())));
         for candidate in candidates {
             if let Ok(r) = ArchiveReader::open(&candidate) {

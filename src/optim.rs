@@ -196,6 +196,7 @@ pub struct Adam {
 
 impl Adam {
     /// `torch.optim.Adam(lr, betas, eps, weight_decay)`.
+    #[allow(clippy::self_named_constructors)]
     pub fn adam(vs: &VarStore, lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<Adam> {
         Adam::new(vs, lr, betas, eps, weight_decay, false)
     }

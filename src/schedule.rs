@@ -18,7 +18,7 @@ impl Schedule {
 
     /// Save at this iteration (1-based)?
     pub fn save_at(&self, iteration: u64) -> bool {
-        iteration == 1 || (iteration > 0 && iteration % self.save_interval.max(1) == 0)
+        iteration == 1 || (iteration > 0 && iteration.is_multiple_of(self.save_interval.max(1)))
     }
 
     /// Snapshot at this iteration? True on the iteration after a save whose
@@ -26,7 +26,7 @@ impl Schedule {
     /// from that save (iteration - 1).
     pub fn snapshot_at(&self, iteration: u64) -> bool {
         let saved = iteration.wrapping_sub(1);
-        self.snapshot_interval > 0 && iteration > 1 && self.save_at(saved) && saved % self.snapshot_interval == 0
+        self.snapshot_interval > 0 && iteration > 1 && self.save_at(saved) && saved.is_multiple_of(self.snapshot_interval)
     }
 }
 

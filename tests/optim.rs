@@ -77,7 +77,7 @@ fn train(vs: &VarStore, net: &common::Net, opt: &mut Adam, io: &mut ModelIo, ste
         loss.backward();
         opt.step().unwrap();
         io.record(loss.double_value(&[]));
-        if io.iterations() % 4 == 0 {
+        if io.iterations().is_multiple_of(4) {
             io.save(vs, None, false).unwrap();
         }
     }
