@@ -52,15 +52,15 @@ pub fn write_archive<W: Write>(
     let zip_err = |e: rawzip::Error| Error::io("write", path, zip_io(e));
     let mut zip = rawzip::ZipArchiveWriter::new(out);
     let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io("encode manifest for", path, e.into()))?;
-    write_entry(&mut zip, MANIFEST_ENTRY, &[&manifest_json]).map_err(|e| Error::io("write", path, e))?;
+    write_entry(&mut zip, MANIFEST_ENTRY, &[(&manifest_json, None)]).map_err(|e| Error::io("write", path, e))?;
     write_safetensors(&mut zip, MODEL_ENTRY, model).map_err(|e| Error::io("write", path, e))?;
     if let Some(o) = optimizer {
         write_safetensors(&mut zip, OPTIMIZER_ENTRY, o.tensors).map_err(|e| Error::io("write", path, e))?;
         let json = serde_json::to_vec_pretty(o.json).map_err(|e| Error::io("encode optimizer state for", path, e.into()))?;
-        write_entry(&mut zip, OPTIMIZER_JSON_ENTRY, &[&json]).map_err(|e| Error::io("write", path, e))?;
+        write_entry(&mut zip, OPTIMIZER_JSON_ENTRY, &[(&json, None)]).map_err(|e| Error::io("write", path, e))?;
     }
     if let Some(state) = state {
-        write_entry(&mut zip, STATE_ENTRY, &[state]).map_err(|e| Error::io("write", path, e))?;
+        write_entry(&mut zip, STATE_ENTRY, &[(state, None)]).map_err(|e| Error::io("write", path, e))?;
     }
     zip.finish().map_err(zip_err)
 }
@@ -77,8 +77,9 @@ fn zip_io(e: rawzip::Error) -> std::io::Error {
 const ALIGN_EXTRA_ID: u16 = 0xD935;
 
 /// One STORED entry whose data starts at a multiple of [`ALIGN`] in the file,
-/// written from `parts` in order; its CRC-32 is computed while writing.
-fn write_entry<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, name: &str, parts: &[&[u8]]) -> std::io::Result<()> {
+/// written from `parts` in order. A part's CRC-32, when given, is combined
+/// into the entry's instead of being computed again while writing.
+fn write_entry<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, name: &str, parts: &[(&[u8], Option<u32>)]) -> std::io::Result<()> {
     let io = zip_io;
     // Local header: 30 fixed bytes, the name, then our one extra field (4 + pad).
     let before_data = zip.stream_offset() + 30 + name.len() as u64 + 4;
@@ -91,12 +92,20 @@ fn write_entry<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, name: &str, part
         .map_err(io)?;
     let mut crc = crc32fast::Hasher::new();
     let mut size = 0u64;
-    for part in parts {
-        for chunk in part.chunks(8 << 20) {
-            crc.update(chunk);
-            entry.write_all(chunk)?;
-            size += chunk.len() as u64;
+    for (part, known) in parts {
+        match known {
+            Some(c) => {
+                crc.combine(&crc32fast::Hasher::new_with_initial_len(*c, part.len() as u64));
+                entry.write_all(part)?;
+            }
+            None => {
+                for chunk in part.chunks(8 << 20) {
+                    crc.update(chunk);
+                    entry.write_all(chunk)?;
+                }
+            }
         }
+        size += part.len() as u64;
     }
     entry.finish(rawzip::DataDescriptorOutput::new(crc.finalize(), size)).map_err(io)?;
     Ok(())
@@ -172,10 +181,10 @@ fn write_safetensors<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, entry: &st
     let order = layout_order(tensors);
     let header = safetensors_header(&order);
     let len = (header.len() as u64).to_le_bytes();
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(order.len() + 2);
-    parts.push(&len);
-    parts.push(&header);
-    parts.extend(order.iter().map(|t| t.data));
+    let mut parts: Vec<(&[u8], Option<u32>)> = Vec::with_capacity(order.len() + 2);
+    parts.push((&len, None));
+    parts.push((&header, None));
+    parts.extend(order.iter().map(|t| (t.data, t.crc32)));
     write_entry(zip, entry, &parts)
 }
 
@@ -424,7 +433,7 @@ mod tests {
     use super::*;
 
     fn t<'a>(name: &'a str, dtype: DType, shape: &'a [usize], data: &'a [u8]) -> TensorRef<'a> {
-        TensorRef { name, dtype, shape, data, crc32c: None }
+        TensorRef { name, dtype, shape, data, crc32c: None, crc32: None }
     }
 
     #[test]
@@ -445,5 +454,33 @@ mod tests {
         assert_eq!(first as u64 % ALIGN, 0);
         assert!(r.verify().is_empty());
         assert!(r.optimizer.is_none());
+    }
+
+    #[test]
+    fn precomputed_zip_crcs_are_combined_correctly() {
+        let a: Vec<u8> = (0..200u8).collect();
+        let b: Vec<u8> = (0..40u8).rev().collect();
+        let with = |name, data: &'static [u8], dtype, shape: &'static [usize]| TensorRef {
+            name,
+            dtype,
+            shape,
+            data,
+            crc32c: Some(crc32c::crc32c(data)),
+            crc32: Some(crc32fast::hash(data)),
+        };
+        let a: &'static [u8] = Box::leak(a.into_boxed_slice());
+        let b: &'static [u8] = Box::leak(b.into_boxed_slice());
+        let tensors = [with("a", a, DType::F32, &[50]), with("b", b, DType::I64, &[5])];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        commit_archive(&path, "m", 1, &tensors, None, None).unwrap();
+        // The zip reader checks each entry's CRC-32 when it is read to the end.
+        let mut zip = ZipArchive::new(File::open(&path).unwrap()).unwrap();
+        for i in 0..zip.len() {
+            let mut entry = zip.by_index(i).unwrap();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+        }
+        assert!(ArchiveReader::open(&path).unwrap().verify().is_empty());
     }
 }

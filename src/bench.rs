@@ -105,7 +105,7 @@ fn sync_save(path: &Path, vs: &VarStore, opt: &Adam) -> Result<Duration> {
     let shapes: Vec<Vec<usize>> = model.iter().chain(&state).map(|(_, t)| shape_of(t)).collect();
     let mut refs = Vec::with_capacity(shapes.len());
     for ((name, t), shape) in model.iter().chain(&state).zip(&shapes) {
-        refs.push(TensorRef { name, dtype: dtype_of(name, t.kind())?, shape, data: bytes_of(t), crc32c: None });
+        refs.push(TensorRef { name, dtype: dtype_of(name, t.kind())?, shape, data: bytes_of(t), crc32c: None, crc32: None });
     }
     let (m, o) = refs.split_at(model.len());
     let json = opt.state_json();

@@ -133,6 +133,8 @@ pub struct TensorRef<'a> {
     /// The CRC-32C of `data` when already known (computed while staging);
     /// computed by the writer otherwise.
     pub crc32c: Option<u32>,
+    /// The zip CRC-32 of `data` when already known; computed by the writer otherwise.
+    pub crc32: Option<u32>,
 }
 
 /// Optimizer content of a save: its kind, JSON hyper-parameters and step

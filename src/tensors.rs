@@ -67,27 +67,30 @@ pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// [`copy_bytes`] that also returns the CRC-32C of the bytes, computed chunk
-/// by chunk while each chunk is still in cache (one pass over memory).
+/// [`copy_bytes`] that also returns the CRC-32C and the zip CRC-32 of the
+/// bytes, computed chunk by chunk while each chunk is still in cache (one
+/// pass over memory instead of three).
 ///
 /// # Errors
 /// [`Error::Torch`] when libtorch fails.
-pub fn copy_bytes_crc(t: &Tensor, dst: &mut Vec<u8>) -> Result<u32> {
+pub fn copy_bytes_crc(t: &Tensor, dst: &mut Vec<u8>) -> Result<(u32, u32)> {
     let cpu = if t.device() == tch::Device::Cpu { t.shallow_clone() } else { t.f_to_device(tch::Device::Cpu)? };
     let cpu = cpu.f_contiguous()?;
     let len = cpu.numel() * cpu.kind().elt_size_in_bytes();
     dst.clear();
     if len == 0 {
-        return Ok(crc32c::crc32c(&[]));
+        return Ok((crc32c::crc32c(&[]), crc32fast::hash(&[])));
     }
     // SAFETY: as in `copy_bytes`.
     let src = unsafe { std::slice::from_raw_parts(cpu.data_ptr() as *const u8, len) };
     let mut crc = 0;
+    let mut zip_crc = crc32fast::Hasher::new();
     for chunk in src.chunks(256 << 10) {
         dst.extend_from_slice(chunk);
         crc = crc32c::crc32c_append(crc, chunk);
+        zip_crc.update(chunk);
     }
-    Ok(crc)
+    Ok((crc, zip_crc.finalize()))
 }
 
 /// Bytes of a tensor.

@@ -16,11 +16,11 @@ fn small_archive(path: &Path) -> Vec<(String, Vec<u8>)> {
     let a: Vec<u8> = (0..64u8).collect();
     let b: Vec<u8> = (0..24u8).map(|x| x.wrapping_mul(7)).collect();
     let tensors = [
-        TensorRef { name: "a", dtype: DType::F32, shape: &[4, 4], data: &a, crc32c: None },
-        TensorRef { name: "b", dtype: DType::I64, shape: &[3], data: &b, crc32c: None },
+        TensorRef { name: "a", dtype: DType::F32, shape: &[4, 4], data: &a, crc32c: None, crc32: None },
+        TensorRef { name: "b", dtype: DType::I64, shape: &[3], data: &b, crc32c: None, crc32: None },
     ];
     let json = serde_json::json!({"step": 1});
-    let opt = [TensorRef { name: "a.exp_avg", dtype: DType::F32, shape: &[4, 4], data: &a, crc32c: None }];
+    let opt = [TensorRef { name: "a.exp_avg", dtype: DType::F32, shape: &[4, 4], data: &a, crc32c: None, crc32: None }];
     let optimizer = modelio::format::OptimizerRef { kind: "adam", json: &json, tensors: &opt };
     commit_archive(path, "m", 3, &tensors, Some(optimizer), Some(b"{\"x\":1}")).unwrap();
     vec![("a".into(), a.clone()), ("b".into(), b), ("a.exp_avg".into(), a)]

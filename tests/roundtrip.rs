@@ -33,7 +33,7 @@ fn unique(cases: Vec<Case>) -> Vec<Case> {
 }
 
 fn refs(cases: &[Case]) -> Vec<TensorRef<'_>> {
-    cases.iter().map(|c| TensorRef { name: &c.name, dtype: c.dtype, shape: &c.shape, data: &c.data, crc32c: None }).collect()
+    cases.iter().map(|c| TensorRef { name: &c.name, dtype: c.dtype, shape: &c.shape, data: &c.data, crc32c: None, crc32: None }).collect()
 }
 
 proptest! {

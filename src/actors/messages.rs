@@ -84,8 +84,8 @@ pub(crate) struct Stage {
 pub(crate) struct Write {
     pub job: SaveJob,
     pub lease: Lease,
-    /// CRC-32C of each buffer, computed while copying.
-    pub crcs: Vec<u32>,
+    /// (CRC-32C, zip CRC-32) of each buffer, computed while copying.
+    pub crcs: Vec<(u32, u32)>,
     pub copy: Duration,
 }
 

@@ -40,14 +40,14 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
         .model
         .iter()
         .enumerate()
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(i).copied().unwrap_or(&[]), crc32c: w.crcs.get(i).copied() })
+        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(i).copied().unwrap_or(&[]), crc32c: w.crcs.get(i).map(|c| c.0), crc32: w.crcs.get(i).map(|c| c.1) })
         .collect();
     let n = job.model.len();
     let opt_tensors: Vec<TensorRef> = job
         .optimizer
         .iter()
         .flat_map(|(_, _, descs)| descs.iter().enumerate())
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(n + i).copied().unwrap_or(&[]), crc32c: w.crcs.get(n + i).copied() })
+        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(n + i).copied().unwrap_or(&[]), crc32c: w.crcs.get(n + i).map(|c| c.0), crc32: w.crcs.get(n + i).map(|c| c.1) })
         .collect();
     let optimizer = job.optimizer.as_ref().map(|(kind, json, _)| OptimizerRef { kind, json, tensors: &opt_tensors });
     let paths = &shared.paths;

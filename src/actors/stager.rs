@@ -23,7 +23,8 @@ impl actix::Actor for Stager {
 
 /// Copy CPU tensors into their buffers of the lease; then checksum every
 /// buffer (CPU ones during their copy, pinned ones once their copy landed).
-pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<Vec<u32>> {
+/// Returns (CRC-32C, zip CRC-32) per buffer.
+pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<Vec<(u32, u32)>> {
     let mut crcs = vec![None; lease.len()];
     for (i, t) in tensors {
         let buf = lease.sized(*i, crate::tensors::byte_len(t));
@@ -34,7 +35,11 @@ pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> R
         crcs[*i] = Some(crc);
     }
     let bufs = lease.buffers();
-    Ok(bufs.iter().enumerate().map(|(i, b)| crcs.get(i).copied().flatten().unwrap_or_else(|| crc32c::crc32c(b))).collect())
+    Ok(bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| crcs.get(i).copied().flatten().unwrap_or_else(|| (crc32c::crc32c(b), crc32fast::hash(b))))
+        .collect())
 }
 
 impl Handler<Stage> for Stager {
