@@ -89,13 +89,9 @@ fn cpu_tensors(vs: &VarStore, opt: &Adam) -> Result<(Named, Named)> {
     Ok((to_cpu(model)?, to_cpu(opt.state_tensors())?))
 }
 
+/// Bytes of a tensor from `cpu_tensors` (contiguous, on the CPU).
 fn bytes_of(t: &Tensor) -> &[u8] {
-    let len = byte_len(t);
-    if len == 0 {
-        return &[];
-    }
-    // SAFETY: `t` is a contiguous CPU tensor of `len` bytes, borrowed for the slice's life.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+    crate::tensors::host_bytes(t).unwrap_or_default()
 }
 
 /// The synchronous baseline: write the archive and fsync on the caller.

@@ -47,6 +47,18 @@ pub fn commit(target: &Path, source: Source<'_>) -> Result<()> {
     result
 }
 
+/// [`commit`] of bytes already in memory (state files).
+///
+/// # Errors
+/// As [`commit`].
+pub fn commit_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
+    let mut write = |out: &mut BufWriter<File>| {
+        use std::io::Write as _;
+        out.write_all(bytes).map_err(|e| Error::io("write", target, e))
+    };
+    commit(target, Source::Write { size_hint: bytes.len() as u64, write: &mut write })
+}
+
 fn stage(tmp: &Path, target: &Path, source: Source<'_>) -> Result<()> {
     match source {
         Source::Write { size_hint, write } => {
@@ -186,8 +198,7 @@ mod tests {
     use std::io::Write;
 
     fn write_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
-        let mut w = |out: &mut BufWriter<File>| out.write_all(bytes).map_err(|e| Error::io("write", target, e));
-        commit(target, Source::Write { size_hint: bytes.len() as u64, write: &mut w })
+        commit_bytes(target, bytes)
     }
 
     #[test]

@@ -487,12 +487,7 @@ fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State> {
         (_, Some(a)) => {
             if !predict {
                 tracing::warn!(target: "modelio", "state file {} did not match the archive; restored it from the archive", state_path.display());
-                let json = a.to_json();
-                let mut write = |out: &mut std::io::BufWriter<std::fs::File>| {
-                    use std::io::Write as _;
-                    out.write_all(&json).map_err(|e| Error::io("write", &state_path, e))
-                };
-                crate::durable::commit(&state_path, crate::durable::Source::Write { size_hint: json.len() as u64, write: &mut write })?;
+                crate::durable::commit_bytes(&state_path, &a.to_json())?;
             }
             Ok(a)
         }

@@ -91,15 +91,8 @@ impl Buffer {
     pub fn bytes(&self) -> &[u8] {
         match self {
             Buffer::Host(v) => v,
-            Buffer::Pinned(t) => {
-                let len = t.numel();
-                if len == 0 {
-                    return &[];
-                }
-                // SAFETY: a contiguous CPU u8 tensor of `len` elements owned by this
-                // buffer; it is read only after the copy into it completed.
-                unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
-            }
+            // A contiguous CPU u8 tensor, read only after the copy into it completed.
+            Buffer::Pinned(t) => crate::tensors::host_bytes(t).unwrap_or_default(),
         }
     }
 }

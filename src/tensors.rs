@@ -47,6 +47,28 @@ pub fn shape_of(t: &Tensor) -> Vec<usize> {
     t.size().iter().map(|&d| d.max(0) as usize).collect()
 }
 
+/// The bytes of a CPU tensor in place, borrowed for as long as the tensor;
+/// `None` when it is not a contiguous CPU tensor.
+pub fn host_bytes(t: &Tensor) -> Option<&[u8]> {
+    if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+        return None;
+    }
+    let len = byte_len(t);
+    if len == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: `t` is a contiguous CPU tensor of exactly `len` bytes, and the
+    // slice borrows `t`, so the storage outlives it. Writers are held off
+    // while modelio reads parameters (see `Fence`).
+    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) })
+}
+
+/// A contiguous CPU view or copy of `t` (no copy when it already is one).
+fn on_host(t: &Tensor) -> Result<Tensor> {
+    let cpu = if t.device() == tch::Device::Cpu { t.shallow_clone() } else { t.f_to_device(tch::Device::Cpu)? };
+    Ok(cpu.f_contiguous()?)
+}
+
 /// Copy a tensor's bytes into `dst`, reusing its capacity (one memcpy for a
 /// contiguous CPU tensor). Works for tensors on any device; blocks until the
 /// bytes are in `dst`.
@@ -54,16 +76,9 @@ pub fn shape_of(t: &Tensor) -> Vec<usize> {
 /// # Errors
 /// [`Error::Torch`] when libtorch fails.
 pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
-    let cpu = if t.device() == tch::Device::Cpu { t.shallow_clone() } else { t.f_to_device(tch::Device::Cpu)? };
-    let cpu = cpu.f_contiguous()?;
-    let len = cpu.numel() * cpu.kind().elt_size_in_bytes();
+    let cpu = on_host(t)?;
     dst.clear();
-    if len > 0 {
-        // SAFETY: `cpu` is a contiguous CPU tensor of exactly `len` bytes that
-        // stays alive (and unmodified: see `Fence`) for this call.
-        let src = unsafe { std::slice::from_raw_parts(cpu.data_ptr() as *const u8, len) };
-        dst.extend_from_slice(src);
-    }
+    dst.extend_from_slice(host_bytes(&cpu).unwrap_or_default());
     Ok(())
 }
 
@@ -74,18 +89,11 @@ pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
 /// # Errors
 /// [`Error::Torch`] when libtorch fails.
 pub fn copy_bytes_crc(t: &Tensor, dst: &mut Vec<u8>) -> Result<(u32, u32)> {
-    let cpu = if t.device() == tch::Device::Cpu { t.shallow_clone() } else { t.f_to_device(tch::Device::Cpu)? };
-    let cpu = cpu.f_contiguous()?;
-    let len = cpu.numel() * cpu.kind().elt_size_in_bytes();
+    let cpu = on_host(t)?;
     dst.clear();
-    if len == 0 {
-        return Ok((crc32c::crc32c(&[]), crc32fast::hash(&[])));
-    }
-    // SAFETY: as in `copy_bytes`.
-    let src = unsafe { std::slice::from_raw_parts(cpu.data_ptr() as *const u8, len) };
     let mut crc = 0;
     let mut zip_crc = crc32fast::Hasher::new();
-    for chunk in src.chunks(256 << 10) {
+    for chunk in host_bytes(&cpu).unwrap_or_default().chunks(256 << 10) {
         dst.extend_from_slice(chunk);
         crc = crc32c::crc32c_append(crc, chunk);
         zip_crc.update(chunk);

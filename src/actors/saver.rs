@@ -11,8 +11,8 @@ use super::backup::BackupActor;
 use super::messages::{Backup, BuildSnapshot, Committed, Flush, Snapshot, Write};
 use super::snapshot::SnapshotActor;
 use super::Shared;
-use crate::durable::{self, Source};
-use crate::error::{Error, IoContext, Result};
+use crate::durable;
+use crate::error::{IoContext, Result};
 use crate::format::{OptimizerRef, TensorRef};
 use crate::snapshot::Pinned;
 
@@ -36,28 +36,29 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
     }
     let job = &w.job;
     let bufs = w.lease.buffers();
-    let model: Vec<TensorRef> = job
+    // Model tensors then optimizer tensors: buffer `i` of the lease holds
+    // the `i`-th of them, with its checksums at `w.crcs[i]`.
+    let opt_descs = job.optimizer.iter().flat_map(|(_, _, descs)| descs.iter());
+    let mut refs: Vec<TensorRef> = job
         .model
         .iter()
+        .chain(opt_descs)
         .enumerate()
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(i).copied().unwrap_or(&[]), crc32c: w.crcs.get(i).map(|c| c.0), crc32: w.crcs.get(i).map(|c| c.1) })
+        .map(|(i, d)| TensorRef {
+            name: &d.name,
+            dtype: d.dtype,
+            shape: &d.shape,
+            data: bufs.get(i).copied().unwrap_or(&[]),
+            crc32c: w.crcs.get(i).map(|c| c.0),
+            crc32: w.crcs.get(i).map(|c| c.1),
+        })
         .collect();
-    let n = job.model.len();
-    let opt_tensors: Vec<TensorRef> = job
-        .optimizer
-        .iter()
-        .flat_map(|(_, _, descs)| descs.iter().enumerate())
-        .map(|(i, d)| TensorRef { name: &d.name, dtype: d.dtype, shape: &d.shape, data: bufs.get(n + i).copied().unwrap_or(&[]), crc32c: w.crcs.get(n + i).map(|c| c.0), crc32: w.crcs.get(n + i).map(|c| c.1) })
-        .collect();
+    let opt_tensors = refs.split_off(job.model.len());
+    let model = refs;
     let optimizer = job.optimizer.as_ref().map(|(kind, json, _)| OptimizerRef { kind, json, tensors: &opt_tensors });
     let paths = &shared.paths;
     let bytes = crate::archive::commit_archive(&paths.archive(), &paths.name, job.iterations, &model, optimizer, Some(&job.state_json))?;
-    let state = paths.state();
-    let mut write_state = |out: &mut std::io::BufWriter<std::fs::File>| {
-        use std::io::Write as _;
-        out.write_all(&job.state_json).map_err(|e| Error::io("write", &state, e))
-    };
-    durable::commit(&state, Source::Write { size_hint: job.state_json.len() as u64, write: &mut write_state })?;
+    durable::commit_bytes(&paths.state(), &job.state_json)?;
     Ok(bytes)
 }
 
