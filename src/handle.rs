@@ -356,16 +356,20 @@ impl ModelIo {
         // run after its copy). CPU tensors: copied by the stager while the
         // fence holds optimizer steps back.
         let mut cpu = Vec::with_capacity(tensors.len());
-        let mut cuda = None;
+        let mut gpus: Vec<usize> = Vec::new();
         for (i, t) in tensors.into_iter().enumerate() {
             match t.device() {
                 tch::Device::Cuda(d) => {
                     enqueue_device_copy(&t, &mut lease, i)?;
-                    cuda = Some(d);
+                    if !gpus.contains(&d) {
+                        gpus.push(d);
+                    }
                 }
                 _ => cpu.push((i, t)),
             }
         }
+        // One event per GPU marks the end of this save's copies on its stream.
+        let events = gpus.into_iter().map(crate::cuda::Event::record).collect::<Result<Vec<_>>>()?;
 
         let decision = backup_rule(&self.history, self.state.lowest_average_loss);
         self.history.clear();
@@ -385,7 +389,7 @@ impl ModelIo {
             waited,
             reply,
         };
-        actors.stager.try_send(Stage { job, tensors: cpu, lease, guard, cuda }).map_err(|_| Error::Stopped)?;
+        actors.stager.try_send(Stage { job, tensors: cpu, lease, guard, events }).map_err(|_| Error::Stopped)?;
         Ok(Ticket { inner: TicketInner::Pending(rx) })
     }
 
@@ -504,7 +508,6 @@ fn enqueue_device_copy(t: &tch::Tensor, lease: &mut crate::staging::Lease, i: us
         return Ok(());
     }
     let src = t.f_contiguous()?;
-    let dst = buf.f_view_dtype(src.kind())?.f_reshape(src.size())?;
-    let _ = src.f_internal_copy_from(&dst, true)?;
-    Ok(())
+    let mut dst = buf.f_view_dtype(src.kind())?.f_reshape(src.size())?;
+    crate::cuda::copy_async(&mut dst, &src)
 }

@@ -8,7 +8,8 @@
 //! Where things are:
 //! - [`handle`]: [`ModelIo`], the trainer's handle (save, load, snapshot, shutdown).
 //! - [`actors`]: stager -> saver -> backup / snapshot, thin actix actors.
-//! - [`staging`]: the bounded pool of host buffers and the [`Fence`].
+//! - [`staging`]: the bounded pool of host buffers and the [`Fence`]; [`cuda`]: the
+//!   non-blocking device-to-host copy and per-save event (a small C++ shim).
 //! - [`archive`] and [`format`]: archive format v1 (zip + safetensors), reader and writer.
 //! - [`durable`]: the one atomic-commit helper every write goes through.
 //! - [`state`]: the state file and the backup rule; [`folder`]: names in a model folder.
@@ -25,6 +26,8 @@ pub mod archive;
 #[cfg(feature = "torch")]
 pub mod bench;
 pub mod config;
+#[cfg(feature = "torch")]
+pub mod cuda;
 pub mod durable;
 pub mod error;
 pub mod folder;

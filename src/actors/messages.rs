@@ -74,8 +74,9 @@ pub(crate) struct Stage {
     /// Held while CPU tensors are being copied; released as soon as the bytes
     /// are in the lease, so parameters may change again.
     pub guard: Option<FenceGuard>,
-    /// GPU whose queued device-to-host copies must complete first.
-    pub cuda: Option<usize>,
+    /// One event per GPU, recorded after this save's device-to-host copies:
+    /// the stager waits on them before touching the pinned buffers.
+    pub events: Vec<crate::cuda::Event>,
 }
 
 /// Write the staged bytes as archive + state file.

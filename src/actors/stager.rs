@@ -45,14 +45,14 @@ pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> R
 impl Handler<Stage> for Stager {
     type Result = ();
     fn handle(&mut self, msg: Stage, _: &mut Self::Context) {
-        let Stage { job, tensors, mut lease, guard, cuda } = msg;
+        let Stage { job, tensors, mut lease, guard, events } = msg;
         let start = Instant::now();
-        if let Some(device) = cuda {
-            // The trainer queued the device-to-host copies in stream order;
-            // wait for them here, off the trainer's thread.
-            tch::Cuda::synchronize(device as i64);
-        }
-        let copied = copy_all(&tensors, &mut lease);
+        // The trainer queued the device-to-host copies in stream order and
+        // recorded an event after them; wait for exactly those copies here,
+        // off the trainer's thread.
+        let landed = events.iter().try_for_each(crate::cuda::Event::wait);
+        drop(events);
+        let copied = landed.and_then(|()| copy_all(&tensors, &mut lease));
         drop(tensors);
         drop(guard);
         match copied {
