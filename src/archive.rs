@@ -124,7 +124,7 @@ pub fn commit_archive(
     state: Option<&[u8]>,
 ) -> Result<u64> {
     let size: u64 = model.iter().chain(optimizer.iter().flat_map(|o| o.tensors.iter())).map(|t| t.data.len() as u64).sum();
-    let mut write = |out: &mut BufWriter<File>| write_archive(out, target, name, iterations, model, optimizer, state).map(|_| ());
+    let mut write = |out: &mut BufWriter<crate::durable::StreamingFile>| write_archive(out, target, name, iterations, model, optimizer, state).map(|_| ());
     crate::durable::commit(target, crate::durable::Source::Write { size_hint: size, write: &mut write })?;
     Ok(size)
 }
