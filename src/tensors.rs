@@ -63,6 +63,20 @@ pub fn host_bytes(t: &Tensor) -> Option<&[u8]> {
     Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) })
 }
 
+/// The bytes of a contiguous CPU tensor, mutably; `None` otherwise.
+pub fn host_bytes_mut(t: &mut Tensor) -> Option<&mut [u8]> {
+    if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+        return None;
+    }
+    let len = byte_len(t);
+    if len == 0 {
+        return Some(&mut []);
+    }
+    // SAFETY: as in `host_bytes`; the slice borrows `t` mutably, so no other
+    // borrow through this handle exists while it lives.
+    Some(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) })
+}
+
 /// A contiguous CPU view or copy of `t` (no copy when it already is one).
 fn on_host(t: &Tensor) -> Result<Tensor> {
     let cpu = if t.device() == tch::Device::Cpu { t.shallow_clone() } else { t.f_to_device(tch::Device::Cpu)? };
@@ -120,7 +134,11 @@ pub fn to_tensor(dtype: DType, shape: &[usize], data: &[u8]) -> Result<Tensor> {
 /// # Errors
 /// [`Error::Damaged`] when its checksum fails.
 pub fn read_tensor(reader: &ArchiveReader, t: &Located) -> Result<Tensor> {
-    to_tensor(t.meta.dtype, &t.meta.shape, reader.checked_data(t)?)
+    let shape: Vec<i64> = t.meta.shape.iter().map(|&d| d as i64).collect();
+    let mut out = Tensor::f_empty(&shape, (kind_of(t.meta.dtype), tch::Device::Cpu))?;
+    let dst = host_bytes_mut(&mut out).ok_or_else(|| Error::Torch(tch::TchError::Torch(format!("tensor `{}`: a new CPU tensor is not contiguous", t.meta.name))))?;
+    reader.read_checked_into(t, dst)?;
+    Ok(out)
 }
 
 /// Copy the archive's model tensors into the variables of `vs`. Every variable
