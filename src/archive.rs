@@ -331,15 +331,15 @@ impl ArchiveReader {
             }
             found = crc32c::crc32c_append(found, chunk);
         }
-        if found != t.meta.crc32c {
-            return Err(Error::damaged(
-                &self.path,
-                &self.name,
-                format!("tensor `{}`", t.meta.name),
-                format!("checksum {found:08x} != stored {:08x}", t.meta.crc32c),
-            ));
+        self.check_crc(t, found)
+    }
+
+    /// A damaged-tensor error unless `found` is the tensor's stored CRC-32C.
+    fn check_crc(&self, t: &Located, found: u32) -> Result<()> {
+        if found == t.meta.crc32c {
+            return Ok(());
         }
-        Ok(())
+        Err(Error::damaged(&self.path, &self.name, format!("tensor `{}`", t.meta.name), format!("checksum {found:08x} != stored {:08x}", t.meta.crc32c)))
     }
 
     /// A tensor's bytes in place, unchecked.
@@ -354,15 +354,7 @@ impl ArchiveReader {
     /// [`Error::Damaged`] naming the tensor when the checksum fails.
     pub fn checked_data(&self, t: &Located) -> Result<&[u8]> {
         let data = self.data(t);
-        let found = crc32c::crc32c(data);
-        if found != t.meta.crc32c {
-            return Err(Error::damaged(
-                &self.path,
-                &self.name,
-                format!("tensor `{}`", t.meta.name),
-                format!("checksum {found:08x} != stored {:08x}", t.meta.crc32c),
-            ));
-        }
+        self.check_crc(t, crc32c::crc32c(data))?;
         Ok(data)
     }
 
