@@ -96,23 +96,16 @@ pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// [`copy_bytes`] that also returns the CRC-32C and the zip CRC-32 of the
-/// bytes, computed chunk by chunk while each chunk is still in cache (one
-/// pass over memory instead of three).
-///
-/// # Errors
-/// [`Error::Torch`] when libtorch fails.
-pub fn copy_bytes_crc(t: &Tensor, dst: &mut Vec<u8>) -> Result<(u32, u32)> {
-    let cpu = on_host(t)?;
-    dst.clear();
+/// The CRC-32C and the zip CRC-32 of `bytes`, both computed chunk by chunk
+/// while each chunk is in cache (one pass over memory instead of two).
+pub fn checksums(bytes: &[u8]) -> (u32, u32) {
     let mut crc = 0;
     let mut zip_crc = crc32fast::Hasher::new();
-    for chunk in host_bytes(&cpu).unwrap_or_default().chunks(256 << 10) {
-        dst.extend_from_slice(chunk);
+    for chunk in bytes.chunks(256 << 10) {
         crc = crc32c::crc32c_append(crc, chunk);
         zip_crc.update(chunk);
     }
-    Ok((crc, zip_crc.finalize()))
+    (crc, zip_crc.finalize())
 }
 
 /// Bytes of a tensor.

@@ -1,5 +1,6 @@
 //! The stager: copies a save's tensors into host buffers off the trainer's
-//! thread, releases the fence, and passes the save on to the saver.
+//! thread, releases the fence, checksums the copy and passes the save on to
+//! the saver.
 
 use std::time::Instant;
 
@@ -21,25 +22,18 @@ impl actix::Actor for Stager {
     type Context = SyncContext<Self>;
 }
 
-/// Copy CPU tensors into their buffers of the lease; then checksum every
-/// buffer (CPU ones during their copy, pinned ones once their copy landed).
-/// Returns (CRC-32C, zip CRC-32) per buffer.
-pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<Vec<(u32, u32)>> {
-    let mut crcs = vec![None; lease.len()];
+/// Copy CPU tensors into their buffers of the lease. Only this part needs
+/// the parameters to hold still.
+pub(crate) fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<()> {
     for (i, t) in tensors {
-        let buf = lease.sized(*i, crate::tensors::byte_len(t));
-        let crc = crate::tensors::copy_bytes_crc(t, buf)?;
-        if crcs.len() <= *i {
-            crcs.resize(*i + 1, None);
-        }
-        crcs[*i] = Some(crc);
+        crate::tensors::copy_bytes(t, lease.sized(*i, crate::tensors::byte_len(t)))?;
     }
-    let bufs = lease.buffers();
-    Ok(bufs
-        .iter()
-        .enumerate()
-        .map(|(i, b)| crcs.get(i).copied().flatten().unwrap_or_else(|| (crc32c::crc32c(b), crc32fast::hash(b))))
-        .collect())
+    Ok(())
+}
+
+/// (CRC-32C, zip CRC-32) of every staged buffer.
+pub(crate) fn checksum_all(lease: &Lease) -> Vec<(u32, u32)> {
+    lease.buffers().iter().map(|b| crate::tensors::checksums(b)).collect()
 }
 
 impl Handler<Stage> for Stager {
@@ -53,10 +47,15 @@ impl Handler<Stage> for Stager {
         let landed = events.iter().try_for_each(crate::cuda::Event::wait);
         drop(events);
         let copied = landed.and_then(|()| copy_all(&tensors, &mut lease));
+        // The bytes are in the lease: parameters may change again. The
+        // checksums are computed on the staged copy, after the fence.
         drop(tensors);
         drop(guard);
         match copied {
-            Ok(crcs) => self.saver.do_send(Write { job, lease, crcs, copy: start.elapsed() }),
+            Ok(()) => {
+                let crcs = checksum_all(&lease);
+                self.saver.do_send(Write { job, lease, crcs, copy: start.elapsed() });
+            }
             Err(e) => self.shared.fail("save", e, Some(job.reply)),
         }
     }
