@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 TORCH_VERSION := 2.11.0
 
-.PHONY: setup test demo build soak bench clean-venv
+.PHONY: setup test demo build soak bench gpu-bundle clean-venv
 
 setup: $(READY)
 
@@ -38,6 +38,14 @@ bench: setup
 	cargo build --release --bin modelio
 	PYTHONUNBUFFERED=1 $(PY) bench/peers.py --size-mib $(SIZE_MIB) --device $(DEVICE) --json target/bench-peers.json
 	target/release/modelio bench --size-mib $(SIZE_MIB) --device $(DEVICE) --peers target/bench-peers.json --json target/bench.json
+
+# Everything the GPU checks need on a machine without Rust, in .dev/gpu/:
+# copy that folder there and run .dev/gpu/gpu_check.sh.
+gpu-bundle: setup
+	cargo build --release --bin modelio
+	mkdir -p .dev/gpu
+	cp target/release/modelio bench/peers.py bench/gpu_check.sh .dev/gpu/
+	cp "$$(cargo test --release --test gpu --no-run --message-format=json | $(PY) -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "gpu"][-1])')" .dev/gpu/gpu-test
 
 # 200 crash trials (SIGKILL at random moments); prints the count.
 soak: setup
