@@ -159,7 +159,14 @@ impl Write for StreamingFile {
         let n = buf.len().min(usize::try_from(to_boundary).unwrap_or(usize::MAX));
         let n = self.file.write(&buf[..n])?;
         self.written += n as u64;
-        self.stream()?;
+        match self.stream() {
+            // The bytes are written: reporting EINTR now would make
+            // `write_all` write them again. Streaming resumes on the next call.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Writeback errors (EIO, ENOSPC) must not be lost: once
+            // `sync_file_range` has reported one, the final fsync would not.
+            other => other?,
+        }
         Ok(n)
     }
 
