@@ -49,20 +49,20 @@ pub fn write_archive<W: Write>(
             None => None,
         },
     };
-    let zip_err = |e: rawzip::Error| Error::io("write", path, zip_io(e));
+    let write_err = |e: std::io::Error| Error::io("write", path, e);
     let mut zip = rawzip::ZipArchiveWriter::new(out);
     let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io("encode manifest for", path, e.into()))?;
-    write_entry(&mut zip, MANIFEST_ENTRY, &[(&manifest_json, None)]).map_err(|e| Error::io("write", path, e))?;
-    write_safetensors(&mut zip, MODEL_ENTRY, model).map_err(|e| Error::io("write", path, e))?;
+    write_entry(&mut zip, MANIFEST_ENTRY, &[(&manifest_json, None)]).map_err(write_err)?;
+    write_safetensors(&mut zip, MODEL_ENTRY, model).map_err(write_err)?;
     if let Some(o) = optimizer {
-        write_safetensors(&mut zip, OPTIMIZER_ENTRY, o.tensors).map_err(|e| Error::io("write", path, e))?;
+        write_safetensors(&mut zip, OPTIMIZER_ENTRY, o.tensors).map_err(write_err)?;
         let json = serde_json::to_vec_pretty(o.json).map_err(|e| Error::io("encode optimizer state for", path, e.into()))?;
-        write_entry(&mut zip, OPTIMIZER_JSON_ENTRY, &[(&json, None)]).map_err(|e| Error::io("write", path, e))?;
+        write_entry(&mut zip, OPTIMIZER_JSON_ENTRY, &[(&json, None)]).map_err(write_err)?;
     }
     if let Some(state) = state {
-        write_entry(&mut zip, STATE_ENTRY, &[(state, None)]).map_err(|e| Error::io("write", path, e))?;
+        write_entry(&mut zip, STATE_ENTRY, &[(state, None)]).map_err(write_err)?;
     }
-    zip.finish().map_err(zip_err)
+    zip.finish().map_err(|e| write_err(zip_io(e)))
 }
 
 /// The IO error inside a zip writer error (so a full disk stays recognisable).

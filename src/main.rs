@@ -238,7 +238,7 @@ fn bench(size_mib: u64, dir: PathBuf, reps: usize, device: &str, steps: u64, sav
     }
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        std::fs::write(path, text).map_err(|e| Error::Io { op: "write", path: path.to_path_buf(), source: e })?;
+        modelio::durable::commit_bytes(path, text.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)

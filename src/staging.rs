@@ -193,16 +193,6 @@ impl Lease {
         }
     }
 
-    /// Number of buffers in the set.
-    pub fn len(&self) -> usize {
-        self.set.len()
-    }
-
-    /// Whether the set has no buffers yet.
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
-    }
-
     /// The filled buffers' bytes.
     pub fn buffers(&self) -> Vec<&[u8]> {
         self.set.iter().map(Buffer::bytes).collect()

@@ -85,7 +85,7 @@ pub(crate) struct Stage {
 pub(crate) struct Write {
     pub job: SaveJob,
     pub lease: Lease,
-    /// (CRC-32C, zip CRC-32) of each buffer, computed while copying.
+    /// (CRC-32C, zip CRC-32) of each buffer, computed by the stager on the staged copy.
     pub crcs: Vec<(u32, u32)>,
     pub copy: Duration,
 }
