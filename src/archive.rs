@@ -27,7 +27,7 @@ const MAX_JSON: u64 = 256 << 20;
 /// halves the write speed of large archives.
 ///
 /// # Errors
-/// [`Error::Io`] when writing fails; [`Error::Optimizer`] on duplicate tensor names.
+/// [`Error::Io`] when writing fails; [`Error::DuplicateTensor`] on duplicate tensor names.
 pub fn write_archive<W: Write>(
     out: W,
     path: &Path,
@@ -125,8 +125,30 @@ pub fn commit_archive(
 ) -> Result<u64> {
     let size: u64 = model.iter().chain(optimizer.iter().flat_map(|o| o.tensors.iter())).map(|t| t.data.len() as u64).sum();
     let mut write = |out: &mut BufWriter<crate::durable::StreamingFile>| write_archive(out, target, name, iterations, model, optimizer, state).map(|_| ());
-    crate::durable::commit(target, crate::durable::Source::Write { size_hint: size, write: &mut write })?;
-    Ok(size)
+    match crate::durable::commit(target, crate::durable::Source::Write { size_hint: size, write: &mut write }) {
+        Ok(()) => Ok(size),
+        Err(Error::NoSpace { free, .. }) => {
+            // Report the archive's real size: lay it out again into a sink
+            // that only counts (the tensor bytes are not touched).
+            let mut counter = Counter(0);
+            let needed = write_archive(&mut counter, target, name, iterations, model, optimizer, state).map_or(size, |c| c.0);
+            Err(Error::NoSpace { path: target.to_path_buf(), needed: Some(needed), free })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A writer that counts bytes and keeps none.
+struct Counter(u64);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn metas(tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
@@ -135,7 +157,7 @@ fn metas(tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
         .iter()
         .map(|t| {
             if !seen.insert(t.name) {
-                return Err(Error::Optimizer(format!("tensor name `{}` appears twice", t.name)));
+                return Err(Error::DuplicateTensor { tensor: t.name.to_string() });
             }
             let crc32c = t.crc32c.unwrap_or_else(|| crc32c::crc32c(t.data));
             Ok(TensorMeta { name: t.name.into(), dtype: t.dtype, shape: t.shape.to_vec(), crc32c })
@@ -245,7 +267,7 @@ impl ArchiveReader {
     /// [`Error::Io`] when the file cannot be read, [`Error::Damaged`] naming the
     /// broken part otherwise.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).at("open", path)?;
+        let file = crate::durable::open_regular(path)?;
         // SAFETY: modelio never modifies a committed file in place (files are
         // replaced by rename), so the mapping's bytes do not change under us.
         let map = unsafe { memmap2::Mmap::map(&file) }.at("map", path)?;

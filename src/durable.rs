@@ -68,23 +68,77 @@ pub fn commit_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
 fn stage(tmp: &Path, target: &Path, source: Source<'_>) -> Result<()> {
     match source {
         Source::Write { size_hint, write } => {
-            let file = File::options().write(true).create_new(true).open(tmp).at("create", tmp)?;
+            let file = create_new(tmp)?;
             let mut out = BufWriter::with_capacity(1 << 20, StreamingFile::new(file));
-            let no_space = |e: Error| match e {
-                Error::NoSpace { free, .. } => Error::NoSpace { path: target.to_path_buf(), needed: size_hint, free },
-                other => other,
-            };
+            let no_space = |e: Error| e.no_space(target, size_hint);
             write(&mut out).map_err(no_space)?;
             let file = out.into_inner().map_err(|e| Error::io("write", tmp, e.into_error())).map_err(no_space)?.file;
             file.sync_all().at("fsync", tmp).map_err(no_space)
         }
         Source::Link(src) => match fs::hard_link(src, tmp) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::io("link", src, e)),
-            Err(_) => copy_synced(src, tmp),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Name what is missing: the source, or the folder being written into.
+                let missing = if src.exists() { parent_of(tmp) } else { src.to_path_buf() };
+                Err(Error::io("link into", missing, e))
+            }
+            Err(_) => copy_synced(src, tmp, target),
         },
-        Source::Copy(src) => copy_synced(src, tmp),
+        Source::Copy(src) => copy_synced(src, tmp, target),
     }
+}
+
+/// Create a new file for writing: never follows a symlink and never opens an
+/// existing file (`O_EXCL | O_NOFOLLOW`).
+pub(crate) fn create_new(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path).at("create", path)
+}
+
+/// Open a file for reading only if it is a regular file. A FIFO, device or
+/// socket is refused without blocking (`O_NONBLOCK`, then `fstat`), so a
+/// stray FIFO named like an archive cannot hang a reader.
+///
+/// # Errors
+/// [`Error::NotRegular`] naming the file and what it is; [`Error::Io`].
+pub fn open_regular(path: &Path) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).at("open", path)?;
+    let kind = file.metadata().at("inspect", path)?.file_type();
+    let what = if kind.is_file() {
+        // SAFETY: fcntl on a descriptor we own; clears O_NONBLOCK for ordinary reads.
+        unsafe {
+            let fd = file.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
+        return Ok(file);
+    } else if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::NotRegular { path: path.to_path_buf(), kind: what })
+}
+
+/// Read a small regular file whole (state files, configs), refusing
+/// non-regular files as [`open_regular`] does.
+///
+/// # Errors
+/// As [`open_regular`], and [`Error::Io`] when reading fails.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    open_regular(path)?.read_to_end(&mut out).at("read", path)?;
+    Ok(out)
 }
 
 /// The temporary file of a commit, written front to back. Every
@@ -175,9 +229,21 @@ impl Write for StreamingFile {
     }
 }
 
-fn copy_synced(src: &Path, tmp: &Path) -> Result<()> {
-    fs::copy(src, tmp).at("copy", src)?;
-    File::open(tmp).and_then(|f| f.sync_all()).at("fsync", tmp)
+/// Copy `src` into the new file `tmp` (for `target`) and fsync it: a reflink
+/// where the filesystem offers one (the copy shares no writable blocks with
+/// `src`), otherwise `copy_file_range` through `std::io::copy`.
+fn copy_synced(src: &Path, tmp: &Path, target: &Path) -> Result<()> {
+    let mut from = open_regular(src)?;
+    let len = from.metadata().at("inspect", src)?.len();
+    let mut to = create_new(tmp)?;
+    // FICLONE: the whole file as a copy-on-write clone (btrfs, XFS, bcachefs).
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: ioctl on two descriptors we own; no memory is passed.
+    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) } == 0;
+    if !cloned {
+        io::copy(&mut from, &mut to).map_err(|e| Error::io("copy", target, e).no_space(target, len))?;
+    }
+    to.sync_all().map_err(|e| Error::io("fsync", tmp, e).no_space(target, len))
 }
 
 /// A fresh temporary path in `dir` for building `target`.
@@ -235,12 +301,30 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     }
 }
 
-/// Remove temporary files and folders a crashed process left in `dir`.
-/// Returns how many were removed.
+/// The process id and target name a temporary file was made for
+/// (`.modelio-tmp-<pid>-<uuid>-<target>`), or `None` when `name` is not one.
+pub fn parse_temp(name: &str) -> Option<(u32, &str)> {
+    let rest = name.strip_prefix(TEMP_PREFIX)?;
+    let (pid, rest) = rest.split_once('-')?;
+    let (_uuid, base) = rest.split_once('-')?;
+    Some((pid.parse().ok()?, base))
+}
+
+/// Whether process `pid` is alive (or cannot be checked, which counts as alive).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Remove the temporary files and folders in `dir` that an interrupted run
+/// left for a target `owned` accepts and that are provably stale: made by this
+/// process or by one that no longer exists. Returns how many were removed.
 ///
 /// # Errors
 /// [`Error::Io`] when `dir` cannot be listed.
-pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+pub fn remove_stale_temps(dir: &Path, owned: impl Fn(&str) -> bool) -> Result<usize> {
     let mut removed = 0;
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -249,7 +333,9 @@ pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
     };
     for entry in entries {
         let entry = entry.at("list", dir)?;
-        if !is_temp(&entry.file_name().to_string_lossy()) {
+        let name = entry.file_name();
+        let Some((pid, base)) = name.to_str().and_then(parse_temp) else { continue };
+        if !owned(base) || (pid != std::process::id() && process_alive(pid)) {
             continue;
         }
         let path = entry.path();
@@ -312,7 +398,7 @@ mod tests {
         write_bytes(&target, b"good").unwrap();
         let mut fail = |out: &mut BufWriter<StreamingFile>| {
             out.write_all(b"partial").map_err(|e| Error::io("write", "x", e))?;
-            Err(Error::Optimizer("boom".into()))
+            Err(Error::Stopped)
         };
         assert!(commit(&target, Source::Write { size_hint: 0, write: &mut fail }).is_err());
         assert_eq!(fs::read(&target).unwrap(), b"good");
@@ -336,7 +422,7 @@ mod tests {
             commit_dir(&built, &target).unwrap();
         }
         assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "second");
-        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 0);
+        assert_eq!(remove_stale_temps(dir.path(), |_| true).unwrap(), 0);
     }
 
     #[test]
@@ -359,10 +445,15 @@ mod tests {
     #[test]
     fn stale_temps_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(format!("{TEMP_PREFIX}1-x-m.mio")), b"torn").unwrap();
-        fs::create_dir(dir.path().join(format!("{TEMP_PREFIX}snap"))).unwrap();
+        let me = std::process::id();
+        fs::write(dir.path().join(format!("{TEMP_PREFIX}{me}-x-m.mio")), b"torn").unwrap();
+        fs::create_dir(dir.path().join(format!("{TEMP_PREFIX}{me}-y-m_snapshot_3_iters"))).unwrap();
+        // Another model's, and one of a live process (pid 1): not ours to remove.
+        fs::write(dir.path().join(format!("{TEMP_PREFIX}{me}-z-other.mio")), b"busy").unwrap();
+        fs::write(dir.path().join(format!("{TEMP_PREFIX}1-w-m.mio")), b"busy").unwrap();
         fs::write(dir.path().join("m.mio"), b"keep").unwrap();
-        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 2);
+        assert_eq!(remove_stale_temps(dir.path(), |base| base.starts_with("m")).unwrap(), 2);
         assert!(dir.path().join("m.mio").exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
     }
 }

@@ -1,10 +1,14 @@
 //! The one error type of the crate.
 //!
 //! Every variant a user can hit says what happened, to which file, and what to
-//! do next. Background failures are shared (`Arc`) because one failure reaches
-//! both the save's ticket and the trainer's next call.
+//! do next. An error that wraps another returns it from `source()` and does not
+//! repeat it in its own message: print the whole chain with [`Error::report`]
+//! (or any reporter that walks `source()`, such as anyhow's). Background
+//! failures are shared (`Arc`) because one failure may reach both a ticket and
+//! a later call.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Result with [`Error`] as the default error.
@@ -15,7 +19,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A filesystem operation failed.
-    #[error("could not {op} {}: {source}", path.display())]
+    #[error("could not {op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -25,11 +29,17 @@ pub enum Error {
 
     /// The disk is full: nothing was committed and the previous files are intact.
     #[error(
-        "no space left to write {} ({needed} bytes needed, {free} bytes free); \
-         the previous files are intact: free some space and the next save will succeed",
-        path.display()
+        "no space left to write {}{}; the previous files are intact: free some space and save again",
+        path.display(), space(*needed, *free)
     )]
-    NoSpace { path: PathBuf, needed: u64, free: u64 },
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// Its size, when known.
+        needed: Option<u64>,
+        /// Free bytes on its filesystem, when known.
+        free: Option<u64>,
+    },
 
     /// The TOML file could not be parsed (syntax or unknown key).
     #[error("config {}: {message}", path.display())]
@@ -46,13 +56,32 @@ pub enum Error {
     )]
     ModelNotFound { dir: PathBuf, name: String, file: String },
 
+    /// The archive is missing but the folder holds the model's history (state
+    /// file, backups or snapshots): starting afresh would overwrite it.
+    #[error(
+        "model `{name}` in {} has no archive ({file} is missing) but the folder holds {found}; \
+         refusing to start from scratch over that history: run `modelio restore {} --name {name}` \
+         to put the backup back, set `load.fallback = true` to load the newest backup or snapshot, \
+         or move those files aside to start a new model",
+        dir.display(), dir.display()
+    )]
+    ArchiveMissing { dir: PathBuf, name: String, file: String, found: String },
+
     /// An archive is damaged: a checksum failed or its structure is broken.
     #[error(
         "archive {} is damaged ({what}: {detail}); restore the backup with `modelio restore {} --name {name}` \
          or set `load.fallback = true`",
-        path.display(), path.parent().map(|p| p.display().to_string()).unwrap_or_else(|| ".".into())
+        path.display(), folder_of(path).display()
     )]
     Damaged { path: PathBuf, name: String, what: String, detail: String },
+
+    /// A state file is not valid JSON of the expected shape.
+    #[error(
+        "state file {} is damaged ({detail}); `modelio restore {} --name {name}` puts its backup back \
+         if there is one, otherwise move it aside (the archive holds a copy of the state as of its save)",
+        path.display(), folder_of(path).display()
+    )]
+    DamagedState { path: PathBuf, name: String, detail: String },
 
     /// The archive does not match the model it is loaded into.
     #[error("archive {} does not fit the model: tensor `{tensor}`: expected {expected}, found {found}", path.display())]
@@ -62,7 +91,16 @@ pub enum Error {
     #[error("tensor `{tensor}` has dtype {dtype}, which modelio cannot store (supported: f64, f32, f16, bf16, i64, i32, i16, i8, u8, bool)")]
     UnsupportedDtype { tensor: String, dtype: String },
 
-    /// Optimizer state could not be applied.
+    /// Two tensors of one save have the same name.
+    #[error("tensor name `{tensor}` appears twice in one save; names must be unique")]
+    DuplicateTensor { tensor: String },
+
+    /// A staged buffer does not hold as many bytes as its tensor's dtype and
+    /// shape need: an internal error, refused rather than written.
+    #[error("tensor `{tensor}`: {found} bytes staged, {expected} expected for its dtype and shape; nothing was written")]
+    StagedLength { tensor: String, expected: usize, found: usize },
+
+    /// Optimizer state does not fit the optimizer it is loaded into.
     #[error("optimizer state: {0}")]
     Optimizer(String),
 
@@ -71,9 +109,21 @@ pub enum Error {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 
-    /// A save or snapshot failed in the background.
-    #[error("background {what} failed: {source}")]
-    Background { what: &'static str, source: Arc<Error> },
+    /// A save, backup or snapshot failed in the background.
+    #[error("background {what} failed")]
+    Background {
+        what: &'static str,
+        #[source]
+        source: Arc<Error>,
+    },
+
+    /// A snapshot was requested after a save that was not committed, so there
+    /// is no save of that iteration to snapshot.
+    #[error(
+        "snapshot of iteration {iterations} not taken: the save of iteration {iterations} was {why}; \
+         the next committed save can be snapshotted"
+    )]
+    SnapshotWithoutSave { iterations: u64, why: &'static str },
 
     /// The actors are gone (shut down or crashed): nothing more can be saved.
     #[error("modelio's actors have stopped; no further saves are possible (was `shutdown` already called?)")]
@@ -90,17 +140,45 @@ pub enum Error {
     /// Another process trains into the same model folder.
     #[error("model folder {} is in use by process {pid}; stop it or use another folder", dir.display())]
     Locked { dir: PathBuf, pid: String },
+
+    /// A file modelio reads or writes is not a regular file (a FIFO, a
+    /// device, a folder or a symlink where a file belongs).
+    #[error("{} is {kind}, not a regular file; remove or rename it", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+}
+
+/// The folder named in restore hints: the file's parent, "." for a bare name.
+fn folder_of(path: &Path) -> PathBuf {
+    crate::durable::parent_of(path)
+}
+
+fn space(needed: Option<u64>, free: Option<u64>) -> String {
+    match (needed, free) {
+        (Some(n), Some(f)) => format!(" ({n} bytes needed, {f} bytes free)"),
+        (Some(n), None) => format!(" ({n} bytes needed)"),
+        (None, Some(f)) => format!(" ({f} bytes free)"),
+        (None, None) => String::new(),
+    }
 }
 
 impl Error {
-    /// An [`Error::Io`] for `op` on `path`, or [`Error::NoSpace`] when the disk is full.
+    /// An [`Error::Io`] for `op` on `path`, or [`Error::NoSpace`] naming
+    /// `path` when the disk is full (see [`Error::no_space`] for the size).
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
-        if source.raw_os_error() == Some(libc::ENOSPC) {
-            let free = crate::durable::free_bytes(&path).unwrap_or(0);
-            return Error::NoSpace { path, needed: 0, free };
+        if is_enospc(&source) {
+            let free = crate::durable::free_bytes(&path);
+            return Error::NoSpace { path, needed: None, free };
         }
         Error::Io { op, path, source }
+    }
+
+    /// The same error, with a full disk attributed to `path` and `needed` bytes.
+    pub(crate) fn no_space(self, path: &Path, needed: u64) -> Self {
+        match self {
+            Error::NoSpace { free, .. } => Error::NoSpace { path: path.to_path_buf(), needed: Some(needed), free },
+            other => other,
+        }
     }
 
     pub(crate) fn damaged(path: impl Into<PathBuf>, name: &str, what: impl Into<String>, detail: impl Into<String>) -> Self {
@@ -110,11 +188,67 @@ impl Error {
     /// True when this error (or the background error it wraps) reports a damaged archive.
     pub fn is_damaged(&self) -> bool {
         match self {
-            Error::Damaged { .. } => true,
+            Error::Damaged { .. } | Error::DamagedState { .. } => true,
             Error::Background { source, .. } => source.is_damaged(),
             _ => false,
         }
     }
+
+    /// True when this reports a failure that happened in the background (a
+    /// save, backup or snapshot that was already under way), not a problem
+    /// with the call that returned it: that call still did its own work.
+    pub fn is_background(&self) -> bool {
+        matches!(self, Error::Background { .. })
+    }
+
+    /// True when training can go on and a later save may succeed: a full
+    /// disk, a filesystem error, a snapshot that had no save to hold. False
+    /// for errors that need a change first (config, damaged archive, a
+    /// mismatched model, stopped actors, predict mode).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Io { .. } | Error::NoSpace { .. } | Error::SnapshotWithoutSave { .. } => true,
+            Error::Background { source, .. } => source.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// The error and every cause under it, one after another
+    /// (`could not fsync x: No space left on device`).
+    ///
+    /// ```
+    /// let e = modelio::Error::Stopped;
+    /// eprintln!("error: {}", e.report());
+    /// ```
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
+    }
+}
+
+/// Displays an error with its chain of causes, separated by `: `.
+pub struct Report<'a>(&'a (dyn std::error::Error + 'static));
+
+impl<'a> Report<'a> {
+    /// The chain of any error.
+    pub fn of(e: &'a (dyn std::error::Error + 'static)) -> Report<'a> {
+        Report(e)
+    }
+}
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// Attach a path and operation to an `io::Result`.
@@ -125,5 +259,33 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, op: &'static str, path: &std::path::Path) -> Result<T> {
         self.map_err(|e| Error::io(op, path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_do_not_repeat_their_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
+        let e = Error::Background { what: "save", source: Arc::new(Error::Io { op: "write", path: "m/a.mio".into(), source: io }) };
+        let report = e.report().to_string();
+        assert_eq!(report, "background save failed: could not write m/a.mio: Permission denied");
+        assert_eq!(report.matches("Permission denied").count(), 1);
+        assert!(e.is_background() && e.is_retryable());
+        assert!(!Error::Stopped.is_retryable());
+    }
+
+    #[test]
+    fn restore_hint_names_a_folder_for_a_bare_file_name() {
+        let e = Error::damaged("m.mio", "m", "tensor `w`", "checksum");
+        assert!(e.to_string().contains("`modelio restore . --name m`"), "{e}");
+    }
+
+    #[test]
+    fn no_space_reports_known_sizes() {
+        let e = Error::NoSpace { path: "d/m.mio".into(), needed: Some(49093), free: Some(100) };
+        assert!(e.to_string().contains("49093 bytes needed, 100 bytes free"), "{e}");
     }
 }

@@ -138,8 +138,14 @@ impl ModelIo {
             std::fs::create_dir_all(&paths.dir).at("create model folder", &paths.dir)?;
             // Under the lock no other writer exists, so every temp file is stale.
             let lock = crate::lock::acquire(&paths.dir)?;
-            let removed = crate::durable::remove_stale_temps(&paths.dir)?
-                + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir))?;
+            // Beside the folder, only this folder's own snapshot temporaries
+            // are ours: other models' may be in use by their trainers.
+            let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
+            let snapshots = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
+            let removed = crate::durable::remove_stale_temps(&paths.dir, |_| true)?
+                + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base| {
+                    !snapshots.is_empty() && base.starts_with(snapshots)
+                })?;
             if removed > 0 {
                 tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
             }

@@ -26,8 +26,26 @@ pub struct FolderLock {
 /// # Errors
 /// [`Error::Locked`] naming the folder and the holder's pid; [`Error::Io`].
 pub fn acquire(dir: &Path) -> Result<FolderLock> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(LOCK_FILE);
-    let mut file = File::options().read(true).write(true).create(true).truncate(false).open(&path).at("open lock file", &path)?;
+    // Never follow a symlink: the file is truncated and written below, and a
+    // link could point anywhere (as root, at any file on the machine).
+    let opened = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path);
+    let mut file = match opened {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(Error::NotRegular { path, kind: "a symlink" });
+        }
+        other => other.at("open lock file", &path)?,
+    };
+    if !file.metadata().at("inspect", &path)?.is_file() {
+        return Err(Error::NotRegular { path, kind: "not a regular file" });
+    }
     // SAFETY: flock on a file descriptor we own.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -58,5 +76,18 @@ mod tests {
         assert!(err.contains(&std::process::id().to_string()) && err.contains(&dir.path().display().to_string()), "{err}");
         drop(held);
         acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn symlinked_lock_file_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let folder = dir.path().join("model");
+        std::fs::create_dir(&folder).unwrap();
+        std::os::unix::fs::symlink(&victim, folder.join(LOCK_FILE)).unwrap();
+        let err = acquire(&folder).unwrap_err();
+        assert!(matches!(err, Error::NotRegular { .. }) && err.to_string().contains("symlink"), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 }

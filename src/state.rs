@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// One training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,12 +44,13 @@ impl State {
     /// Read a state file.
     ///
     /// # Errors
-    /// [`Error::Io`] when unreadable, [`Error::Damaged`] when not valid JSON.
+    /// [`Error::Io`] when unreadable, [`Error::DamagedState`] when not valid JSON.
     pub fn read(path: &Path) -> Result<State> {
-        let bytes = std::fs::read(path).at("read state file", path)?;
+        let bytes = crate::durable::read_regular(path)?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let model = name.strip_suffix("_state.json").unwrap_or(&name).to_string();
-        serde_json::from_slice(&bytes).map_err(|e| Error::damaged(path, &model, "state file", e.to_string()))
+        let model = name.strip_suffix(".bk").unwrap_or(&name);
+        let model = model.strip_suffix("_state.json").unwrap_or(model).to_string();
+        serde_json::from_slice(&bytes).map_err(|e| Error::DamagedState { path: path.to_path_buf(), name: model, detail: e.to_string() })
     }
 
     /// Start a new session (one per training run).

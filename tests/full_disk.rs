@@ -79,8 +79,8 @@ fn enospc_is_reported_and_harmless() {
     match source.as_ref() {
         Error::NoSpace { path, needed, free } => {
             assert_eq!(path, &dir.join("m.mio"));
-            assert_eq!(*needed, 4 * 128 * 128 * 4);
-            assert!(*free < 200 * 1024, "{free}");
+            assert!(needed.is_some_and(|n| n > 4 * 128 * 128 * 4), "{needed:?}");
+            assert!(free.is_some_and(|f| f < 200 * 1024), "{free:?}");
         }
         other => panic!("expected NoSpace, got {other:?}"),
     }
