@@ -64,6 +64,10 @@ pub struct SaveConfig {
     pub interval: u64,
     /// When the optimizer is stored: "never", "always" or "exit".
     pub optimizer: OptimizerPolicy,
+    /// Make `.bk` backups and snapshot archives hard links of the live
+    /// archive instead of independent copies: no extra disk space, but
+    /// damage to the live archive's blocks damages them too.
+    pub hard_links: bool,
 }
 
 /// `[snapshot]`.
@@ -86,6 +90,22 @@ pub enum OnBusy {
     Skip,
 }
 
+/// When the bytes of CPU tensors are copied into the staging buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuCopy {
+    /// Before `save` returns (split across threads, about one memcpy of the
+    /// state): the save holds the values at the call whatever the caller
+    /// does next. The default.
+    Immediate,
+    /// In the background, after `save` returns, guarded by the [`crate::Fence`].
+    /// Contract: every writer of the saved tensors (optimizer steps, EMA
+    /// updates, manual edits, and `forward` in training mode, which updates
+    /// BatchNorm's running statistics in place) must call `Fence::wait`
+    /// first; a writer that does not can tear the checkpoint.
+    Deferred,
+}
+
 /// `[staging]`: host buffers saves are copied into.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -94,6 +114,9 @@ pub struct StagingConfig {
     pub max_inflight: usize,
     /// "wait" or "skip".
     pub on_busy: OnBusy,
+    /// "immediate" or "deferred" (CPU tensors only; GPU copies are always
+    /// queued at the call in stream order).
+    pub cpu_copy: CpuCopy,
 }
 
 /// `[load]`.
@@ -121,12 +144,12 @@ impl Default for ModelConfig {
 }
 impl Default for SaveConfig {
     fn default() -> Self {
-        SaveConfig { interval: 100, optimizer: OptimizerPolicy::Exit }
+        SaveConfig { interval: 100, optimizer: OptimizerPolicy::Exit, hard_links: false }
     }
 }
 impl Default for StagingConfig {
     fn default() -> Self {
-        StagingConfig { max_inflight: 1, on_busy: OnBusy::Wait }
+        StagingConfig { max_inflight: 1, on_busy: OnBusy::Wait, cpu_copy: CpuCopy::Immediate }
     }
 }
 impl Default for TrainConfig {
@@ -134,6 +157,11 @@ impl Default for TrainConfig {
         TrainConfig { batch_size: 16, learning_rate: 1e-3, seed: 0 }
     }
 }
+
+/// Longest model name and model folder name, in bytes: temporary files add
+/// up to 90 bytes to a name (`.modelio-tmp-<pid>-<uuid>-`, `_state.json.bk`,
+/// `_snapshot_<N>_iters`) and a file name is at most 255 bytes.
+pub const MAX_NAME: usize = 128;
 
 impl Config {
     /// Read and validate a TOML file.
@@ -170,11 +198,26 @@ impl Config {
             || name.starts_with('.')
             || name.contains(['/', '\\', '\0'])
             || name.ends_with(".bk")
+            || name.len() > MAX_NAME
         {
-            return bad("model.name", format!("{name:?}"), "a non-empty file name without '/', not starting with '.'");
+            return bad(
+                "model.name",
+                format!("{name:?}"),
+                &format!("a non-empty file name of at most {MAX_NAME} bytes without '/', not starting with '.'"),
+            );
         }
-        if self.model.dir.as_os_str().is_empty() {
+        let dir = &self.model.dir;
+        if dir.as_os_str().is_empty() {
             return bad("model.dir", "\"\"".into(), "a folder path");
+        }
+        // The state file records the config as JSON, which holds text only.
+        if dir.to_str().is_none() {
+            return bad("model.dir", format!("{:?}", dir.as_os_str()), "a path that is valid UTF-8");
+        }
+        // Snapshot folders and temporary names add up to 90 bytes to the
+        // folder's name; a file name is at most 255 bytes.
+        if dir.file_name().is_some_and(|n| n.len() > MAX_NAME) {
+            return bad("model.dir", format!("{}", dir.display()), &format!("a folder whose own name is at most {MAX_NAME} bytes"));
         }
         if self.save.interval == 0 {
             return bad("save.interval", "0".into(), "an integer >= 1");
@@ -231,6 +274,10 @@ mod tests {
         assert!(err.contains("staging.max_inflight"), "{err}");
         let err = parse("[staging]\non_busy = \"drop\"\n").unwrap_err().to_string();
         assert!(err.contains("drop") && err.contains("skip"), "{err}");
+        let err = parse(&format!("[model]\nname = \"{}\"\n", "n".repeat(200))).unwrap_err().to_string();
+        assert!(err.contains("model.name") && err.contains("at most 128 bytes"), "{err}");
+        let err = parse("[staging]\ncpu_copy = \"later\"\n").unwrap_err().to_string();
+        assert!(err.contains("later") && err.contains("deferred"), "{err}");
         let err = parse("[snapshot]\nkeep = -1\n").unwrap_err().to_string();
         assert!(err.contains("keep") || err.contains("-1"), "{err}");
     }

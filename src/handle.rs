@@ -1,73 +1,169 @@
 //! [`ModelIo`]: the handle a training loop holds.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tch::nn::VarStore;
 use tokio::sync::oneshot;
 
-use crate::actors::messages::{Committed, Desc, SaveJob, Snapshot, Stage};
-use crate::actors::{Actors, Shared};
+use crate::actors::messages::{Desc, SaveJob, Snapshot, Stage};
+use crate::actors::{Actors, Settings, Shared};
 use crate::archive::ArchiveReader;
-use crate::config::{Config, OnBusy};
+use crate::config::{Config, CpuCopy, OnBusy, OptimizerPolicy};
 use crate::error::{Error, IoContext, Result};
 use crate::folder::{self, ModelPaths};
 use crate::optim::{Optimizer, OptimizerState};
-use crate::staging::{Fence, Pool};
+use crate::staging::{Fence, Lease, Pool};
 use crate::state::{backup_rule, State};
 use crate::tensors::{dtype_of, read_tensor, shape_of};
 
-/// The durable commit of one save, to await or to ignore.
+pub use crate::actors::messages::Committed;
+
+/// The outcome of one save: await it (it is a `Future`), poll it with
+/// [`Ticket::try_result`], or drop it.
 ///
-/// A failure reaches the ticket and, in any case, the handle's next call.
+/// A failure is reported once: to whoever reads the ticket, or, when the
+/// ticket is dropped without being read, to the handle's next call.
+#[must_use = "a ticket carries the save's outcome; dropped unread, a failure is reported by the next call instead"]
 pub struct Ticket {
     inner: TicketInner,
+    /// Where an unread failure goes when the ticket is dropped.
+    shared: Option<Arc<Shared>>,
 }
 
 enum TicketInner {
-    Pending(oneshot::Receiver<Result<Committed, Arc<Error>>>),
+    Pending(oneshot::Receiver<Result<Committed, Error>>),
     Ready(Committed),
+    Taken,
 }
 
 impl Ticket {
-    /// Wait for the save to be committed (archive and state file on disk).
+    fn ready(c: Committed) -> Ticket {
+        Ticket { inner: TicketInner::Ready(c), shared: None }
+    }
+
+    /// Wait for the save to be committed (archive, state file and, when this
+    /// save improved the loss, its `.bk` backups). Does not block the
+    /// runtime: the same as `ticket.await`.
     ///
     /// # Errors
     /// [`Error::Background`] when the save failed, [`Error::Stopped`] when the
     /// actors died before answering.
     pub async fn wait(self) -> Result<Committed> {
-        match self.inner {
-            TicketInner::Ready(c) => Ok(c),
-            TicketInner::Pending(rx) => Self::settle(rx.await.map_err(|_| Error::Stopped)?),
-        }
+        self.await
     }
 
-    /// [`Ticket::wait`] for code outside an async runtime.
+    /// [`Ticket::wait`] for synchronous code. Blocks the calling thread (never
+    /// panics, also not inside a tokio runtime; there it stalls that
+    /// runtime's thread until the commit, so prefer `.await` in async code).
     ///
     /// # Errors
     /// As [`Ticket::wait`].
     pub fn wait_blocking(self) -> Result<Committed> {
-        match self.inner {
-            TicketInner::Ready(c) => Ok(c),
-            TicketInner::Pending(rx) => Self::settle(rx.blocking_recv().map_err(|_| Error::Stopped)?),
-        }
+        futures::executor::block_on(self)
     }
 
-    fn settle(r: Result<Committed, Arc<Error>>) -> Result<Committed> {
-        r.map_err(|source| Error::Background { what: "save", source })
+    /// The outcome if it is known, without waiting: `None` while the save
+    /// is still in flight. Once it returned `Some`, the ticket is spent.
+    pub fn try_result(&mut self) -> Option<Result<Committed>> {
+        match std::mem::replace(&mut self.inner, TicketInner::Taken) {
+            TicketInner::Ready(c) => Some(Ok(c)),
+            TicketInner::Taken => Some(Err(Error::Stopped)),
+            TicketInner::Pending(mut rx) => match rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    self.inner = TicketInner::Pending(rx);
+                    None
+                }
+                Err(oneshot::error::TryRecvError::Closed) => Some(Err(Error::Stopped)),
+            },
+        }
     }
 }
 
-/// Which archive a load used.
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.inner {
+            TicketInner::Pending(_) => "pending",
+            TicketInner::Ready(_) => "ready",
+            TicketInner::Taken => "taken",
+        };
+        f.debug_struct("Ticket").field("state", &state).finish()
+    }
+}
+
+impl Future for Ticket {
+    type Output = Result<Committed>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        match &mut this.inner {
+            TicketInner::Pending(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(r) => {
+                    this.inner = TicketInner::Taken;
+                    Poll::Ready(r.unwrap_or(Err(Error::Stopped)))
+                }
+            },
+            TicketInner::Ready(_) => match std::mem::replace(&mut this.inner, TicketInner::Taken) {
+                TicketInner::Ready(c) => Poll::Ready(Ok(c)),
+                _ => Poll::Ready(Err(Error::Stopped)),
+            },
+            TicketInner::Taken => Poll::Ready(Err(Error::Stopped)),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // A failure that already arrived and was never read goes to the next
+        // call; one that arrives later finds the receiver gone and goes there too.
+        if let (TicketInner::Pending(rx), Some(shared)) = (&mut self.inner, &self.shared) {
+            if let Ok(Err(e)) = rx.try_recv() {
+                shared.report_later(e);
+            }
+        }
+    }
+}
+
+/// Which archive a load used, and why.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub path: PathBuf,
+    /// The iteration count of the save loaded; the handle continues from it.
     pub iterations: u64,
     /// True when the live archive was damaged or missing and a backup or
     /// snapshot was loaded instead.
     pub fallback: bool,
+    /// Why the live archive was not used, when `fallback` is true.
+    pub reason: Option<String>,
+    /// Whether the archive loaded holds optimizer state.
+    pub has_optimizer: bool,
+}
+
+/// What [`ModelIo::resume`] did.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// The archive loaded, or `None` for a new model (nothing to resume).
+    pub loaded: Option<Loaded>,
+    /// What became of the optimizer.
+    pub optimizer: OptimizerResume,
+}
+
+/// Whether the optimizer's state was restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OptimizerResume {
+    /// Its state was loaded from the archive.
+    Restored,
+    /// The archive holds none, for the reason given: the optimizer starts afresh.
+    Missing(String),
+    /// No optimizer was given, or the model is new.
+    NotApplicable,
 }
 
 /// Save counters of a handle.
@@ -78,8 +174,19 @@ pub struct SaveStats {
     /// Saves that had to wait for a free staging buffer.
     pub waited: u64,
     pub committed: u64,
+    /// Saves that failed in the background (each reported once).
+    pub failed: u64,
+    /// Backups and snapshots that failed in the background.
+    pub failed_other: u64,
     /// Times a staging buffer had to grow (reallocate).
     pub buffer_growths: u64,
+}
+
+/// The last save requested, for naming snapshots after it.
+#[derive(Debug, Clone, Copy)]
+enum LastSave {
+    Queued(u64),
+    Skipped(u64),
 }
 
 /// The model IO of one model: saves, backups, snapshots and loads.
@@ -90,17 +197,19 @@ pub struct SaveStats {
 /// let config = Config::from_file("config/modelio.toml".as_ref())?;
 /// let vs = tch::nn::VarStore::new(tch::Device::Cpu);
 /// let mut io = ModelIo::open(config)?;
-/// if io.model_exists() {
-///     io.load(&vs)?;
-/// }
+/// io.resume(&vs, None)?;
 /// for _ in 0..100 {
-///     // ... forward, backward, optimizer step ...
+///     // forward, backward, optimizer step ...
 ///     io.record(0.5);
 ///     if io.iterations() % 10 == 0 {
-///         io.save(&vs, None, false)?; // returns at once; await the ticket if you need the commit
+///         match io.save(&vs, None, false) {
+///             Ok(_ticket) => {}                              // committed in the background
+///             Err(e) if e.is_retryable() => eprintln!("warning: {}", e.report()), // keep training
+///             Err(e) => return Err(e),
+///         }
 ///     }
 /// }
-/// io.save(&vs, None, true)?.wait().await?;
+/// io.save(&vs, None, true)?.await?;
 /// io.shutdown().await?;
 /// # Ok(()) }
 /// ```
@@ -117,41 +226,68 @@ pub struct ModelIo {
     _lock: Option<crate::lock::FolderLock>,
     pool: Pool,
     fence: Fence,
+    /// modelio's own config as stored in the state file (checked at open).
+    config_json: serde_json::Value,
     model_config: serde_json::Value,
+    /// The archive the last load read, kept so that `load_optimizer` reads
+    /// the same one without opening and verifying it again.
+    loaded: Option<ArchiveReader>,
+    /// Set when the archive is missing but the folder holds its history and
+    /// `load.fallback` is on: saving before a load would overwrite it.
+    unloaded_history: Option<String>,
+    last_save: Option<LastSave>,
 }
 
 impl ModelIo {
     /// Open the model folder of `config`. In training mode this creates the
-    /// folder, removes temporary files a crash left behind, reads the state
-    /// file, starts a new session and starts the actors.
+    /// folder, takes its lock, removes temporary files an interrupted run
+    /// left behind, reads the state file, starts a new session and starts
+    /// the actors. Blocks on file IO (call it from `spawn_blocking` or before
+    /// the runtime starts if that matters).
     ///
     /// # Errors
-    /// [`Error::ConfigValue`] on a bad config, [`Error::Io`] when the folder
-    /// cannot be created, [`Error::Damaged`] for an unreadable state file.
+    /// [`Error::ConfigValue`] on a bad config; [`Error::Io`] when the folder
+    /// cannot be created; [`Error::Locked`] when another process trains into
+    /// it; [`Error::ArchiveMissing`] when the archive is gone but the folder
+    /// holds its state file, backups or snapshots (and `load.fallback` is off);
+    /// [`Error::DamagedState`] for an unreadable state file with no archive;
+    /// [`Error::NotRegular`] when the archive's name is taken by a FIFO or device.
     pub fn open(config: Config) -> Result<ModelIo> {
         config.validate()?;
+        let config_json = serde_json::to_value(&config).map_err(|e| Error::ConfigValue {
+            key: "model".into(),
+            value: e.to_string(),
+            allowed: "values the state file can record as JSON".into(),
+        })?;
         let paths = ModelPaths::new(&config.model.dir, &config.model.name);
-        let shared = Arc::new(Shared::new(paths.clone()));
+        let settings = Settings { snapshot_keep: config.snapshot.keep, hard_links: config.save.hard_links };
+        let shared = Arc::new(Shared::new(paths.clone(), settings));
         let (lock, actors) = if config.model.predict {
             (None, None)
         } else {
             std::fs::create_dir_all(&paths.dir).at("create model folder", &paths.dir)?;
-            // Under the lock no other writer exists, so every temp file is stale.
+            // Under the lock no other writer of this folder exists, so every
+            // temporary file in it is stale.
             let lock = crate::lock::acquire(&paths.dir)?;
-            // Beside the folder, only this folder's own snapshot temporaries
-            // are ours: other models' may be in use by their trainers.
-            let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
-            let snapshots = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
-            let removed = crate::durable::remove_stale_temps(&paths.dir, |_| true)?
-                + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base| {
-                    !snapshots.is_empty() && base.starts_with(snapshots)
-                })?;
-            if removed > 0 {
-                tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
-            }
-            (Some(lock), Some(Actors::start(shared.clone(), config.snapshot.keep)?))
+            remove_stale_temps(&paths)?;
+            (Some(lock), Some(Actors::start(shared.clone())?))
         };
-        let mut state = reconcile_state(&paths, config.model.predict)?;
+        let unloaded_history = match history_without_archive(&paths)? {
+            Some(found) if !config.load.fallback => {
+                return Err(Error::ArchiveMissing {
+                    dir: paths.dir.clone(),
+                    name: paths.name.clone(),
+                    file: file_name(&paths.archive()),
+                    found,
+                })
+            }
+            other => other,
+        };
+        let mut state = match reconcile_state(&paths, config.model.predict) {
+            // The fallback load replaces the state with the one it loads.
+            Err(Error::DamagedState { .. }) if unloaded_history.is_some() => State::new(&paths.name),
+            other => other?,
+        };
         if !config.model.predict {
             state.start_session(config.train.batch_size);
         }
@@ -166,7 +302,11 @@ impl ModelIo {
             _lock: lock,
             pool,
             fence: Fence::default(),
+            config_json,
             model_config: serde_json::Value::Null,
+            loaded: None,
+            unloaded_history,
+            last_save: None,
         })
     }
 
@@ -190,9 +330,10 @@ impl ModelIo {
         &self.config
     }
 
-    /// Whether the archive exists.
+    /// Whether there is a model to load: the archive exists, or it is missing
+    /// and `load.fallback` will load the newest backup or snapshot instead.
     pub fn model_exists(&self) -> bool {
-        self.paths.archive().is_file()
+        self.paths.archive().is_file() || self.unloaded_history.is_some()
     }
 
     /// The archive names in the folder when it holds a model other than this
@@ -227,7 +368,9 @@ impl ModelIo {
         self.model_config = config;
     }
 
-    /// The fence optimizer steps must wait on (see [`Fence`]).
+    /// The fence that writers of saved tensors wait on in
+    /// `staging.cpu_copy = "deferred"` mode (see [`Fence`]); with the default
+    /// immediate copy it never holds anyone back.
     pub fn fence(&self) -> Fence {
         self.fence.clone()
     }
@@ -240,36 +383,39 @@ impl ModelIo {
             skipped: s.skipped.load(Ordering::Relaxed),
             waited: s.waited.load(Ordering::Relaxed),
             committed: s.committed.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            failed_other: s.failed_other.load(Ordering::Relaxed),
             buffer_growths: self.pool.growths(),
         }
     }
 
     /// Pick the archive to load: the live one, or with `load.fallback` the
-    /// newest that verifies (`.bk`, then snapshots by iteration).
-    fn open_for_load(&self) -> Result<(ArchiveReader, bool)> {
+    /// newest that verifies (`.bk`, then snapshots by iteration). Returns
+    /// the reader and, for a fallback, why the live archive was not used.
+    fn open_for_load(&self) -> Result<(ArchiveReader, Option<String>)> {
         let live = self.paths.archive();
         let first = match ArchiveReader::open(&live) {
-            Ok(r) if !self.config.load.fallback || r.verify().is_empty() => return Ok((r, false)),
-            Ok(r) => Error::damaged(&live, &self.paths.name, "tensors", r.verify().join(", ")),
+            Ok(r) if !self.config.load.fallback => return Ok((r, None)),
+            Ok(r) => match r.verify() {
+                damaged if damaged.is_empty() => return Ok((r, None)),
+                damaged => Error::damaged(&live, &self.paths.name, "tensors", damaged.join(", ")),
+            },
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Error::ModelNotFound {
                 dir: self.paths.dir.clone(),
                 name: self.paths.name.clone(),
-                file: live.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                file: file_name(&live),
             },
             Err(e) => e,
         };
         if !self.config.load.fallback {
             return Err(first);
         }
-        let mut candidates = vec![ModelPaths::backup_of(&live)];
-        let mut snaps = crate::snapshot::list(&self.paths.dir);
-        snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-        candidates.extend(snaps.into_iter().map(|(_, dir)| dir.join(live.file_name().unwrap_or_default())));
-        for candidate in candidates {
+        for candidate in fallback_candidates(&self.paths) {
             if let Ok(r) = ArchiveReader::open(&candidate) {
                 if r.verify().is_empty() {
-                    tracing::warn!(target: "modelio", "{first}; loading {} instead", candidate.display());
-                    return Ok((r, true));
+                    let reason = first.report().to_string();
+                    tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
+                    return Ok((r, Some(reason)));
                 }
             }
         }
@@ -277,96 +423,208 @@ impl ModelIo {
     }
 
     /// Load the model's tensors into `vs` (names as the VarStore names them).
+    /// When `load.fallback` loaded a backup or snapshot, the handle continues
+    /// from it: iterations, lowest loss and sessions follow what was loaded.
+    /// Blocks on file IO.
     ///
     /// # Errors
     /// [`Error::ModelNotFound`] naming the folder searched; [`Error::Damaged`]
     /// naming the file and tensor, with the restore hint; [`Error::Mismatch`]
     /// naming a missing, extra or differently shaped tensor.
-    pub fn load(&self, vs: &VarStore) -> Result<Loaded> {
-        let (reader, fallback) = self.open_for_load()?;
+    pub fn load(&mut self, vs: &VarStore) -> Result<Loaded> {
+        let (reader, reason) = self.open_for_load()?;
         crate::tensors::load_varstore(&reader, vs)?;
-        Ok(Loaded { path: reader.path().to_path_buf(), iterations: reader.manifest.iterations, fallback })
+        if reason.is_some() {
+            self.follow(&reader);
+        }
+        self.unloaded_history = None;
+        let loaded = Loaded {
+            path: reader.path().to_path_buf(),
+            iterations: reader.manifest.iterations,
+            fallback: reason.is_some(),
+            reason,
+            has_optimizer: reader.optimizer.is_some(),
+        };
+        self.loaded = Some(reader);
+        Ok(loaded)
     }
 
-    /// The optimizer state stored in the archive, or `None` when it has none.
+    /// Continue from the state of an archive loaded instead of the live one:
+    /// its iteration count, lowest loss and sessions, plus this run's session.
+    fn follow(&mut self, reader: &ArchiveReader) {
+        let stored: Option<State> = reader.state.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+        let current = self.state.sessions.last().cloned();
+        match stored {
+            Some(mut st) => {
+                st.sessions.retain(|s| s.iterations > 0);
+                st.sessions.extend(current);
+                self.state = st;
+            }
+            None => self.state.total_iterations = reader.manifest.iterations,
+        }
+        self.history.clear();
+    }
+
+    /// The optimizer state stored in the archive the last [`ModelIo::load`]
+    /// read (the live one when nothing was loaded yet), or `None` when it has none.
     ///
     /// # Errors
     /// As [`ModelIo::load`].
     pub fn load_optimizer(&self) -> Result<Option<OptimizerState>> {
-        let (reader, _) = self.open_for_load()?;
+        let opened;
+        let reader = match &self.loaded {
+            Some(r) => r,
+            None => {
+                opened = self.open_for_load()?.0;
+                &opened
+            }
+        };
         let Some((located, json)) = &reader.optimizer else { return Ok(None) };
         let kind = reader.manifest.optimizer.as_ref().map(|o| o.kind.clone()).unwrap_or_default();
         let mut tensors = std::collections::BTreeMap::new();
         for t in located {
-            tensors.insert(t.meta.name.clone(), read_tensor(&reader, t)?);
+            tensors.insert(t.meta.name.clone(), read_tensor(reader, t)?);
         }
         Ok(Some(OptimizerState { kind, json: json.clone(), tensors }))
     }
 
-    /// Save the model (and the optimizer, per `save.optimizer`) and the state
-    /// file in the background; then the backup rule. Returns at once: the
-    /// trainer-side cost is taking a staging buffer and queueing the copy.
-    /// Parameters must not be modified until the copy lands: optimizers wait
-    /// on [`ModelIo::fence`].
-    ///
-    /// When every staging buffer is busy the save waits, or with
-    /// `staging.on_busy = "skip"` is skipped (its ticket says so); an exit
-    /// save always waits.
+    /// Resume in one call: load the model (with `load.fallback` when the live
+    /// archive is damaged or missing) and, when `optimizer` is given, its
+    /// state. Returns what happened; a new model (nothing to load) is not an
+    /// error. Blocks on file IO.
     ///
     /// # Errors
-    /// An earlier background failure ([`Error::Background`]), a dtype the
-    /// format cannot hold, or [`Error::PredictMode`].
+    /// As [`ModelIo::load`], and [`Error::Optimizer`] when the stored state
+    /// does not fit `optimizer`.
+    pub fn resume(&mut self, vs: &VarStore, optimizer: Option<&mut dyn Optimizer>) -> Result<Resumed> {
+        if !self.model_exists() {
+            return Ok(Resumed { loaded: None, optimizer: OptimizerResume::NotApplicable });
+        }
+        let loaded = self.load(vs)?;
+        let optimizer = match optimizer {
+            None => OptimizerResume::NotApplicable,
+            Some(opt) => match self.load_optimizer()? {
+                Some(state) => {
+                    opt.load_state(&state)?;
+                    OptimizerResume::Restored
+                }
+                None => {
+                    let why = missing_optimizer_reason(self.config.save.optimizer);
+                    tracing::warn!(target: "modelio", "{} holds no optimizer state ({why}); the optimizer starts afresh", loaded.path.display());
+                    OptimizerResume::Missing(why)
+                }
+            },
+        };
+        self.loaded = None;
+        Ok(Resumed { loaded: Some(loaded), optimizer })
+    }
+
+    /// Save the model (and the optimizer, per `save.optimizer`) and the state
+    /// file in the background; then the backup rule. Returns at once with a
+    /// [`Ticket`]: the trainer-side cost is taking a staging buffer and, with
+    /// the default `staging.cpu_copy = "immediate"`, one memcpy of the CPU
+    /// tensors split over the cores (GPU tensors: queueing non-blocking copies).
+    /// The archive holds the values at the call whatever the caller does next
+    /// (with `"deferred"`, only if every writer waits on [`ModelIo::fence`]).
+    ///
+    /// When every staging buffer is busy the save waits, blocking the calling
+    /// thread, or with `staging.on_busy = "skip"` is skipped (its ticket says
+    /// so); an exit save always waits.
+    ///
+    /// # Errors
+    /// - An earlier failure that was not reported yet (a save whose ticket
+    ///   was dropped, a backup, a snapshot): [`Error::is_background`] is true.
+    ///   This save was still queued: its own outcome goes to the next call.
+    ///   When [`Error::is_retryable`] is true, training can go on.
+    /// - [`Error::ArchiveMissing`] when the folder's history was not loaded
+    ///   yet, a dtype the format cannot hold, or [`Error::PredictMode`].
     pub fn save(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool) -> Result<Ticket> {
         let started = Instant::now();
-        self.shared.take_failure()?;
+        let earlier = self.shared.take_failure();
+        let result = self.queue_save(vs, optimizer, is_exit, started);
+        match (earlier, result) {
+            (None, result) => result,
+            // The ticket is dropped unread: this save's outcome goes to the next call.
+            (Some(e), Ok(_ticket)) => Err(e),
+            (Some(e), Err(own)) => {
+                self.shared.report_later(e);
+                Err(own)
+            }
+        }
+    }
+
+    fn queue_save(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool, started: Instant) -> Result<Ticket> {
         let Some(actors) = &self.actors else {
             return Err(Error::PredictMode { dir: self.paths.dir.clone(), name: self.paths.name.clone() });
         };
-        let stats = &self.shared.stats;
-        stats.requested.fetch_add(1, Ordering::Relaxed);
-
-        let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut model = Vec::with_capacity(vars.len());
-        let mut tensors = Vec::with_capacity(vars.len());
-        for (name, t) in vars {
-            model.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: shape_of(&t), name });
-            tensors.push(t);
+        if let Some(found) = &self.unloaded_history {
+            return Err(Error::ArchiveMissing {
+                dir: self.paths.dir.clone(),
+                name: self.paths.name.clone(),
+                file: file_name(&self.paths.archive()),
+                found: format!("{found} (load it first: `ModelIo::resume` or `ModelIo::load`)"),
+            });
         }
-        let optimizer = match optimizer {
-            Some(o) if self.config.save.optimizer.stores(is_exit) => {
-                let mut descs = Vec::new();
-                for (name, t) in o.state_tensors() {
-                    descs.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: shape_of(&t), name });
-                    tensors.push(t);
-                }
-                Some((o.kind().to_string(), o.state_json(), descs))
-            }
-            _ => None,
+        self.shared.stats.requested.fetch_add(1, Ordering::Relaxed);
+        let (model, optimizer, tensors) = describe(vs, optimizer.filter(|_| self.config.save.optimizer.stores(is_exit)))?;
+        let Some((mut lease, waited)) = self.take_lease(is_exit) else {
+            self.last_save = Some(LastSave::Skipped(self.state.total_iterations));
+            return Ok(Ticket::ready(self.skipped(started.elapsed())));
         };
+        let (deferred, events) = self.stage(tensors, &mut lease)?;
+        let decision = backup_rule(&self.history, self.state.lowest_average_loss);
+        self.history.clear();
+        self.state.lowest_average_loss = decision.lowest;
+        self.state.config = serde_json::json!({ "modelio": self.config_json, "model": self.model_config });
+        self.loaded = None;
+        let (reply, rx) = oneshot::channel();
+        // Deferred CPU copies hold writers back until they land.
+        let guard = if deferred.is_empty() { None } else { Some(self.fence.arm()) };
+        let job = SaveJob {
+            iterations: self.state.total_iterations,
+            state_json: self.state.to_json(),
+            average_loss: decision.average,
+            backup: decision.backup,
+            model,
+            optimizer,
+            stall: started.elapsed(),
+            waited,
+            reply,
+        };
+        actors.stager.try_send(Stage { job, tensors: deferred, lease, guard, events }).map_err(|_| Error::Stopped)?;
+        self.last_save = Some(LastSave::Queued(self.state.total_iterations));
+        Ok(Ticket { inner: TicketInner::Pending(rx), shared: Some(self.shared.clone()) })
+    }
 
-        let (mut lease, waited) = match self.pool.try_lease() {
-            Some(l) => (l, false),
+    /// A free staging buffer set, and whether the save had to wait for it;
+    /// `None` when the save is skipped (`staging.on_busy = "skip"`).
+    fn take_lease(&self, is_exit: bool) -> Option<(Lease, bool)> {
+        let stats = &self.shared.stats;
+        match self.pool.try_lease() {
+            Some(l) => Some((l, false)),
             None if self.config.staging.on_busy == OnBusy::Skip && !is_exit => {
                 stats.skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(target: "modelio", iterations = self.state.total_iterations, skipped = true, "save skipped: every staging buffer is busy (staging.on_busy = \"skip\")");
-                return Ok(Ticket { inner: TicketInner::Ready(self.skipped(started.elapsed())) });
+                None
             }
             None => {
                 stats.waited.fetch_add(1, Ordering::Relaxed);
-                (self.pool.lease(), true)
+                Some((self.pool.lease(), true))
             }
-        };
-        // GPU tensors: queue non-blocking copies into pinned buffers now, in
-        // stream order with training (later kernels that modify a parameter
-        // run after its copy). CPU tensors: copied by the stager while the
-        // fence holds optimizer steps back.
+        }
+    }
+
+    /// Start the copies of a save's tensors into the lease: GPU tensors as
+    /// non-blocking copies queued in stream order (with one event per GPU),
+    /// CPU tensors copied now, or returned for the stager to copy in
+    /// `"deferred"` mode.
+    fn stage(&self, tensors: Vec<tch::Tensor>, lease: &mut Lease) -> Result<(Vec<(usize, tch::Tensor)>, Vec<crate::cuda::Event>)> {
         let mut cpu = Vec::with_capacity(tensors.len());
         let mut gpus: Vec<usize> = Vec::new();
         for (i, t) in tensors.into_iter().enumerate() {
             match t.device() {
                 tch::Device::Cuda(d) => {
-                    enqueue_device_copy(&t, &mut lease, i)?;
+                    enqueue_device_copy(&t, lease, i)?;
                     if !gpus.contains(&d) {
                         gpus.push(d);
                     }
@@ -376,27 +634,11 @@ impl ModelIo {
         }
         // One event per GPU marks the end of this save's copies on its stream.
         let events = gpus.into_iter().map(crate::cuda::Event::record).collect::<Result<Vec<_>>>()?;
-
-        let decision = backup_rule(&self.history, self.state.lowest_average_loss);
-        self.history.clear();
-        self.state.lowest_average_loss = decision.lowest;
-        self.state.config = serde_json::json!({ "modelio": self.config, "model": self.model_config });
-        let (reply, rx) = oneshot::channel();
-        let guard = if cpu.is_empty() { None } else { Some(self.fence.arm()) };
-        let stall = started.elapsed();
-        let job = SaveJob {
-            iterations: self.state.total_iterations,
-            state_json: self.state.to_json(),
-            average_loss: decision.average,
-            backup: decision.backup,
-            model,
-            optimizer,
-            stall,
-            waited,
-            reply,
-        };
-        actors.stager.try_send(Stage { job, tensors: cpu, lease, guard, events }).map_err(|_| Error::Stopped)?;
-        Ok(Ticket { inner: TicketInner::Pending(rx) })
+        if self.config.staging.cpu_copy == CpuCopy::Immediate {
+            lease.fill_now(&cpu)?;
+            cpu.clear();
+        }
+        Ok((cpu, events))
     }
 
     fn skipped(&self, stall: Duration) -> Committed {
@@ -415,20 +657,45 @@ impl ModelIo {
     }
 
     /// Snapshot the model folder into `<model_dir>_snapshot_<N>_iters`, N being
-    /// the iterations of the last save requested before this call (the
-    /// snapshot waits for that save to be committed).
+    /// the iterations of the last save requested before this call: the
+    /// snapshot is built once that save is committed. When that save fails
+    /// or was skipped, no snapshot is made and the failure
+    /// ([`Error::SnapshotWithoutSave`]) is reported; a snapshot is never
+    /// named after a save it does not hold. Before any save in this run, the
+    /// archive on disk is snapshotted under its own iteration count.
     ///
     /// # Errors
-    /// An earlier background failure, or [`Error::PredictMode`].
-    pub fn snapshot(&self) -> Result<()> {
-        self.shared.take_failure()?;
+    /// An earlier background failure (the snapshot is still requested),
+    /// [`Error::SnapshotWithoutSave`] after a skipped save, or [`Error::PredictMode`].
+    pub fn snapshot(&mut self) -> Result<()> {
+        let earlier = self.shared.take_failure();
+        let result = self.queue_snapshot();
+        match (earlier, result) {
+            (None, result) => result,
+            (Some(e), Ok(())) => Err(e),
+            (Some(e), Err(own)) => {
+                self.shared.report_later(e);
+                Err(own)
+            }
+        }
+    }
+
+    fn queue_snapshot(&self) -> Result<()> {
         let Some(actors) = &self.actors else {
             return Err(Error::PredictMode { dir: self.paths.dir.clone(), name: self.paths.name.clone() });
         };
-        actors.stager.try_send(Snapshot).map_err(|_| Error::Stopped)
+        let of = match self.last_save {
+            Some(LastSave::Skipped(n)) => {
+                return Err(Error::SnapshotWithoutSave { iterations: n, why: "skipped (every staging buffer was busy)" })
+            }
+            Some(LastSave::Queued(n)) => Some(n),
+            None => None,
+        };
+        actors.stager.try_send(Snapshot { of }).map_err(|_| Error::Stopped)
     }
 
     /// Wait until every save, backup and snapshot requested so far is done.
+    /// Does not block the runtime.
     ///
     /// # Errors
     /// The first background failure not yet reported.
@@ -436,10 +703,10 @@ impl ModelIo {
         if let Some(a) = &self.actors {
             a.flush().await?;
         }
-        self.shared.take_failure()
+        self.shared.take_failure().map_or(Ok(()), Err)
     }
 
-    /// [`ModelIo::flush`] for code outside an async runtime.
+    /// [`ModelIo::flush`] for synchronous code: blocks the calling thread.
     ///
     /// # Errors
     /// As [`ModelIo::flush`].
@@ -447,7 +714,7 @@ impl ModelIo {
         if let Some(a) = &self.actors {
             a.flush_blocking()?;
         }
-        self.shared.take_failure()
+        self.shared.take_failure().map_or(Ok(()), Err)
     }
 
     /// Drain every pending write, backup and snapshot, then stop the actors.
@@ -462,16 +729,16 @@ impl ModelIo {
         result
     }
 
-    /// [`ModelIo::shutdown`] for code outside an async runtime.
+    /// [`ModelIo::shutdown`] for synchronous code: blocks the calling thread.
     ///
     /// # Errors
     /// As [`ModelIo::shutdown`].
     pub fn shutdown_blocking(mut self) -> Result<()> {
+        let result = self.flush_blocking();
         if let Some(mut a) = self.actors.take() {
-            a.flush_blocking()?;
             a.stop();
         }
-        self.shared.take_failure()
+        result
     }
 
     /// Test hook: make every background write sleep first.
@@ -481,6 +748,102 @@ impl ModelIo {
     }
 }
 
+/// Descriptions of a save's tensors (model first, then the optimizer's
+/// state), and the tensors in the same order.
+#[allow(clippy::type_complexity)]
+fn describe(
+    vs: &VarStore,
+    optimizer: Option<&dyn Optimizer>,
+) -> Result<(Vec<Desc>, Option<(String, serde_json::Value, Vec<Desc>)>, Vec<tch::Tensor>)> {
+    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut model = Vec::with_capacity(vars.len());
+    let mut tensors = Vec::with_capacity(vars.len());
+    for (name, t) in vars {
+        model.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: shape_of(&t), name });
+        tensors.push(t);
+    }
+    let optimizer = match optimizer {
+        Some(o) => {
+            let mut descs = Vec::new();
+            for (name, t) in o.state_tensors() {
+                descs.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: shape_of(&t), name });
+                tensors.push(t);
+            }
+            Some((o.kind().to_string(), o.state_json(), descs))
+        }
+        None => None,
+    };
+    Ok((model, optimizer, tensors))
+}
+
+/// Why an archive holds no optimizer state, from the policy that wrote it.
+fn missing_optimizer_reason(policy: OptimizerPolicy) -> String {
+    match policy {
+        OptimizerPolicy::Never => "`save.optimizer = \"never\"` does not store it".into(),
+        OptimizerPolicy::Exit => "`save.optimizer = \"exit\"` stores it only with the exit save, and the last run did not end with one \
+             (killed, or stopped without an exit save); set `save.optimizer = \"always\"` to store it with every save"
+            .into(),
+        OptimizerPolicy::Always => "the archive was saved without it (by an earlier policy, or with no optimizer given)".into(),
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Remove what an interrupted run left: every temporary file in the model
+/// folder (the caller holds its lock), and beside it only this folder's own
+/// snapshot temporaries (other folders' may be in use by their trainers).
+fn remove_stale_temps(paths: &ModelPaths) -> Result<()> {
+    let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
+    let prefix = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
+    let removed = crate::durable::remove_stale_temps(&paths.dir, |_| true)?
+        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base| !prefix.is_empty() && base.starts_with(prefix))?;
+    if removed > 0 {
+        tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
+    }
+    Ok(())
+}
+
+/// The archives `load.fallback` tries, in order: `.bk`, then snapshots by
+/// iteration, newest first.
+fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
+    let live = paths.archive();
+    let mut candidates = vec![ModelPaths::backup_of(&live)];
+    let mut snaps = crate::snapshot::list(&paths.dir);
+    snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    candidates.extend(snaps.into_iter().map(|(_, dir)| dir.join(file_name(&live))));
+    candidates
+}
+
+/// When the archive is missing but the folder holds the model's history (a
+/// state file that counted iterations, a backup, a snapshot), what is there.
+fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
+    match std::fs::symlink_metadata(paths.archive()) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        _ => return Ok(None),
+    }
+    let mut found = Vec::new();
+    let state = paths.state();
+    if state.exists() {
+        match State::read(&state) {
+            Ok(s) if s.total_iterations == 0 => {}
+            Ok(s) => found.push(format!("{} ({} iterations)", file_name(&state), s.total_iterations)),
+            Err(_) => found.push(format!("{} (damaged)", file_name(&state))),
+        }
+    }
+    let candidates = fallback_candidates(paths);
+    let (backup, snapshots) = candidates.split_at(1);
+    found.extend(backup.iter().filter(|bk| bk.exists()).map(|bk| file_name(bk)));
+    let snapshots: Vec<&PathBuf> = snapshots.iter().filter(|p| p.exists()).collect();
+    if let Some(newest) = snapshots.first() {
+        let dir = newest.parent().map(file_name).unwrap_or_default();
+        found.push(format!("{} snapshot(s), the newest {dir}", snapshots.len()));
+    }
+    Ok(if found.is_empty() { None } else { Some(found.join(", ")) })
+}
+
 /// The state to continue from. The archive carries a copy of the state file
 /// as of its save, so when a crash fell between committing the archive and
 /// the state file (or the state file is damaged), the archive's copy wins and,
@@ -488,10 +851,13 @@ impl ModelIo {
 fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State> {
     let state_path = paths.state();
     let from_file = if state_path.exists() { Some(State::read(&state_path)) } else { None };
-    let from_archive: Option<State> = ArchiveReader::open(&paths.archive())
-        .ok()
-        .and_then(|r| r.state)
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let from_archive: Option<State> = match ArchiveReader::open(&paths.archive()) {
+        Ok(r) => r.state.and_then(|bytes| serde_json::from_slice(&bytes).ok()),
+        // A FIFO or device under the archive's name: refuse, never block on it.
+        Err(e @ Error::NotRegular { .. }) => return Err(e),
+        // Missing or damaged: a load reports it.
+        Err(_) => None,
+    };
     match (from_file, from_archive) {
         (Some(Ok(f)), Some(a)) if f.total_iterations == a.total_iterations => Ok(f),
         (_, Some(a)) => {
@@ -507,7 +873,7 @@ fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State> {
 }
 
 /// Queue a non-blocking copy of a GPU tensor into pinned buffer `i` of the lease.
-fn enqueue_device_copy(t: &tch::Tensor, lease: &mut crate::staging::Lease, i: usize) -> Result<()> {
+fn enqueue_device_copy(t: &tch::Tensor, lease: &mut Lease, i: usize) -> Result<()> {
     let len = crate::tensors::byte_len(t);
     let buf = lease.pinned(i, len, t.device())?;
     if len == 0 {

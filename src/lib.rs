@@ -47,12 +47,10 @@ pub mod state;
 #[cfg(feature = "torch")]
 pub mod tensors;
 
-#[cfg(feature = "torch")]
-pub use actors::messages::Committed;
 pub use config::Config;
-pub use error::{Error, Result};
+pub use error::{Error, Report, Result};
 #[cfg(feature = "torch")]
-pub use handle::{Loaded, ModelIo, SaveStats, Ticket};
+pub use handle::{Committed, Loaded, ModelIo, OptimizerResume, Resumed, SaveStats, Ticket};
 #[cfg(feature = "torch")]
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use schedule::Schedule;

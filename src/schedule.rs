@@ -1,4 +1,15 @@
-//! When the trainer saves and snapshots (the reference's rules).
+//! When the trainer saves and snapshots.
+//!
+//! The reference's rules, with two differences:
+//! - Iterations are counted over all sessions (total iterations, as the
+//!   state file records them), where the reference counts the iterations of
+//!   the current session after a resume. A resumed run therefore saves and
+//!   snapshots at the same iterations as an uninterrupted one, and snapshot
+//!   folders are named after total iterations.
+//! - A snapshot is requested at the save it is built from. The reference
+//!   snapshots one iteration after that save, so a run that stops exactly
+//!   there got none; here snapshots are ordered after their save by the
+//!   actors, so no iteration needs to pass.
 
 use crate::config::Config;
 
@@ -21,12 +32,11 @@ impl Schedule {
         iteration == 1 || (iteration > 0 && iteration.is_multiple_of(self.save_interval.max(1)))
     }
 
-    /// Snapshot at this iteration? True on the iteration after a save whose
-    /// iteration is a multiple of `snapshot_interval`; the snapshot is built
-    /// from that save (iteration - 1).
+    /// Snapshot at this iteration, right after its save? True at saves
+    /// whose iteration is a multiple of `snapshot_interval`; the snapshot is
+    /// built from that save once it is committed.
     pub fn snapshot_at(&self, iteration: u64) -> bool {
-        let saved = iteration.wrapping_sub(1);
-        self.snapshot_interval > 0 && iteration > 1 && self.save_at(saved) && saved.is_multiple_of(self.snapshot_interval)
+        self.snapshot_interval > 0 && self.save_at(iteration) && iteration.is_multiple_of(self.snapshot_interval)
     }
 }
 
@@ -40,11 +50,13 @@ mod tests {
         let saves: Vec<u64> = (0..=45).filter(|&i| s.save_at(i)).collect();
         assert_eq!(saves, [1, 10, 20, 30, 40]);
         let snaps: Vec<u64> = (0..=45).filter(|&i| s.snapshot_at(i)).collect();
-        assert_eq!(snaps, [21, 41]);
+        assert_eq!(snaps, [20, 40]);
         let never = Schedule { save_interval: 10, snapshot_interval: 0 };
         assert!(!(0..100).any(|i| never.snapshot_at(i)));
         // A snapshot interval that is no multiple of the save interval only fires on common multiples.
         let odd = Schedule { save_interval: 4, snapshot_interval: 6 };
-        assert_eq!((0..=30).filter(|&i| odd.snapshot_at(i)).collect::<Vec<_>>(), [13, 25]);
+        assert_eq!((0..=30).filter(|&i| odd.snapshot_at(i)).collect::<Vec<_>>(), [12, 24]);
+        // A run that stops at a snapshot iteration gets its snapshot.
+        assert!(s.snapshot_at(40));
     }
 }

@@ -3,8 +3,9 @@
 //! Built under a temporary name beside the model folder and renamed into
 //! place, so a snapshot is either complete or absent. The archive and state
 //! file come from links pinned at the save they belong to (committed files
-//! never change, so links are safe); other files, which their writers may
-//! modify in place (logs), are copied. Symlinks are never followed.
+//! never change, so the pins hold that save), copied into the snapshot so
+//! that damage to the live archive does not reach it; other files (logs,
+//! which their writers modify in place) are copied. Symlinks are never followed.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -45,26 +46,29 @@ pub struct Pinned {
 }
 
 /// Build snapshot `n` of the model from the pinned files and the other model
-/// files and logs in the folder. Returns the snapshot's folder.
+/// files and logs in the folder. The pinned archive and state file are
+/// copied (a reflink where the filesystem offers one), or hard-linked with
+/// `hard_links`. Returns the snapshot's folder.
 ///
 /// # Errors
 /// [`crate::Error::Io`] naming the file that failed; the snapshot is then absent
 /// (or the previous snapshot `n` is intact).
-pub fn build(paths: &ModelPaths, n: u64, pinned: &[Pinned]) -> Result<PathBuf> {
+pub fn build(paths: &ModelPaths, n: u64, pinned: &[Pinned], hard_links: bool) -> Result<PathBuf> {
     let target = snapshot_dir(&paths.dir, n);
     let parent = durable::parent_of(&target);
     let built = durable::temp_path(&parent, &target);
     fs::create_dir(&built).at("create snapshot folder", &built)?;
-    let result = fill(paths, pinned, &built).and_then(|()| commit_dir(&built, &target));
+    let result = fill(paths, pinned, &built, hard_links).and_then(|()| commit_dir(&built, &target));
     if result.is_err() {
         let _ = fs::remove_dir_all(&built);
     }
     result.map(|()| target)
 }
 
-fn fill(paths: &ModelPaths, pinned: &[Pinned], built: &Path) -> Result<()> {
+fn fill(paths: &ModelPaths, pinned: &[Pinned], built: &Path, hard_links: bool) -> Result<()> {
     for p in pinned {
-        commit(&built.join(&p.name), Source::Link(&p.pin))?;
+        let source = if hard_links { Source::Link(&p.pin) } else { Source::Copy(&p.pin) };
+        commit(&built.join(&p.name), source)?;
     }
     let logs = paths.logs();
     for entry in fs::read_dir(&paths.dir).at("list", &paths.dir)? {
@@ -95,12 +99,22 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
         let kind = entry.file_type().at("inspect", &entry.path())?;
         let dst = to.join(entry.file_name());
         if kind.is_file() {
-            fs::copy(entry.path(), &dst).at("copy", &entry.path())?;
+            copy_file(&entry.path(), &dst)?;
         } else if kind.is_dir() {
             copy_tree(&entry.path(), &dst)?;
         }
     }
     durable::sync_dir(to)
+}
+
+/// Copy one file of a log tree: a new file (never through a symlink), named
+/// in errors by its destination, with the source's size when the disk is full.
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    let mut src = durable::open_regular(from)?;
+    let len = src.metadata().at("inspect", from)?.len();
+    let mut dst = durable::create_new(to)?;
+    std::io::copy(&mut src, &mut dst).map_err(|e| crate::Error::io("copy", to, e).no_space(to, len))?;
+    dst.sync_all().map_err(|e| crate::Error::io("fsync", to, e).no_space(to, len))
 }
 
 /// Remove the snapshots beyond the newest `keep`; returns the removed folders.

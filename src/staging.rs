@@ -77,6 +77,11 @@ impl Drop for FenceGuard {
     }
 }
 
+/// Most threads an immediate staging copy uses (the caller's included).
+pub const COPY_THREADS: usize = 4;
+/// Pieces an immediate copy is split into, in bytes.
+const COPY_PIECE: usize = 4 << 20;
+
 /// One tensor's host buffer.
 pub enum Buffer {
     /// Pageable memory, filled by a memcpy (CPU tensors).
@@ -191,6 +196,65 @@ impl Lease {
             Buffer::Pinned(t) => Ok(t),
             Buffer::Host(_) => unreachable!("set to Pinned above"),
         }
+    }
+
+    /// Copy CPU tensors into their buffers now, on the calling thread and up
+    /// to [`COPY_THREADS`] - 1 helpers, so the copy costs about one memcpy of
+    /// the state divided over the cores. When this returns the lease holds
+    /// the values the tensors had at the call.
+    ///
+    /// # Errors
+    /// [`crate::Error::Torch`] when a non-contiguous tensor cannot be made contiguous.
+    pub fn fill_now(&mut self, tensors: &[(usize, tch::Tensor)]) -> crate::Result<()> {
+        // Contiguous views (a copy only for a non-contiguous tensor).
+        let views = tensors.iter().map(|(i, t)| Ok((*i, t.f_contiguous()?))).collect::<crate::Result<Vec<_>>>()?;
+        let mut total = 0usize;
+        for (i, t) in &views {
+            let len = crate::tensors::byte_len(t);
+            let buf = self.sized(*i, len);
+            // Reused buffers keep their length: no memset after the first save.
+            buf.resize(len, 0);
+            total += len;
+        }
+        // (source, destination) pieces of at most COPY_PIECE bytes.
+        let mut pieces: Vec<(&[u8], &mut [u8])> = Vec::new();
+        let mut dsts: Vec<Option<&mut Vec<u8>>> = self.set.iter_mut().map(|b| match b {
+            Buffer::Host(v) => Some(v),
+            Buffer::Pinned(_) => None,
+        }).collect();
+        for (i, t) in &views {
+            let src = crate::tensors::host_bytes(t).ok_or_else(|| {
+                crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into()))
+            })?;
+            let Some(dst) = dsts.get_mut(*i).and_then(Option::take) else { continue };
+            for (s, d) in src.chunks(COPY_PIECE).zip(dst.chunks_mut(COPY_PIECE)) {
+                pieces.push((s, d));
+            }
+        }
+        let threads = COPY_THREADS.min(std::thread::available_parallelism().map_or(1, |n| n.get())).min(total / COPY_PIECE + 1);
+        if threads <= 1 {
+            pieces.into_iter().for_each(|(s, d)| d.copy_from_slice(s));
+            return Ok(());
+        }
+        // A shared queue of pieces: helpers and the caller take the next one
+        // until none is left, so the caller alone finishes the copy if a
+        // helper thread cannot be started.
+        let queue: Vec<Mutex<Option<(&[u8], &mut [u8])>>> = pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || {
+            while let Some(piece) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
+                if let Some((s, d)) = lock(piece).take() {
+                    d.copy_from_slice(s);
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                let _ = std::thread::Builder::new().name("modelio-copy".into()).spawn_scoped(scope, work);
+            }
+            work();
+        });
+        Ok(())
     }
 
     /// The filled buffers' bytes.

@@ -71,10 +71,13 @@ impl State {
         }
     }
 
-    /// The state as pretty JSON bytes.
+    /// The state as pretty JSON bytes, as the state file holds it: sessions
+    /// that trained no iteration are left out (as the reference does).
     pub fn to_json(&self) -> Vec<u8> {
+        let mut written = self.clone();
+        written.sessions.retain(|s| s.iterations > 0);
         // A struct of strings, numbers and a JSON value always serializes.
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+        serde_json::to_vec_pretty(&written).unwrap_or_default()
     }
 }
 
@@ -136,5 +139,8 @@ mod tests {
         assert_eq!(s.total_iterations, 3);
         assert_eq!(s.sessions.iter().map(|x| x.iterations).collect::<Vec<_>>(), [2, 1]);
         assert_ne!(s.sessions[0].id, s.sessions[1].id);
+        s.start_session(8);
+        let written: State = serde_json::from_slice(&s.to_json()).unwrap();
+        assert_eq!(written.sessions.len(), 2, "an empty session is not written");
     }
 }

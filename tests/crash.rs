@@ -113,7 +113,7 @@ fn check_folder(dir: &Path) -> Result<u64, String> {
     let mut c = common::config(dir, "crash");
     c.save.optimizer = modelio::config::OptimizerPolicy::Always;
     // Lock, remove temporary files, reconcile the state file with the archive.
-    let io = ModelIo::open(c).map_err(|e| e.to_string())?;
+    let mut io = ModelIo::open(c).map_err(|e| e.to_string())?;
     let leftovers = std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten().filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy())).count();
     if leftovers > 0 {
         return Err(format!("{leftovers} temporary files survive the next open"));

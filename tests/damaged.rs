@@ -146,12 +146,12 @@ fn fallback_loads_newest_good_copy_and_says_which() {
     std::fs::write(&live, &bytes).unwrap();
 
     let (target, _t) = common::seeded_store(9);
-    let strict = io_with_fallback(&dir, false);
+    let mut strict = io_with_fallback(&dir, false);
     let err = strict.load(&target).unwrap_err();
     assert!(err.is_damaged() && err.to_string().contains("modelio restore"), "{err}");
     drop(strict);
 
-    let lenient = io_with_fallback(&dir, true);
+    let mut lenient = io_with_fallback(&dir, true);
     let loaded = lenient.load(&target).unwrap();
     assert!(loaded.fallback);
     assert_eq!(loaded.path, dir.join("m.mio.bk"));
@@ -162,13 +162,17 @@ fn fallback_loads_newest_good_copy_and_says_which() {
     std::fs::remove_file(&live).unwrap();
     std::fs::remove_file(dir.join("m.mio.bk")).unwrap();
     std::fs::write(dir.join("m.mio.bk"), b"junk").unwrap();
-    let lenient = io_with_fallback(&dir, true);
+    let mut lenient = io_with_fallback(&dir, true);
     let loaded = lenient.load(&target).unwrap();
     assert_eq!(loaded.path, modelio::snapshot::snapshot_dir(&dir, 1).join("m.mio"));
     assert!(common::stores_equal(&target, &v1));
     drop(lenient);
-    let strict = io_with_fallback(&dir, false);
-    assert!(matches!(strict.load(&target), Err(Error::ModelNotFound { .. })));
+    // Without fallback, a folder with backups and snapshots but no archive is
+    // not a new model: opening it for training is refused, naming what is there.
+    let err = ModelIo::open(common::config(&dir, "m")).err().expect("refused");
+    assert!(matches!(err, Error::ArchiveMissing { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("m.mio.bk") && msg.contains("1 snapshot") && msg.contains("modelio restore"), "{msg}");
 }
 
 #[test]

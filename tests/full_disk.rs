@@ -75,30 +75,62 @@ fn enospc_is_reported_and_harmless() {
 
     io.record(0.5);
     let err = io.save(&vs, None, false).unwrap().wait_blocking().unwrap_err();
+    assert!(err.is_background() && err.is_retryable(), "{err:?}");
     let Error::Background { source, .. } = &err else { panic!("{err:?}") };
-    match source.as_ref() {
+    let needed = match source.as_ref() {
         Error::NoSpace { path, needed, free } => {
             assert_eq!(path, &dir.join("m.mio"));
-            assert!(needed.is_some_and(|n| n > 4 * 128 * 128 * 4), "{needed:?}");
             assert!(free.is_some_and(|f| f < 200 * 1024), "{free:?}");
+            needed.expect("the archive's size")
         }
         other => panic!("expected NoSpace, got {other:?}"),
+    };
+    let msg = err.report().to_string();
+    assert!(msg.contains("m.mio") && msg.contains(&format!("{needed} bytes needed")) && msg.contains("bytes free"), "{msg}");
+    assert_eq!(msg.matches("no space left").count(), 1, "the cause is printed once: {msg}");
+
+    // Reported once, on its ticket: the next save is not refused for it.
+    io.record(0.5);
+    let dropped = io.save(&vs, None, false).expect("an earlier failure that its ticket reported is not reported again");
+    drop(dropped); // this one fails too (the disk is still full): its failure goes to the next call
+    io.record(0.5);
+    while io.stats().failed < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let msg = err.to_string();
-    assert!(msg.contains("m.mio") && msg.contains("bytes needed") && msg.contains("bytes free"), "{msg}");
-    // The next call reports it too; training goes on meanwhile.
-    io.record(0.5);
-    assert!(io.save(&vs, None, false).is_err());
-    io.record(0.5);
 
     assert_eq!(std::fs::read(dir.join("m.mio")).unwrap(), archive, "previous archive intact");
     assert_eq!(std::fs::read(dir.join("m_state.json")).unwrap(), state, "previous state file intact");
     assert_eq!(std::fs::read(dir.join("m.mio.bk")).unwrap(), backup, "backup intact");
     assert_eq!(temp_files(&dir), 0, "temporary files removed");
 
+    // Space is freed. The next save reports the dropped save's failure, and
+    // is itself queued and committed: a failure never costs a later save.
     std::fs::remove_file(&filler).unwrap();
-    let c = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
-    assert_eq!(c.iterations, 5);
+    let err = io.save(&vs, None, false).expect_err("the dropped ticket's failure reaches the next call");
+    assert!(err.is_background() && err.is_retryable(), "{err:?}");
+    io.flush_blocking().expect("reported once: nothing left to report");
+    let committed = ArchiveReader::open(&dir.join("m.mio")).unwrap();
+    assert_eq!(committed.manifest.iterations, 5, "the save that reported the earlier failure was committed");
+    let size = std::fs::metadata(dir.join("m.mio")).unwrap().len();
+    assert!(needed.abs_diff(size) < 64, "reported {needed} bytes needed for an archive of {size} bytes");
+    drop(committed);
+
+    // A snapshot that cannot be written names the file being written and its size.
+    let free = modelio::durable::free_bytes(&dir).unwrap();
+    std::fs::write(&filler, vec![1u8; (free - 20 * 1024) as usize]).unwrap();
+    io.snapshot().unwrap();
+    let err = io.flush_blocking().expect_err("the snapshot cannot fit");
+    match err {
+        Error::Background { what: "snapshot", ref source } => match source.as_ref() {
+            Error::NoSpace { path, needed, .. } => {
+                assert!(path.ends_with("m.mio") || path.ends_with("m_state.json"), "{path:?}");
+                assert!(needed.is_some_and(|n| n > 0), "{needed:?}");
+            }
+            other => panic!("expected NoSpace, got {other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_file(&filler).unwrap();
     io.shutdown_blocking().unwrap();
-    assert_eq!(ArchiveReader::open(&dir.join("m.mio")).unwrap().manifest.iterations, 5);
+    assert!(!modelio::snapshot::snapshot_dir(&dir, 5).exists() || ArchiveReader::open(&modelio::snapshot::snapshot_dir(&dir, 5).join("m.mio")).is_ok());
 }

@@ -41,7 +41,7 @@ fn flipping_a_byte_in_any_tensor_is_caught_by_verify_and_load() {
         let out = Command::new(common::cli()).arg("verify").arg(dir.path()).output().unwrap();
         assert_eq!(out.status.code(), Some(1));
 
-        let io = common::open(dir.path(), "m");
+        let mut io = common::open(dir.path(), "m");
         let (other, _n) = common::seeded_store(9);
         let is_model = !t.meta.name.contains("exp_avg");
         let err = if is_model { io.load(&other).unwrap_err() } else { io.load_optimizer().unwrap_err() };

@@ -86,7 +86,7 @@ fn varstore_round_trip_through_model_io() {
 
     let (other, _n) = common::seeded_store(2);
     assert!(!common::stores_equal(&vs, &other));
-    let io = common::open(dir.path(), "m");
+    let mut io = common::open(dir.path(), "m");
     let loaded = io.load(&other).unwrap();
     assert_eq!(loaded.iterations, 1);
     assert!(common::stores_equal(&vs, &other));

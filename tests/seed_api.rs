@@ -130,7 +130,7 @@ fn stale_temp_files_are_ignored_and_removed() {
     let torn = dir.path().join(".modelio-tmp-99-abc-m.mio");
     std::fs::write(&torn, b"PK\x03\x04 torn").unwrap();
     assert_eq!(modelio::folder::archive_names(dir.path()), ["m"]);
-    let io = common::open(dir.path(), "m");
+    let mut io = common::open(dir.path(), "m");
     assert!(!torn.exists());
     let (other, _n) = common::seeded_store(5);
     io.load(&other).unwrap();
@@ -138,21 +138,68 @@ fn stale_temp_files_are_ignored_and_removed() {
 }
 
 #[test]
-fn background_failure_reaches_ticket_and_next_call() {
+fn background_failure_is_reported_once_and_never_costs_a_later_save() {
     let dir = tempfile::tempdir().unwrap();
     let (vs, _n) = common::seeded_store(0);
     let mut io = common::open(dir.path(), "m");
     io.set_write_delay(Duration::from_millis(200));
+    io.record(1.0);
     let ticket = io.save(&vs, None, false).unwrap();
     // Make the commit fail: the model folder disappears under the writer.
     std::fs::remove_dir_all(dir.path()).unwrap();
     let err = ticket.wait_blocking().unwrap_err();
-    assert!(matches!(err, Error::Background { .. }), "{err:?}");
-    let next = io.save(&vs, None, false).err().expect("next call reports the failure");
-    assert!(next.to_string().contains("background save failed"), "{next}");
-    io.set_write_delay(Duration::ZERO);
+    assert!(err.is_background() && err.is_retryable(), "{err:?}");
+    let chain = err.report().to_string();
+    assert!(chain.starts_with("background save failed: could not"), "{chain}");
     std::fs::create_dir_all(dir.path()).unwrap();
+    io.set_write_delay(Duration::ZERO);
+    // Its ticket reported it: the next save is neither refused nor lost.
+    io.record(1.0);
+    let c = io.save(&vs, None, false).expect("reported once, on its ticket").wait_blocking().unwrap();
+    assert_eq!(c.iterations, 2);
+
+    // A failed save whose ticket was dropped is reported by the next call,
+    // which still does its own work.
+    io.set_write_delay(Duration::from_millis(200));
+    io.record(1.0);
+    drop(io.save(&vs, None, false).unwrap());
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    while io.stats().failed < 2 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::create_dir_all(dir.path()).unwrap();
+    io.set_write_delay(Duration::ZERO);
+    io.record(1.0);
+    let err = io.save(&vs, None, false).expect_err("the dropped ticket's failure");
+    assert!(err.is_background(), "{err:?}");
+    io.flush_blocking().unwrap();
+    let r = modelio::archive::ArchiveReader::open(&dir.path().join("m.mio")).unwrap();
+    assert_eq!(r.manifest.iterations, 4, "the save that reported the failure was committed");
+    io.shutdown_blocking().unwrap();
+}
+
+#[test]
+fn snapshot_after_a_failed_save_fails_loudly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let (vs, _n) = common::seeded_store(0);
+    let mut io = common::open(&dir, "m");
+    io.record(1.0);
     io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.set_write_delay(Duration::from_millis(200));
+    io.record(1.0);
+    let ticket = io.save(&vs, None, false).unwrap();
+    io.snapshot().unwrap();
+    // The save of iteration 2 fails: its folder vanishes under the writer.
+    let archive = std::fs::read(dir.join("m.mio")).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(ticket.wait_blocking().is_err());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("m.mio"), archive).unwrap();
+    let err = io.flush_blocking().expect_err("the snapshot of iteration 2 cannot be taken");
+    assert!(err.report().to_string().contains("snapshot of iteration 2 not taken"), "{}", err.report());
+    assert!(!modelio::snapshot::snapshot_dir(&dir, 2).exists());
+    assert!(!modelio::snapshot::snapshot_dir(&dir, 1).exists(), "no older save under a later request");
     io.shutdown_blocking().unwrap();
 }
 

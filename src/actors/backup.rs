@@ -1,4 +1,4 @@
-//! The backup actor: turns pinned links into `<file>.bk`, atomically.
+//! The backup actor: turns files pinned at a save into `<file>.bk`, atomically.
 
 use std::sync::Arc;
 
@@ -18,10 +18,14 @@ impl actix::Actor for BackupActor {
     type Context = SyncContext<Self>;
 }
 
-/// Replace each `<target>.bk` by the pinned file; the old `.bk` stays until
-/// the new one is in place. The pins are removed afterwards.
-pub(crate) fn make_backups(pinned: &[(std::path::PathBuf, std::path::PathBuf)]) -> Result<()> {
-    let result = pinned.iter().try_for_each(|(pin, target)| commit(&ModelPaths::backup_of(target), Source::Link(pin)));
+/// Replace each `<target>.bk` by a copy of the pinned file (a reflink where
+/// the filesystem offers one), or a hard link of it with `hard_links`; the
+/// old `.bk` stays until the new one is in place. The pins are removed afterwards.
+pub(crate) fn make_backups(pinned: &[(std::path::PathBuf, std::path::PathBuf)], hard_links: bool) -> Result<()> {
+    let result = pinned.iter().try_for_each(|(pin, target)| {
+        let source = if hard_links { Source::Link(pin) } else { Source::Copy(pin) };
+        commit(&ModelPaths::backup_of(target), source)
+    });
     for (pin, _) in pinned {
         let _ = std::fs::remove_file(pin);
     }
@@ -31,9 +35,14 @@ pub(crate) fn make_backups(pinned: &[(std::path::PathBuf, std::path::PathBuf)]) 
 impl Handler<Backup> for BackupActor {
     type Result = ();
     fn handle(&mut self, msg: Backup, _: &mut Self::Context) {
-        if let Err(e) = make_backups(&msg.pinned) {
-            self.shared.fail("backup", e, None);
+        let Backup { pinned, mut committed, reply } = msg;
+        match make_backups(&pinned, self.shared.settings.hard_links) {
+            Ok(()) => committed.backed_up = true,
+            // The save itself is committed: its ticket says so, without a
+            // backup; the failure goes to the trainer's next call.
+            Err(e) => self.shared.fail("backup", e, None),
         }
+        let _ = reply.send(Ok(committed));
     }
 }
 

@@ -2,7 +2,6 @@
 //! [`crate::ModelIo`], which owns the addresses.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Message;
@@ -24,7 +23,8 @@ pub struct Committed {
     pub bytes: u64,
     /// Mean loss since the previous save.
     pub average_loss: f64,
-    /// Whether `.bk` copies are made of this save.
+    /// Whether `.bk` copies of this save were made (they exist once the
+    /// ticket answers).
     pub backed_up: bool,
     /// Whether the optimizer state went in.
     pub with_optimizer: bool,
@@ -38,7 +38,10 @@ pub struct Committed {
     pub write: Duration,
 }
 
-pub(crate) type Reply = oneshot::Sender<Result<Committed, Arc<Error>>>;
+/// Answers a save's ticket: the commit, or the failure as
+/// [`Error::Background`] (sent to the handle's next call instead when the
+/// ticket is gone).
+pub(crate) type Reply = oneshot::Sender<Result<Committed, Error>>;
 
 /// A tensor's description; its bytes are in the lease at the same index.
 #[derive(Debug, Clone)]
@@ -90,10 +93,13 @@ pub(crate) struct Write {
     pub copy: Duration,
 }
 
-/// Snapshot the save committed last (ordered after every earlier save).
+/// Snapshot the save of iteration `of` (ordered after it), or with `None`
+/// the last committed save.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Snapshot;
+pub(crate) struct Snapshot {
+    pub of: Option<u64>,
+}
 
 /// Build a snapshot from files pinned at save `iterations`.
 #[derive(Message)]
@@ -103,11 +109,15 @@ pub(crate) struct BuildSnapshot {
     pub pinned: Vec<Pinned>,
 }
 
-/// Make `.bk` files from links pinned at a save: (pin, target).
+/// Make `.bk` files from links pinned at a save: (pin, target); then answer
+/// the save's ticket, so a committed ticket with `backed_up` means the
+/// `.bk` files exist.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Backup {
     pub pinned: Vec<(PathBuf, PathBuf)>,
+    pub committed: Committed,
+    pub reply: Reply,
 }
 
 /// Answered once everything sent before it is done, downstream included.

@@ -12,6 +12,7 @@ mod snapshot;
 mod stager;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,48 +32,69 @@ pub struct Stats {
     pub skipped: AtomicU64,
     pub waited: AtomicU64,
     pub committed: AtomicU64,
+    pub failed: AtomicU64,
+    pub failed_other: AtomicU64,
 }
+
+/// Settings the actors act on, from the config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// Snapshots to keep (0 = all).
+    pub snapshot_keep: usize,
+    /// Backups and snapshot archives as hard links instead of copies.
+    pub hard_links: bool,
+}
+
+/// Failures waiting for the trainer's next call; beyond this many, the
+/// oldest are dropped (they were logged when they happened).
+const MAX_PENDING_FAILURES: usize = 16;
 
 /// What the actors and the handle share.
 pub(crate) struct Shared {
     pub paths: ModelPaths,
-    /// The first background failure not yet reported to the trainer. Set by
-    /// any actor, taken by the trainer's next call.
-    failure: Mutex<Option<(&'static str, Arc<Error>)>>,
+    pub settings: Settings,
+    /// Background failures that no ticket took, oldest first: each is
+    /// reported once, to one later call of the trainer.
+    failures: Mutex<VecDeque<Error>>,
     pub stats: Stats,
     /// Test hook: an artificial delay before each write (ms).
     write_delay_ms: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(paths: ModelPaths) -> Shared {
-        Shared { paths, failure: Mutex::new(None), stats: Stats::default(), write_delay_ms: AtomicU64::new(0) }
+    pub fn new(paths: ModelPaths, settings: Settings) -> Shared {
+        Shared { paths, settings, failures: Mutex::new(VecDeque::new()), stats: Stats::default(), write_delay_ms: AtomicU64::new(0) }
     }
 
-    /// Report a background failure: on the ticket if there is one, and to the
-    /// trainer's next call in any case.
+    /// Report a background failure once: on the save's ticket when there is
+    /// one still held, otherwise to the trainer's next call.
     pub fn fail(&self, what: &'static str, e: Error, reply: Option<Reply>) {
-        tracing::error!(target: "modelio", "background {what} failed: {e}");
-        let e = Arc::new(e);
-        // The slot is set before the ticket is answered, so a trainer that
-        // saw the failure on its ticket also sees it on its next call.
-        {
-            let mut slot = lock(&self.failure);
-            if slot.is_none() {
-                *slot = Some((what, e.clone()));
+        let counter = if what == "save" { &self.stats.failed } else { &self.stats.failed_other };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let e = Error::Background { what, source: Arc::new(e) };
+        tracing::error!(target: "modelio", "{}", e.report());
+        match reply {
+            Some(r) => {
+                if let Err(Err(e)) = r.send(Err(e)) {
+                    self.report_later(e);
+                }
             }
-        }
-        if let Some(r) = reply {
-            let _ = r.send(Err(e));
+            None => self.report_later(e),
         }
     }
 
-    /// Take the pending background failure, if any.
-    pub fn take_failure(&self) -> Result<()> {
-        match lock(&self.failure).take() {
-            Some((what, source)) => Err(Error::Background { what, source }),
-            None => Ok(()),
+    /// Keep a failure for the trainer's next call.
+    pub fn report_later(&self, e: Error) {
+        let mut q = lock(&self.failures);
+        if q.len() == MAX_PENDING_FAILURES {
+            q.pop_front();
         }
+        q.push_back(e);
+    }
+
+    /// The oldest failure not yet reported, if any.
+    pub fn take_failure(&self) -> Option<Error> {
+        lock(&self.failures).pop_front()
     }
 
     pub fn write_delay(&self) -> Duration {
@@ -103,7 +125,7 @@ pub(crate) struct Actors {
 
 impl Actors {
     /// Start the system thread and the four actors.
-    pub fn start(shared: Arc<Shared>, snapshot_keep: usize) -> Result<Actors> {
+    pub fn start(shared: Arc<Shared>) -> Result<Actors> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("modelio-actors".into())
@@ -121,7 +143,7 @@ impl Actors {
                     let s = shared.clone();
                     let snapshot = SyncArbiter::start(1, move || {
                         yield_cpu();
-                        snapshot::SnapshotActor { shared: s.clone(), keep: snapshot_keep }
+                        snapshot::SnapshotActor { shared: s.clone() }
                     });
                     let s = shared.clone();
                     let saver = SyncArbiter::start(1, move || {

@@ -12,7 +12,7 @@ use super::messages::{Backup, BuildSnapshot, Committed, Flush, Snapshot, Write};
 use super::snapshot::SnapshotActor;
 use super::Shared;
 use crate::durable;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::{OptimizerRef, TensorRef};
 use crate::snapshot::Pinned;
 
@@ -90,12 +90,6 @@ impl Handler<Write> for Saver {
         };
         self.last_committed = Some(job.iterations);
         let write = start.elapsed();
-        if job.backup {
-            match pin(&self.shared) {
-                Ok(pinned) => self.backup.do_send(Backup { pinned }),
-                Err(e) => self.shared.fail("backup", e, None),
-            }
-        }
         let secs = (copy + write).as_secs_f64();
         tracing::info!(
             target: "modelio",
@@ -115,27 +109,52 @@ impl Handler<Write> for Saver {
             if job.backup { "backed up" } else { "not backed up" },
         );
         self.shared.stats.committed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = job.reply.send(Ok(Committed {
+        let committed = Committed {
             iterations: job.iterations,
             path: self.shared.paths.archive(),
             bytes,
             average_loss: job.average_loss,
-            backed_up: job.backup,
+            backed_up: false,
             with_optimizer: job.optimizer.is_some(),
             skipped: false,
             stall: job.stall,
             copy,
             write,
-        }));
+        };
+        if !job.backup {
+            let _ = job.reply.send(Ok(committed));
+            return;
+        }
+        // The backup actor answers the ticket once the `.bk` files exist.
+        match pin(&self.shared) {
+            Ok(pinned) => self.backup.do_send(Backup { pinned, committed, reply: job.reply }),
+            Err(e) => {
+                self.shared.fail("backup", e, None);
+                let _ = job.reply.send(Ok(committed));
+            }
+        }
     }
 }
 
 impl Handler<Snapshot> for Saver {
     type Result = ();
-    fn handle(&mut self, _: Snapshot, _: &mut Self::Context) {
-        let Some(iterations) = self.last_committed.or_else(|| committed_iterations(&self.shared)) else {
-            tracing::warn!(target: "modelio", "snapshot requested before any save was committed; skipped");
-            return;
+    fn handle(&mut self, msg: Snapshot, _: &mut Self::Context) {
+        let iterations = match (msg.of, self.last_committed) {
+            (Some(n), Some(c)) if n == c => n,
+            // The save the snapshot was asked after did not commit: never
+            // snapshot an older save under its name, nor silently.
+            (Some(n), _) => {
+                let e = Error::SnapshotWithoutSave { iterations: n, why: "not committed (it failed)" };
+                return self.shared.fail("snapshot", e, None);
+            }
+            (None, Some(c)) => c,
+            (None, None) => match committed_iterations(&self.shared) {
+                Some(c) => c,
+                None => {
+                    tracing::warn!(target: "modelio", "snapshot requested before any save was committed; skipped");
+                    return;
+                }
+            },
         };
         match pin(&self.shared) {
             Ok(pins) => {

@@ -9,7 +9,6 @@ use super::Shared;
 
 pub(crate) struct SnapshotActor {
     pub shared: Arc<Shared>,
-    pub keep: usize,
 }
 
 impl actix::Actor for SnapshotActor {
@@ -20,8 +19,9 @@ impl Handler<BuildSnapshot> for SnapshotActor {
     type Result = ();
     fn handle(&mut self, msg: BuildSnapshot, _: &mut Self::Context) {
         let paths = &self.shared.paths;
-        let built = crate::snapshot::build(paths, msg.iterations, &msg.pinned)
-            .and_then(|dir| crate::snapshot::apply_retention(&paths.dir, self.keep).map(|removed| (dir, removed)));
+        let settings = self.shared.settings;
+        let built = crate::snapshot::build(paths, msg.iterations, &msg.pinned, settings.hard_links)
+            .and_then(|dir| crate::snapshot::apply_retention(&paths.dir, settings.snapshot_keep).map(|removed| (dir, removed)));
         for p in &msg.pinned {
             let _ = std::fs::remove_file(&p.pin);
         }

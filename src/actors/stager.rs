@@ -63,6 +63,7 @@ impl Handler<Stage> for Stager {
 
 impl Handler<Snapshot> for Stager {
     type Result = ();
+    /// Passed on in mailbox order, so the saver sees it after the save it follows.
     fn handle(&mut self, msg: Snapshot, _: &mut Self::Context) {
         self.saver.do_send(msg);
     }
