@@ -826,11 +826,15 @@ fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
     }
     let mut found = Vec::new();
     let state = paths.state();
+    let mut damaged_state = None;
     if state.exists() {
         match State::read(&state) {
             Ok(s) if s.total_iterations == 0 => {}
             Ok(s) => found.push(format!("{} ({} iterations)", file_name(&state), s.total_iterations)),
-            Err(_) => found.push(format!("{} (damaged)", file_name(&state))),
+            Err(e) => {
+                found.push(format!("{} (damaged)", file_name(&state)));
+                damaged_state = Some(e);
+            }
         }
     }
     let candidates = fallback_candidates(paths);
@@ -840,6 +844,11 @@ fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
     if let Some(newest) = snapshots.first() {
         let dir = newest.parent().map(file_name).unwrap_or_default();
         found.push(format!("{} snapshot(s), the newest {dir}", snapshots.len()));
+    }
+    // A damaged state file alone: that is the problem to report (no
+    // fallback can help it).
+    if let (Some(e), 1) = (damaged_state, found.len()) {
+        return Err(e);
     }
     Ok(if found.is_empty() { None } else { Some(found.join(", ")) })
 }
