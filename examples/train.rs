@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use modelio::{Adam, Config, ModelIo, Schedule};
+use modelio::{Adam, Config, ModelIo, OptimizerResume, Schedule};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 use tokio_util::sync::CancellationToken;
@@ -29,14 +29,14 @@ struct Args {
     /// Iterations to train in this run.
     #[arg(long, default_value_t = 300)]
     iterations: u64,
-    /// Override `save.interval`.
-    #[arg(long)]
+    /// Override `save.interval` (>= 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     save_interval: Option<u64>,
     /// Override `snapshot.interval`.
     #[arg(long)]
     snapshot_interval: Option<u64>,
     /// libtorch CPU threads (default: libtorch's choice).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
     threads: Option<i32>,
     /// Test hook: make every background write sleep this long first.
     #[arg(long, hide = true)]
@@ -99,7 +99,23 @@ fn batch(iteration: u64, size: u64) -> Tensor {
     Tensor::stack(&images, 0)
 }
 
+/// Train on through a transient failure (a full disk, a vanished folder):
+/// say so and go on; the next save may succeed. Stop on anything else.
+fn keep_going(result: modelio::Result<()>, bar: &ProgressBar, summary: &mut Summary) -> modelio::Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_retryable() => {
+            summary.failures += 1;
+            // `suspend`, not `println`: a hidden bar (stderr not a terminal) drops its println.
+            bar.suspend(|| eprintln!("warning: {}; training goes on and the next save will try again", e.report()));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 struct Summary {
+    failures: u64,
     trained: u64,
     total: u64,
     last_loss: f64,
@@ -113,19 +129,23 @@ fn train(io: &mut ModelIo, args: &Args, token: &CancellationToken) -> modelio::R
     let vs = nn::VarStore::new(Device::Cpu);
     let net = AutoEncoder::new(&vs.root());
     let mut opt = Adam::adamw(&vs, config.train.learning_rate, (0.9, 0.999), 1e-8, 0.01)?.with_fence(io.fence());
-    if io.model_exists() {
-        let loaded = io.load(&vs)?;
-        if let Some(state) = io.load_optimizer()? {
-            modelio::Optimizer::load_state(&mut opt, &state)?;
+    let resumed = io.resume(&vs, Some(&mut opt))?;
+    if let Some(loaded) = &resumed.loaded {
+        if let Some(reason) = &loaded.reason {
+            eprintln!("warning: {reason}");
+            eprintln!("fallback: loaded {} instead (load.fallback = true)", loaded.path.display());
         }
         eprintln!("resumed from {} at iteration {}", loaded.path.display(), io.iterations());
+        if let OptimizerResume::Missing(why) = &resumed.optimizer {
+            eprintln!("warning: no optimizer state to resume ({why}); the optimizer starts afresh");
+        }
     }
     let schedule = Schedule::from_config(&config);
     let bar = ProgressBar::new(args.iterations);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut summary = Summary { trained: 0, total: io.iterations(), last_loss: 0.0, stalls: Vec::new(), interrupted: false };
+    let mut summary = Summary { failures: 0, trained: 0, total: io.iterations(), last_loss: 0.0, stalls: Vec::new(), interrupted: false };
     let mut last_stall = Duration::ZERO;
     for _ in 0..args.iterations {
         if token.is_cancelled() {
@@ -143,12 +163,13 @@ fn train(io: &mut ModelIo, args: &Args, token: &CancellationToken) -> modelio::R
         if schedule.save_at(iteration) {
             let started = std::time::Instant::now();
             // Committed in the background; a failure reaches the next call.
-            let _ticket = io.save(&vs, Some(&opt), false)?;
+            let saved = io.save(&vs, Some(&opt), false).map(drop);
             last_stall = started.elapsed();
             summary.stalls.push(last_stall);
+            keep_going(saved, &bar, &mut summary)?;
         }
         if schedule.snapshot_at(iteration) {
-            io.snapshot()?;
+            keep_going(io.snapshot(), &bar, &mut summary)?;
         }
         summary.trained += 1;
         summary.total = iteration;
@@ -157,16 +178,27 @@ fn train(io: &mut ModelIo, args: &Args, token: &CancellationToken) -> modelio::R
         bar.set_message(format!("iteration {iteration} loss {loss:.5} last save stall {:.3} ms", last_stall.as_secs_f64() * 1e3));
     }
     bar.finish_and_clear();
-    let committed = io.save(&vs, Some(&opt), true)?.wait_blocking()?;
     let (fence_wait, fence_waits) = io.fence().waited();
-    eprintln!(
-        "exit save: {} ({} bytes, iteration {}); optimizer steps waited {} times for save copies, {:.3} ms in all",
-        committed.path.display(),
-        committed.bytes,
-        committed.iterations,
-        fence_waits,
-        fence_wait.as_secs_f64() * 1e3
-    );
+    match io.save(&vs, Some(&opt), true) {
+        Ok(ticket) => {
+            let committed = ticket.wait_blocking()?;
+            eprintln!(
+                "exit save: {} ({} bytes, iteration {}); optimizer steps waited {} times for save copies, {:.3} ms in all",
+                committed.path.display(),
+                committed.bytes,
+                committed.iterations,
+                fence_waits,
+                fence_wait.as_secs_f64() * 1e3
+            );
+        }
+        // An earlier failure, reported now; the exit save itself was queued.
+        Err(e) if e.is_background() => {
+            eprintln!("warning: {}", e.report());
+            io.flush_blocking()?;
+            eprintln!("exit save: committed at iteration {}", io.iterations());
+        }
+        Err(e) => return Err(e),
+    }
     Ok(summary)
 }
 
@@ -200,7 +232,7 @@ async fn main() -> std::process::ExitCode {
     match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", e.report());
             std::process::ExitCode::FAILURE
         }
     }
@@ -247,13 +279,14 @@ async fn run() -> modelio::Result<()> {
     io.shutdown().await?;
     let max_stall = summary.stalls.iter().max().copied().unwrap_or_default();
     println!(
-        "{}trained {} iterations (total {}), last loss {:.5}; saves: {} committed, {} skipped; trainer stall per save: max {:.3} ms",
+        "{}trained {} iterations (total {}), last loss {:.5}; saves: {} committed, {} skipped, {} failed; trainer stall per save: max {:.3} ms",
         if summary.interrupted { "interrupted: " } else { "" },
         summary.trained,
         summary.total,
         summary.last_loss,
         stats.committed,
         stats.skipped,
+        stats.failed,
         max_stall.as_secs_f64() * 1e3,
     );
     Ok(())

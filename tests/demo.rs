@@ -123,3 +123,77 @@ fn second_sigint_during_the_drain_aborts_and_loses_nothing_committed() {
     let io = modelio::ModelIo::open(c).unwrap();
     assert_eq!(io.iterations(), archive.manifest.iterations);
 }
+
+#[test]
+fn bad_flags_are_refused_with_a_message_not_a_panic() {
+    for args in [["--threads", "0"], ["--save-interval", "0"]] {
+        let out = Command::new(demo()).current_dir(env!("CARGO_MANIFEST_DIR")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(args[0]) && !stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn training_goes_on_through_a_full_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&disk).output().unwrap();
+    if !mounted.status.success() {
+        println!("skipped: cannot mount a tmpfs here ({})", String::from_utf8_lossy(&mounted.stderr).trim());
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&disk);
+    let dir = disk.join("model");
+    let mut child = start_training(&dir, &["--save-interval", "5", "--write-delay-ms", "20"]);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+        }
+    });
+    let iterations = || ArchiveReader::open(&dir.join("model.mio")).map(|r| r.manifest.iterations).unwrap_or(0);
+    // Fill the disk to the last byte, until a save fails and the demo says so.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[1u8; 4096]).is_ok() {}
+    }
+    let mut lines = Vec::new();
+    loop {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+            panic!("the demo reported no failure while the disk was full: {}", lines.join("\n"));
+        };
+        let warned = line.contains("warning:") && line.contains("no space left");
+        lines.push(line);
+        if warned {
+            break;
+        }
+    }
+    let stuck = iterations();
+    // Space is back: saving resumes without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let started = Instant::now();
+    while iterations() <= stuck {
+        assert!(started.elapsed() < Duration::from_secs(60), "no save was committed after the disk was freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sigint(&child);
+    let out = child.wait_with_output().unwrap();
+    lines.extend(rx.try_iter());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {}", lines.join("\n"));
+    assert!(lines.iter().any(|l| l.contains("training goes on")), "{}", lines.join("\n"));
+    let trained: u64 = stdout.split("trained ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert_eq!(iterations(), trained, "the exit save is committed");
+}
