@@ -26,6 +26,10 @@ pub struct Restored {
 /// not know are moved to the archived folder too. Everything else under
 /// `<name>_logs/` stays: known sessions and any layout of the user's own.
 ///
+/// The backups are put back as independent copies (a copy-on-write clone
+/// where the filesystem offers one), never as hard links: damage to the
+/// restored file must not reach its backup.
+///
 /// # Errors
 /// [`Error::NoBackup`] (nothing changed) when there is no `.bk`;
 /// [`Error::Io`] naming the file otherwise.
@@ -80,7 +84,7 @@ pub fn restore(paths: &ModelPaths) -> Result<Restored> {
     durable::sync_dir(dir)?;
     let mut restored = Vec::new();
     for (bk, original) in backups {
-        commit(&original, Source::Link(&bk))?;
+        commit(&original, Source::Copy(&bk))?;
         restored.push(original);
     }
     restored.sort();
