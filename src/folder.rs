@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::durable::is_temp;
+use crate::error::{IoContext, Result};
 use crate::format::EXTENSION;
 
 /// The files of one model in its folder.
@@ -50,6 +51,32 @@ pub fn archive_names(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Names of the models that have files in `dir`, sorted and unique: from
+/// archives (`<name>.mio`), backups (`<name>.mio.bk`) and state files
+/// (`<name>_state.json` and its `.bk`), so a model whose archive is missing
+/// is still found. Folders and temporary files are skipped.
+///
+/// # Errors
+/// [`crate::Error::Io`] when `dir` cannot be listed.
+pub fn model_names(dir: &Path) -> Result<Vec<String>> {
+    let suffixes = [format!(".{EXTENSION}"), format!(".{EXTENSION}.bk"), "_state.json".to_string(), "_state.json.bk".to_string()];
+    let mut names = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(dir).at("list", dir)? {
+        let entry = entry.at("list", dir)?;
+        if entry.file_type().map_or(true, |t| t.is_dir()) {
+            continue;
+        }
+        let Ok(file) = entry.file_name().into_string() else { continue };
+        if is_temp(&file) {
+            continue;
+        }
+        if let Some(name) = suffixes.iter().find_map(|s| file.strip_suffix(s.as_str())).filter(|n| !n.is_empty()) {
+            names.insert(name.to_string());
+        }
+    }
+    Ok(names.into_iter().collect())
 }
 
 /// The reference's `multiple_models_in_folder`: the archive names found when
@@ -105,5 +132,17 @@ mod tests {
         }
         assert_eq!(archive_names(dir.path()), s(&["a", "b"]));
         assert!(archive_names(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn model_names_come_from_archives_backups_and_state_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a.mio", "a_state.json", "a.mio.bk", "b.mio.bk", "c_state.json", "d_state.json.bk", ".mio", "notes.txt", ".modelio-tmp-1-x-e.mio"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("f.mio")).unwrap();
+        std::fs::create_dir(dir.path().join("a_logs")).unwrap();
+        assert_eq!(model_names(dir.path()).unwrap(), s(&["a", "b", "c", "d"]));
+        assert!(model_names(&dir.path().join("missing")).is_err());
     }
 }

@@ -1,11 +1,18 @@
 //! The `modelio` command: inspect, verify, restore and list snapshots.
+//!
+//! Results go to standard output through [`Out`], which treats a reader that
+//! went away (`modelio inspect FILE | head`) as the end of the output, not as
+//! an error; errors go to standard error with their causes.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use modelio::archive::ArchiveReader;
+use modelio::error::Report;
 use modelio::folder::ModelPaths;
 use modelio::format::EXTENSION;
 use modelio::{snapshot, Error};
@@ -19,26 +26,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show what an archive holds.
+    /// Show what an archive holds and check its checksums (exit 1 when damaged).
     Inspect {
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Check every tensor checksum of an archive, or of every archive in a model folder.
+    /// Check every tensor checksum of an archive, or of every archive in a
+    /// model folder (then also say what `load.fallback` would load instead of
+    /// a damaged or missing archive).
     Verify { path: PathBuf },
     /// Put a model's `.bk` backups back; the current files move to `<name>_archived_<timestamp>/`.
     Restore {
         dir: PathBuf,
+        /// The model; needed only when the folder holds several.
         #[arg(long)]
-        name: String,
+        name: Option<String>,
     },
     /// List a model's snapshots with iterations, size and whether they verify.
     Snapshots {
         dir: PathBuf,
+        /// The model; needed only when the folder holds several.
         #[arg(long)]
-        name: String,
+        name: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -72,37 +83,164 @@ enum Command {
     },
 }
 
+/// What the command line can fail with besides the library's errors.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Modelio(#[from] Error),
+
+    #[error("folder {} holds several models ({}); choose one with --name NAME", dir.display(), names.join(", "))]
+    SeveralModels { dir: PathBuf, names: Vec<String> },
+
+    #[error(
+        "no model found in {}: it holds no `<name>.{EXTENSION}`, `<name>.{EXTENSION}.bk` or `<name>_state.json`; \
+         pass the folder that holds the model's files",
+        dir.display()
+    )]
+    NoModel { dir: PathBuf },
+
+    #[error("could not write to standard output")]
+    Stdout(#[source] std::io::Error),
+}
+
+impl CliError {
+    /// The error and its causes (see [`Error::report`]).
+    fn report(&self) -> Report<'_> {
+        Report::of(self)
+    }
+}
+
+/// Print an error with its causes. A failing standard error is ignored: there
+/// is nowhere left to say anything.
+fn print_error(e: &CliError) {
+    let _ = writeln!(std::io::stderr().lock(), "error: {}", e.report());
+}
+
+/// Print a note (progress, hints) to standard error; failures are ignored.
+fn note(args: fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
+/// Standard output for results. When the reader goes away (a broken pipe)
+/// the output ends there: later lines are dropped, and the command still
+/// finishes and returns its usual exit code. Any other write error is kept
+/// and reported once the command is done. Each line takes the stdout lock
+/// only while it is written, so no other thread can be left waiting on it.
+#[derive(Default)]
+struct Out {
+    closed: bool,
+    failed: Option<std::io::Error>,
+}
+
+/// Write one line of results: `say!(out, "format", args...)`.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
+}
+
+impl Out {
+    fn line(&mut self, args: fmt::Arguments<'_>) {
+        if self.closed {
+            return;
+        }
+        if let Err(e) = writeln!(std::io::stdout().lock(), "{args}") {
+            self.fail(e);
+        }
+    }
+
+    fn fail(&mut self, e: std::io::Error) {
+        self.closed = true;
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            self.failed.get_or_insert(e);
+        }
+    }
+
+    /// Flush what is buffered; the first write error other than a broken pipe.
+    fn finish(mut self) -> Result<(), CliError> {
+        if !self.closed {
+            if let Err(e) = std::io::stdout().lock().flush() {
+                self.fail(e);
+            }
+        }
+        self.failed.map_or(Ok(()), |e| Err(CliError::Stdout(e)))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Inspect { file, json } => inspect(&file, json),
-        Command::Verify { path } => verify(&path),
-        Command::Restore { dir, name } => restore(&dir, &name),
-        Command::Snapshots { dir, name, json } => snapshots(&dir, &name, json),
-        Command::Bench { size_mib, dir, reps, device, steps, save_every, peers, json } => {
-            bench(size_mib, dir, reps, &device, steps, save_every, peers.as_deref(), json.as_deref())
-        }
-    };
-    match result {
+    let mut out = Out::default();
+    let result = run(cli.command, &mut out);
+    let written = out.finish();
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    };
+    match written {
+        Ok(()) => code,
+        Err(e) => {
+            print_error(&e);
             ExitCode::FAILURE
         }
     }
 }
 
-fn inspect(file: &Path, json: bool) -> Result<ExitCode, Error> {
+fn run(command: Command, out: &mut Out) -> Result<ExitCode, CliError> {
+    match command {
+        Command::Inspect { file, json } => inspect(&file, json, out),
+        Command::Verify { path } => verify(&path, out),
+        Command::Restore { dir, name } => restore(&dir, name, out),
+        Command::Snapshots { dir, name, json } => snapshots(&dir, name, json, out),
+        Command::Bench { size_mib, dir, reps, device, steps, save_every, peers, json } => {
+            bench(size_mib, dir, reps, &device, steps, save_every, peers.as_deref(), json.as_deref(), out)
+        }
+    }
+}
+
+/// The model `--name` names, or the only model in `dir`.
+fn model_name(dir: &Path, name: Option<String>) -> Result<String, CliError> {
+    if let Some(name) = name {
+        return Ok(name);
+    }
+    let mut names = modelio::folder::model_names(dir)?;
+    match names.len() {
+        0 => Err(CliError::NoModel { dir: dir.to_path_buf() }),
+        1 => Ok(names.remove(0)),
+        _ => Err(CliError::SeveralModels { dir: dir.to_path_buf(), names }),
+    }
+}
+
+fn tensor_count(r: &ArchiveReader) -> usize {
+    r.model.len() + r.optimizer.as_ref().map_or(0, |o| o.0.len())
+}
+
+/// The model of a live archive `<name>.mio`; `None` for backups and other
+/// files (a restore hint for those would name the wrong model).
+fn live_model(file: &Path) -> Option<String> {
+    let file_name = file.file_name()?.to_str()?;
+    file_name.strip_suffix(&format!(".{EXTENSION}")).filter(|n| !n.is_empty()).map(str::to_string)
+}
+
+/// The error a load of `file` would report for these damaged tensors.
+fn checksum_error(file: &Path, damaged: &[String]) -> Error {
+    let name = live_model(file).unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    Error::Damaged { path: file.to_path_buf(), name, what: "checksum failed for tensors".into(), detail: damaged.join(", ") }
+}
+
+fn inspect(file: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
     let r = ArchiveReader::open(file)?;
+    let damaged = r.verify();
     let m = &r.manifest;
-    let tensors: Vec<serde_json::Value> = r
-        .model
-        .iter()
-        .map(|t| serde_json::json!({"name": t.meta.name, "dtype": t.meta.dtype, "shape": t.meta.shape, "bytes": t.len}))
-        .collect();
-    let optimizer = r.optimizer.as_ref().map(|(t, _)| t.len());
     if json {
-        let out = serde_json::json!({
+        let tensors: Vec<serde_json::Value> = r
+            .model
+            .iter()
+            .map(|t| serde_json::json!({"name": t.meta.name, "dtype": t.meta.dtype, "shape": t.meta.shape, "bytes": t.len}))
+            .collect();
+        let optimizer = r.optimizer.as_ref().map(|(t, _)| t.len());
+        let doc = serde_json::json!({
             "name": m.name,
             "iterations": m.iterations,
             "format_version": m.format_version,
@@ -112,79 +250,144 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode, Error> {
             "optimizer_kind": m.optimizer.as_ref().map(|o| o.kind.clone()),
             "optimizer_tensors": optimizer.unwrap_or(0),
             "tensor_bytes": r.tensor_bytes(),
+            "verified": damaged.is_empty(),
+            "damaged": damaged,
         });
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        say!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        println!("{}: model `{}`, {} iterations, format v{}, created {}", file.display(), m.name, m.iterations, m.format_version, m.created);
+        say!(out, "{}: model `{}`, {} iterations, format v{}, created {}", file.display(), m.name, m.iterations, m.format_version, m.created);
         for t in &r.model {
-            println!("  {:<40} {:<5} {:<20} {} bytes", t.meta.name, t.meta.dtype.name(), format!("{:?}", t.meta.shape), t.len);
+            say!(out, "  {:<40} {:<5} {:<20} {} bytes", t.meta.name, t.meta.dtype.name(), format!("{:?}", t.meta.shape), t.len);
         }
         match &m.optimizer {
-            Some(o) => println!("optimizer: {} ({} state tensors)", o.kind, o.tensors.len()),
-            None => println!("optimizer: none"),
+            Some(o) => say!(out, "optimizer: {} ({} state tensors)", o.kind, o.tensors.len()),
+            None => say!(out, "optimizer: none"),
+        }
+        if damaged.is_empty() {
+            say!(out, "checksums: ok ({} tensors verified)", tensor_count(&r));
+        } else {
+            say!(out, "checksums: DAMAGED: tensors {}", damaged.join(", "));
         }
     }
-    Ok(ExitCode::SUCCESS)
+    if damaged.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if live_model(file).is_some() {
+        note(format_args!("error: {}", checksum_error(file, &damaged).report()));
+    }
+    Ok(ExitCode::FAILURE)
 }
 
-/// Verify one archive; prints its damaged parts. Returns whether it is intact.
-fn verify_one(file: &Path) -> bool {
-    match ArchiveReader::open(file) {
-        Ok(r) => {
-            let damaged = r.verify();
-            if damaged.is_empty() {
-                println!("ok      {} ({} tensors)", file.display(), r.model.len() + r.optimizer.as_ref().map_or(0, |o| o.0.len()));
-                true
-            } else {
-                println!("DAMAGED {}: tensors {}", file.display(), damaged.join(", "));
-                false
+/// Open an archive and check every checksum; its iterations when intact.
+fn check(file: &Path) -> Result<u64, Error> {
+    let r = ArchiveReader::open(file)?;
+    let damaged = r.verify();
+    if damaged.is_empty() {
+        Ok(r.manifest.iterations)
+    } else {
+        Err(checksum_error(file, &damaged))
+    }
+}
+
+/// Verify one archive and print the outcome; a damaged live archive also
+/// gets the library's error (with the restore hint) on standard error.
+fn verify_one(file: &Path, out: &mut Out) -> Result<u64, Error> {
+    let result = check(file);
+    match &result {
+        Ok(_) => {
+            let tensors = ArchiveReader::open(file).map(|r| tensor_count(&r)).unwrap_or(0);
+            say!(out, "ok      {} ({tensors} tensors)", file.display());
+        }
+        Err(e @ Error::Damaged { what, detail, .. }) => {
+            say!(out, "DAMAGED {}: {what}: {detail}", file.display());
+            if live_model(file).is_some() {
+                note(format_args!("error: {}", e.report()));
             }
         }
-        Err(e) => {
-            println!("DAMAGED {}: {e}", file.display());
-            false
-        }
+        Err(e) => say!(out, "FAILED  {}: {}", file.display(), e.report()),
     }
+    result
 }
 
-fn verify(path: &Path) -> Result<ExitCode, Error> {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        let ext = format!(".{EXTENSION}");
-        let bk = format!(".{EXTENSION}.bk");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::Io { op: "list", path: path.to_path_buf(), source: e })?
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !modelio::durable::is_temp(n) && (n.ends_with(&ext) || n.ends_with(&bk)))
-            .map(|n| path.join(n))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(Error::ModelNotFound { dir: path.to_path_buf(), name: "*".into(), file: format!("*.{EXTENSION}") });
-        }
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
+fn verify(path: &Path, out: &mut Out) -> Result<ExitCode, CliError> {
+    if !path.is_dir() {
+        let ok = verify_one(path, out).is_ok();
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    let ext = format!(".{EXTENSION}");
+    let bk = format!(".{EXTENSION}.bk");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::Io { op: "list", path: path.to_path_buf(), source: e })?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !modelio::durable::is_temp(n) && (n.ends_with(&ext) || n.ends_with(&bk)))
+        .map(|n| path.join(n))
+        .collect();
+    files.sort();
+    let models = modelio::folder::model_names(path)?;
+    if files.is_empty() && models.is_empty() {
+        return Err(Error::ModelNotFound { dir: path.to_path_buf(), name: "*".into(), file: format!("*.{EXTENSION}") }.into());
+    }
     // Verify every file (no short circuit): the report names all damage.
-    let results: Vec<bool> = files.iter().map(|f| verify_one(f)).collect();
-    let all_ok = results.iter().all(|&ok| ok);
+    let results: BTreeMap<PathBuf, Result<u64, Error>> = files.iter().map(|f| (f.clone(), verify_one(f, out))).collect();
+    let mut all_ok = results.values().all(Result::is_ok);
+    for name in &models {
+        let live = ModelPaths::new(path, name).archive();
+        match results.get(&live) {
+            Some(Ok(_)) => continue,
+            Some(Err(_)) => {}
+            None => {
+                say!(out, "MISSING {}", live.display());
+                all_ok = false;
+            }
+        }
+        match fallback(path, name, &results) {
+            Some((file, iterations)) => say!(out, "fallback: load.fallback would load {} (iteration {iterations})", file.display()),
+            None => say!(out, "fallback: none: no backup or snapshot of `{name}` verifies, so load.fallback would fail"),
+        }
+    }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn restore(dir: &Path, name: &str) -> Result<ExitCode, Error> {
-    let r = modelio::restore::restore(&ModelPaths::new(dir, name))?;
-    println!("moved the current files of `{name}` to {}", r.archived.display());
+/// The archive a `load.fallback = true` load of model `name` in `dir` would
+/// use instead of the live one, with its iterations: as the loader picks it,
+/// the newest that verifies of `<name>.mio.bk`, then the snapshots by
+/// iteration, newest first. Archives already checked are not read again.
+fn fallback(dir: &Path, name: &str, checked: &BTreeMap<PathBuf, Result<u64, Error>>) -> Option<(PathBuf, u64)> {
+    let live = ModelPaths::new(dir, name).archive();
+    let file_name = live.file_name()?.to_owned();
+    let mut candidates = vec![ModelPaths::backup_of(&live)];
+    let mut snaps = snapshot::list(dir);
+    snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    candidates.extend(snaps.into_iter().map(|(_, snap)| snap.join(&file_name)));
+    candidates.into_iter().find_map(|file| {
+        let iterations = match checked.get(&file) {
+            Some(result) => result.as_ref().ok().copied(),
+            None => check(&file).ok(),
+        };
+        iterations.map(|n| (file, n))
+    })
+}
+
+fn restore(dir: &Path, name: Option<String>, out: &mut Out) -> Result<ExitCode, CliError> {
+    let name = model_name(dir, name)?;
+    let r = modelio::restore::restore(&ModelPaths::new(dir, &name))?;
+    say!(out, "moved the current files of `{name}` to {}", r.archived.display());
+    for f in &r.moved_logs {
+        let session = f.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        say!(out, "moved the logs of session {session}, which the restored state file does not know, to {}", f.display());
+    }
     for f in &r.restored {
-        println!("restored {}", f.display());
+        say!(out, "restored {}", f.display());
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn snapshots(dir: &Path, name: &str, json: bool) -> Result<ExitCode, Error> {
+fn snapshots(dir: &Path, name: Option<String>, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
+    let name = model_name(dir, name)?;
     let mut list = snapshot::list(dir);
     list.sort_by_key(|(n, _)| *n);
-    let archive_name = ModelPaths::new(dir, name).archive().file_name().map(|n| n.to_owned()).unwrap_or_default();
+    let archive_name = ModelPaths::new(dir, &name).archive().file_name().map(|n| n.to_owned()).unwrap_or_default();
     let rows: Vec<serde_json::Value> = list
         .iter()
         .map(|(n, path)| {
@@ -194,32 +397,43 @@ fn snapshots(dir: &Path, name: &str, json: bool) -> Result<ExitCode, Error> {
         })
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        say!(out, "{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
     } else if rows.is_empty() {
-        println!("no snapshots of {}", dir.display());
+        say!(out, "no snapshots of {}", dir.display());
     } else {
         for r in &rows {
-            println!("{:>10} iterations  {:>12} bytes  {}  {}", r["iterations"], r["bytes"], if r["verifies"] == true { "ok     " } else { "DAMAGED" }, r["path"].as_str().unwrap_or(""));
+            let status = if r["verifies"] == true { "ok     " } else { "DAMAGED" };
+            say!(out, "{:>10} iterations  {:>12} bytes  {}  {}", r["iterations"], r["bytes"], status, r["path"].as_str().unwrap_or(""));
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench(size_mib: u64, dir: PathBuf, reps: usize, device: &str, steps: u64, save_every: u64, peers: Option<&Path>, json: Option<&Path>) -> Result<ExitCode, Error> {
+fn bench(
+    size_mib: u64,
+    dir: PathBuf,
+    reps: usize,
+    device: &str,
+    steps: u64,
+    save_every: u64,
+    peers: Option<&Path>,
+    json: Option<&Path>,
+    out: &mut Out,
+) -> Result<ExitCode, CliError> {
     let device = match device {
         "cpu" => tch::Device::Cpu,
         "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
         "cuda" => {
-            return Err(Error::ConfigValue { key: "--device".into(), value: "cuda".into(), allowed: "cpu (no CUDA device is available)".into() })
+            return Err(Error::ConfigValue { key: "--device".into(), value: "cuda".into(), allowed: "cpu (no CUDA device is available)".into() }.into())
         }
-        other => return Err(Error::ConfigValue { key: "--device".into(), value: other.into(), allowed: "cpu or cuda".into() }),
+        other => return Err(Error::ConfigValue { key: "--device".into(), value: other.into(), allowed: "cpu or cuda".into() }.into()),
     };
     if save_every == 0 {
-        return Err(Error::ConfigValue { key: "--save-every".into(), value: "0".into(), allowed: "an integer >= 1".into() });
+        return Err(Error::ConfigValue { key: "--save-every".into(), value: "0".into(), allowed: "an integer >= 1".into() }.into());
     }
     let opts = modelio::bench::BenchOptions { size_mib, dir, reps, device, steps, save_every };
-    eprintln!("measuring a {size_mib} MiB state on {device:?} in {} ({reps} repetitions each)...", opts.dir.display());
+    note(format_args!("measuring a {size_mib} MiB state on {device:?} in {} ({reps} repetitions each)...", opts.dir.display()));
     let mut report = modelio::bench::run(&opts)?;
     if let Some(p) = peers {
         let text = std::fs::read_to_string(p).map_err(|e| Error::Io { op: "read", path: p.to_path_buf(), source: e })?;
@@ -232,14 +446,14 @@ fn bench(size_mib: u64, dir: PathBuf, reps: usize, device: &str, steps: u64, sav
         }
     }
     let rows = modelio::bench::table(&report);
-    println!("{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", "figure", "modelio", "reference", "ratio", "target", "holds");
+    say!(out, "{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", "figure", "modelio", "reference", "ratio", "target", "holds");
     for r in &rows {
-        println!("{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", r[0], r[1], r[2], r[3], r[4], r[5]);
+        say!(out, "{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", r[0], r[1], r[2], r[3], r[4], r[5]);
     }
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
         modelio::durable::commit_bytes(path, text.as_bytes())?;
-        eprintln!("wrote {}", path.display());
+        note(format_args!("wrote {}", path.display()));
     }
     Ok(ExitCode::SUCCESS)
 }

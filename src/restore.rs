@@ -15,12 +15,20 @@ pub struct Restored {
     pub archived: PathBuf,
     /// The files put back from their `.bk`.
     pub restored: Vec<PathBuf>,
+    /// Session log folders moved aside, where they are now (under `archived`).
+    pub moved_logs: Vec<PathBuf>,
 }
 
 /// Move the model's current files into `<dir>/<name>_archived_<timestamp>/`
 /// and put every `<file>.bk` back as `<file>` (the `.bk` stays). Session log
-/// folders under `<name>_logs/` that the restored state file does not know
-/// are moved to the archived folder too; the others stay.
+/// folders under `<name>_logs/` (folders named by a session id, as
+/// [`State::start_session`] creates them) that the restored state file does
+/// not know are moved to the archived folder too. Everything else under
+/// `<name>_logs/` stays: known sessions and any layout of the user's own.
+///
+/// The backups are put back as independent copies (a copy-on-write clone
+/// where the filesystem offers one), never as hard links: damage to the
+/// restored file must not reach its backup.
 ///
 /// # Errors
 /// [`Error::NoBackup`] (nothing changed) when there is no `.bk`;
@@ -68,31 +76,85 @@ pub fn restore(paths: &ModelPaths) -> Result<Restored> {
             fs::rename(file, archived.join(name)).at("move aside", file)?;
         }
     }
-    if let Some(known) = known_sessions {
-        move_unknown_session_logs(&paths.logs(), &archived, &known)?;
-    }
+    let moved_logs = match known_sessions {
+        Some(known) => move_unknown_session_logs(&paths.logs(), &archived, &known)?,
+        None => Vec::new(),
+    };
     durable::sync_dir(&archived)?;
     durable::sync_dir(dir)?;
     let mut restored = Vec::new();
     for (bk, original) in backups {
-        commit(&original, Source::Link(&bk))?;
+        commit(&original, Source::Copy(&bk))?;
         restored.push(original);
     }
     restored.sort();
-    Ok(Restored { archived, restored })
+    Ok(Restored { archived, restored, moved_logs })
 }
 
-fn move_unknown_session_logs(logs: &Path, archived: &Path, known: &[String]) -> Result<()> {
-    let Ok(entries) = fs::read_dir(logs) else { return Ok(()) };
+/// Whether a folder name is a session id: a UUID in the form
+/// [`State::start_session`] writes (lowercase, hyphenated).
+fn is_session_id(name: &str) -> bool {
+    uuid::Uuid::try_parse(name).is_ok_and(|id| id.hyphenated().to_string() == name)
+}
+
+/// Move the session folders under `logs` that are not in `known` to
+/// `<archived>/<logs name>/`; returns where they went. Entries that are not
+/// folders named by a session id are the user's and stay where they are.
+fn move_unknown_session_logs(logs: &Path, archived: &Path, known: &[String]) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = fs::read_dir(logs) else { return Ok(Vec::new()) };
     let target = archived.join(logs.file_name().unwrap_or_default());
+    let mut moved = Vec::new();
     for entry in entries {
         let entry = entry.at("list", logs)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(name) = entry.file_name().into_string() else { continue };
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if is_dir && !known.contains(&name) {
+        if is_dir && is_session_id(&name) && !known.contains(&name) {
             fs::create_dir_all(&target).at("create", &target)?;
-            fs::rename(entry.path(), target.join(&name)).at("move aside", &entry.path())?;
+            let to = target.join(&name);
+            fs::rename(entry.path(), &to).at("move aside", &entry.path())?;
+            moved.push(to);
         }
     }
-    Ok(())
+    moved.sort();
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KNOWN: &str = "0b6a3c4e-7f1d-4a8e-9c2b-5d7e8f901234";
+    const UNKNOWN: &str = "9f8e7d6c-5b4a-4392-8172-6a5b4c3d2e1f";
+
+    #[test]
+    fn session_ids_are_uuids_as_start_session_writes_them() {
+        let mut state = State::new("m");
+        state.start_session(1);
+        assert!(is_session_id(&state.sessions[0].id));
+        assert!(is_session_id(KNOWN));
+        for other in ["tensorboard", "some-later-session", "", "9F8E7D6C-5B4A-4392-8172-6A5B4C3D2E1F", "9f8e7d6c5b4a439281726a5b4c3d2e1f"] {
+            assert!(!is_session_id(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn only_unknown_session_folders_move() {
+        let tmp = tempfile::tempdir().unwrap();
+        let logs = tmp.path().join("m_logs");
+        let archived = tmp.path().join("m_archived_x");
+        for d in [KNOWN, UNKNOWN, "tensorboard", "some-later-session"] {
+            fs::create_dir_all(logs.join(d)).unwrap();
+        }
+        fs::write(logs.join("run.txt"), b"x").unwrap();
+        fs::create_dir(&archived).unwrap();
+        let moved = move_unknown_session_logs(&logs, &archived, &[KNOWN.to_string()]).unwrap();
+        assert_eq!(moved, [archived.join("m_logs").join(UNKNOWN)]);
+        assert!(moved[0].is_dir());
+        for stays in [KNOWN, "tensorboard", "some-later-session", "run.txt"] {
+            assert!(logs.join(stays).exists(), "{stays}");
+        }
+        assert!(!logs.join(UNKNOWN).exists());
+        // No logs folder: nothing to do.
+        assert!(move_unknown_session_logs(&tmp.path().join("none"), &archived, &[]).unwrap().is_empty());
+    }
 }
