@@ -170,7 +170,9 @@ fn restore_round_trip_and_refusal_without_backup() {
     let _ticket = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
     let session = io.state().sessions.last().unwrap().id.clone();
     std::fs::create_dir_all(dir.join("m_logs").join(&session)).unwrap();
-    std::fs::create_dir_all(dir.join("m_logs/some-later-session")).unwrap();
+    let later = uuid::Uuid::new_v4().to_string();
+    std::fs::create_dir_all(dir.join("m_logs").join(&later)).unwrap();
+    std::fs::create_dir_all(dir.join("m_logs/tensorboard")).unwrap();
     io.shutdown_blocking().unwrap();
     let (expected, _n) = common::seeded_store(0);
     let io = common::open(&dir, "m");
@@ -197,5 +199,6 @@ fn restore_round_trip_and_refusal_without_backup() {
     let archived = archived[0].path();
     assert!(archived.join("m.mio").exists(), "damaged archive kept aside");
     assert!(dir.join("m_logs").join(&session).is_dir(), "known session's logs stay");
-    assert!(archived.join("m_logs/some-later-session").is_dir(), "unknown session's logs move aside");
+    assert!(archived.join("m_logs").join(&later).is_dir(), "unknown session's logs move aside");
+    assert!(dir.join("m_logs/tensorboard").is_dir(), "a log layout of the user's choosing stays");
 }
