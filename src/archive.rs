@@ -316,9 +316,12 @@ impl std::ops::Deref for Backing {
     }
 }
 
-/// Tensors are read and checksummed this many bytes at a time (each chunk
-/// is checksummed while still in the CPU's cache).
+/// Tensors are read this many bytes at a time (each chunk is checksummed
+/// while still in the CPU's cache).
 const READ_CHUNK: usize = 4 << 20;
+/// Both checksums (CRC-32C and zip CRC-32) are computed over pieces of this
+/// size, one after the other, so the second reads the piece from L2.
+const CHECK_PIECE: usize = 256 << 10;
 
 /// Entries an archive may hold; any other is refused, so that no entry goes
 /// unchecked (`zipfile.testzip()` would read it).
@@ -469,8 +472,11 @@ impl ArchiveReader {
                 // `entry_of` matched `t` to a located tensor, which lies inside the bytes.
                 Backing::Owned(bytes) => chunk.copy_from_slice(&bytes[offset..offset + chunk.len()]),
             }
-            crc32c = crc32c::crc32c_append(crc32c, chunk);
-            crc32.update(chunk);
+            // Both checksums per piece small enough to stay in L2 between them.
+            for piece in chunk.chunks(CHECK_PIECE) {
+                crc32c = crc32c::crc32c_append(crc32c, piece);
+                crc32.update(piece);
+            }
         }
         self.check_read(entry, located, t, crc32c, crc32.finalize())
     }
@@ -576,7 +582,7 @@ impl ArchiveReader {
 fn checksums(bytes: &[u8]) -> (u32, u32) {
     let mut crc32c = 0;
     let mut crc32 = crc32fast::Hasher::new();
-    for chunk in bytes.chunks(256 << 10) {
+    for chunk in bytes.chunks(CHECK_PIECE) {
         crc32c = crc32c::crc32c_append(crc32c, chunk);
         crc32.update(chunk);
     }
