@@ -856,6 +856,45 @@ mod tests {
     }
 
     #[test]
+    fn version_1_archives_still_read_and_a_present_checksum_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        sample(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        let as_v1 = |checksum: Option<u32>| {
+            forge(&bytes, MANIFEST_ENTRY, |d| {
+                let mut m: Manifest = serde_json::from_slice(d).unwrap();
+                m.format_version = 1;
+                m.state_crc32c = None;
+                m.checksum = checksum;
+                if let Some(o) = m.optimizer.as_mut() {
+                    o.json_crc32c = None;
+                }
+                let mut v1 = serde_json::to_vec_pretty(&m).unwrap();
+                v1.resize(d.len(), b' ');
+                d.copy_from_slice(&v1);
+            })
+        };
+        let r = ArchiveReader::from_bytes(&path, as_v1(None)).unwrap();
+        assert_eq!(r.manifest.format_version, 1);
+        assert!(r.verify().is_empty());
+        assert_eq!(r.state.as_deref(), Some(&b"{\"s\":1}"[..]));
+        // A checksum field is checked whatever the version (this one cannot be right).
+        let err = ArchiveReader::from_bytes(&path, as_v1(Some(7))).unwrap_err().to_string();
+        assert!(err.contains(MANIFEST_ENTRY) && err.contains("checksum"), "{err}");
+        // Version 2 without checksums is refused.
+        let v2_bare = forge(&bytes, MANIFEST_ENTRY, |d| {
+            let mut m: Manifest = serde_json::from_slice(d).unwrap();
+            m.checksum = None;
+            let mut out = serde_json::to_vec_pretty(&m).unwrap();
+            out.resize(d.len(), b' ');
+            d.copy_from_slice(&out);
+        });
+        let err = ArchiveReader::from_bytes(&path, v2_bare).unwrap_err().to_string();
+        assert!(err.contains("has no checksum"), "{err}");
+    }
+
+    #[test]
     fn loading_every_tensor_checks_the_entry_crc() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.mio");

@@ -285,17 +285,17 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
         77..=81 => consistent_edit(rng, m, dir),
         82..=87 => {
             // A byte of a safetensors header (including its padding), CRC-32 recomputed.
-            let e = entry(*rng.pick(&["model.safetensors", "optimizer.safetensors"]));
+            let e = entry(["model.safetensors", "optimizer.safetensors"][rng.below(2)]);
             let n = u64::from_le_bytes(entry_data(&m, &e)[..8].try_into().unwrap()) as usize;
             let at = e.data_offset as usize + 8 + rng.below(n);
-            let to = *rng.pick(&[b'\t', b'\n', b'\r', b' ', b'{', b'0', b'"']);
+            let to = *rng.pick(b"\t\n\r {0\"");
             m[at] = if m[at] == to { b'x' } else { to };
             recrc(&mut m, &e);
             (m, format!("{} header byte {at} set to {to:#04x}, CRC-32 recomputed", e.name))
         }
         88..=91 => {
             // A tensor byte, CRC-32 recomputed: only the CRC-32C can tell.
-            let e = entry(*rng.pick(&["model.safetensors", "optimizer.safetensors"]));
+            let e = entry(["model.safetensors", "optimizer.safetensors"][rng.below(2)]);
             let n = u64::from_le_bytes(entry_data(&m, &e)[..8].try_into().unwrap()) as usize;
             let start = e.data_offset as usize + 8 + n;
             let at = start + rng.below(e.size as usize - 8 - n);
@@ -304,7 +304,7 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
             (m, format!("{} tensor byte {at} flipped, CRC-32 recomputed", e.name))
         }
         92..=95 => {
-            let e = entry(*rng.pick(&["optimizer.json", "state.json"]));
+            let e = entry(["optimizer.json", "state.json"][rng.below(2)]);
             let at = e.data_offset as usize + rng.below(e.size as usize);
             m[at] = if m[at].is_ascii_digit() { b'0' + (m[at] - b'0' + 1) % 10 } else { m[at] ^ rng.mask() };
             recrc(&mut m, &e);
