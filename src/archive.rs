@@ -1,23 +1,29 @@
-//! Writing and reading archives (format v1, see `docs/FORMAT.md`).
+//! Writing and reading archives (format v2, see `docs/FORMAT.md`).
 //!
 //! Plain functions over bytes, free of actors and libtorch. The reader maps
 //! the file and hands out tensor bytes in place; it treats the file as hostile:
 //! every offset and size is checked, every allocation is bounded, and every
-//! problem is an [`Error::Damaged`] naming the file and the part.
+//! problem is an [`Error::Damaged`] naming the file and the part. The zip
+//! layer is read by [`crate::zipread`], as strictly as Python's `zipfile`
+//! reads it or more; every entry's zip CRC-32 is checked as its bytes are read.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io::{BufWriter, Cursor, Read, Seek, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
-use zip::{CompressionMethod, ZipArchive};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::*;
+use crate::zipread::{self, Directory};
 
-/// JSON entries and safetensors headers larger than this are refused as damaged.
+/// JSON entries larger than this are refused as damaged.
 const MAX_JSON: u64 = 256 << 20;
+/// Safetensors headers larger than this are refused, as the safetensors
+/// library refuses them.
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 
 /// Write a complete archive to `out`.
 ///
@@ -37,7 +43,11 @@ pub fn write_archive<W: Write>(
     optimizer: Option<OptimizerRef<'_>>,
     state: Option<&[u8]>,
 ) -> Result<W> {
-    let manifest = Manifest {
+    let optimizer_json = match optimizer {
+        Some(o) => Some(serde_json::to_vec_pretty(o.json).map_err(|e| Error::io("encode optimizer state for", path, e.into()))?),
+        None => None,
+    };
+    let mut manifest = Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
         name: name.into(),
@@ -45,19 +55,27 @@ pub fn write_archive<W: Write>(
         created: chrono::Utc::now().to_rfc3339(),
         model: metas(model)?,
         optimizer: match optimizer {
-            Some(o) => Some(OptimizerMeta { kind: o.kind.into(), tensors: metas(o.tensors)? }),
+            Some(o) => Some(OptimizerMeta {
+                kind: o.kind.into(),
+                tensors: metas(o.tensors)?,
+                json_crc32c: optimizer_json.as_deref().map(crc32c::crc32c),
+            }),
             None => None,
         },
+        state_crc32c: state.map(crc32c::crc32c),
+        checksum: Some(0),
     };
+    let encode = |m: &Manifest| serde_json::to_vec_pretty(m).map_err(|e| Error::io("encode manifest for", path, e.into()));
+    // Serialized with `"checksum": 0` this is exactly what the checksum covers.
+    manifest.checksum = Some(crc32c::crc32c(&encode(&manifest)?));
+    let manifest_json = encode(&manifest)?;
     let write_err = |e: std::io::Error| Error::io("write", path, e);
     let mut zip = rawzip::ZipArchiveWriter::new(out);
-    let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io("encode manifest for", path, e.into()))?;
     write_entry(&mut zip, MANIFEST_ENTRY, &[(&manifest_json, None)]).map_err(write_err)?;
     write_safetensors(&mut zip, MODEL_ENTRY, model).map_err(write_err)?;
-    if let Some(o) = optimizer {
+    if let (Some(o), Some(json)) = (optimizer, &optimizer_json) {
         write_safetensors(&mut zip, OPTIMIZER_ENTRY, o.tensors).map_err(write_err)?;
-        let json = serde_json::to_vec_pretty(o.json).map_err(|e| Error::io("encode optimizer state for", path, e.into()))?;
-        write_entry(&mut zip, OPTIMIZER_JSON_ENTRY, &[(&json, None)]).map_err(write_err)?;
+        write_entry(&mut zip, OPTIMIZER_JSON_ENTRY, &[(json, None)]).map_err(write_err)?;
     }
     if let Some(state) = state {
         write_entry(&mut zip, STATE_ENTRY, &[(state, None)]).map_err(write_err)?;
@@ -165,7 +183,10 @@ fn metas(tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
         .collect()
 }
 
+/// One tensor in a safetensors header. Unknown fields and duplicate fields
+/// are refused (the safetensors library refuses duplicates).
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StEntry {
     dtype: DType,
     shape: Vec<usize>,
@@ -210,6 +231,13 @@ fn write_safetensors<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, entry: &st
     write_entry(zip, entry, &parts)
 }
 
+/// Which tensor entry a tensor lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Model,
+    Optimizer,
+}
+
 /// Where one tensor lives in the file.
 #[derive(Debug, Clone)]
 pub struct Located {
@@ -217,11 +245,47 @@ pub struct Located {
     /// Absolute offset of the tensor's first byte in the file.
     pub offset: usize,
     pub len: usize,
+    /// The entry it is in, and its index in that entry's list: where reads
+    /// record the tensor's CRC-32 for the entry's check.
+    part: Part,
+    index: usize,
 }
 
-/// An opened, structurally checked archive. Tensor bytes are checked against
-/// their checksums by [`ArchiveReader::verify`] or when read with
-/// [`ArchiveReader::checked_data`].
+/// What checking a safetensors entry's zip CRC-32 needs besides its tensors:
+/// the CRC-32 of the bytes before the first tensor, the stored CRC-32, the
+/// tensors in file order, and the CRC-32 of each tensor read so far.
+#[derive(Debug)]
+struct TensorEntry {
+    name: &'static str,
+    stored: u32,
+    /// CRC-32 and length of the 8-byte length and the JSON header.
+    prefix: (u32, u64),
+    /// Indices into the entry's `Located` list, by file offset.
+    file_order: Vec<usize>,
+    /// The CRC-32 of each tensor (by index) once read and found intact.
+    /// Reads may come from several threads, hence the lock.
+    read: Mutex<Vec<Option<u32>>>,
+}
+
+impl TensorEntry {
+    /// The entry's CRC-32 from the prefix and every tensor's CRC-32, in file order.
+    fn combined(&self, located: &[Located], crcs: &[Option<u32>]) -> Option<u32> {
+        let mut crc = crc32fast::Hasher::new_with_initial_len(self.prefix.0, self.prefix.1);
+        for &i in &self.file_order {
+            let t = located.get(i)?;
+            crc.combine(&crc32fast::Hasher::new_with_initial_len((*crcs.get(i)?)?, t.len as u64));
+        }
+        Some(crc.finalize())
+    }
+}
+
+/// An opened, structurally checked archive: the zip layer as strictly as
+/// Python's `zipfile` or more, the manifest's own checksum, and the small
+/// entries' checksums are checked on opening. Tensor bytes are checked
+/// against their CRC-32C, and each tensor entry against its zip CRC-32, by
+/// [`ArchiveReader::verify`], or as they are read with
+/// [`ArchiveReader::read_checked_into`] and [`ArchiveReader::checked_data`]
+/// (the entry's CRC-32 when the last of its tensors is read).
 pub struct ArchiveReader {
     path: PathBuf,
     name: String,
@@ -231,6 +295,8 @@ pub struct ArchiveReader {
     pub optimizer: Option<(Vec<Located>, serde_json::Value)>,
     /// The state file as of this save (absent in archives written without one).
     pub state: Option<Vec<u8>>,
+    model_entry: TensorEntry,
+    optimizer_entry: Option<TensorEntry>,
 }
 
 /// The bytes of an archive: a mapping of the file, or bytes in memory.
@@ -250,9 +316,16 @@ impl std::ops::Deref for Backing {
     }
 }
 
-/// Tensors are read and checksummed this many bytes at a time (each chunk
-/// is checksummed while still in the CPU's cache).
+/// Tensors are read this many bytes at a time (each chunk is checksummed
+/// while still in the CPU's cache).
 const READ_CHUNK: usize = 4 << 20;
+/// Both checksums (CRC-32C and zip CRC-32) are computed over pieces of this
+/// size, one after the other, so the second reads the piece from L2.
+const CHECK_PIECE: usize = 256 << 10;
+
+/// Entries an archive may hold; any other is refused, so that no entry goes
+/// unchecked (`zipfile.testzip()` would read it).
+const KNOWN_ENTRIES: [&str; 5] = [MANIFEST_ENTRY, MODEL_ENTRY, OPTIMIZER_ENTRY, OPTIMIZER_JSON_ENTRY, STATE_ENTRY];
 
 impl std::fmt::Debug for ArchiveReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,11 +334,12 @@ impl std::fmt::Debug for ArchiveReader {
 }
 
 impl ArchiveReader {
-    /// Open and check the structure of the archive at `path`.
+    /// Open the archive at `path` and check its structure, its manifest and
+    /// its small entries. Refuses a FIFO, device or folder without blocking.
     ///
     /// # Errors
-    /// [`Error::Io`] when the file cannot be read, [`Error::Damaged`] naming the
-    /// broken part otherwise.
+    /// [`Error::Io`] when the file cannot be read, [`Error::NotRegular`] when
+    /// it is not a regular file, [`Error::Damaged`] naming the broken part otherwise.
     pub fn open(path: &Path) -> Result<Self> {
         let file = crate::durable::open_regular(path)?;
         // SAFETY: modelio never modifies a committed file in place (files are
@@ -289,34 +363,50 @@ impl ArchiveReader {
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let damaged = |what: &str, detail: String| Error::damaged(path, &name, what, detail);
 
-        let mut zip = ZipArchive::new(Cursor::new(&map[..])).map_err(|e| damaged("zip structure", e.to_string()))?;
-        check_names(&mut zip, &map).map_err(|d| damaged("zip structure", d))?;
-
-        let manifest_bytes = read_small(&mut zip, MANIFEST_ENTRY).map_err(|d| damaged(MANIFEST_ENTRY, d))?;
-        let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|e| damaged(MANIFEST_ENTRY, e.to_string()))?;
-        if manifest.format != FORMAT_NAME || manifest.format_version != FORMAT_VERSION {
-            return Err(damaged(
-                MANIFEST_ENTRY,
-                format!("format {} version {} is not {FORMAT_NAME} version {FORMAT_VERSION}", manifest.format, manifest.format_version),
-            ));
+        let dir = zipread::read(&map).map_err(|d| damaged("zip structure", d))?;
+        if let Some(e) = dir.entries.iter().find(|e| !KNOWN_ENTRIES.contains(&e.name.as_str())) {
+            return Err(damaged("zip structure", format!("entry `{}` is not part of the format", e.name)));
         }
-        let model = locate(&mut zip, &map, MODEL_ENTRY, &manifest.model).map_err(|d| damaged(MODEL_ENTRY, d))?;
-        let optimizer = match &manifest.optimizer {
-            None => None,
+        let manifest_bytes = read_small(&map, &dir, MANIFEST_ENTRY).map_err(|d| damaged(MANIFEST_ENTRY, d))?;
+        let manifest = parse_manifest(manifest_bytes).map_err(|d| damaged(MANIFEST_ENTRY, d))?;
+        let v2 = manifest.format_version >= 2;
+
+        let (model, model_entry) = locate(&map, &dir, MODEL_ENTRY, &manifest.model, Part::Model).map_err(|d| damaged(MODEL_ENTRY, d))?;
+        let (optimizer, optimizer_entry) = match &manifest.optimizer {
+            None => {
+                if let Some(e) = [OPTIMIZER_ENTRY, OPTIMIZER_JSON_ENTRY].into_iter().find(|e| dir.get(e).is_some()) {
+                    return Err(damaged(MANIFEST_ENTRY, format!("lists no optimizer, but the archive holds {e}")));
+                }
+                (None, None)
+            }
             Some(meta) => {
-                let located = locate(&mut zip, &map, OPTIMIZER_ENTRY, &meta.tensors).map_err(|d| damaged(OPTIMIZER_ENTRY, d))?;
-                let json = read_small(&mut zip, OPTIMIZER_JSON_ENTRY).map_err(|d| damaged(OPTIMIZER_JSON_ENTRY, d))?;
-                let json = serde_json::from_slice(&json).map_err(|e| damaged(OPTIMIZER_JSON_ENTRY, e.to_string()))?;
-                Some((located, json))
+                let (located, entry) =
+                    locate(&map, &dir, OPTIMIZER_ENTRY, &meta.tensors, Part::Optimizer).map_err(|d| damaged(OPTIMIZER_ENTRY, d))?;
+                let bytes = read_small(&map, &dir, OPTIMIZER_JSON_ENTRY).map_err(|d| damaged(OPTIMIZER_JSON_ENTRY, d))?;
+                check_listed(bytes, meta.json_crc32c, v2).map_err(|d| damaged(OPTIMIZER_JSON_ENTRY, d))?;
+                let json = serde_json::from_slice(bytes).map_err(|e| damaged(OPTIMIZER_JSON_ENTRY, e.to_string()))?;
+                (Some((located, json)), Some(entry))
             }
         };
-        let state = if zip.index_for_name(STATE_ENTRY).is_some() {
-            Some(read_small(&mut zip, STATE_ENTRY).map_err(|d| damaged(STATE_ENTRY, d))?)
-        } else {
-            None
+        let state = match dir.get(STATE_ENTRY) {
+            Some(_) => {
+                let bytes = read_small(&map, &dir, STATE_ENTRY).map_err(|d| damaged(STATE_ENTRY, d))?;
+                check_listed(bytes, manifest.state_crc32c, v2).map_err(|d| damaged(STATE_ENTRY, d))?;
+                Some(bytes.to_vec())
+            }
+            None if manifest.state_crc32c.is_some() => {
+                return Err(damaged(STATE_ENTRY, "listed in the manifest but missing".into()));
+            }
+            None => None,
         };
-        drop(zip);
-        Ok(ArchiveReader { path: path.to_path_buf(), name, map, manifest, model, optimizer, state })
+        let reader = ArchiveReader { path: path.to_path_buf(), name, map, manifest, model, optimizer, state, model_entry, optimizer_entry };
+        // An entry without tensors is all header: check it now, as no read will.
+        for (entry, located) in reader.tensor_entries() {
+            if located.is_empty() {
+                reader.check_entry(entry, located, &[])?;
+            }
+        }
+        Ok(reader)
     }
 
     /// The file this archive was read from.
@@ -324,15 +414,44 @@ impl ArchiveReader {
         &self.path
     }
 
+    /// The tensor entries and their tensors.
+    fn tensor_entries(&self) -> impl Iterator<Item = (&TensorEntry, &[Located])> {
+        let optimizer = self.optimizer_entry.iter().zip(self.optimizer.iter().map(|(l, _)| &l[..]));
+        std::iter::once((&self.model_entry, &self.model[..])).chain(optimizer)
+    }
+
+    /// The entry `t` is in and its tensors, when `t` was located by this reader.
+    fn entry_of(&self, t: &Located) -> Result<(&TensorEntry, &[Located])> {
+        let (entry, located) = match t.part {
+            Part::Model => (Some(&self.model_entry), Some(&self.model[..])),
+            Part::Optimizer => (self.optimizer_entry.as_ref(), self.optimizer.as_ref().map(|(l, _)| &l[..])),
+        };
+        match (entry, located) {
+            (Some(e), Some(l)) if l.get(t.index).is_some_and(|own| own.offset == t.offset && own.len == t.len && own.meta == t.meta) => Ok((e, l)),
+            _ => Err(Error::Mismatch {
+                path: self.path.clone(),
+                tensor: t.meta.name.clone(),
+                expected: "a tensor located by this reader".into(),
+                found: "a tensor of another archive".into(),
+            }),
+        }
+    }
+
     /// Copy a tensor's bytes into `dst` (exactly its length), checking its
-    /// checksum on the way. An archive opened from disk is read with `pread`
+    /// CRC-32C on the way. An archive opened from disk is read with `pread`
     /// straight into `dst`, chunk by chunk, each chunk checksummed while in
-    /// cache: one pass, with no page faults on the mapping.
+    /// cache: one pass, with no page faults on the mapping. The zip CRC-32 is
+    /// computed in the same pass; once every tensor of the entry has been
+    /// read, the entry's CRC-32 is checked, so a caller that reads them all
+    /// has checked everything `zipfile.testzip()` would.
     ///
     /// # Errors
-    /// [`Error::Damaged`] naming the tensor when the checksum fails or `dst`
-    /// has the wrong length; [`Error::Io`] when the file cannot be read.
+    /// [`Error::Damaged`] naming the tensor when its checksum fails or `dst`
+    /// has the wrong length, or naming the entry when this was its last
+    /// tensor and the entry's zip CRC-32 fails; [`Error::Io`] when the file
+    /// cannot be read; [`Error::Mismatch`] when `t` comes from another reader.
     pub fn read_checked_into(&self, t: &Located, dst: &mut [u8]) -> Result<()> {
+        let (entry, located) = self.entry_of(t)?;
         if dst.len() != t.len {
             return Err(Error::damaged(
                 &self.path,
@@ -341,7 +460,8 @@ impl ArchiveReader {
                 format!("{} bytes stored, {} expected for its dtype and shape", t.len, dst.len()),
             ));
         }
-        let mut found = 0;
+        let mut crc32c = 0;
+        let mut crc32 = crc32fast::Hasher::new();
         for (i, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
             let offset = t.offset + i * READ_CHUNK;
             match &self.map {
@@ -349,11 +469,47 @@ impl ArchiveReader {
                     use std::os::unix::fs::FileExt;
                     file.read_exact_at(chunk, offset as u64).at("read", &self.path)?;
                 }
+                // `entry_of` matched `t` to a located tensor, which lies inside the bytes.
                 Backing::Owned(bytes) => chunk.copy_from_slice(&bytes[offset..offset + chunk.len()]),
             }
-            found = crc32c::crc32c_append(found, chunk);
+            // Both checksums per piece small enough to stay in L2 between them.
+            for piece in chunk.chunks(CHECK_PIECE) {
+                crc32c = crc32c::crc32c_append(crc32c, piece);
+                crc32.update(piece);
+            }
         }
-        self.check_crc(t, found)
+        self.check_read(entry, located, t, crc32c, crc32.finalize())
+    }
+
+    /// Check a tensor's CRC-32C, record its CRC-32, and check the entry's
+    /// CRC-32 when every tensor of the entry has been recorded.
+    fn check_read(&self, entry: &TensorEntry, located: &[Located], t: &Located, crc32c: u32, crc32: u32) -> Result<()> {
+        self.check_crc(t, crc32c)?;
+        let crcs = {
+            let mut read = entry.read.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(slot) = read.get_mut(t.index) {
+                *slot = Some(crc32);
+            }
+            if read.iter().any(Option::is_none) {
+                return Ok(());
+            }
+            read.clone()
+        };
+        self.check_entry(entry, located, &crcs)
+    }
+
+    /// A damaged-entry error unless the prefix and the tensors' CRC-32s
+    /// (`crcs`, by index) combine to the entry's stored CRC-32.
+    fn check_entry(&self, entry: &TensorEntry, located: &[Located], crcs: &[Option<u32>]) -> Result<()> {
+        match entry.combined(located, crcs) {
+            Some(found) if found == entry.stored => Ok(()),
+            found => Err(Error::damaged(
+                &self.path,
+                &self.name,
+                entry.name,
+                format!("zip CRC-32 {} != stored {:08x}", found.map_or("incomplete".into(), |f| format!("{f:08x}")), entry.stored),
+            )),
+        }
     }
 
     /// A damaged-tensor error unless `found` is the tensor's stored CRC-32C.
@@ -364,26 +520,54 @@ impl ArchiveReader {
         Err(Error::damaged(&self.path, &self.name, format!("tensor `{}`", t.meta.name), format!("checksum {found:08x} != stored {:08x}", t.meta.crc32c)))
     }
 
-    /// A tensor's bytes in place, unchecked.
+    /// A tensor's bytes in place, unchecked (empty for a tensor this reader
+    /// did not locate that lies outside the file).
     pub fn data(&self, t: &Located) -> &[u8] {
-        // `locate` checked the range against the file size.
-        &self.map[t.offset..t.offset + t.len]
+        self.map.get(t.offset..t.offset.saturating_add(t.len)).unwrap_or_default()
     }
 
-    /// A tensor's bytes after checking its checksum.
+    /// A tensor's bytes in place after checking its CRC-32C (and, as with
+    /// [`ArchiveReader::read_checked_into`], its entry's zip CRC-32 once every
+    /// tensor of the entry has been checked).
     ///
     /// # Errors
-    /// [`Error::Damaged`] naming the tensor when the checksum fails.
+    /// As [`ArchiveReader::read_checked_into`].
     pub fn checked_data(&self, t: &Located) -> Result<&[u8]> {
+        let (entry, located) = self.entry_of(t)?;
         let data = self.data(t);
-        self.check_crc(t, crc32c::crc32c(data))?;
+        let (crc32c, crc32) = checksums(data);
+        self.check_read(entry, located, t, crc32c, crc32)?;
         Ok(data)
     }
 
-    /// Check every tensor's checksum; returns the names of the damaged ones.
+    /// Check every tensor's CRC-32C and every tensor entry's zip CRC-32
+    /// (one pass over the data); returns the damaged parts: the names of the
+    /// tensors that fail, and an entry's description when its CRC-32 fails
+    /// though its tensors pass (its safetensors header was changed). The
+    /// manifest and the small entries were checked when the archive was opened.
     pub fn verify(&self) -> Vec<String> {
-        let optimizer = self.optimizer.iter().flat_map(|(t, _)| t.iter());
-        self.model.iter().chain(optimizer).filter(|t| self.checked_data(t).is_err()).map(|t| t.meta.name.clone()).collect()
+        let mut damaged = Vec::new();
+        for (entry, located) in self.tensor_entries() {
+            let mut crcs = Vec::with_capacity(located.len());
+            let mut tensors_ok = true;
+            for t in located {
+                let (crc32c, crc32) = checksums(self.data(t));
+                if crc32c != t.meta.crc32c {
+                    damaged.push(t.meta.name.clone());
+                    tensors_ok = false;
+                }
+                crcs.push(Some(crc32));
+            }
+            if tensors_ok {
+                if let Err(e) = self.check_entry(entry, located, &crcs) {
+                    damaged.push(match e {
+                        Error::Damaged { what, detail, .. } => format!("{what} ({detail})"),
+                        other => other.to_string(),
+                    });
+                }
+            }
+        }
+        damaged
     }
 
     /// Total bytes of tensor data.
@@ -393,83 +577,146 @@ impl ArchiveReader {
     }
 }
 
-/// Refuse entry names that could escape a folder when extracted, and duplicates.
-fn check_names<R: Read + Seek>(zip: &mut ZipArchive<R>, map: &[u8]) -> Result<(), String> {
-    let mut seen = HashSet::new();
-    for i in 0..zip.len() {
-        let entry = zip.by_index_raw(i).map_err(|e| e.to_string())?;
-        let name = entry.name().to_string();
-        let bad = name.starts_with('/') || name.starts_with('\\') || name.split(['/', '\\']).any(|c| c == "..") || name.contains(':');
-        if bad {
-            return Err(format!("entry name `{name}` is not a plain relative name"));
+/// The CRC-32C and the zip CRC-32 of `bytes`, chunk by chunk while each
+/// chunk is in cache.
+fn checksums(bytes: &[u8]) -> (u32, u32) {
+    let mut crc32c = 0;
+    let mut crc32 = crc32fast::Hasher::new();
+    for chunk in bytes.chunks(CHECK_PIECE) {
+        crc32c = crc32c::crc32c_append(crc32c, chunk);
+        crc32.update(chunk);
+    }
+    (crc32c, crc32.finalize())
+}
+
+/// Parse the manifest and check its format, version and own checksum.
+fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if manifest.format != FORMAT_NAME || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
+        return Err(format!(
+            "format {} version {} is not {FORMAT_NAME} version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}",
+            manifest.format, manifest.format_version
+        ));
+    }
+    match manifest.checksum {
+        Some(value) => {
+            let (stored, computed) = manifest_checksum(bytes)?;
+            if stored != value || computed != stored {
+                return Err(format!("checksum {computed} != stored {value}"));
+            }
         }
-        if !seen.insert(name.clone()) {
-            return Err(format!("entry `{name}` appears twice"));
+        None if manifest.format_version >= 2 => return Err("has no checksum (required from version 2)".into()),
+        None => {}
+    }
+    let optimizer = manifest.optimizer.iter().flat_map(|o| o.tensors.iter());
+    for (list, tensors) in [("model", manifest.model.iter().collect::<Vec<_>>()), ("optimizer", optimizer.collect())] {
+        let mut seen = HashSet::new();
+        if let Some(t) = tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
+            return Err(format!("tensor `{}` is listed twice in the {list}", t.name));
         }
     }
-    // The zip reader keeps one entry per name: count the central directory's
-    // records to find names that appear twice.
-    let records = central_records(map, zip.central_directory_start());
-    if records != zip.len() {
-        return Err(format!("central directory holds {records} records for {} distinct names: an entry name appears twice", zip.len()));
+    Ok(manifest)
+}
+
+/// Check a small entry's bytes against the CRC-32C the manifest lists for
+/// it; version 2 manifests must list one.
+fn check_listed(bytes: &[u8], listed: Option<u32>, v2: bool) -> Result<(), String> {
+    match listed {
+        Some(stored) => {
+            let found = crc32c::crc32c(bytes);
+            if found != stored {
+                return Err(format!("checksum {found:08x} != stored {stored:08x} in the manifest"));
+            }
+        }
+        None if v2 => return Err("the manifest lists no checksum for it".into()),
+        None => {}
     }
     Ok(())
 }
 
-/// Number of consecutive central directory records starting at `start`.
-fn central_records(map: &[u8], start: u64) -> usize {
-    const SIG: [u8; 4] = [0x50, 0x4b, 0x01, 0x02];
-    let field = |at: usize| -> Option<usize> { Some(u16::from_le_bytes([*map.get(at)?, *map.get(at + 1)?]) as usize) };
-    let mut at = usize::try_from(start).unwrap_or(usize::MAX);
-    let mut count = 0;
-    while map.get(at..at + 4) == Some(&SIG[..]) {
-        let (Some(name), Some(extra), Some(comment)) = (field(at + 28), field(at + 30), field(at + 32)) else { break };
-        count += 1;
-        at += 46 + name + extra + comment;
-    }
-    count
+/// An entry's data, its offset in the file and its stored zip CRC-32.
+fn entry_bytes<'a>(map: &'a [u8], dir: &Directory, entry: &str) -> Result<(&'a [u8], usize, u32), String> {
+    let e = dir.get(entry).ok_or("missing")?;
+    // `zipread` checked the data lies inside the file.
+    let start = usize::try_from(e.data_offset).map_err(|_| "offset does not fit in memory")?;
+    let len = usize::try_from(e.size).map_err(|_| "size does not fit in memory")?;
+    let bytes = map.get(start..start.saturating_add(len)).ok_or("runs past the end of the file")?;
+    Ok((bytes, start, e.crc32))
 }
 
-/// Read a small entry whole (its zip CRC-32 is checked by the zip reader).
-fn read_small<R: Read + Seek>(zip: &mut ZipArchive<R>, entry: &str) -> Result<Vec<u8>, String> {
-    let mut file = zip.by_name(entry).map_err(|e| format!("missing or unreadable: {e}"))?;
-    if file.size() > MAX_JSON {
-        return Err(format!("{} bytes is more than the {MAX_JSON} allowed", file.size()));
+/// A small entry whole, after checking its zip CRC-32.
+fn read_small<'a>(map: &'a [u8], dir: &Directory, entry: &str) -> Result<&'a [u8], String> {
+    let (bytes, _, stored) = entry_bytes(map, dir, entry)?;
+    if bytes.len() as u64 > MAX_JSON {
+        return Err(format!("{} bytes is more than the {MAX_JSON} allowed", bytes.len()));
     }
-    let mut out = Vec::with_capacity(file.size() as usize);
-    file.read_to_end(&mut out).map_err(|e| e.to_string())?;
-    Ok(out)
+    let found = crc32fast::hash(bytes);
+    if found != stored {
+        return Err(format!("zip CRC-32 {found:08x} != stored {stored:08x}"));
+    }
+    Ok(bytes)
+}
+
+/// A safetensors header: its tensors in file order of appearance, refusing
+/// duplicate keys (which a plain map would silently resolve to the last).
+struct StHeader(Vec<(String, StEntry)>);
+
+impl<'de> Deserialize<'de> for StHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = StHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a safetensors header object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<StHeader, A::Error> {
+                let mut keys = HashSet::new();
+                let mut tensors = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !keys.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!("key `{key}` appears twice")));
+                    }
+                    if key == "__metadata__" {
+                        // Free-form strings, as the safetensors library requires.
+                        map.next_value::<Option<BTreeMap<String, String>>>()?;
+                    } else {
+                        tensors.push((key, map.next_value::<StEntry>()?));
+                    }
+                }
+                Ok(StHeader(tensors))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// Find every tensor of a safetensors entry in the file and check that the
-/// entry's header agrees with the manifest.
-fn locate<R: Read + Seek>(zip: &mut ZipArchive<R>, map: &[u8], entry: &str, metas: &[TensorMeta]) -> Result<Vec<Located>, String> {
-    let file = zip.by_name(entry).map_err(|e| format!("missing or unreadable: {e}"))?;
-    if file.compression() != CompressionMethod::Stored {
-        return Err(format!("stored compressed ({:?}); tensor entries must be stored", file.compression()));
-    }
-    let start = file.data_start();
-    let size = file.size();
-    let end = start.checked_add(size).filter(|&e| e <= map.len() as u64).ok_or("entry runs past the end of the file")?;
-    let blob = &map[start as usize..end as usize];
+/// entry is a valid safetensors file (as the safetensors library checks it)
+/// that agrees with the manifest: the same tensors with the same dtypes and
+/// shapes, laid end to end over the whole data area.
+fn locate(map: &[u8], dir: &Directory, entry: &'static str, metas: &[TensorMeta], part: Part) -> Result<(Vec<Located>, TensorEntry), String> {
+    let (blob, start, stored) = entry_bytes(map, dir, entry)?;
     if blob.len() < 8 {
         return Err("shorter than a safetensors header".into());
     }
     let mut n = [0u8; 8];
     n.copy_from_slice(&blob[..8]);
     let n = u64::from_le_bytes(n);
-    if n > MAX_JSON || n > (blob.len() - 8) as u64 {
+    if n > MAX_SAFETENSORS_HEADER || n > (blob.len() - 8) as u64 {
         return Err(format!("safetensors header length {n} does not fit the entry"));
     }
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&blob[8..8 + n as usize]).map_err(|e| format!("safetensors header: {e}"))?;
-    let data_start = start as usize + 8 + n as usize;
+    let header_bytes = &blob[8..8 + n as usize];
+    if header_bytes.first() != Some(&b'{') {
+        return Err("safetensors header does not start with `{`".into());
+    }
+    let header_text = std::str::from_utf8(header_bytes).map_err(|e| format!("safetensors header: {e}"))?;
+    let header: StHeader = serde_json::from_str(header_text).map_err(|e| format!("safetensors header: {e}"))?;
+    let data_start = start + 8 + n as usize;
     let data_len = blob.len() - 8 - n as usize;
     let mut located = Vec::with_capacity(metas.len());
-    for meta in metas {
-        let raw = header.get(&meta.name).ok_or_else(|| format!("tensor `{}` is in the manifest but not in the entry", meta.name))?;
-        let st: StEntry =
-            serde_json::from_value(raw.clone()).map_err(|e| format!("tensor `{}`: bad header entry: {e}", meta.name))?;
+    for (index, meta) in metas.iter().enumerate() {
+        let st = header.0.iter().find(|(k, _)| k == &meta.name).map(|(_, st)| st);
+        let st = st.ok_or_else(|| format!("tensor `{}` is in the manifest but not in the entry", meta.name))?;
         if st.dtype != meta.dtype || st.shape != meta.shape {
             return Err(format!("tensor `{}`: header says {} {:?}, manifest says {} {:?}", meta.name, st.dtype, st.shape, meta.dtype, meta.shape));
         }
@@ -478,13 +725,29 @@ fn locate<R: Read + Seek>(zip: &mut ZipArchive<R>, map: &[u8], entry: &str, meta
         if b > e || e > data_len || e - b != len {
             return Err(format!("tensor `{}`: data offsets {b}..{e} do not fit {len} bytes in {data_len}", meta.name));
         }
-        located.push(Located { meta: meta.clone(), offset: data_start + b, len });
+        located.push(Located { meta: meta.clone(), offset: data_start + b, len, part, index });
     }
-    let listed = header.keys().filter(|k| k.as_str() != "__metadata__").count();
-    if listed != metas.len() {
-        return Err(format!("entry holds {listed} tensors, manifest lists {}", metas.len()));
+    if header.0.len() != metas.len() {
+        return Err(format!("entry holds {} tensors, manifest lists {}", header.0.len(), metas.len()));
     }
-    Ok(located)
+    // Tensors lie end to end from the data's start to the entry's end, as
+    // safetensors requires: every byte of the entry is a header or tensor byte.
+    let mut file_order: Vec<usize> = (0..located.len()).collect();
+    file_order.sort_by_key(|&i| (located[i].offset, located[i].len));
+    let mut at = data_start;
+    for &i in &file_order {
+        let t = &located[i];
+        if t.offset != at {
+            return Err(format!("tensor `{}` starts at {}, where {at} was expected: tensors must lie end to end", t.meta.name, t.offset - data_start));
+        }
+        at += t.len;
+    }
+    if at != data_start + data_len {
+        return Err(format!("tensors end at {}, the entry's data at {data_len}", at - data_start));
+    }
+    let prefix = (crc32fast::hash(&blob[..8 + n as usize]), 8 + n);
+    let read = Mutex::new(vec![None; located.len()]);
+    Ok((located, TensorEntry { name: entry, stored, prefix, file_order, read }))
 }
 
 #[cfg(test)]
@@ -533,13 +796,155 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.mio");
         commit_archive(&path, "m", 1, &tensors, None, None).unwrap();
-        // The zip reader checks each entry's CRC-32 when it is read to the end.
-        let mut zip = ZipArchive::new(File::open(&path).unwrap()).unwrap();
-        for i in 0..zip.len() {
-            let mut entry = zip.by_index(i).unwrap();
-            let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for e in zipread::read(&bytes).unwrap().entries {
+            let data = &bytes[e.data_offset as usize..(e.data_offset + e.size) as usize];
+            assert_eq!(crc32fast::hash(data), e.crc32, "{}", e.name);
         }
         assert!(ArchiveReader::open(&path).unwrap().verify().is_empty());
+    }
+
+    fn sample(path: &Path) {
+        let a: Vec<u8> = (0..64u8).collect();
+        let b = [1u8, 0, 1];
+        let tensors = [t("a", DType::F32, &[4, 4], &a), t("b", DType::Bool, &[3], &b), t("e", DType::F16, &[0], &[])];
+        let json = serde_json::json!({"step": 2});
+        let opt = [t("a.m", DType::F32, &[16], &a)];
+        let optimizer = OptimizerRef { kind: "adam", json: &json, tensors: &opt };
+        commit_archive(path, "m", 5, &tensors, Some(optimizer), Some(b"{\"s\":1}")).unwrap();
+    }
+
+    /// The archive with one entry's bytes replaced by `data` (same length)
+    /// and its zip CRC-32 recomputed, as a forger would.
+    fn forge(bytes: &[u8], entry: &str, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let dir = zipread::read(bytes).unwrap();
+        let e = dir.get(entry).unwrap();
+        let mut out = bytes.to_vec();
+        let range = e.data_offset as usize..(e.data_offset + e.size) as usize;
+        edit(&mut out[range.clone()]);
+        let crc = crc32fast::hash(&out[range]).to_le_bytes();
+        out[e.central_offset as usize + 16..][..4].copy_from_slice(&crc);
+        out[e.descriptor_offset.unwrap() as usize + 4..][..4].copy_from_slice(&crc);
+        out
+    }
+
+    #[test]
+    fn version_2_manifest_covers_itself_and_the_small_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        sample(&path);
+        let r = ArchiveReader::open(&path).unwrap();
+        assert_eq!(r.manifest.format_version, 2);
+        assert!(r.manifest.checksum.is_some() && r.manifest.state_crc32c.is_some());
+        assert!(r.manifest.optimizer.as_ref().unwrap().json_crc32c.is_some());
+        drop(r);
+        let bytes = std::fs::read(&path).unwrap();
+        let replace = |from: &'static str, to: &'static str| move |d: &mut [u8]| {
+            let s = String::from_utf8(d.to_vec()).unwrap().replacen(from, to, 1);
+            assert_eq!(s.len(), d.len());
+            d.copy_from_slice(s.as_bytes());
+        };
+        for (entry, from, to) in [
+            (MANIFEST_ENTRY, "\"iterations\": 5", "\"iterations\": 6"),
+            (OPTIMIZER_JSON_ENTRY, "2", "3"),
+            (STATE_ENTRY, "1", "2"),
+        ] {
+            let forged = forge(&bytes, entry, replace(from, to));
+            let err = ArchiveReader::from_bytes(&path, forged).unwrap_err().to_string();
+            assert!(err.contains(entry) && err.contains("checksum"), "{err}");
+        }
+    }
+
+    #[test]
+    fn version_1_archives_still_read_and_a_present_checksum_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        sample(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        let as_v1 = |checksum: Option<u32>| {
+            forge(&bytes, MANIFEST_ENTRY, |d| {
+                let mut m: Manifest = serde_json::from_slice(d).unwrap();
+                m.format_version = 1;
+                m.state_crc32c = None;
+                m.checksum = checksum;
+                if let Some(o) = m.optimizer.as_mut() {
+                    o.json_crc32c = None;
+                }
+                let mut v1 = serde_json::to_vec_pretty(&m).unwrap();
+                v1.resize(d.len(), b' ');
+                d.copy_from_slice(&v1);
+            })
+        };
+        let r = ArchiveReader::from_bytes(&path, as_v1(None)).unwrap();
+        assert_eq!(r.manifest.format_version, 1);
+        assert!(r.verify().is_empty());
+        assert_eq!(r.state.as_deref(), Some(&b"{\"s\":1}"[..]));
+        // A checksum field is checked whatever the version (this one cannot be right).
+        let err = ArchiveReader::from_bytes(&path, as_v1(Some(7))).unwrap_err().to_string();
+        assert!(err.contains(MANIFEST_ENTRY) && err.contains("checksum"), "{err}");
+        // Version 2 without checksums is refused.
+        let v2_bare = forge(&bytes, MANIFEST_ENTRY, |d| {
+            let mut m: Manifest = serde_json::from_slice(d).unwrap();
+            m.checksum = None;
+            let mut out = serde_json::to_vec_pretty(&m).unwrap();
+            out.resize(d.len(), b' ');
+            d.copy_from_slice(&out);
+        });
+        let err = ArchiveReader::from_bytes(&path, v2_bare).unwrap_err().to_string();
+        assert!(err.contains("has no checksum"), "{err}");
+    }
+
+    #[test]
+    fn loading_every_tensor_checks_the_entry_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        sample(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        // A space of the header's padding becomes a tab: valid JSON, same
+        // tensors, but not the bytes the zip CRC-32 covers.
+        let model = zipread::read(&bytes).unwrap().get(MODEL_ENTRY).unwrap().clone();
+        let mut damaged = bytes.clone();
+        let pad = (model.data_offset as usize..).find(|&i| damaged[i] == b' ').unwrap();
+        damaged[pad] = b'\t';
+        std::fs::write(&path, &damaged).unwrap();
+        let r = ArchiveReader::open(&path).unwrap();
+        assert_eq!(r.verify(), vec![format!("{MODEL_ENTRY} (zip CRC-32 {:08x} != stored {:08x})", crc32fast::hash(&damaged[model.data_offset as usize..(model.data_offset + model.size) as usize]), model.crc32)]);
+        let mut results = Vec::new();
+        for l in &r.model {
+            let mut dst = vec![0u8; l.len];
+            results.push(r.read_checked_into(l, &mut dst).map_err(|e| e.to_string()));
+        }
+        // Each tensor is intact; the last one read completes the entry and fails it.
+        assert!(results[..results.len() - 1].iter().all(Result::is_ok), "{results:?}");
+        let last = results.last().unwrap().as_ref().unwrap_err();
+        assert!(last.contains(MODEL_ENTRY) && last.contains("zip CRC-32"), "{last}");
+        // The optimizer entry is intact and reads clean, through either path.
+        let (opt, _) = r.optimizer.as_ref().unwrap();
+        assert!(r.checked_data(&opt[0]).is_ok());
+        let mut dst = vec![0u8; opt[0].len];
+        assert!(r.read_checked_into(&opt[0], &mut dst).is_ok());
+        // A tensor located by another reader is refused, not read.
+        let mut foreign = r.model[0].clone();
+        foreign.offset += 1;
+        let mut dst = vec![0u8; foreign.len];
+        assert!(matches!(r.read_checked_into(&foreign, &mut dst), Err(Error::Mismatch { .. })));
+        assert!(matches!(r.checked_data(&foreign), Err(Error::Mismatch { .. })));
+    }
+
+    #[test]
+    fn a_fifo_named_like_an_archive_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opener = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(ArchiveReader::open(&opener).map(|_| ()));
+        });
+        // Opening a FIFO for reading blocks until a writer comes, unless the reader refuses it first.
+        let result = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("opening a FIFO blocked");
+        assert!(matches!(result, Err(Error::NotRegular { kind: "a FIFO", .. })), "{result:?}");
     }
 }

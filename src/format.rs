@@ -1,4 +1,4 @@
-//! Archive format v1: the types of the manifest and of tensors (see `docs/FORMAT.md`).
+//! Archive format v2: the types of the manifest and of tensors (see `docs/FORMAT.md`).
 //!
 //! Independent of libtorch so the format can be tested and fuzzed alone.
 
@@ -6,8 +6,11 @@ use serde::{Deserialize, Serialize};
 
 /// File extension of model archives: `<model_dir>/<name>.mio`.
 pub const EXTENSION: &str = "mio";
-/// Current archive format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Archive format version of new archives: 2 adds the manifest's own
+/// checksum and the checksums of `optimizer.json` and `state.json`.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version a reader still accepts (version 1: no manifest checksum).
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// The `format` field of every manifest.
 pub const FORMAT_NAME: &str = "modelio";
 
@@ -108,9 +111,12 @@ pub struct OptimizerMeta {
     /// The optimizer's kind, e.g. "adamw".
     pub kind: String,
     pub tensors: Vec<TensorMeta>,
+    /// CRC-32C of the `optimizer.json` entry's bytes (version 2; absent in version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_crc32c: Option<u32>,
 }
 
-/// `manifest.json`: what the archive holds and the checksum of every tensor.
+/// `manifest.json`: what the archive holds and the checksum of every part.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
@@ -121,6 +127,69 @@ pub struct Manifest {
     pub created: String,
     pub model: Vec<TensorMeta>,
     pub optimizer: Option<OptimizerMeta>,
+    /// CRC-32C of the `state.json` entry's bytes, when the archive has one
+    /// (version 2; absent in version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_crc32c: Option<u32>,
+    /// The manifest's own checksum (see [`manifest_checksum`]); it must stay
+    /// the last field, which is where serde writes it. Without it an edited
+    /// manifest (`"optimizer": null`, another shape) whose zip CRC-32 was
+    /// recomputed would read as a good one. Required from version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<u32>,
+}
+
+/// The checksum of a manifest's bytes: the CRC-32C of `raw` with the digits
+/// of its `checksum` value replaced by the single digit `0`.
+///
+/// The `checksum` member must be the last one of the manifest object, so the
+/// file ends with `"checksum": <decimal>` and `}`, with only JSON whitespace
+/// around the `:` and before the `}`. This covers every byte of the file but
+/// the value itself, and any writer that puts the field last can produce it:
+/// serialize with `"checksum": 0`, take the CRC-32C, write the number.
+///
+/// Returns `(stored, computed)`.
+///
+/// # Errors
+/// A message when `raw` does not end with a `checksum` member.
+pub fn manifest_checksum(raw: &[u8]) -> Result<(u32, u32), String> {
+    let not_last = || "its `checksum` is not the last field, written as a decimal number".to_string();
+    let ws = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r');
+    let mut end = raw.len();
+    while end > 0 && ws(&raw[end - 1]) {
+        end -= 1;
+    }
+    if end == 0 || raw[end - 1] != b'}' {
+        return Err(not_last());
+    }
+    end -= 1;
+    while end > 0 && ws(&raw[end - 1]) {
+        end -= 1;
+    }
+    let digits_end = end;
+    while end > 0 && raw[end - 1].is_ascii_digit() {
+        end -= 1;
+    }
+    let digits_start = end;
+    let digits = &raw[digits_start..digits_end];
+    // Canonical decimal only: no sign, no leading zero, fits in 32 bits.
+    let stored = std::str::from_utf8(digits).ok().filter(|d| !d.is_empty() && (d.len() == 1 || !d.starts_with('0'))).and_then(|d| d.parse::<u32>().ok());
+    let Some(stored) = stored else { return Err(not_last()) };
+    while end > 0 && ws(&raw[end - 1]) {
+        end -= 1;
+    }
+    if end == 0 || raw[end - 1] != b':' {
+        return Err(not_last());
+    }
+    end -= 1;
+    while end > 0 && ws(&raw[end - 1]) {
+        end -= 1;
+    }
+    if !raw[..end].ends_with(b"\"checksum\"") {
+        return Err(not_last());
+    }
+    let computed = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&raw[..digits_start]), b"0"), &raw[digits_end..]);
+    Ok((stored, computed))
 }
 
 /// A borrowed tensor: what the archive writer takes.
@@ -144,4 +213,23 @@ pub struct OptimizerRef<'a> {
     pub kind: &'a str,
     pub json: &'a serde_json::Value,
     pub tensors: &'a [TensorRef<'a>],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_checksum_covers_everything_but_its_value() {
+        let zeroed = b"{\n  \"a\": 1,\n  \"checksum\": 0\n}";
+        let crc = crc32c::crc32c(zeroed);
+        let raw = format!("{{\n  \"a\": 1,\n  \"checksum\": {crc}\n}}");
+        assert_eq!(manifest_checksum(raw.as_bytes()).unwrap(), (crc, crc));
+        let edited = raw.replace("\"a\": 1", "\"a\": 2");
+        let (stored, computed) = manifest_checksum(edited.as_bytes()).unwrap();
+        assert_ne!(stored, computed);
+        for bad in ["{\"checksum\": 1, \"a\": 2}", "{\"checksum\": 01}", "{\"checksum\": -1}", "{\"x\": 1}", "{\"checksum\": 99999999999}", "", "}"] {
+            assert!(manifest_checksum(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
 }

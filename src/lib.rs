@@ -10,7 +10,8 @@
 //! - [`actors`]: stager -> saver -> backup / snapshot, thin actix actors.
 //! - [`staging`]: the bounded pool of host buffers and the [`Fence`]; [`cuda`]: the
 //!   non-blocking device-to-host copy and per-save event (a small C++ shim).
-//! - [`archive`] and [`format`]: archive format v1 (zip + safetensors), reader and writer.
+//! - [`archive`] and [`format`]: archive format v2 (zip + safetensors), reader and writer;
+//!   [`zipread`]: the strict zip layer of the reader.
 //! - [`durable`]: the one atomic-commit helper every write goes through.
 //! - [`state`]: the state file and the backup rule; [`folder`]: names in a model folder.
 //! - [`snapshot`], [`retention`], [`restore`], [`schedule`]: snapshots, which to keep,
@@ -46,6 +47,7 @@ pub mod staging;
 pub mod state;
 #[cfg(feature = "torch")]
 pub mod tensors;
+pub mod zipread;
 
 pub use config::Config;
 pub use error::{Error, Report, Result};

@@ -1,0 +1,424 @@
+//! The zip layer of an archive, read strictly (`docs/FORMAT.md`, "What a
+//! reader checks").
+//!
+//! The format promises that Python's `zipfile` reads every archive modelio
+//! accepts, so this reader refuses at least everything `zipfile` refuses, and
+//! more: it reads the layout modelio's writer produces and nothing looser.
+//! Where `zipfile` silently adjusts (an end record pointing elsewhere than
+//! where the central directory is, a local header that disagrees with its
+//! central record, bytes between entries), this reader refuses, so that one
+//! reading of the bytes is the only reading. A general zip library was not
+//! used because each is lenient in its own places, and those places are
+//! exactly where a damaged archive slips through.
+//!
+//! It checks structure only: the CRC-32 of each entry's data is checked by
+//! whoever reads the data (see `archive.rs`), in the same pass.
+
+use std::collections::HashSet;
+
+const LOCAL_SIG: u32 = 0x0403_4b50;
+const CENTRAL_SIG: u32 = 0x0201_4b50;
+const EOCD_SIG: u32 = 0x0605_4b50;
+const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
+const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const DESCRIPTOR_SIG: u32 = 0x0807_4b50;
+
+const LOCAL_LEN: u64 = 30;
+const CENTRAL_LEN: u64 = 46;
+const EOCD_LEN: u64 = 22;
+const ZIP64_EOCD_LEN: u64 = 56;
+const ZIP64_LOCATOR_LEN: u64 = 20;
+
+/// General-purpose flag bits an entry may have: sizes and CRC in a data
+/// descriptor (bit 3), UTF-8 name (bit 11). Anything else (encryption,
+/// patched data, ...) is refused.
+const FLAG_DESCRIPTOR: u16 = 1 << 3;
+const FLAG_UTF8: u16 = 1 << 11;
+/// The highest "version needed to extract" accepted: 4.5, zip64.
+const MAX_VERSION_NEEDED: u16 = 45;
+/// A 32-bit field holding this says "see the zip64 record".
+const SENTINEL32: u64 = 0xFFFF_FFFF;
+const ZIP64_EXTRA_ID: u16 = 0x0001;
+
+/// One entry of a checked archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its name (printable ASCII, a plain relative path).
+    pub name: String,
+    /// Offset of its local header.
+    pub header_offset: u64,
+    /// Offset of its first data byte.
+    pub data_offset: u64,
+    /// Bytes of data (stored, so compressed and uncompressed sizes agree).
+    pub size: u64,
+    /// The zip CRC-32 of its data, as the central directory states it.
+    pub crc32: u32,
+    /// Offset of its central directory record.
+    pub central_offset: u64,
+    /// Offset of its data descriptor, when it has one.
+    pub descriptor_offset: Option<u64>,
+    /// Offset just past the entry (data and descriptor).
+    pub end: u64,
+}
+
+/// The checked directory of an archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directory {
+    /// The entries, in file order (which is also central directory order).
+    pub entries: Vec<Entry>,
+    /// Offset of the central directory.
+    pub central_offset: u64,
+    /// Offset of the zip64 end-of-central-directory record, when there is one.
+    pub zip64_end_offset: Option<u64>,
+    /// Offset of the end-of-central-directory record (22 bytes before the end).
+    pub end_offset: u64,
+}
+
+impl Directory {
+    /// The entry named `name`.
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+}
+
+/// Bounds-checked little-endian reads; every miss is a message, never a panic.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn slice(&self, at: u64, len: u64, what: &str) -> Result<&[u8], String> {
+        let end = at.checked_add(len).filter(|&e| e <= self.0.len() as u64);
+        match end {
+            // Both fit in the slice's length, which is a usize.
+            Some(end) => Ok(&self.0[at as usize..end as usize]),
+            None => Err(format!("{what} at {at} ({len} bytes) runs past the end of the file ({} bytes)", self.0.len())),
+        }
+    }
+    fn u16(&self, at: u64, what: &str) -> Result<u16, String> {
+        let b = self.slice(at, 2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&self, at: u64, what: &str) -> Result<u32, String> {
+        let b = self.slice(at, 4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&self, at: u64, what: &str) -> Result<u64, String> {
+        let b = self.slice(at, 8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+/// Read and check the directory of the zip archive `bytes`.
+///
+/// # Errors
+/// A message naming the first broken record.
+pub fn read(bytes: &[u8]) -> Result<Directory, String> {
+    let b = Bytes(bytes);
+    let len = bytes.len() as u64;
+    // The end record is the last 22 bytes: modelio writes no archive comment,
+    // and with none `zipfile` also finds it there.
+    let end_offset = len.checked_sub(EOCD_LEN).ok_or_else(|| format!("{len} bytes is too short for a zip archive"))?;
+    if b.u32(end_offset, "end of central directory")? != EOCD_SIG {
+        return Err("no end-of-central-directory record at the end of the file".into());
+    }
+    if b.u16(end_offset + 20, "archive comment length")? != 0 {
+        return Err("the archive has a comment (modelio writes none)".into());
+    }
+    if b.u16(end_offset + 4, "disk number")? != 0 || b.u16(end_offset + 6, "disk number")? != 0 {
+        return Err("the end record names another disk; multi-disk archives are not supported".into());
+    }
+    let count16 = b.u16(end_offset + 8, "entry count")?;
+    if b.u16(end_offset + 10, "entry count")? != count16 {
+        return Err("the end record's two entry counts differ".into());
+    }
+    let size32 = b.u32(end_offset + 12, "central directory size")?;
+    let offset32 = b.u32(end_offset + 16, "central directory offset")?;
+
+    // A zip64 locator right before the end record (where `zipfile` looks)
+    // replaces the end record's fields with the zip64 record's.
+    let locator = end_offset.checked_sub(ZIP64_LOCATOR_LEN);
+    let has_locator = match locator {
+        Some(at) => b.u32(at, "zip64 locator")? == ZIP64_LOCATOR_SIG,
+        None => false,
+    };
+    let (count, cd_size, cd_offset, cd_end, zip64_end_offset) = match locator {
+        Some(loc) if has_locator => {
+            let z = loc.checked_sub(ZIP64_EOCD_LEN).ok_or("a zip64 locator without room for its record")?;
+            if b.u32(loc + 4, "zip64 locator")? != 0 || b.u32(loc + 16, "zip64 locator")? != 1 {
+                return Err("the zip64 locator names another disk; multi-disk archives are not supported".into());
+            }
+            if b.u64(loc + 8, "zip64 locator")? != z {
+                return Err(format!("the zip64 locator points at {}, the zip64 end record is at {z}", b.u64(loc + 8, "zip64 locator")?));
+            }
+            if b.u32(z, "zip64 end record")? != ZIP64_EOCD_SIG || b.u64(z + 4, "zip64 end record")? != ZIP64_EOCD_LEN - 12 {
+                return Err("the zip64 end-of-central-directory record is missing or has extensible data".into());
+            }
+            if b.u16(z + 14, "zip64 end record")? > MAX_VERSION_NEEDED {
+                return Err("the zip64 end record needs a newer zip version".into());
+            }
+            if b.u32(z + 16, "zip64 end record")? != 0 || b.u32(z + 20, "zip64 end record")? != 0 {
+                return Err("the zip64 end record names another disk; multi-disk archives are not supported".into());
+            }
+            let count = b.u64(z + 24, "zip64 entry count")?;
+            if b.u64(z + 32, "zip64 entry count")? != count {
+                return Err("the zip64 end record's two entry counts differ".into());
+            }
+            let size = b.u64(z + 40, "zip64 central directory size")?;
+            let offset = b.u64(z + 48, "zip64 central directory offset")?;
+            // The 16- and 32-bit fields hold the value, or all ones when it does not fit.
+            let agrees = |small: u64, big: u64, max: u64| small == big.min(max);
+            if !agrees(count16.into(), count, 0xFFFF) || !agrees(size32.into(), size, SENTINEL32) || !agrees(offset32.into(), offset, SENTINEL32) {
+                return Err("the end record disagrees with the zip64 end record".into());
+            }
+            (count, size, offset, z, Some(z))
+        }
+        _ => (u64::from(count16), u64::from(size32), u64::from(offset32), end_offset, None),
+    };
+    // Where the central directory really ends must be where the end record
+    // says it does: `zipfile` would otherwise shift every offset by the difference.
+    if cd_offset.checked_add(cd_size) != Some(cd_end) {
+        return Err(format!(
+            "the end record places the central directory at {cd_offset} ({cd_size} bytes), but it ends at {cd_end}"
+        ));
+    }
+
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut names = HashSet::new();
+    let mut at = cd_offset;
+    while at < cd_end {
+        let entry = central_record(&b, at, cd_end)?;
+        if !names.insert(entry.0.name.clone()) {
+            return Err(format!("entry `{}` appears twice", entry.0.name));
+        }
+        at = entry.1;
+        entries.push(entry.0);
+    }
+    if at != cd_end {
+        return Err("the last central directory record runs past the central directory".into());
+    }
+    if entries.len() as u64 != count {
+        return Err(format!("the end record counts {count} entries, the central directory holds {}", entries.len()));
+    }
+    // Entries tile the file from its first byte to the central directory, in
+    // order: no bytes between or under them that no check covers.
+    let mut expect = 0;
+    for e in &entries {
+        if e.header_offset != expect {
+            return Err(format!("entry `{}` starts at {}, where {expect} was expected", e.name, e.header_offset));
+        }
+        expect = e.end;
+    }
+    if expect != cd_offset {
+        return Err(format!("the entries end at {expect}, the central directory starts at {cd_offset}"));
+    }
+    Ok(Directory { entries, central_offset: cd_offset, zip64_end_offset, end_offset })
+}
+
+/// One central directory record at `at` and its local header; returns the
+/// entry and where the next record starts.
+fn central_record(b: &Bytes<'_>, at: u64, cd_end: u64) -> Result<(Entry, u64), String> {
+    if at + CENTRAL_LEN > cd_end || b.u32(at, "central directory record")? != CENTRAL_SIG {
+        return Err(format!("no central directory record at {at}"));
+    }
+    let version_needed = b.u16(at + 6, "central record")?;
+    let flags = b.u16(at + 8, "central record")?;
+    let method = b.u16(at + 10, "central record")?;
+    let crc32 = b.u32(at + 16, "central record")?;
+    let mut compressed = u64::from(b.u32(at + 20, "central record")?);
+    let mut size = u64::from(b.u32(at + 24, "central record")?);
+    let name_len = u64::from(b.u16(at + 28, "central record")?);
+    let extra_len = u64::from(b.u16(at + 30, "central record")?);
+    let comment_len = u64::from(b.u16(at + 32, "central record")?);
+    let disk = b.u16(at + 34, "central record")?;
+    let mut header_offset = u64::from(b.u32(at + 42, "central record")?);
+    let next = at + CENTRAL_LEN + name_len + extra_len + comment_len;
+    if next > cd_end {
+        return Err(format!("the central directory record at {at} runs past the central directory"));
+    }
+    let raw_name = b.slice(at + CENTRAL_LEN, name_len, "entry name")?;
+    let name = plain_name(raw_name)?;
+    if version_needed > MAX_VERSION_NEEDED {
+        return Err(format!("entry `{name}` needs zip version {}.{}", version_needed / 10, version_needed % 10));
+    }
+    if flags & !(FLAG_DESCRIPTOR | FLAG_UTF8) != 0 {
+        return Err(format!("entry `{name}` has flags {flags:#06x} (encrypted or otherwise unsupported)"));
+    }
+    if method != 0 {
+        return Err(format!("entry `{name}` is compressed (method {method}); entries must be stored"));
+    }
+    if disk != 0 {
+        return Err(format!("entry `{name}` starts on another disk"));
+    }
+
+    // Zip64 values replace the 32-bit fields that hold all ones, in this
+    // order (as `zipfile` reads them).
+    let extra = b.slice(at + CENTRAL_LEN + name_len, extra_len, "extra field")?;
+    let mut zip64_seen = false;
+    for (id, data) in extra_fields(extra).map_err(|e| format!("entry `{name}`: {e}"))? {
+        if id != ZIP64_EXTRA_ID {
+            continue;
+        }
+        if zip64_seen {
+            return Err(format!("entry `{name}` has two zip64 extra fields"));
+        }
+        zip64_seen = true;
+        let mut fields = data.chunks(8);
+        for value in [&mut size, &mut compressed, &mut header_offset] {
+            if *value == SENTINEL32 {
+                let bytes = fields.next().filter(|f| f.len() == 8).ok_or_else(|| format!("entry `{name}`: zip64 extra field too short"))?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(bytes);
+                *value = u64::from_le_bytes(a);
+            }
+        }
+        if fields.next().is_some() {
+            return Err(format!("entry `{name}`: zip64 extra field longer than its values"));
+        }
+    }
+    if !zip64_seen && [size, compressed, header_offset].contains(&SENTINEL32) {
+        return Err(format!("entry `{name}` has a 32-bit field of all ones but no zip64 extra field"));
+    }
+    if compressed != size {
+        return Err(format!("entry `{name}` is stored but its compressed size {compressed} differs from its size {size}"));
+    }
+
+    // The local header must say what the central record says.
+    let lh = header_offset;
+    if b.u32(lh, "local header")? != LOCAL_SIG {
+        return Err(format!("entry `{name}`: no local header at {lh}"));
+    }
+    let l_flags = b.u16(lh + 6, "local header")?;
+    let l_method = b.u16(lh + 8, "local header")?;
+    let l_crc = b.u32(lh + 14, "local header")?;
+    let l_compressed = b.u32(lh + 18, "local header")?;
+    let l_size = b.u32(lh + 22, "local header")?;
+    let l_name_len = u64::from(b.u16(lh + 26, "local header")?);
+    let l_extra_len = u64::from(b.u16(lh + 28, "local header")?);
+    if b.slice(lh + LOCAL_LEN, l_name_len, "local header name")? != raw_name {
+        return Err(format!("entry `{name}`: the local header names another file"));
+    }
+    if l_flags != flags || l_method != method {
+        return Err(format!("entry `{name}`: the local header's flags or method differ from the central record's"));
+    }
+    let l_extra = b.slice(lh + LOCAL_LEN + l_name_len, l_extra_len, "local extra field")?;
+    extra_fields(l_extra).map_err(|e| format!("entry `{name}` (local header): {e}"))?;
+    let data_offset = lh + LOCAL_LEN + l_name_len + l_extra_len;
+    let data_end = data_offset.checked_add(size).ok_or_else(|| format!("entry `{name}`: size overflows"))?;
+    b.slice(data_offset, size, "entry data").map_err(|e| format!("entry `{name}`: {e}"))?;
+
+    let (descriptor_offset, end) = if flags & FLAG_DESCRIPTOR != 0 {
+        if (l_crc, l_compressed, l_size) != (0, 0, 0) {
+            return Err(format!("entry `{name}`: the local header has a data descriptor but non-zero CRC or sizes"));
+        }
+        // 64-bit sizes exactly when a size does not fit 32 bits (as the writer does).
+        let wide = size >= SENTINEL32;
+        let d = data_end;
+        if b.u32(d, "data descriptor")? != DESCRIPTOR_SIG {
+            return Err(format!("entry `{name}`: no data descriptor after its data"));
+        }
+        let (d_crc, d_compressed, d_size, len) = if wide {
+            (b.u32(d + 4, "data descriptor")?, b.u64(d + 8, "data descriptor")?, b.u64(d + 16, "data descriptor")?, 24)
+        } else {
+            let c = u64::from(b.u32(d + 8, "data descriptor")?);
+            (b.u32(d + 4, "data descriptor")?, c, u64::from(b.u32(d + 12, "data descriptor")?), 16)
+        };
+        if (d_crc, d_compressed, d_size) != (crc32, size, size) {
+            return Err(format!("entry `{name}`: the data descriptor disagrees with the central record"));
+        }
+        (Some(d), d + len)
+    } else {
+        if size >= SENTINEL32 {
+            return Err(format!("entry `{name}`: an entry of 4 GiB or more needs a data descriptor"));
+        }
+        if (u64::from(l_crc), u64::from(l_compressed), u64::from(l_size)) != (u64::from(crc32), size, size) {
+            return Err(format!("entry `{name}`: the local header's CRC or sizes differ from the central record's"));
+        }
+        (None, data_end)
+    };
+    Ok((Entry { name, header_offset, data_offset, size, crc32, central_offset: at, descriptor_offset, end }, next))
+}
+
+/// The (id, data) pairs of an extra field, which must be exactly a sequence of them.
+fn extra_fields(mut extra: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
+    let mut out = Vec::new();
+    while !extra.is_empty() {
+        if extra.len() < 4 {
+            return Err("truncated extra field".into());
+        }
+        let id = u16::from_le_bytes([extra[0], extra[1]]);
+        let len = usize::from(u16::from_le_bytes([extra[2], extra[3]]));
+        let data = extra.get(4..4 + len).ok_or_else(|| format!("extra field {id:#06x} runs past its header"))?;
+        out.push((id, data));
+        extra = &extra[4 + len..];
+    }
+    Ok(out)
+}
+
+/// The name as a string when it is a plain relative path of printable ASCII
+/// (which `zipfile` decodes the same way with or without the UTF-8 flag):
+/// no `..`, no leading `/`, no `\` or `:`, no empty component.
+fn plain_name(raw: &[u8]) -> Result<String, String> {
+    let printable = raw.iter().all(|c| (0x20..0x7f).contains(c));
+    let name = String::from_utf8_lossy(raw).into_owned();
+    let plain = printable
+        && !name.is_empty()
+        && !name.contains(['\\', ':'])
+        && name.split('/').all(|c| !c.is_empty() && c != "..");
+    if plain {
+        Ok(name)
+    } else {
+        Err(format!("entry name {name:?} is not a plain relative name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(names: &[&str]) -> Vec<u8> {
+        let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
+        for name in names {
+            let (mut entry, _config) = zip.new_file(rawzip::path::EntryPath::verbatim(name.as_bytes())).start().unwrap();
+            std::io::Write::write_all(&mut entry, name.as_bytes()).unwrap();
+            entry.finish(rawzip::DataDescriptorOutput::new(crc32fast::hash(name.as_bytes()), name.len() as u64)).unwrap();
+        }
+        zip.finish().unwrap()
+    }
+
+    #[test]
+    fn reads_what_the_writer_writes() {
+        let bytes = archive(&["a.json", "dir/b.bin"]);
+        let dir = read(&bytes).unwrap();
+        assert_eq!(dir.entries.len(), 2);
+        let b = dir.get("dir/b.bin").unwrap();
+        assert_eq!(&bytes[b.data_offset as usize..(b.data_offset + b.size) as usize], b"dir/b.bin");
+        assert_eq!(b.crc32, crc32fast::hash(b"dir/b.bin"));
+        assert_eq!(dir.entries[0].header_offset, 0);
+        assert_eq!(b.end, dir.central_offset);
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = archive(&["a", "b"]);
+        for cut in 0..bytes.len() {
+            assert!(read(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn names_must_be_plain() {
+        for bad in ["../x", "/abs", "a/../b", "C:x", "a\\b", "", "a//b", "dir/", "caf\u{e9}"] {
+            let err = read(&archive(&["ok", bad])).unwrap_err();
+            assert!(err.contains("not a plain relative name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn end_record_must_point_at_the_central_directory() {
+        let mut bytes = archive(&["a", "b"]);
+        let at = bytes.len() - 22 + 16;
+        bytes[at] ^= 1;
+        assert!(read(&bytes).unwrap_err().contains("central directory"));
+    }
+}
