@@ -360,7 +360,10 @@ impl ArchiveReader {
     }
 
     fn parse(path: &Path, map: Backing) -> Result<Self> {
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        // The model's name, for the restore hint: `m` for `m.mio` and `m.mio.bk`.
+        let file = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = file.strip_suffix(".bk").unwrap_or(&file);
+        let name = stem.strip_suffix(&format!(".{EXTENSION}")).unwrap_or(stem).to_string();
         let damaged = |what: &str, detail: String| Error::damaged(path, &name, what, detail);
 
         let dir = zipread::read(&map).map_err(|d| damaged("zip structure", d))?;

@@ -350,7 +350,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
         let reader = ArchiveReader::open(&archive)?;
         let damaged = reader.verify();
         if !damaged.is_empty() {
-            return Err(Error::damaged(&archive, "bench", "tensors", damaged.join(", ")));
+            return Err(Error::damaged(&archive, "bench", "damaged parts", damaged.join(", ")));
         }
         mapped.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
     }

@@ -398,7 +398,7 @@ impl ModelIo {
             Ok(r) if !self.config.load.fallback => return Ok((r, None)),
             Ok(r) => match r.verify() {
                 damaged if damaged.is_empty() => return Ok((r, None)),
-                damaged => Error::damaged(&live, &self.paths.name, "tensors", damaged.join(", ")),
+                damaged => Error::damaged(&live, &self.paths.name, "damaged parts", damaged.join(", ")),
             },
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Error::ModelNotFound {
                 dir: self.paths.dir.clone(),

@@ -266,7 +266,7 @@ fn inspect(file: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliError>
         if damaged.is_empty() {
             say!(out, "checksums: ok ({} tensors verified)", tensor_count(&r));
         } else {
-            say!(out, "checksums: DAMAGED: tensors {}", damaged.join(", "));
+            say!(out, "checksums: DAMAGED: {}", damaged.join(", "));
         }
     }
     if damaged.is_empty() {
