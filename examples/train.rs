@@ -123,13 +123,16 @@ struct Summary {
     interrupted: bool,
 }
 
-fn train(io: &mut ModelIo, args: &Args, token: &CancellationToken) -> modelio::Result<Summary> {
+/// The training loop, on the runtime: libtorch work runs on this thread,
+/// saves await a free staging buffer instead of blocking it, and the signal
+/// task runs on another worker.
+async fn train(mut io: ModelIo, args: &Args, token: &CancellationToken) -> modelio::Result<(Summary, modelio::SaveStats)> {
     let config = io.config().clone();
     tch::manual_seed(config.train.seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = AutoEncoder::new(&vs.root());
     let mut opt = Adam::adamw(&vs, config.train.learning_rate, (0.9, 0.999), 1e-8, 0.01)?.with_fence(io.fence());
-    let resumed = io.resume(&vs, Some(&mut opt))?;
+    let resumed = io.resume_async(&vs, Some(&mut opt)).await?;
     if let Some(loaded) = &resumed.loaded {
         if let Some(reason) = &loaded.reason {
             eprintln!("warning: {reason}");
@@ -163,7 +166,7 @@ fn train(io: &mut ModelIo, args: &Args, token: &CancellationToken) -> modelio::R
         if schedule.save_at(iteration) {
             let started = std::time::Instant::now();
             // Committed in the background; a failure reaches the next call.
-            let saved = io.save(&vs, Some(&opt), false).map(drop);
+            let saved = io.save_async(&vs, Some(&opt), false).await.map(drop);
             last_stall = started.elapsed();
             summary.stalls.push(last_stall);
             keep_going(saved, &bar, &mut summary)?;
@@ -179,27 +182,18 @@ fn train(io: &mut ModelIo, args: &Args, token: &CancellationToken) -> modelio::R
     }
     bar.finish_and_clear();
     let (fence_wait, fence_waits) = io.fence().waited();
-    match io.save(&vs, Some(&opt), true) {
-        Ok(ticket) => {
-            let committed = ticket.wait_blocking()?;
-            eprintln!(
-                "exit save: {} ({} bytes, iteration {}); optimizer steps waited {} times for save copies, {:.3} ms in all",
-                committed.path.display(),
-                committed.bytes,
-                committed.iterations,
-                fence_waits,
-                fence_wait.as_secs_f64() * 1e3
-            );
-        }
-        // An earlier failure, reported now; the exit save itself was queued.
-        Err(e) if e.is_background() => {
-            eprintln!("warning: {}", e.report());
-            io.flush_blocking()?;
-            eprintln!("exit save: committed at iteration {}", io.iterations());
-        }
-        Err(e) => return Err(e),
-    }
-    Ok(summary)
+    // The exit save, then every actor drains.
+    let finished = io.finish(&vs, Some(&opt)).await?;
+    let committed = &finished.exit_save;
+    eprintln!(
+        "exit save: {} ({} bytes, iteration {}); optimizer steps waited {} times for save copies, {:.3} ms in all",
+        committed.path.display(),
+        committed.bytes,
+        committed.iterations,
+        fence_waits,
+        fence_wait.as_secs_f64() * 1e3
+    );
+    Ok((summary, finished.stats))
 }
 
 fn init_logging(io: &ModelIo) -> Option<()> {
@@ -208,23 +202,6 @@ fn init_logging(io: &ModelIo) -> Option<()> {
     std::fs::create_dir_all(&dir).ok()?;
     let file = std::fs::File::create(dir.join("train.log")).ok()?;
     tracing_subscriber::fmt().with_writer(Arc::new(file)).with_ansi(false).with_env_filter("modelio=info").try_init().ok()
-}
-
-/// First signal: cancel the token (the loop ends with an exit save). Second: abort.
-fn watch_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-            eprintln!("warning: cannot install signal handlers; Ctrl-C will stop without an exit save");
-            return;
-        };
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        eprintln!("\nstopping: finishing the iteration, then the exit save (press Ctrl-C again to abort)");
-        token.cancel();
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        eprintln!("aborted: committed files are intact; the exit save in progress is lost");
-        std::process::exit(130);
-    });
 }
 
 #[tokio::main]
@@ -254,10 +231,10 @@ async fn run() -> modelio::Result<()> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let token = CancellationToken::new();
-    watch_signals(token.clone());
+    // First SIGINT/SIGTERM: the loop ends with its exit save; second: abort.
+    let token = modelio::signals::cancel_on_signals()?;
 
-    let mut io = ModelIo::open(config)?;
+    let mut io = ModelIo::open_async(config).await?;
     if let Some(ms) = args.write_delay_ms {
         io.set_write_delay(Duration::from_millis(ms));
     }
@@ -266,17 +243,7 @@ async fn run() -> modelio::Result<()> {
         eprintln!("note: {} also holds other models: {}", io.model_dir().display(), others.join(", "));
     }
     init_logging(&io);
-    let worker_token = token.clone();
-    // libtorch work blocks: keep it off the async executor's threads.
-    let (io, summary) = tokio::task::spawn_blocking(move || {
-        let summary = train(&mut io, &args, &worker_token);
-        (io, summary)
-    })
-    .await
-    .map_err(|_| modelio::Error::Stopped)?;
-    let summary = summary?;
-    let stats = io.stats();
-    io.shutdown().await?;
+    let (summary, stats) = train(io, &args, &token).await?;
     let max_stall = summary.stalls.iter().max().copied().unwrap_or_default();
     println!(
         "{}trained {} iterations (total {}), last loss {:.5}; saves: {} committed, {} skipped, {} failed; trainer stall per save: max {:.3} ms",

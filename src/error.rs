@@ -141,6 +141,14 @@ pub enum Error {
     #[error("model folder {} is in use by process {pid}; stop it or use another folder", dir.display())]
     Locked { dir: PathBuf, pid: String },
 
+    /// A task of modelio's panicked or was cancelled (a bug: please report it).
+    #[error("internal error in modelio's {what}: {message}")]
+    Internal { what: &'static str, message: String },
+
+    /// Signal handlers for the exit save could not be installed.
+    #[error("cannot watch for SIGINT/SIGTERM ({detail}); call `cancel_on_signals` inside a tokio runtime")]
+    Signals { detail: String },
+
     /// A file modelio reads or writes is not a regular file (a FIFO, a
     /// device, a folder or a symlink where a file belongs).
     #[error("{} is {kind}, not a regular file; remove or rename it", path.display())]

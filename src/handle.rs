@@ -1,5 +1,6 @@
 //! [`ModelIo`]: the handle a training loop holds.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -164,6 +165,13 @@ pub enum OptimizerResume {
     Missing(String),
     /// No optimizer was given, or the model is new.
     NotApplicable,
+}
+
+/// What [`ModelIo::finish`] did: the exit save, and the handle's counters at the end.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub exit_save: Committed,
+    pub stats: SaveStats,
 }
 
 /// Save counters of a handle.
@@ -389,51 +397,43 @@ impl ModelIo {
         }
     }
 
-    /// Pick the archive to load: the live one, or with `load.fallback` the
-    /// newest that verifies (`.bk`, then snapshots by iteration). Returns
-    /// the reader and, for a fallback, why the live archive was not used.
-    fn open_for_load(&self) -> Result<(ArchiveReader, Option<String>)> {
-        let live = self.paths.archive();
-        let first = match ArchiveReader::open(&live) {
-            Ok(r) if !self.config.load.fallback => return Ok((r, None)),
-            Ok(r) => match r.verify() {
-                damaged if damaged.is_empty() => return Ok((r, None)),
-                damaged => Error::damaged(&live, &self.paths.name, "damaged parts", damaged.join(", ")),
-            },
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Error::ModelNotFound {
-                dir: self.paths.dir.clone(),
-                name: self.paths.name.clone(),
-                file: file_name(&live),
-            },
-            Err(e) => e,
-        };
-        if !self.config.load.fallback {
-            return Err(first);
-        }
-        for candidate in fallback_candidates(&self.paths) {
-            if let Ok(r) = ArchiveReader::open(&candidate) {
-                if r.verify().is_empty() {
-                    let reason = first.report().to_string();
-                    tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
-                    return Ok((r, Some(reason)));
-                }
-            }
-        }
-        Err(first)
-    }
-
     /// Load the model's tensors into `vs` (names as the VarStore names them).
     /// When `load.fallback` loaded a backup or snapshot, the handle continues
     /// from it: iterations, lowest loss and sessions follow what was loaded.
-    /// Blocks on file IO.
+    /// Blocks on file IO (see [`ModelIo::resume_async`] for async loops).
     ///
     /// # Errors
     /// [`Error::ModelNotFound`] naming the folder searched; [`Error::Damaged`]
     /// naming the file and tensor, with the restore hint; [`Error::Mismatch`]
     /// naming a missing, extra or differently shaped tensor.
     pub fn load(&mut self, vs: &VarStore) -> Result<Loaded> {
-        let (reader, reason) = self.open_for_load()?;
-        crate::tensors::load_varstore(&reader, vs)?;
+        let (read, reason) = read_for_load(&self.paths, self.config.load.fallback, false)?;
+        Ok(self.apply(read, reason, vs, None)?.0)
+    }
+
+    /// Copy what was read into `vs` (and the optimizer), and continue from it.
+    fn apply(
+        &mut self,
+        read: Read,
+        reason: Option<String>,
+        vs: &VarStore,
+        optimizer: Option<&mut dyn Optimizer>,
+    ) -> Result<(Loaded, OptimizerResume)> {
+        let Read { reader, model, optimizer: stored } = read;
+        apply_to_varstore(reader.path(), &model, vs)?;
+        drop(model);
+        let resumed = match (optimizer, stored) {
+            (None, _) => OptimizerResume::NotApplicable,
+            (Some(opt), Some(state)) => {
+                opt.load_state(&state)?;
+                OptimizerResume::Restored
+            }
+            (Some(_), None) => {
+                let why = missing_optimizer_reason(self.config.save.optimizer);
+                tracing::warn!(target: "modelio", "{} holds no optimizer state ({why}); the optimizer starts afresh", reader.path().display());
+                OptimizerResume::Missing(why)
+            }
+        };
         if reason.is_some() {
             self.follow(&reader);
         }
@@ -446,7 +446,7 @@ impl ModelIo {
             has_optimizer: reader.optimizer.is_some(),
         };
         self.loaded = Some(reader);
-        Ok(loaded)
+        Ok((loaded, resumed))
     }
 
     /// Continue from the state of an archive loaded instead of the live one:
@@ -466,32 +466,23 @@ impl ModelIo {
     }
 
     /// The optimizer state stored in the archive the last [`ModelIo::load`]
-    /// read (the live one when nothing was loaded yet), or `None` when it has none.
+    /// read (the live one when nothing was loaded yet), or `None` when it
+    /// has none. Blocks on file IO.
     ///
     /// # Errors
     /// As [`ModelIo::load`].
     pub fn load_optimizer(&self) -> Result<Option<OptimizerState>> {
-        let opened;
-        let reader = match &self.loaded {
-            Some(r) => r,
-            None => {
-                opened = self.open_for_load()?.0;
-                &opened
-            }
-        };
-        let Some((located, json)) = &reader.optimizer else { return Ok(None) };
-        let kind = reader.manifest.optimizer.as_ref().map(|o| o.kind.clone()).unwrap_or_default();
-        let mut tensors = std::collections::BTreeMap::new();
-        for t in located {
-            tensors.insert(t.meta.name.clone(), read_tensor(reader, t)?);
+        match &self.loaded {
+            Some(reader) => read_optimizer(reader),
+            None => Ok(read_for_load(&self.paths, self.config.load.fallback, true)?.0.optimizer),
         }
-        Ok(Some(OptimizerState { kind, json: json.clone(), tensors }))
     }
 
     /// Resume in one call: load the model (with `load.fallback` when the live
     /// archive is damaged or missing) and, when `optimizer` is given, its
-    /// state. Returns what happened; a new model (nothing to load) is not an
-    /// error. Blocks on file IO.
+    /// state, reading and verifying the archive once. Returns what happened;
+    /// a new model (nothing to load) is not an error. Blocks on file IO (see
+    /// [`ModelIo::resume_async`]).
     ///
     /// # Errors
     /// As [`ModelIo::load`], and [`Error::Optimizer`] when the stored state
@@ -500,23 +491,37 @@ impl ModelIo {
         if !self.model_exists() {
             return Ok(Resumed { loaded: None, optimizer: OptimizerResume::NotApplicable });
         }
-        let loaded = self.load(vs)?;
-        let optimizer = match optimizer {
-            None => OptimizerResume::NotApplicable,
-            Some(opt) => match self.load_optimizer()? {
-                Some(state) => {
-                    opt.load_state(&state)?;
-                    OptimizerResume::Restored
-                }
-                None => {
-                    let why = missing_optimizer_reason(self.config.save.optimizer);
-                    tracing::warn!(target: "modelio", "{} holds no optimizer state ({why}); the optimizer starts afresh", loaded.path.display());
-                    OptimizerResume::Missing(why)
-                }
-            },
-        };
-        self.loaded = None;
+        let (read, reason) = read_for_load(&self.paths, self.config.load.fallback, optimizer.is_some())?;
+        let (loaded, optimizer) = self.apply(read, reason, vs, optimizer)?;
         Ok(Resumed { loaded: Some(loaded), optimizer })
+    }
+
+    /// [`ModelIo::resume`] for async loops: the archive is opened, read and
+    /// verified on a blocking thread; only the copy into `vs` (a memcpy of
+    /// the model) runs on the caller.
+    ///
+    /// # Errors
+    /// As [`ModelIo::resume`].
+    pub async fn resume_async(&mut self, vs: &VarStore, optimizer: Option<&mut dyn Optimizer>) -> Result<Resumed> {
+        if !self.model_exists() {
+            return Ok(Resumed { loaded: None, optimizer: OptimizerResume::NotApplicable });
+        }
+        let (paths, fallback, with_optimizer) = (self.paths.clone(), self.config.load.fallback, optimizer.is_some());
+        let (read, reason) = tokio::task::spawn_blocking(move || read_for_load(&paths, fallback, with_optimizer))
+            .await
+            .map_err(|e| Error::Internal { what: "load", message: e.to_string() })??;
+        let (loaded, optimizer) = self.apply(read, reason, vs, optimizer)?;
+        Ok(Resumed { loaded: Some(loaded), optimizer })
+    }
+
+    /// [`ModelIo::open`] for async code: the folder is opened on a blocking thread.
+    ///
+    /// # Errors
+    /// As [`ModelIo::open`].
+    pub async fn open_async(config: Config) -> Result<ModelIo> {
+        tokio::task::spawn_blocking(move || ModelIo::open(config))
+            .await
+            .map_err(|e| Error::Internal { what: "open", message: e.to_string() })?
     }
 
     /// Save the model (and the optimizer, per `save.optimizer`) and the state
@@ -553,7 +558,50 @@ impl ModelIo {
         }
     }
 
+    /// [`ModelIo::save`] for async loops: when every staging buffer is busy
+    /// (and the save is not skipped), waits for one without blocking the
+    /// runtime. The copy of CPU tensors itself (about one memcpy of the
+    /// state) still runs on the calling thread, as in `save`.
+    ///
+    /// # Errors
+    /// As [`ModelIo::save`].
+    pub async fn save_async(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool) -> Result<Ticket> {
+        let started = Instant::now();
+        let skip = self.config.staging.on_busy == OnBusy::Skip && !is_exit;
+        let lease = match self.pool.try_lease() {
+            Some(l) => Some((l, false)),
+            None if skip => None,
+            None if self.actors.is_some() => {
+                self.shared.stats.waited.fetch_add(1, Ordering::Relaxed);
+                Some((self.pool.lease_async().await, true))
+            }
+            None => None,
+        };
+        let earlier = self.shared.take_failure();
+        let result = self.queue_save_with(vs, optimizer, is_exit, started, lease);
+        match (earlier, result) {
+            (None, result) => result,
+            (Some(e), Ok(_ticket)) => Err(e),
+            (Some(e), Err(own)) => {
+                self.shared.report_later(e);
+                Err(own)
+            }
+        }
+    }
+
     fn queue_save(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool, started: Instant) -> Result<Ticket> {
+        self.queue_save_with(vs, optimizer, is_exit, started, None)
+    }
+
+    /// Queue a save, with a lease already taken (`save_async`) or taken here.
+    fn queue_save_with(
+        &mut self,
+        vs: &VarStore,
+        optimizer: Option<&dyn Optimizer>,
+        is_exit: bool,
+        started: Instant,
+        leased: Option<(Lease, bool)>,
+    ) -> Result<Ticket> {
         let Some(actors) = &self.actors else {
             return Err(Error::PredictMode { dir: self.paths.dir.clone(), name: self.paths.name.clone() });
         };
@@ -567,7 +615,7 @@ impl ModelIo {
         }
         self.shared.stats.requested.fetch_add(1, Ordering::Relaxed);
         let (model, optimizer, tensors) = describe(vs, optimizer.filter(|_| self.config.save.optimizer.stores(is_exit)))?;
-        let Some((mut lease, waited)) = self.take_lease(is_exit) else {
+        let Some((mut lease, waited)) = leased.or_else(|| self.take_lease(is_exit)) else {
             self.last_save = Some(LastSave::Skipped(self.state.total_iterations));
             return Ok(Ticket::ready(self.skipped(started.elapsed())));
         };
@@ -741,6 +789,34 @@ impl ModelIo {
         result
     }
 
+    /// End training: the exit save (optimizer included unless the policy is
+    /// `never`), then drain every write, backup and snapshot and stop the
+    /// actors. What a signal-driven stop ([`crate::signals::cancel_on_signals`])
+    /// or the end of the loop calls. Does not block the runtime.
+    ///
+    /// Failures of earlier saves that were not reported yet are superseded by
+    /// a committed exit save: they are logged, and the exit save's commit is
+    /// returned.
+    ///
+    /// # Errors
+    /// The exit save's failure, or a failure while draining.
+    pub async fn finish(mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>) -> Result<Finished> {
+        if let Some(a) = &self.actors {
+            a.flush().await?;
+        }
+        while let Some(earlier) = self.shared.take_failure() {
+            tracing::warn!(target: "modelio", "{} (superseded by the exit save)", earlier.report());
+        }
+        let saved = match self.save(vs, optimizer, true) {
+            Ok(ticket) => ticket.await,
+            Err(e) => Err(e),
+        };
+        let stats = self.stats();
+        let drained = self.shutdown().await;
+        let exit_save = saved?;
+        drained.map(|()| Finished { exit_save, stats })
+    }
+
     /// Test hook: make every background write sleep first.
     #[doc(hidden)]
     pub fn set_write_delay(&self, delay: Duration) {
@@ -775,6 +851,90 @@ fn describe(
         None => None,
     };
     Ok((model, optimizer, tensors))
+}
+
+/// An archive read whole: every model tensor (and the optimizer's state
+/// when asked for), each checked against its checksum.
+struct Read {
+    reader: ArchiveReader,
+    model: BTreeMap<String, tch::Tensor>,
+    optimizer: Option<OptimizerState>,
+}
+
+fn read_archive(path: &Path, with_optimizer: bool) -> Result<Read> {
+    let reader = ArchiveReader::open(path)?;
+    let mut model = BTreeMap::new();
+    for t in &reader.model {
+        model.insert(t.meta.name.clone(), read_tensor(&reader, t)?);
+    }
+    let optimizer = if with_optimizer { read_optimizer(&reader)? } else { None };
+    Ok(Read { reader, model, optimizer })
+}
+
+fn read_optimizer(reader: &ArchiveReader) -> Result<Option<OptimizerState>> {
+    let Some((located, json)) = &reader.optimizer else { return Ok(None) };
+    let kind = reader.manifest.optimizer.as_ref().map(|o| o.kind.clone()).unwrap_or_default();
+    let mut tensors = BTreeMap::new();
+    for t in located {
+        tensors.insert(t.meta.name.clone(), read_tensor(reader, t)?);
+    }
+    Ok(Some(OptimizerState { kind, json: json.clone(), tensors }))
+}
+
+/// Read the live archive, or with `fallback` the newest that reads whole
+/// and checks (`.bk`, then snapshots by iteration). Returns what was read
+/// and, for a fallback, why the live archive was not used. Each archive is
+/// read and checked once.
+fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Result<(Read, Option<String>)> {
+    let live = paths.archive();
+    let first = match read_archive(&live, with_optimizer) {
+        Ok(read) => return Ok((read, None)),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Error::ModelNotFound { dir: paths.dir.clone(), name: paths.name.clone(), file: file_name(&live) }
+        }
+        Err(e) => e,
+    };
+    if !fallback {
+        return Err(first);
+    }
+    for candidate in fallback_candidates(paths) {
+        if let Ok(read) = read_archive(&candidate, with_optimizer) {
+            let reason = first.report().to_string();
+            tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
+            return Ok((read, Some(reason)));
+        }
+    }
+    Err(first)
+}
+
+/// Copy tensors read from `path` into the variables of `vs`. Every variable
+/// must be there with the same dtype and shape, and every tensor must be a
+/// variable; nothing is copied unless all fit.
+fn apply_to_varstore(path: &Path, model: &BTreeMap<String, tch::Tensor>, vs: &VarStore) -> Result<()> {
+    let vars = vs.variables();
+    let mismatch = |tensor: &str, expected: String, found: String| Error::Mismatch { path: path.to_path_buf(), tensor: tensor.into(), expected, found };
+    if let Some(extra) = model.keys().find(|k| !vars.contains_key(*k)) {
+        return Err(mismatch(extra, "no such variable in the model".into(), "a tensor in the archive".into()));
+    }
+    let mut pairs = Vec::with_capacity(vars.len());
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        let stored = model.get(name).ok_or_else(|| mismatch(name, "a tensor in the archive".into(), "none".into()))?;
+        let want = (dtype_of(name, var.kind())?, shape_of(var));
+        let found = (dtype_of(name, stored.kind())?, shape_of(stored));
+        if want != found {
+            return Err(mismatch(name, format!("{} {:?}", want.0, want.1), format!("{} {:?}", found.0, found.1)));
+        }
+        pairs.push((var, stored));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (var, value) in pairs {
+            var.shallow_clone().f_copy_(value)?;
+        }
+        Ok(())
+    })
 }
 
 /// Why an archive holds no optimizer state, from the policy that wrote it.

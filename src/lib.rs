@@ -41,6 +41,8 @@ pub mod optim;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+#[cfg(feature = "torch")]
+pub mod signals;
 pub mod snapshot;
 #[cfg(feature = "torch")]
 pub mod staging;
@@ -52,7 +54,7 @@ pub mod zipread;
 pub use config::Config;
 pub use error::{Error, Report, Result};
 #[cfg(feature = "torch")]
-pub use handle::{Committed, Loaded, ModelIo, OptimizerResume, Resumed, SaveStats, Ticket};
+pub use handle::{Committed, Finished, Loaded, ModelIo, OptimizerResume, Resumed, SaveStats, Ticket};
 #[cfg(feature = "torch")]
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use schedule::Schedule;

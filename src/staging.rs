@@ -113,7 +113,10 @@ pub struct Pool {
 
 struct PoolInner {
     free: Mutex<Vec<BufferSet>>,
+    /// Wakes threads blocked in [`Pool::lease`]...
     returned: Condvar,
+    /// ... and tasks awaiting [`Pool::lease_async`], whenever a set comes back.
+    available: tokio::sync::Notify,
     grown: AtomicU64,
 }
 
@@ -127,7 +130,14 @@ impl Pool {
     /// A pool of `sets` buffer sets (allocated lazily, then reused).
     pub fn new(sets: usize) -> Pool {
         let free = (0..sets.max(1)).map(|_| Vec::new()).collect();
-        Pool { inner: Arc::new(PoolInner { free: Mutex::new(free), returned: Condvar::new(), grown: AtomicU64::new(0) }) }
+        Pool {
+            inner: Arc::new(PoolInner {
+                free: Mutex::new(free),
+                returned: Condvar::new(),
+                available: tokio::sync::Notify::new(),
+                grown: AtomicU64::new(0),
+            }),
+        }
     }
 
     /// A free set now, or `None` when every set is in flight.
@@ -143,6 +153,21 @@ impl Pool {
                 return Lease { set, pool: self.inner.clone() };
             }
             free = self.inner.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Wait for a free set without blocking the thread (for async callers).
+    pub async fn lease_async(&self) -> Lease {
+        loop {
+            // Register for the wake-up before looking, so a set returned
+            // between the look and the wait is not missed.
+            let returned = self.inner.available.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(lease) = self.try_lease() {
+                return lease;
+            }
+            returned.await;
         }
     }
 
@@ -268,6 +293,7 @@ impl Drop for Lease {
         let set = std::mem::take(&mut self.set);
         lock(&self.pool.free).push(set);
         self.pool.returned.notify_one();
+        self.pool.available.notify_waiters();
     }
 }
 
