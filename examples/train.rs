@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(about = "Train a small autoencoder with modelio checkpointing")]
 struct Args {
-    /// The TOML configuration.
-    #[arg(long, default_value = "config/modelio.toml")]
+    /// The TOML configuration: the demo's `[train]` and modelio's `[modelio]`.
+    #[arg(long, default_value = "config/demo.toml")]
     config: PathBuf,
     /// Override `model.dir`.
     #[arg(long)]
@@ -41,6 +41,39 @@ struct Args {
     /// Test hook: make every background write sleep this long first.
     #[arg(long, hide = true)]
     write_delay_ms: Option<u64>,
+}
+
+/// The demo's own settings: `[train]` in its config file, beside modelio's
+/// `[modelio]` table.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TrainConfig {
+    batch_size: u64,
+    learning_rate: f64,
+    seed: i64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { batch_size: 16, learning_rate: 1e-3, seed: 0 }
+    }
+}
+
+impl TrainConfig {
+    /// The `[train]` table of `path`, checked.
+    fn from_file(path: &std::path::Path) -> Result<TrainConfig, String> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            #[serde(default)]
+            train: TrainConfig,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+        let c = toml::from_str::<File>(&text).map_err(|e| format!("in [train]: {e}"))?.train;
+        if c.batch_size == 0 || !(c.learning_rate.is_finite() && c.learning_rate > 0.0) {
+            return Err("[train] needs batch_size >= 1 and a finite learning_rate > 0".into());
+        }
+        Ok(c)
+    }
 }
 
 /// Encoder and decoder convolutions.
@@ -126,12 +159,13 @@ struct Summary {
 /// The training loop, on the runtime: libtorch work runs on this thread,
 /// saves await a free staging buffer instead of blocking it, and the signal
 /// task runs on another worker.
-async fn train(mut io: ModelIo, args: &Args, token: &CancellationToken) -> modelio::Result<(Summary, modelio::SaveStats)> {
+async fn train(mut io: ModelIo, train: &TrainConfig, args: &Args, token: &CancellationToken) -> modelio::Result<(Summary, modelio::SaveStats)> {
     let config = io.config().clone();
-    tch::manual_seed(config.train.seed);
+    tch::manual_seed(train.seed);
+    io.set_batch_size(train.batch_size);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = AutoEncoder::new(&vs.root());
-    let mut opt = Adam::adamw(&vs, config.train.learning_rate, (0.9, 0.999), 1e-8, 0.01)?.with_fence(io.fence());
+    let mut opt = Adam::adamw(&vs, train.learning_rate, (0.9, 0.999), 1e-8, 0.01)?.with_fence(io.fence());
     let resumed = io.resume_async(&vs, Some(&mut opt)).await?;
     if let Some(loaded) = &resumed.loaded {
         if let Some(reason) = &loaded.reason {
@@ -155,7 +189,7 @@ async fn train(mut io: ModelIo, args: &Args, token: &CancellationToken) -> model
             summary.interrupted = true;
             break;
         }
-        let x = batch(io.iterations() + 1, config.train.batch_size);
+        let x = batch(io.iterations() + 1, train.batch_size);
         let loss = net.forward_t(&x, true).mse_loss(&x, tch::Reduction::Mean);
         opt.zero_grad();
         loss.backward();
@@ -218,6 +252,10 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> modelio::Result<()> {
     let args = Args::parse();
     let mut config = Config::from_file(&args.config)?;
+    let train_config = match TrainConfig::from_file(&args.config) {
+        Ok(t) => t,
+        Err(message) => return Err(modelio::Error::ConfigParse { path: args.config.clone(), message }),
+    };
     if let Some(d) = &args.model_dir {
         config.model.dir = d.clone();
     }
@@ -243,7 +281,7 @@ async fn run() -> modelio::Result<()> {
         eprintln!("note: {} also holds other models: {}", io.model_dir().display(), others.join(", "));
     }
     init_logging(&io);
-    let (summary, stats) = train(io, &args, &token).await?;
+    let (summary, stats) = train(io, &train_config, &args, &token).await?;
     let max_stall = summary.stalls.iter().max().copied().unwrap_or_default();
     println!(
         "{}trained {} iterations (total {}), last loss {:.5}; saves: {} committed, {} skipped, {} failed; trainer stall per save: max {:.3} ms",

@@ -1,7 +1,12 @@
-//! Typed configuration, read from one TOML file and validated at start.
+//! Typed configuration, read from TOML and validated at start.
 //!
 //! Every key has a default (see `config/modelio.toml`); an unknown key or a
 //! bad value is an error naming the key, the value and what is allowed.
+//!
+//! modelio's settings may share a file with the application's own: when the
+//! file has a `[modelio]` table, modelio reads only that table (its sections
+//! become `[modelio.save]`, `[modelio.model]`, ...) and leaves every other
+//! table to the application. Otherwise the whole file is modelio's.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +23,6 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub staging: StagingConfig,
     pub load: LoadConfig,
-    pub train: TrainConfig,
 }
 
 /// `[model]`: which model, where.
@@ -128,15 +132,6 @@ pub struct LoadConfig {
     pub fallback: bool,
 }
 
-/// `[train]`: settings of the demo trainer (ignored by the library).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    pub batch_size: u64,
-    pub learning_rate: f64,
-    pub seed: i64,
-}
-
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig { name: "model".into(), dir: PathBuf::from("models/model"), predict: false }
@@ -152,9 +147,23 @@ impl Default for StagingConfig {
         StagingConfig { max_inflight: 1, on_busy: OnBusy::Wait, cpu_copy: CpuCopy::Immediate }
     }
 }
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig { batch_size: 16, learning_rate: 1e-3, seed: 0 }
+
+/// The table of a shared file that holds modelio's settings.
+pub const SECTION: &str = "modelio";
+
+/// A file shared with the application: modelio's table, the rest ignored.
+#[derive(Deserialize)]
+struct Shared {
+    modelio: Config,
+}
+
+impl Error {
+    /// A parse error inside `[modelio]` says so.
+    fn in_section(self) -> Error {
+        match self {
+            Error::ConfigParse { path, message } => Error::ConfigParse { path, message: format!("in [{SECTION}]: {message}") },
+            other => other,
+        }
     }
 }
 
@@ -164,23 +173,44 @@ impl Default for TrainConfig {
 pub const MAX_NAME: usize = 128;
 
 impl Config {
-    /// Read and validate a TOML file.
+    /// Read and validate a TOML file: its `[modelio]` table when it has one
+    /// (the rest of the file is the application's), else the whole file.
     ///
     /// # Errors
     /// [`Error::Io`] when the file cannot be read, [`Error::ConfigParse`] on bad
-    /// TOML or an unknown key, [`Error::ConfigValue`] on a bad value.
+    /// TOML or an unknown key in modelio's sections, [`Error::ConfigValue`] on a bad value.
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("read config", path, e))?;
         Config::from_toml(&text, path)
     }
 
-    /// Parse and validate TOML text; `path` only names the source in errors.
+    /// Parse and validate TOML text as [`Config::from_file`] does; `path`
+    /// only names the source in errors.
     ///
     /// # Errors
     /// As [`Config::from_file`].
     pub fn from_toml(text: &str, path: &Path) -> Result<Config> {
+        let parse_err = |e: toml::de::Error| Error::ConfigParse { path: path.to_path_buf(), message: e.to_string() };
+        let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        let config = if table.contains_key(SECTION) {
+            // Parsed from the text again (not the table) so errors keep their line.
+            toml::from_str::<Shared>(text).map_err(|e| parse_err(e).in_section())?.modelio
+        } else {
+            toml::from_str(text).map_err(parse_err)?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Read modelio's settings from a table of the application's own
+    /// configuration (e.g. the value of its `[modelio]` key); `path` only
+    /// names the source in errors.
+    ///
+    /// # Errors
+    /// [`Error::ConfigParse`] on an unknown key, [`Error::ConfigValue`] on a bad value.
+    pub fn from_table(table: toml::Table, path: &Path) -> Result<Config> {
         let config: Config =
-            toml::from_str(text).map_err(|e| Error::ConfigParse { path: path.to_path_buf(), message: e.to_string() })?;
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::ConfigParse { path: path.to_path_buf(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -224,12 +254,6 @@ impl Config {
         }
         if self.staging.max_inflight == 0 || self.staging.max_inflight > 64 {
             return bad("staging.max_inflight", self.staging.max_inflight.to_string(), "an integer from 1 to 64");
-        }
-        if self.train.batch_size == 0 {
-            return bad("train.batch_size", "0".into(), "an integer >= 1");
-        }
-        if !(self.train.learning_rate.is_finite() && self.train.learning_rate > 0.0) {
-            return bad("train.learning_rate", self.train.learning_rate.to_string(), "a finite number > 0");
         }
         Ok(())
     }
@@ -280,6 +304,23 @@ mod tests {
         assert!(err.contains("later") && err.contains("deferred"), "{err}");
         let err = parse("[snapshot]\nkeep = -1\n").unwrap_err().to_string();
         assert!(err.contains("keep") || err.contains("-1"), "{err}");
+    }
+
+    #[test]
+    fn modelio_table_beside_the_applications_own() {
+        let text = "[myapp]\nlr = 0.1\n[train]\nbatch_size = 4\n[modelio.save]\ninterval = 7\n";
+        let c = parse(text).unwrap();
+        assert_eq!(c.save.interval, 7);
+        // Unknown keys inside modelio's sections stay errors, naming the key.
+        let err = parse("[myapp]\nx = 1\n[modelio.save]\nintervall = 7\n").unwrap_err().to_string();
+        assert!(err.contains("intervall") && err.contains("[modelio]"), "{err}");
+        let err = parse("[modelio.sav]\ninterval = 7\n").unwrap_err().to_string();
+        assert!(err.contains("sav"), "{err}");
+        // Without a [modelio] table the whole file is modelio's: strict.
+        let err = parse("[myapp]\nx = 1\n").unwrap_err().to_string();
+        assert!(err.contains("myapp"), "{err}");
+        let table: toml::Table = toml::from_str("[save]\ninterval = 3\n").unwrap();
+        assert_eq!(Config::from_table(table, Path::new("app.toml")).unwrap().save.interval, 3);
     }
 
     #[test]

@@ -297,7 +297,7 @@ impl ModelIo {
             other => other?,
         };
         if !config.model.predict {
-            state.start_session(config.train.batch_size);
+            state.start_session(None);
         }
         let pool = Pool::new(config.staging.max_inflight);
         Ok(ModelIo {
@@ -369,6 +369,14 @@ impl ModelIo {
     /// The state that the next save writes.
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The batch size of this training run, recorded with its session in the
+    /// state file.
+    pub fn set_batch_size(&mut self, batch_size: u64) {
+        if let Some(session) = self.state.sessions.last_mut() {
+            session.batch_size = Some(batch_size);
+        }
     }
 
     /// The model's own configuration, stored in the state file with modelio's.

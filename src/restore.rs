@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn session_ids_are_uuids_as_start_session_writes_them() {
         let mut state = State::new("m");
-        state.start_session(1);
+        state.start_session(Some(1));
         assert!(is_session_id(&state.sessions[0].id));
         assert!(is_session_id(KNOWN));
         for other in ["tensorboard", "some-later-session", "", "9F8E7D6C-5B4A-4392-8172-6A5B4C3D2E1F", "9f8e7d6c5b4a439281726a5b4c3d2e1f"] {

@@ -12,7 +12,10 @@ pub struct Session {
     pub id: String,
     /// RFC 3339 start time.
     pub started: String,
-    pub batch_size: u64,
+    /// The batch size the application trained with (see
+    /// `ModelIo::set_batch_size`), when it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
     /// Iterations trained in this session.
     pub iterations: u64,
 }
@@ -54,7 +57,7 @@ impl State {
     }
 
     /// Start a new session (one per training run).
-    pub fn start_session(&mut self, batch_size: u64) {
+    pub fn start_session(&mut self, batch_size: Option<u64>) {
         self.sessions.push(Session {
             id: uuid::Uuid::new_v4().to_string(),
             started: chrono::Utc::now().to_rfc3339(),
@@ -131,15 +134,15 @@ mod tests {
     #[test]
     fn sessions_count_iterations() {
         let mut s = State::new("m");
-        s.start_session(8);
+        s.start_session(Some(8));
         s.count_iteration();
         s.count_iteration();
-        s.start_session(8);
+        s.start_session(Some(8));
         s.count_iteration();
         assert_eq!(s.total_iterations, 3);
         assert_eq!(s.sessions.iter().map(|x| x.iterations).collect::<Vec<_>>(), [2, 1]);
         assert_ne!(s.sessions[0].id, s.sessions[1].id);
-        s.start_session(8);
+        s.start_session(Some(8));
         let written: State = serde_json::from_slice(&s.to_json()).unwrap();
         assert_eq!(written.sessions.len(), 2, "an empty session is not written");
     }
