@@ -199,26 +199,28 @@ enum LastSave {
 
 /// The model IO of one model: saves, backups, snapshots and loads.
 ///
+/// Async methods (`open_async`, `resume_async`, `save_async`, `flush`,
+/// `shutdown`, `finish`, awaiting a [`Ticket`]) never block the runtime;
+/// their plain counterparts block the calling thread on file IO or on a
+/// free staging buffer, as each method's doc says. Dropping a handle without
+/// `shutdown` or `finish` blocks the dropping thread until the actors drain.
+///
 /// ```no_run
-/// # async fn run() -> modelio::Result<()> {
-/// use modelio::{Config, ModelIo};
-/// let config = Config::from_file("config/modelio.toml".as_ref())?;
-/// let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-/// let mut io = ModelIo::open(config)?;
-/// io.resume(&vs, None)?;
+/// # async fn run(vs: tch::nn::VarStore) -> modelio::Result<()> {
+/// let mut io = modelio::ModelIo::open_async(modelio::Config::default()).await?;
+/// io.resume_async(&vs, None).await?;
 /// for _ in 0..100 {
 ///     // forward, backward, optimizer step ...
 ///     io.record(0.5);
 ///     if io.iterations() % 10 == 0 {
-///         match io.save(&vs, None, false) {
-///             Ok(_ticket) => {}                              // committed in the background
+///         match io.save_async(&vs, None, false).await {
+///             Ok(_ticket) => {} // committed in the background
 ///             Err(e) if e.is_retryable() => eprintln!("warning: {}", e.report()), // keep training
 ///             Err(e) => return Err(e),
 ///         }
 ///     }
 /// }
-/// io.save(&vs, None, true)?.await?;
-/// io.shutdown().await?;
+/// io.finish(&vs, None).await?; // exit save, then drain
 /// # Ok(()) }
 /// ```
 pub struct ModelIo {

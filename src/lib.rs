@@ -1,9 +1,56 @@
 //! modelio: the model IO of a libtorch (`tch`) training loop.
 //!
-//! A training loop holds a [`ModelIo`]. `save` takes a staging buffer, queues
-//! the copy of the tensors and returns a [`Ticket`]; actors copy, write the
-//! archive and state file atomically, make `.bk` backups when the loss
-//! improved, and build snapshots, all off the trainer's thread.
+//! A training loop holds a [`ModelIo`]. `save` copies the tensors into a
+//! reused staging buffer and returns a [`Ticket`]; actors write the archive
+//! and state file atomically, make `.bk` backups when the loss improved, and
+//! build snapshots, all off the trainer's thread. A save holds the values at
+//! the call, every file is checksummed, and a failure is reported once and
+//! never costs a later save.
+//!
+//! # Quick start
+//!
+//! An async loop (the pattern the README and `examples/train.rs` follow):
+//! resume, train, save in the background, and end with an exit save when
+//! the loop ends or the first Ctrl-C arrives.
+//!
+//! ```no_run
+//! use modelio::tch::nn::{self, Module};
+//! use modelio::tch::{Device, Kind, Tensor};
+//! use modelio::{Adam, Config, ModelIo, Schedule};
+//!
+//! #[tokio::main]
+//! async fn main() -> modelio::Result<()> {
+//!     let mut config = Config::default();
+//!     config.model.dir = "models/quickstart".into();
+//!     config.save.interval = 50;
+//!     let vs = nn::VarStore::new(Device::Cpu);
+//!     let net = nn::linear(vs.root() / "layer", 8, 1, Default::default());
+//!     let mut opt = Adam::adam(&vs, 1e-3, (0.9, 0.999), 1e-8, 0.0)?;
+//!
+//!     let mut io = ModelIo::open_async(config.clone()).await?;
+//!     io.resume_async(&vs, Some(&mut opt)).await?;
+//!     let stop = modelio::signals::cancel_on_signals()?;
+//!     let schedule = Schedule::from_config(&config);
+//!     while !stop.is_cancelled() && io.iterations() < 1000 {
+//!         let x = Tensor::randn([32, 8], (Kind::Float, Device::Cpu));
+//!         let loss = net.forward(&x).square().mean(Kind::Float);
+//!         opt.zero_grad();
+//!         loss.backward();
+//!         opt.step()?;
+//!         io.record(loss.double_value(&[]));
+//!         if schedule.save_at(io.iterations()) {
+//!             match io.save_async(&vs, Some(&opt), false).await {
+//!                 Ok(_ticket) => {} // committed in the background
+//!                 // A full disk or a vanished folder: train on, the next save retries.
+//!                 Err(e) if e.is_retryable() => eprintln!("warning: {}", e.report()),
+//!                 Err(e) => return Err(e),
+//!             }
+//!         }
+//!     }
+//!     io.finish(&vs, Some(&opt)).await?; // exit save, then drain
+//!     Ok(())
+//! }
+//! ```
 //!
 //! Where things are:
 //! - [`handle`]: [`ModelIo`], the trainer's handle (save, load, snapshot, shutdown).
@@ -50,6 +97,10 @@ pub mod state;
 #[cfg(feature = "torch")]
 pub mod tensors;
 pub mod zipread;
+
+/// The `tch` this crate is built with: use it instead of pinning `tch` yourself.
+#[cfg(feature = "torch")]
+pub use tch;
 
 pub use config::Config;
 pub use error::{Error, Report, Result};
