@@ -190,6 +190,11 @@ pub struct SaveStats {
     pub buffer_growths: u64,
 }
 
+/// A save's copies once started: the CPU tensors left for the stager to copy
+/// (`"deferred"` mode; empty otherwise), and one event per GPU marking the
+/// end of its queued copies.
+type Staged = (Vec<(usize, tch::Tensor)>, Vec<crate::cuda::Event>);
+
 /// The last save requested, for naming snapshots after it.
 #[derive(Debug, Clone, Copy)]
 enum LastSave {
@@ -676,7 +681,7 @@ impl ModelIo {
     /// non-blocking copies queued in stream order (with one event per GPU),
     /// CPU tensors copied now, or returned for the stager to copy in
     /// `"deferred"` mode.
-    fn stage(&self, tensors: Vec<tch::Tensor>, lease: &mut Lease) -> Result<(Vec<(usize, tch::Tensor)>, Vec<crate::cuda::Event>)> {
+    fn stage(&self, tensors: Vec<tch::Tensor>, lease: &mut Lease) -> Result<Staged> {
         let mut cpu = Vec::with_capacity(tensors.len());
         let mut gpus: Vec<usize> = Vec::new();
         for (i, t) in tensors.into_iter().enumerate() {

@@ -82,6 +82,9 @@ pub const COPY_THREADS: usize = 4;
 /// Pieces an immediate copy is split into, in bytes.
 const COPY_PIECE: usize = 4 << 20;
 
+/// A piece of an immediate copy: (source, destination) of equal length.
+type Piece<'a> = (&'a [u8], &'a mut [u8]);
+
 /// One tensor's host buffer.
 pub enum Buffer {
     /// Pageable memory, filled by a memcpy (CPU tensors).
@@ -242,7 +245,7 @@ impl Lease {
             total += len;
         }
         // (source, destination) pieces of at most COPY_PIECE bytes.
-        let mut pieces: Vec<(&[u8], &mut [u8])> = Vec::new();
+        let mut pieces: Vec<Piece> = Vec::new();
         let mut dsts: Vec<Option<&mut Vec<u8>>> = self.set.iter_mut().map(|b| match b {
             Buffer::Host(v) => Some(v),
             Buffer::Pinned(_) => None,
@@ -264,7 +267,7 @@ impl Lease {
         // A shared queue of pieces: helpers and the caller take the next one
         // until none is left, so the caller alone finishes the copy if a
         // helper thread cannot be started.
-        let queue: Vec<Mutex<Option<(&[u8], &mut [u8])>>> = pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
+        let queue: Vec<Mutex<Option<Piece>>> = pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let work = || {
             while let Some(piece) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
