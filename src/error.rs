@@ -100,7 +100,15 @@ pub enum Error {
     #[error("tensor `{tensor}`: {found} bytes staged, {expected} expected for its dtype and shape; nothing was written")]
     StagedLength { tensor: String, expected: usize, found: usize },
 
-    /// Optimizer state does not fit the optimizer it is loaded into.
+    /// The archive holds another kind of optimizer than the one it is loaded into.
+    #[error("the archive holds a `{stored}` optimizer's state, and this optimizer is `{expected}`; build the same optimizer to resume it")]
+    OptimizerKind { stored: String, expected: String },
+
+    /// A state tensor is missing or does not fit its parameter.
+    #[error("optimizer state tensor `{tensor}`: expected {expected}, found {found}; the model changed since the save")]
+    OptimizerTensor { tensor: String, expected: String, found: String },
+
+    /// The optimizer's stored JSON lacks what it needs.
     #[error("optimizer state: {0}")]
     Optimizer(String),
 

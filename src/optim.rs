@@ -38,29 +38,46 @@ pub trait Optimizer {
     /// Replace the state by a loaded one.
     ///
     /// # Errors
-    /// [`Error::Optimizer`] when the state is of another kind or does not fit the parameters.
+    /// [`Error::OptimizerKind`] when the state is of another kind,
+    /// [`Error::OptimizerTensor`] when a state tensor is missing or does not
+    /// fit its parameter, [`Error::Optimizer`] when its JSON lacks a field.
     fn load_state(&mut self, state: &OptimizerState) -> Result<()>;
 }
 
-/// The trainable variables of a store, sorted by name.
-fn named_params(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    params
+/// What every optimizer here shares: its parameters (the trainable
+/// variables of a store, sorted by name) and the fence its steps wait on.
+struct Params {
+    named: Vec<(String, Tensor)>,
+    fence: Option<Fence>,
 }
 
-fn zero_grads(params: &[(String, Tensor)]) {
-    for (_, p) in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.f_zero_();
+impl Params {
+    fn of(vs: &VarStore) -> Params {
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Params { named, fence: None }
+    }
+
+    fn zero_grad(&self) {
+        for (_, p) in &self.named {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.f_zero_();
+            }
+        }
+    }
+
+    /// Before a step: wait until no deferred save copy is reading the parameters.
+    fn wait_fence(&self) {
+        if let Some(f) = &self.fence {
+            f.wait();
         }
     }
 }
 
 fn check_kind(want: &str, state: &OptimizerState) -> Result<()> {
     if state.kind != want {
-        return Err(Error::Optimizer(format!("archive holds a `{}` optimizer, this one is `{want}`", state.kind)));
+        return Err(Error::OptimizerKind { stored: state.kind.clone(), expected: want.into() });
     }
     Ok(())
 }
@@ -70,22 +87,24 @@ fn steps_of(state: &OptimizerState) -> Result<u64> {
 }
 
 fn take_state(state: &OptimizerState, name: &str, like: &Tensor) -> Result<Tensor> {
-    let t = state.tensors.get(name).ok_or_else(|| Error::Optimizer(format!("state tensor `{name}` missing")))?;
+    let t = state.tensors.get(name).ok_or_else(|| Error::OptimizerTensor {
+        tensor: name.into(),
+        expected: format!("{:?} {:?}", like.kind(), like.size()),
+        found: "none".into(),
+    })?;
     if t.size() != like.size() || t.kind() != like.kind() {
-        return Err(Error::Optimizer(format!(
-            "state tensor `{name}` is {:?} {:?}, parameter is {:?} {:?}",
-            t.kind(),
-            t.size(),
-            like.kind(),
-            like.size()
-        )));
+        return Err(Error::OptimizerTensor {
+            tensor: name.into(),
+            expected: format!("{:?} {:?}", like.kind(), like.size()),
+            found: format!("{:?} {:?}", t.kind(), t.size()),
+        });
     }
     Ok(t.f_to_device(like.device())?.f_detach_copy()?)
 }
 
 /// SGD with momentum, dampening, Nesterov and weight decay (as `torch.optim.SGD`).
 pub struct Sgd {
-    params: Vec<(String, Tensor)>,
+    params: Params,
     pub lr: f64,
     pub momentum: f64,
     pub dampening: f64,
@@ -93,24 +112,23 @@ pub struct Sgd {
     pub nesterov: bool,
     buffers: Vec<Option<Tensor>>,
     steps: u64,
-    fence: Option<Fence>,
 }
 
 impl Sgd {
     pub fn new(vs: &VarStore, lr: f64, momentum: f64, dampening: f64, weight_decay: f64, nesterov: bool) -> Sgd {
-        let params = named_params(vs);
-        let buffers = params.iter().map(|_| None).collect();
-        Sgd { params, lr, momentum, dampening, weight_decay, nesterov, buffers, steps: 0, fence: None }
+        let params = Params::of(vs);
+        let buffers = params.named.iter().map(|_| None).collect();
+        Sgd { params, lr, momentum, dampening, weight_decay, nesterov, buffers, steps: 0 }
     }
 
     /// Make `step` wait for in-flight save copies (see [`crate::ModelIo::fence`]).
     pub fn with_fence(mut self, fence: Fence) -> Self {
-        self.fence = Some(fence);
+        self.params.fence = Some(fence);
         self
     }
 
     pub fn zero_grad(&mut self) {
-        zero_grads(&self.params);
+        self.params.zero_grad();
     }
 
     /// One update from the gradients.
@@ -118,11 +136,9 @@ impl Sgd {
     /// # Errors
     /// [`Error::Torch`] when libtorch fails.
     pub fn step(&mut self) -> Result<()> {
-        if let Some(f) = &self.fence {
-            f.wait();
-        }
+        self.params.wait_fence();
         tch::no_grad(|| -> Result<()> {
-            for ((_, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
+            for ((_, p), buf) in self.params.named.iter().zip(self.buffers.iter_mut()) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
@@ -160,6 +176,7 @@ impl Optimizer for Sgd {
     }
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.params
+            .named
             .iter()
             .zip(&self.buffers)
             .filter_map(|((n, _), b)| b.as_ref().map(|b| (format!("{n}.momentum_buffer"), b.shallow_clone())))
@@ -168,8 +185,8 @@ impl Optimizer for Sgd {
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         check_kind("sgd", state)?;
         let steps = steps_of(state)?;
-        let mut buffers = Vec::with_capacity(self.params.len());
-        for (n, p) in &self.params {
+        let mut buffers = Vec::with_capacity(self.params.named.len());
+        for (n, p) in &self.params.named {
             let key = format!("{n}.momentum_buffer");
             buffers.push(if state.tensors.contains_key(&key) { Some(take_state(state, &key, p)?) } else { None });
         }
@@ -181,7 +198,7 @@ impl Optimizer for Sgd {
 
 /// Adam, or AdamW with decoupled weight decay (as `torch.optim.Adam`/`AdamW`).
 pub struct Adam {
-    params: Vec<(String, Tensor)>,
+    params: Params,
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -191,7 +208,6 @@ pub struct Adam {
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     steps: u64,
-    fence: Option<Fence>,
 }
 
 impl Adam {
@@ -207,21 +223,21 @@ impl Adam {
     }
 
     fn new(vs: &VarStore, lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64, decoupled: bool) -> Result<Adam> {
-        let params = named_params(vs);
+        let params = Params::of(vs);
         let zeros = |p: &Tensor| -> Result<Tensor> { Ok(p.f_zeros_like()?) };
-        let exp_avg = params.iter().map(|(_, p)| zeros(p)).collect::<Result<_>>()?;
-        let exp_avg_sq = params.iter().map(|(_, p)| zeros(p)).collect::<Result<_>>()?;
-        Ok(Adam { params, lr, beta1: betas.0, beta2: betas.1, eps, weight_decay, decoupled, exp_avg, exp_avg_sq, steps: 0, fence: None })
+        let exp_avg = params.named.iter().map(|(_, p)| zeros(p)).collect::<Result<_>>()?;
+        let exp_avg_sq = params.named.iter().map(|(_, p)| zeros(p)).collect::<Result<_>>()?;
+        Ok(Adam { params, lr, beta1: betas.0, beta2: betas.1, eps, weight_decay, decoupled, exp_avg, exp_avg_sq, steps: 0 })
     }
 
     /// Make `step` wait for in-flight save copies (see [`crate::ModelIo::fence`]).
     pub fn with_fence(mut self, fence: Fence) -> Self {
-        self.fence = Some(fence);
+        self.params.fence = Some(fence);
         self
     }
 
     pub fn zero_grad(&mut self) {
-        zero_grads(&self.params);
+        self.params.zero_grad();
     }
 
     /// One update from the gradients.
@@ -229,15 +245,13 @@ impl Adam {
     /// # Errors
     /// [`Error::Torch`] when libtorch fails.
     pub fn step(&mut self) -> Result<()> {
-        if let Some(f) = &self.fence {
-            f.wait();
-        }
+        self.params.wait_fence();
         let step = self.steps + 1;
         let bias1 = 1.0 - self.beta1.powf(step as f64);
         let bias2_sqrt = (1.0 - self.beta2.powf(step as f64)).sqrt();
         let step_size = self.lr / bias1;
         tch::no_grad(|| -> Result<()> {
-            for (((_, p), m), v) in self.params.iter().zip(self.exp_avg.iter_mut()).zip(self.exp_avg_sq.iter_mut()) {
+            for (((_, p), m), v) in self.params.named.iter().zip(self.exp_avg.iter_mut()).zip(self.exp_avg_sq.iter_mut()) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
@@ -278,8 +292,8 @@ impl Optimizer for Adam {
                "weight_decay": self.weight_decay, "step": self.steps})
     }
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(2 * self.params.len());
-        for (((n, _), m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+        let mut out = Vec::with_capacity(2 * self.params.named.len());
+        for (((n, _), m), v) in self.params.named.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
             out.push((format!("{n}.exp_avg"), m.shallow_clone()));
             out.push((format!("{n}.exp_avg_sq"), v.shallow_clone()));
         }
@@ -289,9 +303,9 @@ impl Optimizer for Adam {
         let kind = self.kind().to_string();
         check_kind(&kind, state)?;
         let steps = steps_of(state)?;
-        let mut m = Vec::with_capacity(self.params.len());
-        let mut v = Vec::with_capacity(self.params.len());
-        for (n, p) in &self.params {
+        let mut m = Vec::with_capacity(self.params.named.len());
+        let mut v = Vec::with_capacity(self.params.named.len());
+        for (n, p) in &self.params.named {
             m.push(take_state(state, &format!("{n}.exp_avg"), p)?);
             v.push(take_state(state, &format!("{n}.exp_avg_sq"), p)?);
         }
