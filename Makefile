@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 TORCH_VERSION := 2.11.0
+# The `modelio` command is a package of its own (cli/), built without libtorch.
+CLI_BUILD := cargo build --release --manifest-path cli/Cargo.toml --target-dir target/cli
 
 .PHONY: setup test demo build soak bench gpu-bundle clean-venv
 
@@ -21,10 +23,12 @@ $(READY):
 build: setup
 	cargo build --release --all-targets
 
-# Every test: unit, integration, property, Python interop, CLI.
+# Every test: unit, integration, property, Python interop, CLI (the tests
+# build the `modelio` command from cli/ themselves); then the release CLI,
+# target/cli/release/modelio (also `cargo modelio ...`).
 test: setup
-	cargo build --release --bin modelio
 	cargo test
+	$(CLI_BUILD)
 
 # The main job: the demo trainer (saves, snapshots, resumes when run again).
 demo: setup
@@ -35,16 +39,16 @@ demo: setup
 SIZE_MIB ?= 1024
 DEVICE ?= cpu
 bench: setup
-	cargo build --release --bin modelio
+	cargo build --release --example bench
 	PYTHONUNBUFFERED=1 $(PY) bench/peers.py --size-mib $(SIZE_MIB) --device $(DEVICE) --json target/bench-peers.json
-	target/release/modelio bench --size-mib $(SIZE_MIB) --device $(DEVICE) --peers target/bench-peers.json --json target/bench.json
+	target/release/examples/bench --size-mib $(SIZE_MIB) --device $(DEVICE) --peers target/bench-peers.json --json target/bench.json
 
 # Everything the GPU checks need on a machine without Rust, in .dev/gpu/:
 # copy that folder there and run .dev/gpu/gpu_check.sh.
 gpu-bundle: setup
-	cargo build --release --bin modelio
+	cargo build --release --example bench
 	mkdir -p .dev/gpu
-	cp target/release/modelio bench/peers.py bench/gpu_check.sh .dev/gpu/
+	cp target/release/examples/bench bench/peers.py bench/gpu_check.sh .dev/gpu/
 	cp "$$(cargo test --release --test gpu --no-run --message-format=json | $(PY) -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "gpu"][-1])')" .dev/gpu/gpu-test
 
 # 200 crash trials (SIGKILL at random moments); prints the count.

@@ -7,7 +7,7 @@
 #
 # 1. tests/gpu.rs: `save` only queues the device-to-host copies (stall under
 #    1 ms per GiB) and the archive holds the values at the call.
-# 2. `modelio bench --device cuda` with the Python peers on the same state.
+# 2. the bench (examples/bench) with `--device cuda`, and the Python peers on the same state.
 # Logs and JSON go to $OUT (or .dev/gpu/out).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,5 +26,5 @@ echo "== tests/gpu.rs"
 
 echo "== bench, ${size} MiB on cuda"
 PYTHONUNBUFFERED=1 python3 "$here/peers.py" --size-mib "$size" --device cuda --reps "$reps" --dir "$work" --json "$out/bench-peers.json" 2>&1 | tee "$out/peers.log"
-"$here/modelio" bench --size-mib "$size" --device cuda --reps "$reps" --dir "$work" --peers "$out/bench-peers.json" --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+"$here/bench" --size-mib "$size" --device cuda --reps "$reps" --dir "$work" --peers "$out/bench-peers.json" --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
 rm -rf "$work"

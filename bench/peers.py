@@ -1,4 +1,4 @@
-"""The Python peers of `modelio bench`, on a state of the same size and mix:
+"""The Python peers of the bench (examples/bench, `make bench`), on a state of the same size and mix:
 torch.save + fsync, safetensors.torch.save_file + fsync, and
 torch.distributed.checkpoint.async_save (single process, gloo).
 Prints and writes their figures as JSON (milliseconds, medians)."""
@@ -14,7 +14,7 @@ import torch
 
 
 def synthetic_state(size_bytes, device):
-    """About size_bytes of model + AdamW state, the same mix as modelio bench."""
+    """About size_bytes of model + AdamW state, the same mix as the bench."""
     model_bytes = size_bytes // 3
     pattern = [(4096, 4096), (4096,), (1024, 4096), (1024,), (1024, 1024), (1024,)]
     params, total, i = {}, 0, 0

@@ -65,14 +65,11 @@
 //!   restoring backups, and when to save.
 //! - [`optim`]: SGD, Adam and AdamW whose state can be saved, behind [`Optimizer`].
 //! - [`lock`]: one training process per model folder.
-//! - [`bench`](mod@bench): `modelio bench`, figures side by side with their references.
 //! - [`config`]: the TOML configuration; [`error`]: the one error type.
 
 #[cfg(feature = "torch")]
 pub mod actors;
 pub mod archive;
-#[cfg(feature = "torch")]
-pub mod bench;
 pub mod config;
 #[cfg(feature = "torch")]
 pub mod cuda;

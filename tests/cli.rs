@@ -1,6 +1,8 @@
 //! The `modelio` command line, run as a user runs it. Model folders are built
 //! from plain bytes with the archive writer (no training handle, no actors).
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use modelio::snapshot::snapshot_dir;
 use modelio::state::{Session, State};
 
 fn cli() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_modelio"))
+    Command::new(common::cli())
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -348,4 +350,19 @@ fn verify_names_what_a_fallback_load_would_use() {
     let (code, all) = verify_dir(&dir);
     assert_eq!(code, Some(1), "{all}");
     assert!(all.contains("fallback: none"), "{all}");
+}
+
+#[test]
+fn the_command_does_not_load_libtorch() {
+    // Reading and renaming files needs no libtorch: `modelio --help` starts
+    // in milliseconds instead of loading half a gigabyte of CUDA libraries.
+    let exe = common::cli();
+    let Ok(out) = Command::new("ldd").arg(&exe).output() else {
+        println!("skipped: no ldd here");
+        return;
+    };
+    let libs = String::from_utf8_lossy(&out.stdout);
+    assert!(!libs.contains("torch") && !libs.contains("c10"), "{libs}");
+    let out = Command::new(&exe).arg("--help").output().unwrap();
+    assert!(out.status.success());
 }

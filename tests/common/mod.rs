@@ -74,9 +74,25 @@ pub fn batch(i: u64) -> (Tensor, Tensor) {
     (x, y)
 }
 
-/// Path of the dev-profile CLI.
+/// The `modelio` command, built from its own package (`cli/`, which builds
+/// the library without libtorch) into `target/cli` on first use.
 pub fn cli() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_modelio"))
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let target = root.join("target/cli");
+            let out = std::process::Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "--manifest-path"])
+                .arg(root.join("cli/Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .output()
+                .expect("run cargo");
+            assert!(out.status.success(), "building the modelio command failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            target.join("debug/modelio")
+        })
+        .clone()
 }
 
 pub fn open(dir: &Path, name: &str) -> ModelIo {

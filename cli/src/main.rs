@@ -53,34 +53,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure save stall, write and load throughput, memory and training
-    /// throughput against their references, on the disk of `--dir`.
-    Bench {
-        /// Model + optimizer state size in MiB.
-        #[arg(long, default_value_t = 1024)]
-        size_mib: u64,
-        /// A folder on the disk to measure.
-        #[arg(long, default_value = "target/bench-dir")]
-        dir: PathBuf,
-        /// Repetitions per figure (medians are reported).
-        #[arg(long, default_value_t = 5)]
-        reps: usize,
-        /// "cpu" or "cuda".
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Training steps per throughput run.
-        #[arg(long, default_value_t = 100)]
-        steps: u64,
-        /// Save every this many steps in the training-throughput run.
-        #[arg(long, default_value_t = 25)]
-        save_every: u64,
-        /// JSON of the Python peers' figures to merge (from bench/peers.py).
-        #[arg(long)]
-        peers: Option<PathBuf>,
-        /// Write every figure as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
 }
 
 /// What the command line can fail with besides the library's errors.
@@ -193,9 +165,6 @@ fn run(command: Command, out: &mut Out) -> Result<ExitCode, CliError> {
         Command::Verify { path } => verify(&path, out),
         Command::Restore { dir, name } => restore(&dir, name, out),
         Command::Snapshots { dir, name, json } => snapshots(&dir, name, json, out),
-        Command::Bench { size_mib, dir, reps, device, steps, save_every, peers, json } => {
-            bench(size_mib, dir, reps, &device, steps, save_every, peers.as_deref(), json.as_deref(), out)
-        }
     }
 }
 
@@ -409,51 +378,3 @@ fn snapshots(dir: &Path, name: Option<String>, json: bool, out: &mut Out) -> Res
     Ok(ExitCode::SUCCESS)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench(
-    size_mib: u64,
-    dir: PathBuf,
-    reps: usize,
-    device: &str,
-    steps: u64,
-    save_every: u64,
-    peers: Option<&Path>,
-    json: Option<&Path>,
-    out: &mut Out,
-) -> Result<ExitCode, CliError> {
-    let device = match device {
-        "cpu" => tch::Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
-        "cuda" => {
-            return Err(Error::ConfigValue { key: "--device".into(), value: "cuda".into(), allowed: "cpu (no CUDA device is available)".into() }.into())
-        }
-        other => return Err(Error::ConfigValue { key: "--device".into(), value: other.into(), allowed: "cpu or cuda".into() }.into()),
-    };
-    if save_every == 0 {
-        return Err(Error::ConfigValue { key: "--save-every".into(), value: "0".into(), allowed: "an integer >= 1".into() }.into());
-    }
-    let opts = modelio::bench::BenchOptions { size_mib, dir, reps, device, steps, save_every };
-    note(format_args!("measuring a {size_mib} MiB state on {device:?} in {} ({reps} repetitions each)...", opts.dir.display()));
-    let mut report = modelio::bench::run(&opts)?;
-    if let Some(p) = peers {
-        let text = std::fs::read_to_string(p).map_err(|e| Error::Io { op: "read", path: p.to_path_buf(), source: e })?;
-        let v: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| Error::ConfigParse { path: p.to_path_buf(), message: e.to_string() })?;
-        for (k, v) in v {
-            if let Some(x) = v.as_f64() {
-                report.insert(k, x);
-            }
-        }
-    }
-    let rows = modelio::bench::table(&report);
-    say!(out, "{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", "figure", "modelio", "reference", "ratio", "target", "holds");
-    for r in &rows {
-        say!(out, "{:<40} {:>12} {:>12} {:>10} {:>12} {:>6}", r[0], r[1], r[2], r[3], r[4], r[5]);
-    }
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        modelio::durable::commit_bytes(path, text.as_bytes())?;
-        note(format_args!("wrote {}", path.display()));
-    }
-    Ok(ExitCode::SUCCESS)
-}

@@ -1,4 +1,4 @@
-//! `modelio bench`: speed and memory, each figure side by side with its
+//! Speed and memory, each figure side by side with its
 //! reference measured in the same run (medians of several repetitions).
 
 use std::collections::BTreeMap;
@@ -11,13 +11,24 @@ use std::time::{Duration, Instant};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::archive::{commit_archive, ArchiveReader};
-use crate::config::{Config, CpuCopy, OptimizerPolicy};
-use crate::error::{Error, IoContext, Result};
-use crate::format::{OptimizerRef, TensorRef};
-use crate::optim::{Adam, Optimizer};
-use crate::tensors::{byte_len, dtype_of, shape_of};
-use crate::ModelIo;
+use modelio::archive::{commit_archive, ArchiveReader};
+use modelio::config::{Config, CpuCopy, OptimizerPolicy};
+use modelio::{Error, Result};
+
+/// Attach a path and operation to an `io::Result`, as the library's errors do.
+trait IoContext<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| Error::Io { op, path: path.to_path_buf(), source })
+    }
+}
+use modelio::format::{OptimizerRef, TensorRef};
+use modelio::{Adam, Optimizer};
+use modelio::tensors::{byte_len, dtype_of, shape_of};
+use modelio::ModelIo;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -91,7 +102,7 @@ fn cpu_tensors(vs: &VarStore, opt: &Adam) -> Result<(Named, Named)> {
 
 /// Bytes of a tensor from `cpu_tensors` (contiguous, on the CPU).
 fn bytes_of(t: &Tensor) -> &[u8] {
-    crate::tensors::host_bytes(t).unwrap_or_default()
+    modelio::tensors::host_bytes(t).unwrap_or_default()
 }
 
 /// The synchronous baseline: write the archive and fsync on the caller.
@@ -340,7 +351,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
         let opt_tensors = reader.optimizer.iter().flat_map(|(t, _)| t.iter());
         let mut loaded = Vec::new();
         for t in reader.model.iter().chain(opt_tensors) {
-            loaded.push(crate::tensors::read_tensor(&reader, t)?);
+            loaded.push(modelio::tensors::read_tensor(&reader, t)?);
         }
         load.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
         drop((loaded, reader));
@@ -350,7 +361,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
         let reader = ArchiveReader::open(&archive)?;
         let damaged = reader.verify();
         if !damaged.is_empty() {
-            return Err(Error::damaged(&archive, "bench", "damaged parts", damaged.join(", ")));
+            return Err(Error::Damaged { path: archive.clone(), name: "bench".into(), what: "damaged parts".into(), detail: damaged.join(", ") });
         }
         mapped.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
     }
