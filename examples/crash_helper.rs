@@ -51,7 +51,7 @@ fn main() -> modelio::Result<()> {
         io.record(1000.0 / n as f64);
         let _ = writeln!(out, "requested {n}");
         let _ = out.flush();
-        io.save(&vs, Some(&opt), false)?.wait_blocking()?;
+        io.save(&vs, Some(&opt))?.wait_blocking()?;
         let _ = writeln!(out, "committed {n}");
         let _ = out.flush();
         if n % 3 == 0 {

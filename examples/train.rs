@@ -200,7 +200,7 @@ async fn train(mut io: ModelIo, train: &TrainConfig, args: &Args, token: &Cancel
         if schedule.save_at(iteration) {
             let started = std::time::Instant::now();
             // Committed in the background; a failure reaches the next call.
-            let saved = io.save_async(&vs, Some(&opt), false).await.map(drop);
+            let saved = io.save_async(&vs, Some(&opt)).await.map(drop);
             last_stall = started.elapsed();
             summary.stalls.push(last_stall);
             keep_going(saved, &bar, &mut summary)?;

@@ -218,7 +218,7 @@ enum LastSave {
 ///     // forward, backward, optimizer step ...
 ///     io.record(0.5);
 ///     if io.iterations() % 10 == 0 {
-///         match io.save_async(&vs, None, false).await {
+///         match io.save_async(&vs, None).await {
 ///             Ok(_ticket) => {} // committed in the background
 ///             Err(e) if e.is_retryable() => eprintln!("warning: {}", e.report()), // keep training
 ///             Err(e) => return Err(e),
@@ -558,7 +558,22 @@ impl ModelIo {
     ///   When [`Error::is_retryable`] is true, training can go on.
     /// - [`Error::ArchiveMissing`] when the folder's history was not loaded
     ///   yet, a dtype the format cannot hold, or [`Error::PredictMode`].
-    pub fn save(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool) -> Result<Ticket> {
+    pub fn save(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>) -> Result<Ticket> {
+        self.save_as(vs, optimizer, false)
+    }
+
+    /// The exit save: as [`ModelIo::save`], but it stores the optimizer
+    /// under `save.optimizer = "exit"` too, and it is never skipped (it waits
+    /// for a staging buffer, blocking the calling thread). Async loops end
+    /// with [`ModelIo::finish`], which makes it and drains.
+    ///
+    /// # Errors
+    /// As [`ModelIo::save`].
+    pub fn save_exit(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>) -> Result<Ticket> {
+        self.save_as(vs, optimizer, true)
+    }
+
+    fn save_as(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool) -> Result<Ticket> {
         let started = Instant::now();
         let earlier = self.shared.take_failure();
         let result = self.queue_save(vs, optimizer, is_exit, started);
@@ -580,7 +595,20 @@ impl ModelIo {
     ///
     /// # Errors
     /// As [`ModelIo::save`].
-    pub async fn save_async(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool) -> Result<Ticket> {
+    pub async fn save_async(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>) -> Result<Ticket> {
+        self.save_async_as(vs, optimizer, false).await
+    }
+
+    /// [`ModelIo::save_exit`] for async loops: waits for a staging buffer
+    /// without blocking the runtime.
+    ///
+    /// # Errors
+    /// As [`ModelIo::save`].
+    pub async fn save_exit_async(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>) -> Result<Ticket> {
+        self.save_async_as(vs, optimizer, true).await
+    }
+
+    async fn save_async_as(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool) -> Result<Ticket> {
         let started = Instant::now();
         let skip = self.config.staging.on_busy == OnBusy::Skip && !is_exit;
         let lease = match self.pool.try_lease() {
@@ -822,7 +850,7 @@ impl ModelIo {
         while let Some(earlier) = self.shared.take_failure() {
             tracing::warn!(target: "modelio", "{} (superseded by the exit save)", earlier.report());
         }
-        let saved = match self.save(vs, optimizer, true) {
+        let saved = match self.save_exit_async(vs, optimizer).await {
             Ok(ticket) => ticket.await,
             Err(e) => Err(e),
         };

@@ -39,7 +39,7 @@
 //!         opt.step()?;
 //!         io.record(loss.double_value(&[]));
 //!         if schedule.save_at(io.iterations()) {
-//!             match io.save_async(&vs, Some(&opt), false).await {
+//!             match io.save_async(&vs, Some(&opt)).await {
 //!                 Ok(_ticket) => {} // committed in the background
 //!                 // A full disk or a vanished folder: train on, the next save retries.
 //!                 Err(e) if e.is_retryable() => eprintln!("warning: {}", e.report()),

@@ -41,7 +41,7 @@ fn run(on_busy: OnBusy, steps: u64) -> (Duration, modelio::SaveStats, u64) {
         let mut tickets = Vec::new();
         for _ in 0..steps {
             io.record(1.0);
-            tickets.push(io.save_async(&vs, None, false).await.unwrap());
+            tickets.push(io.save_async(&vs, None).await.unwrap());
             tokio::task::yield_now().await;
         }
         let mut committed = 0;

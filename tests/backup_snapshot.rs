@@ -36,18 +36,18 @@ fn backup_is_the_save_it_came_from_while_next_save_is_in_flight() {
     let mut io = common::open(&dir, "m");
     // Save 1 sets the lowest (3.0), save 2 is lower (1.0): backed up.
     io.record(3.0);
-    assert!(!io.save(&vs, None, false).unwrap().wait_blocking().unwrap().backed_up);
+    assert!(!io.save(&vs, None).unwrap().wait_blocking().unwrap().backed_up);
     perturb(&vs, 1.0);
     let (expected, _n2) = common::seeded_store(0);
     perturb(&expected, 1.0);
     io.record(1.0);
-    let c = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    let c = io.save(&vs, None).unwrap().wait_blocking().unwrap();
     assert!(c.backed_up);
     // The next save (higher loss: no backup) is slow and still in flight.
     io.set_write_delay(Duration::from_millis(300));
     perturb(&vs, 1.0);
     io.record(5.0);
-    let pending = io.save(&vs, None, false).unwrap();
+    let pending = io.save(&vs, None).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let bk = dir.join("m.mio.bk");
     assert!(bk.exists(), "backup of save 2 must exist while save 3 is written");
@@ -76,12 +76,12 @@ fn snapshot_waits_for_the_save_still_being_written() {
     for _ in 0..5 {
         io.record(1.0);
     }
-    let _ticket = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    let _ticket = io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.set_write_delay(Duration::from_millis(300));
     for _ in 0..5 {
         io.record(1.0);
     }
-    let ticket = io.save(&vs, None, false).unwrap();
+    let ticket = io.save(&vs, None).unwrap();
     io.snapshot().unwrap(); // requested while save 10 is being written
     ticket.wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
@@ -109,7 +109,7 @@ fn retention_across_900_1000_and_atomic_replace() {
             io.record(1.0);
             done += 1;
         }
-        let _ticket = io.save(&vs, None, false).unwrap();
+        let _ticket = io.save(&vs, None).unwrap();
         io.snapshot().unwrap();
     }
     // Replace snapshot 1100 with another snapshot of the same save.
@@ -131,7 +131,7 @@ fn snapshots_command_lists_iterations_size_and_verification() {
     let mut io = common::open(&dir, "m");
     for _ in 0..2 {
         io.record(1.0);
-        let _ticket = io.save(&vs, None, false).unwrap();
+        let _ticket = io.save(&vs, None).unwrap();
         io.snapshot().unwrap();
     }
     io.shutdown_blocking().unwrap();
@@ -157,7 +157,7 @@ fn restore_round_trip_and_refusal_without_backup() {
     // No backup yet: refuse and change nothing.
     let mut io = common::open(&dir, "m");
     io.record(3.0);
-    let _ticket = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    let _ticket = io.save(&vs, None).unwrap().wait_blocking().unwrap();
     let before: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
     let out = Command::new(common::cli()).args(["restore", "--name", "m"]).arg(&dir).output().unwrap();
     assert_ne!(out.status.code(), Some(0));
@@ -167,7 +167,7 @@ fn restore_round_trip_and_refusal_without_backup() {
 
     // A lower loss backs up; then a later save that gets corrupted.
     io.record(1.0);
-    let _ticket = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    let _ticket = io.save(&vs, None).unwrap().wait_blocking().unwrap();
     let session = io.state().sessions.last().unwrap().id.clone();
     std::fs::create_dir_all(dir.join("m_logs").join(&session)).unwrap();
     let later = uuid::Uuid::new_v4().to_string();
@@ -180,7 +180,7 @@ fn restore_round_trip_and_refusal_without_backup() {
     perturb(&vs, 2.0);
     let mut io = common::open(&dir, "m");
     io.record(9.0);
-    let _ticket = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    let _ticket = io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     let live = dir.join("m.mio");
     let r = ArchiveReader::open(&live).unwrap();

@@ -128,12 +128,12 @@ fn fallback_loads_newest_good_copy_and_says_which() {
     let (v3, _c) = common::seeded_store(3);
     let mut io = io_with_fallback(&dir, false);
     io.record(3.0);
-    let _ticket = io.save(&v1, None, false).unwrap();
+    let _ticket = io.save(&v1, None).unwrap();
     io.snapshot().unwrap(); // snapshot 1 = v1
     io.record(2.0);
-    let _ticket = io.save(&v2, None, false).unwrap(); // lower: .bk = v2
+    let _ticket = io.save(&v2, None).unwrap(); // lower: .bk = v2
     io.record(9.0);
-    let _ticket = io.save(&v3, None, false).unwrap(); // live = v3
+    let _ticket = io.save(&v3, None).unwrap(); // live = v3
     io.shutdown_blocking().unwrap();
     let live = dir.join("m.mio");
     let r = ArchiveReader::open(&live).unwrap();

@@ -61,7 +61,7 @@ fn enospc_is_reported_and_harmless() {
     // Save 1 sets the lowest loss, save 2 improves it: a backup exists.
     for loss in [2.0, 1.0] {
         io.record(loss);
-        io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+        io.save(&vs, None).unwrap().wait_blocking().unwrap();
     }
     io.flush_blocking().unwrap();
     let archive = std::fs::read(dir.join("m.mio")).unwrap();
@@ -74,7 +74,7 @@ fn enospc_is_reported_and_harmless() {
     std::fs::write(&filler, vec![1u8; (free - 100 * 1024) as usize]).unwrap();
 
     io.record(0.5);
-    let err = io.save(&vs, None, false).unwrap().wait_blocking().unwrap_err();
+    let err = io.save(&vs, None).unwrap().wait_blocking().unwrap_err();
     assert!(err.is_background() && err.is_retryable(), "{err:?}");
     let Error::Background { source, .. } = &err else { panic!("{err:?}") };
     let needed = match source.as_ref() {
@@ -91,7 +91,7 @@ fn enospc_is_reported_and_harmless() {
 
     // Reported once, on its ticket: the next save is not refused for it.
     io.record(0.5);
-    let dropped = io.save(&vs, None, false).expect("an earlier failure that its ticket reported is not reported again");
+    let dropped = io.save(&vs, None).expect("an earlier failure that its ticket reported is not reported again");
     drop(dropped); // this one fails too (the disk is still full): its failure goes to the next call
     io.record(0.5);
     while io.stats().failed < 2 {
@@ -106,7 +106,7 @@ fn enospc_is_reported_and_harmless() {
     // Space is freed. The next save reports the dropped save's failure, and
     // is itself queued and committed: a failure never costs a later save.
     std::fs::remove_file(&filler).unwrap();
-    let err = io.save(&vs, None, false).expect_err("the dropped ticket's failure reaches the next call");
+    let err = io.save(&vs, None).expect_err("the dropped ticket's failure reaches the next call");
     assert!(err.is_background() && err.is_retryable(), "{err:?}");
     io.flush_blocking().expect("reported once: nothing left to report");
     let committed = ArchiveReader::open(&dir.join("m.mio")).unwrap();

@@ -26,12 +26,12 @@ fn gpu_save_is_a_queue_and_captures_the_moment_of_the_call() {
     }
     let gib = 8.0 * 4096.0 * 4096.0 * 4.0 / (1u64 << 30) as f64;
     // The first save allocates the pinned buffers; later ones reuse them.
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
 
     let expected: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu))).collect();
     tch::Cuda::synchronize(0);
     let start = Instant::now();
-    let ticket = io.save(&vs, None, false).unwrap();
+    let ticket = io.save(&vs, None).unwrap();
     let stall = start.elapsed();
     // Training goes on: modify every parameter in place right away.
     tch::no_grad(|| {

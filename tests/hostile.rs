@@ -87,7 +87,7 @@ fn a_name_too_long_for_temporary_files_is_refused_at_open() {
     let (vs, _n) = common::seeded_store(0);
     for loss in [2.0, 1.0] {
         io.record(loss);
-        assert!(io.save(&vs, None, false).unwrap().wait_blocking().is_ok());
+        assert!(io.save(&vs, None).unwrap().wait_blocking().is_ok());
     }
     io.snapshot().unwrap();
     io.shutdown_blocking().unwrap();

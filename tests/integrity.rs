@@ -14,7 +14,7 @@ fn saved_model(dir: &std::path::Path) -> tch::nn::VarStore {
     let mut io = modelio::ModelIo::open(c).unwrap();
     let opt = Adam::adam(&vs, 1e-3, (0.9, 0.999), 1e-8, 0.0).unwrap();
     io.record(1.0);
-    io.save(&vs, Some(&opt), false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, Some(&opt)).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     vs
 }

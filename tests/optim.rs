@@ -78,7 +78,7 @@ fn train(vs: &VarStore, net: &common::Net, opt: &mut Adam, io: &mut ModelIo, ste
         opt.step().unwrap();
         io.record(loss.double_value(&[]));
         if io.iterations().is_multiple_of(4) {
-            let _ticket = io.save(vs, None, false).unwrap();
+            let _ticket = io.save(vs, None).unwrap();
         }
     }
 }
@@ -109,7 +109,7 @@ fn stop_save_resume_equals_uninterrupted_run() {
     let mut io_b = ModelIo::open(config("split")).unwrap();
     let mut opt_b = Adam::adamw(&vs_b, 1e-2, (0.9, 0.999), 1e-8, 0.01).unwrap().with_fence(io_b.fence());
     train(&vs_b, &net_b, &mut opt_b, &mut io_b, 10);
-    let _ticket = io_b.save(&vs_b, Some(&opt_b), true).unwrap().wait_blocking().unwrap();
+    let _ticket = io_b.save_exit(&vs_b, Some(&opt_b)).unwrap().wait_blocking().unwrap();
     io_b.shutdown_blocking().unwrap();
     drop((vs_b, net_b, opt_b));
 

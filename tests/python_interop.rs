@@ -36,7 +36,7 @@ fn python_reads_what_rust_wrote() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut io = common::open(dir.path(), "interop");
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
 
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");

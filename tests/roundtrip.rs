@@ -81,7 +81,7 @@ fn varstore_round_trip_through_model_io() {
     let (vs, _net) = common::seeded_store(1);
     let mut io = common::open(dir.path(), "m");
     io.record(1.0);
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
 
     let (other, _n) = common::seeded_store(2);

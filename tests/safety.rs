@@ -53,7 +53,7 @@ fn torn_saves(cpu_copy: CpuCopy, reps: usize) -> usize {
         let _ = bn.forward_t(&x, true);
         let (want_w, want_mean) = (bytes(&lin.ws), bytes(&bn.running_mean));
         io.record(1.0);
-        let ticket = io.save(&vs, None, false).unwrap();
+        let ticket = io.save(&vs, None).unwrap();
         // Right after the call, with no fence: the next step's writes.
         tch::no_grad(|| {
             let _ = lin.ws.shallow_clone().fill_(-1.0);
@@ -84,9 +84,9 @@ fn backups_and_snapshots_survive_damage_to_the_live_archive() {
         let mut io = ModelIo::open(c).unwrap();
         let (vs, _n) = common::seeded_store(0);
         io.record(2.0);
-        io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+        io.save(&vs, None).unwrap().wait_blocking().unwrap();
         io.record(1.0);
-        let c = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+        let c = io.save(&vs, None).unwrap().wait_blocking().unwrap();
         // The ticket answers once the backup exists.
         assert!(c.backed_up && dir.join("m.mio.bk").exists() && dir.join("m_state.json.bk").exists());
         io.snapshot().unwrap();
@@ -125,13 +125,13 @@ fn fallback_continues_from_what_it_loaded() {
     for _ in 0..16 {
         io.record(1.0);
     }
-    io.save(&vs, Some(&opt), false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, Some(&opt)).unwrap().wait_blocking().unwrap();
     io.snapshot().unwrap(); // snapshot 16
     for _ in 0..7 {
         io.record(2.0);
     }
     // A periodic save at 23, then the process dies (no exit save).
-    io.save(&vs, Some(&opt), false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, Some(&opt)).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     let live = dir.join("m.mio");
     let off = ArchiveReader::open(&live).unwrap().model[0].offset;
@@ -153,7 +153,7 @@ fn fallback_continues_from_what_it_loaded() {
         other => panic!("the periodic save holds no optimizer state: {other:?}"),
     }
     io.record(1.0);
-    let c = io.save(&target, None, false).unwrap().wait_blocking().unwrap();
+    let c = io.save(&target, None).unwrap().wait_blocking().unwrap();
     assert_eq!(c.iterations, 17);
     io.shutdown_blocking().unwrap();
     let state = State::read(&dir.join("m_state.json")).unwrap();
@@ -169,10 +169,10 @@ fn missing_archive_with_history_is_not_a_new_model() {
     let mut io = common::open(&dir, "m");
     for loss in [3.0, 2.0] {
         io.record(loss);
-        io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+        io.save(&vs, None).unwrap().wait_blocking().unwrap();
     }
     io.record(5.0);
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     std::fs::remove_file(dir.join("m.mio")).unwrap();
 
@@ -186,13 +186,13 @@ fn missing_archive_with_history_is_not_a_new_model() {
     let mut io = ModelIo::open(c).unwrap();
     assert!(io.model_exists(), "the README's `if model_exists() {{ load }}` reaches the fallback");
     io.record(1.0);
-    let err = io.save(&vs, None, false).expect_err("saving over unloaded history is refused");
+    let err = io.save(&vs, None).expect_err("saving over unloaded history is refused");
     assert!(matches!(err, Error::ArchiveMissing { .. }), "{err:?}");
     let (target, _t) = common::seeded_store(7);
     let loaded = io.load(&target).unwrap();
     assert_eq!((loaded.fallback, loaded.iterations, io.iterations()), (true, 2, 2));
     io.record(1.0);
-    assert_eq!(io.save(&target, None, false).unwrap().wait_blocking().unwrap().iterations, 3);
+    assert_eq!(io.save(&target, None).unwrap().wait_blocking().unwrap().iterations, 3);
     io.shutdown_blocking().unwrap();
 }
 
@@ -202,11 +202,11 @@ fn empty_sessions_are_not_written() {
     let (vs, _n) = common::seeded_store(1);
     let mut io = common::open(tmp.path(), "m");
     io.record(1.0);
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     // A run that trains nothing but saves on exit.
     let mut io = common::open(tmp.path(), "m");
-    io.save(&vs, None, true).unwrap().wait_blocking().unwrap();
+    io.save_exit(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     let state = State::read(&tmp.path().join("m_state.json")).unwrap();
     assert_eq!(state.sessions.len(), 1, "{:?}", state.sessions);
@@ -221,13 +221,13 @@ fn tickets_are_futures_and_never_panic_inside_a_runtime() {
         let mut io = common::open(tmp.path(), "m");
         io.set_write_delay(Duration::from_millis(100));
         io.record(1.0);
-        let mut ticket = io.save(&vs, None, false).unwrap();
+        let mut ticket = io.save(&vs, None).unwrap();
         assert!(ticket.try_result().is_none(), "still in flight");
         let c = ticket.await.unwrap();
         assert_eq!(c.iterations, 1);
         io.record(1.0);
         // The blocking form inside a runtime: no panic.
-        let c = io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+        let c = io.save(&vs, None).unwrap().wait_blocking().unwrap();
         assert_eq!(c.iterations, 2);
         io.shutdown().await.unwrap();
     });

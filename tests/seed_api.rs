@@ -26,7 +26,7 @@ fn multiple_models_in_folder_cases() {
     std::fs::remove_file(dir.path().join("other.mio")).unwrap();
     let (vs, _n) = common::seeded_store(0);
     let mut io = io;
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
     assert_eq!(io.multiple_models_in_folder(), None, "only this model");
     io.shutdown_blocking().unwrap();
 }
@@ -42,7 +42,7 @@ fn predict_mode_without_model_names_the_folder() {
     assert!(matches!(err, Error::ModelNotFound { .. }), "{err:?}");
     assert!(err.to_string().contains(&dir.path().join("nowhere").display().to_string()), "{err}");
     assert!(!dir.path().join("nowhere").exists(), "predict mode must not create the folder");
-    assert!(matches!(io.save(&vs, None, true), Err(Error::PredictMode { .. })));
+    assert!(matches!(io.save_exit(&vs, None), Err(Error::PredictMode { .. })));
 }
 
 #[test]
@@ -55,7 +55,8 @@ fn optimizer_policy_matrix() {
             let mut io = ModelIo::open(c).unwrap();
             let (vs, _n) = common::seeded_store(0);
             let opt = Adam::adamw(&vs, 1e-3, (0.9, 0.999), 1e-8, 0.01).unwrap();
-            let committed = io.save(&vs, Some(&opt), is_exit).unwrap().wait_blocking().unwrap();
+            let ticket = if is_exit { io.save_exit(&vs, Some(&opt)) } else { io.save(&vs, Some(&opt)) };
+            let committed = ticket.unwrap().wait_blocking().unwrap();
             let stored = io.load_optimizer().unwrap();
             let want = policy.stores(is_exit);
             assert_eq!(stored.is_some(), want, "{policy:?} is_exit={is_exit}");
@@ -79,7 +80,7 @@ fn state_file_records_sessions_iterations_and_config() {
         for _ in 0..3 {
             io.record(1.0 + session as f64);
         }
-        io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+        io.save(&vs, None).unwrap().wait_blocking().unwrap();
         io.shutdown_blocking().unwrap();
     }
     let state = modelio::state::State::read(&dir.path().join("m_state.json")).unwrap();
@@ -97,7 +98,7 @@ fn load_reports_mismatched_missing_and_extra_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let (vs, _n) = common::seeded_store(0);
     let mut io = common::open(dir.path(), "m");
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
 
     // Different shape.
     let other = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -125,7 +126,7 @@ fn stale_temp_files_are_ignored_and_removed() {
     let dir = tempfile::tempdir().unwrap();
     let (vs, _n) = common::seeded_store(0);
     let mut io = common::open(dir.path(), "m");
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     let torn = dir.path().join(".modelio-tmp-99-abc-m.mio");
     std::fs::write(&torn, b"PK\x03\x04 torn").unwrap();
@@ -144,7 +145,7 @@ fn background_failure_is_reported_once_and_never_costs_a_later_save() {
     let mut io = common::open(dir.path(), "m");
     io.set_write_delay(Duration::from_millis(200));
     io.record(1.0);
-    let ticket = io.save(&vs, None, false).unwrap();
+    let ticket = io.save(&vs, None).unwrap();
     // Make the commit fail: the model folder disappears under the writer.
     std::fs::remove_dir_all(dir.path()).unwrap();
     let err = ticket.wait_blocking().unwrap_err();
@@ -155,14 +156,14 @@ fn background_failure_is_reported_once_and_never_costs_a_later_save() {
     io.set_write_delay(Duration::ZERO);
     // Its ticket reported it: the next save is neither refused nor lost.
     io.record(1.0);
-    let c = io.save(&vs, None, false).expect("reported once, on its ticket").wait_blocking().unwrap();
+    let c = io.save(&vs, None).expect("reported once, on its ticket").wait_blocking().unwrap();
     assert_eq!(c.iterations, 2);
 
     // A failed save whose ticket was dropped is reported by the next call,
     // which still does its own work.
     io.set_write_delay(Duration::from_millis(200));
     io.record(1.0);
-    drop(io.save(&vs, None, false).unwrap());
+    drop(io.save(&vs, None).unwrap());
     std::fs::remove_dir_all(dir.path()).unwrap();
     while io.stats().failed < 2 {
         std::thread::sleep(Duration::from_millis(5));
@@ -170,7 +171,7 @@ fn background_failure_is_reported_once_and_never_costs_a_later_save() {
     std::fs::create_dir_all(dir.path()).unwrap();
     io.set_write_delay(Duration::ZERO);
     io.record(1.0);
-    let err = io.save(&vs, None, false).expect_err("the dropped ticket's failure");
+    let err = io.save(&vs, None).expect_err("the dropped ticket's failure");
     assert!(err.is_background(), "{err:?}");
     io.flush_blocking().unwrap();
     let r = modelio::archive::ArchiveReader::open(&dir.path().join("m.mio")).unwrap();
@@ -185,10 +186,10 @@ fn snapshot_after_a_failed_save_fails_loudly() {
     let (vs, _n) = common::seeded_store(0);
     let mut io = common::open(&dir, "m");
     io.record(1.0);
-    io.save(&vs, None, false).unwrap().wait_blocking().unwrap();
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.set_write_delay(Duration::from_millis(200));
     io.record(1.0);
-    let ticket = io.save(&vs, None, false).unwrap();
+    let ticket = io.save(&vs, None).unwrap();
     io.snapshot().unwrap();
     // The save of iteration 2 fails: its folder vanishes under the writer.
     let archive = std::fs::read(dir.join("m.mio")).unwrap();
@@ -212,7 +213,7 @@ fn async_handle_in_tokio() {
         let (vs, _n) = common::seeded_store(0);
         let mut io = common::open(&dir, "m");
         io.record(2.0);
-        let ticket = io.save(&vs, None, true).unwrap();
+        let ticket = io.save_exit(&vs, None).unwrap();
         let c = ticket.wait().await.unwrap();
         assert_eq!(c.iterations, 1);
         io.snapshot().unwrap();
@@ -236,10 +237,10 @@ fn busy_policy_wait_loses_nothing_and_skip_counts() {
         let mut tickets = Vec::new();
         for _ in 0..6 {
             io.record(1.0);
-            tickets.push(io.save(&vs, None, false).unwrap());
+            tickets.push(io.save(&vs, None).unwrap());
         }
         io.record(1.0);
-        tickets.push(io.save(&vs, None, true).unwrap()); // exit save: always waits
+        tickets.push(io.save_exit(&vs, None).unwrap()); // exit save: always waits
         let results: Vec<_> = tickets.into_iter().map(|t| t.wait_blocking().unwrap()).collect();
         let stats = io.stats();
         io.shutdown_blocking().unwrap();

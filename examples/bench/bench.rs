@@ -158,7 +158,7 @@ fn memory_phase(dir: &Path, vs: &VarStore, opt: &Adam, bytes: u64, r: &mut Repor
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     for _ in 0..20 {
         io.record(1.0);
-        let _ticket = io.save(vs, Some(opt), false)?;
+        let _ticket = io.save(vs, Some(opt))?;
     }
     io.flush_blocking()?;
     let peak = rss_kib("VmHWM:").max(rss_kib("VmRSS:"));
@@ -208,7 +208,7 @@ fn train_rate(device: Device, steps: u64, save_every: u64, io: Option<&mut Model
         if let Some(io) = io.as_deref_mut() {
             io.record(1.0);
             if step % save_every == 0 {
-                let _ticket = io.save(&vs, Some(&opt), false)?;
+                let _ticket = io.save(&vs, Some(&opt))?;
             }
         }
     }
@@ -278,7 +278,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
                 3 => {
                     deferred_io.record(1.0);
                     let start = Instant::now();
-                    let ticket = deferred_io.save(&vs, Some(&opt), false)?;
+                    let ticket = deferred_io.save(&vs, Some(&opt))?;
                     deferred_stall.push(ms(start.elapsed()));
                     deferred_io.fence().wait();
                     deferred_fenced.push(ms(start.elapsed()));
@@ -287,7 +287,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
                 0 => {
                     io.record(1.0);
                     let start = Instant::now();
-                    let ticket = io.save(&vs, Some(&opt), false)?;
+                    let ticket = io.save(&vs, Some(&opt))?;
                     stall.push(ms(start.elapsed()));
                     io.fence().wait();
                     if opts.device != Device::Cpu {
