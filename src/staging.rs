@@ -82,8 +82,11 @@ pub const COPY_THREADS: usize = 4;
 /// Pieces an immediate copy is split into, in bytes.
 const COPY_PIECE: usize = 4 << 20;
 
+/// A piece of an immediate copy: (source, destination) of the same length.
+type Piece<'a> = (&'a [u8], &'a mut [u8]);
+
 /// One tensor's host buffer.
-pub enum Buffer {
+pub(crate) enum Buffer {
     /// Pageable memory, filled by a memcpy (CPU tensors).
     Host(Vec<u8>),
     /// Page-locked memory as a `u8` libtorch tensor, filled by a non-blocking
@@ -92,22 +95,27 @@ pub enum Buffer {
 }
 
 impl Buffer {
-    /// The buffer's bytes.
+    /// The buffer's bytes; empty for a pinned buffer that cannot be read as
+    /// host bytes (never one [`Lease::pinned`] made): the saver checks every
+    /// buffer's length against its tensor before writing, and refuses it.
     pub fn bytes(&self) -> &[u8] {
         match self {
             Buffer::Host(v) => v,
-            // A contiguous CPU u8 tensor, read only after the copy into it completed.
-            Buffer::Pinned(t) => crate::tensors::host_bytes(t).unwrap_or_default(),
+            // SAFETY: a contiguous CPU u8 tensor that only this lease holds.
+            // Its one writer is the device-to-host copy `save` queued into it,
+            // and the stager waited for that copy's event before the lease
+            // reached anyone who reads it.
+            Buffer::Pinned(t) => unsafe { crate::tensors::host_bytes(t) }.unwrap_or_default(),
         }
     }
 }
 
 /// One save's buffers, one per tensor.
-pub type BufferSet = Vec<Buffer>;
+pub(crate) type BufferSet = Vec<Buffer>;
 
 /// A bounded pool of reusable buffer sets.
 #[derive(Clone)]
-pub struct Pool {
+pub(crate) struct Pool {
     inner: Arc<PoolInner>,
 }
 
@@ -118,7 +126,7 @@ struct PoolInner {
 }
 
 /// A buffer set on loan; dropping it returns the set to the pool.
-pub struct Lease {
+pub(crate) struct Lease {
     set: BufferSet,
     pool: Arc<PoolInner>,
 }
@@ -217,13 +225,17 @@ impl Lease {
             total += len;
         }
         // (source, destination) pieces of at most COPY_PIECE bytes.
-        let mut pieces: Vec<(&[u8], &mut [u8])> = Vec::new();
+        let mut pieces: Vec<Piece> = Vec::new();
         let mut dsts: Vec<Option<&mut Vec<u8>>> = self.set.iter_mut().map(|b| match b {
             Buffer::Host(v) => Some(v),
             Buffer::Pinned(_) => None,
         }).collect();
         for (i, t) in &views {
-            let src = crate::tensors::host_bytes(t).ok_or_else(|| {
+            // SAFETY: the caller's tensors, read during its `save` call, which
+            // borrows them; modelio never writes them. A write from another
+            // thread meanwhile would be the caller's race, as with any read
+            // of a tensor through tch.
+            let src = unsafe { crate::tensors::host_bytes(t) }.ok_or_else(|| {
                 crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into()))
             })?;
             let Some(dst) = dsts.get_mut(*i).and_then(Option::take) else { continue };
@@ -239,7 +251,7 @@ impl Lease {
         // A shared queue of pieces: helpers and the caller take the next one
         // until none is left, so the caller alone finishes the copy if a
         // helper thread cannot be started.
-        let queue: Vec<Mutex<Option<(&[u8], &mut [u8])>>> = pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
+        let queue: Vec<Mutex<Option<Piece>>> = pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let work = || {
             while let Some(piece) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
