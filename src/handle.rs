@@ -22,7 +22,31 @@ use crate::staging::{Fence, Lease, Pool};
 use crate::state::{backup_rule, State};
 use crate::tensors::{dtype_of, read_tensor, shape_of};
 
-pub use crate::actors::messages::Committed;
+/// What a committed save reports on its ticket.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Iteration count stored in the archive.
+    pub iterations: u64,
+    /// The archive written.
+    pub path: PathBuf,
+    /// Tensor bytes written.
+    pub bytes: u64,
+    /// Mean loss since the previous save.
+    pub average_loss: f64,
+    /// Whether `.bk` copies of this save were made (they exist once the
+    /// ticket answers).
+    pub backed_up: bool,
+    /// Whether the optimizer state went in.
+    pub with_optimizer: bool,
+    /// True when the save was skipped because every staging buffer was busy.
+    pub skipped: bool,
+    /// Time the trainer spent in `save`.
+    pub stall: Duration,
+    /// Time copying tensors into host buffers.
+    pub copy: Duration,
+    /// Time writing and committing the files.
+    pub write: Duration,
+}
 
 /// The outcome of one save: await it (it is a `Future`), poll it with
 /// [`Ticket::try_result`], or drop it.

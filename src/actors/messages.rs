@@ -8,35 +8,10 @@ use actix::Message;
 use tokio::sync::oneshot;
 
 use crate::error::Error;
+use crate::handle::Committed;
 use crate::format::DType;
 use crate::snapshot::Pinned;
 use crate::staging::{FenceGuard, Lease};
-
-/// What a committed save reports on its ticket.
-#[derive(Debug, Clone)]
-pub struct Committed {
-    /// Iteration count stored in the archive.
-    pub iterations: u64,
-    /// The archive written.
-    pub path: PathBuf,
-    /// Tensor bytes written.
-    pub bytes: u64,
-    /// Mean loss since the previous save.
-    pub average_loss: f64,
-    /// Whether `.bk` copies of this save were made (they exist once the
-    /// ticket answers).
-    pub backed_up: bool,
-    /// Whether the optimizer state went in.
-    pub with_optimizer: bool,
-    /// True when the save was skipped because every staging buffer was busy.
-    pub skipped: bool,
-    /// Time the trainer spent in `save`.
-    pub stall: Duration,
-    /// Time copying tensors into host buffers.
-    pub copy: Duration,
-    /// Time writing and committing the files.
-    pub write: Duration,
-}
 
 /// Answers a save's ticket: the commit, or the failure as
 /// [`Error::Background`] (sent to the handle's next call instead when the

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use actix::{Addr, Handler, SyncContext};
 
 use super::backup::BackupActor;
-use super::messages::{Backup, BuildSnapshot, Committed, Flush, Snapshot, Write};
+use super::messages::{Backup, BuildSnapshot, Flush, Snapshot, Write};
 use super::snapshot::SnapshotActor;
 use super::Shared;
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{OptimizerRef, TensorRef};
+use crate::handle::Committed;
 use crate::snapshot::Pinned;
 
 pub(crate) struct Saver {
