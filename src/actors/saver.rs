@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use actix::{Addr, Handler, SyncContext};
 
 use super::backup::BackupActor;
-use super::messages::{Backup, BuildSnapshot, Flush, Snapshot, Write};
+use super::messages::{Backup, BuildSnapshot, Desc, Flush, Snapshot, Write};
 use super::snapshot::SnapshotActor;
 use super::Shared;
 use crate::durable;
@@ -45,15 +45,17 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
         .iter()
         .chain(opt_descs)
         .enumerate()
-        .map(|(i, d)| TensorRef {
-            name: &d.name,
-            dtype: d.dtype,
-            shape: &d.shape,
-            data: bufs.get(i).copied().unwrap_or(&[]),
-            crc32c: w.crcs.get(i).map(|c| c.0),
-            crc32: w.crcs.get(i).map(|c| c.1),
+        .map(|(i, d)| {
+            Ok(TensorRef {
+                name: &d.name,
+                dtype: d.dtype,
+                shape: &d.shape,
+                data: staged(d, bufs.get(i).copied())?,
+                crc32c: w.crcs.get(i).map(|c| c.0),
+                crc32: w.crcs.get(i).map(|c| c.1),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let opt_tensors = refs.split_off(job.model.len());
     let model = refs;
     let optimizer = job.optimizer.as_ref().map(|(kind, json, _)| OptimizerRef { kind, json, tensors: &opt_tensors });
@@ -61,6 +63,17 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
     let bytes = crate::archive::commit_archive(&paths.archive(), &paths.name, job.iterations, &model, optimizer, Some(&job.state_json))?;
     durable::commit_bytes(&paths.state(), &job.state_json)?;
     Ok(bytes)
+}
+
+/// The staged bytes of tensor `d`, refused unless they are exactly as many as
+/// its dtype and shape need (a short or unreadable buffer is never written).
+pub(crate) fn staged<'a>(d: &Desc, buf: Option<&'a [u8]>) -> Result<&'a [u8]> {
+    let data = buf.unwrap_or_default();
+    let expected = d.shape.iter().try_fold(d.dtype.size(), |n, &dim| n.checked_mul(dim));
+    match expected {
+        Some(len) if len == data.len() => Ok(data),
+        _ => Err(Error::StagedLength { tensor: d.name.clone(), expected: expected.unwrap_or(usize::MAX), found: data.len() }),
+    }
 }
 
 /// Hard-link (or copy) the committed archive and state file to temporary
@@ -180,5 +193,55 @@ impl Handler<Flush> for Saver {
     fn handle(&mut self, _: Flush, _: &mut Self::Context) {
         let _ = futures::executor::block_on(self.backup.send(Flush));
         let _ = futures::executor::block_on(self.snapshot.send(Flush));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::messages::SaveJob;
+    use crate::actors::Settings;
+    use crate::folder::ModelPaths;
+    use crate::format::DType;
+    use crate::staging::Pool;
+
+    #[test]
+    fn a_buffer_is_written_only_with_the_length_of_its_tensor() {
+        let d = Desc { name: "w".into(), dtype: DType::F32, shape: vec![2, 3] };
+        assert_eq!(staged(&d, Some(&[0u8; 24][..])).unwrap().len(), 24);
+        for buf in [None, Some(&[0u8; 23][..]), Some(&[0u8; 25][..])] {
+            let e = staged(&d, buf).unwrap_err();
+            assert!(matches!(&e, Error::StagedLength { tensor, expected: 24, .. } if tensor == "w"), "{e:?}");
+        }
+        let huge = Desc { name: "h".into(), dtype: DType::F64, shape: vec![usize::MAX, 2] };
+        assert!(matches!(staged(&huge, Some(&[][..])), Err(Error::StagedLength { .. })));
+        let empty = Desc { name: "e".into(), dtype: DType::F32, shape: vec![0, 5] };
+        assert!(staged(&empty, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_short_staged_buffer_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::new(ModelPaths::new(dir.path(), "m"), Settings { snapshot_keep: 0, hard_links: false });
+        let pool = Pool::new(1);
+        let mut lease = pool.try_lease().unwrap();
+        lease.sized(0, 16).resize(16, 1); // 4 floats staged, 6 described
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let model = vec![Desc { name: "w".into(), dtype: DType::F32, shape: vec![2, 3] }];
+        let job = SaveJob {
+            iterations: 1,
+            state_json: b"{}".to_vec(),
+            average_loss: 1.0,
+            backup: false,
+            model,
+            optimizer: None,
+            stall: Duration::ZERO,
+            waited: false,
+            reply,
+        };
+        let w = Write { job, lease, crcs: Vec::new(), copy: Duration::ZERO };
+        let e = write_save(&shared, &w).unwrap_err();
+        assert!(matches!(e, Error::StagedLength { expected: 24, found: 16, .. }), "{e:?}");
+        assert!(!shared.paths.archive().exists() && !shared.paths.state().exists());
     }
 }
