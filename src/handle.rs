@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tch::nn::VarStore;
 use tokio::sync::oneshot;
 
-use crate::actors::messages::{Desc, SaveJob, Snapshot, Stage};
+use crate::actors::messages::{Desc, SaveJob, Stage};
 use crate::actors::{Actors, Settings, Shared};
 use crate::archive::ArchiveReader;
 use crate::config::{Config, CpuCopy, OnBusy, OptimizerPolicy};
@@ -615,7 +615,7 @@ impl ModelIo {
             waited,
             reply,
         };
-        actors.stager.try_send(Stage { job, tensors: deferred, lease, guard, events }).map_err(|_| Error::Stopped)?;
+        actors.stage(Stage { job, tensors: deferred, lease, guard, events })?;
         self.last_save = Some(LastSave::Queued(self.state.total_iterations));
         Ok(Ticket { inner: TicketInner::Pending(rx), shared: Some(self.shared.clone()) })
     }
@@ -690,7 +690,9 @@ impl ModelIo {
     ///
     /// # Errors
     /// An earlier background failure (the snapshot is still requested),
-    /// [`Error::SnapshotWithoutSave`] after a skipped save, or [`Error::PredictMode`].
+    /// [`Error::SnapshotWithoutSave`] after a skipped save,
+    /// [`Error::Overloaded`] when too many snapshots are still waiting to be
+    /// built (this one is not requested), or [`Error::PredictMode`].
     pub fn snapshot(&mut self) -> Result<()> {
         let earlier = self.shared.take_failure();
         let result = self.queue_snapshot();
@@ -715,7 +717,7 @@ impl ModelIo {
             Some(LastSave::Queued(n)) => Some(n),
             None => None,
         };
-        actors.stager.try_send(Snapshot { of }).map_err(|_| Error::Stopped)
+        actors.snapshot(of)
     }
 
     /// Wait until every save, backup and snapshot requested so far is done.
@@ -769,6 +771,12 @@ impl ModelIo {
     #[doc(hidden)]
     pub fn set_write_delay(&self, delay: Duration) {
         self.shared.set_write_delay(delay);
+    }
+
+    /// Test hook: make the next background write panic (as a bug would).
+    #[doc(hidden)]
+    pub fn inject_panic_in_next_write(&self) {
+        self.shared.inject_panic_in_next_write();
     }
 }
 

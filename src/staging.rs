@@ -120,6 +120,8 @@ pub(crate) struct Pool {
 }
 
 struct PoolInner {
+    /// How many sets there are, free or on loan.
+    sets: usize,
     free: Mutex<Vec<BufferSet>>,
     returned: Condvar,
     grown: AtomicU64,
@@ -134,8 +136,9 @@ pub(crate) struct Lease {
 impl Pool {
     /// A pool of `sets` buffer sets (allocated lazily, then reused).
     pub fn new(sets: usize) -> Pool {
-        let free = (0..sets.max(1)).map(|_| Vec::new()).collect();
-        Pool { inner: Arc::new(PoolInner { free: Mutex::new(free), returned: Condvar::new(), grown: AtomicU64::new(0) }) }
+        let sets = sets.max(1);
+        let free = (0..sets).map(|_| Vec::new()).collect();
+        Pool { inner: Arc::new(PoolInner { sets, free: Mutex::new(free), returned: Condvar::new(), grown: AtomicU64::new(0) }) }
     }
 
     /// A free set now, or `None` when every set is in flight.
@@ -162,6 +165,11 @@ impl Pool {
 }
 
 impl Lease {
+    /// How many sets the pool has: at most this many leases exist at once.
+    pub fn pool_size(&self) -> usize {
+        self.pool.sets
+    }
+
     /// The buffer for tensor `i`, created on first use.
     fn slot(&mut self, i: usize) -> &mut Buffer {
         if self.set.len() <= i {

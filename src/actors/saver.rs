@@ -1,5 +1,7 @@
 //! The saver: writes archives and state files, then pins what was committed
-//! for the backup and snapshot actors (so they never see a later save by mistake).
+//! for the backup and snapshot actors (so they never see a later save by
+//! mistake). Snapshot requests come straight from the handle and wait here
+//! for the save they follow (see [`super::order`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,9 +10,10 @@ use std::time::{Duration, Instant};
 use actix::{Addr, Handler, SyncContext};
 
 use super::backup::BackupActor;
-use super::messages::{Backup, BuildSnapshot, Desc, Flush, Snapshot, Write};
+use super::messages::{Backup, BuildSnapshot, Desc, Flush, Lost, Snapshot, Write};
+use super::order::{Due, SnapshotOrder};
 use super::snapshot::SnapshotActor;
-use super::Shared;
+use super::{guarded, Shared};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{OptimizerRef, TensorRef};
@@ -21,8 +24,10 @@ pub(crate) struct Saver {
     pub shared: Arc<Shared>,
     pub backup: Addr<BackupActor>,
     pub snapshot: Addr<SnapshotActor>,
-    /// Iterations of the last committed save (snapshots are built from it).
-    pub last_committed: Option<u64>,
+    /// Snapshot requests and the saves they follow. Updated only outside the
+    /// guarded (panic-catching) parts of the handlers, so a panic never
+    /// leaves it half-updated.
+    pub order: SnapshotOrder,
 }
 
 impl actix::Actor for Saver {
@@ -34,6 +39,9 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
     let delay = shared.write_delay();
     if delay > Duration::ZERO {
         std::thread::sleep(delay);
+    }
+    if shared.take_injected_panic() {
+        panic!("injected by the test hook `inject_panic_in_next_write`");
     }
     let job = &w.job;
     let bufs = w.lease.buffers();
@@ -95,14 +103,16 @@ impl Handler<Write> for Saver {
     type Result = ();
     fn handle(&mut self, w: Write, _: &mut Self::Context) {
         let start = Instant::now();
-        let written = write_save(&self.shared, &w);
+        let written = guarded("save", || write_save(&self.shared, &w));
         let Write { job, lease, copy, .. } = w;
         drop(lease);
         let bytes = match written {
             Ok(b) => b,
-            Err(e) => return self.shared.fail("save", e, Some(job.reply)),
+            Err(e) => {
+                self.shared.fail("save", e, Some(job.reply));
+                return self.handed_over(None);
+            }
         };
-        self.last_committed = Some(job.iterations);
         let write = start.elapsed();
         let secs = (copy + write).as_secs_f64();
         tracing::info!(
@@ -135,34 +145,54 @@ impl Handler<Write> for Saver {
             copy,
             write,
         };
-        if !job.backup {
-            let _ = job.reply.send(Ok(committed));
-            return;
-        }
-        // The backup actor answers the ticket once the `.bk` files exist.
-        match pin(&self.shared) {
-            Ok(pinned) => self.backup.do_send(Backup { pinned, committed, reply: job.reply }),
-            Err(e) => {
-                self.shared.fail("backup", e, None);
-                let _ = job.reply.send(Ok(committed));
+        if job.backup {
+            // The backup actor answers the ticket once the `.bk` files exist.
+            match guarded("backup", || pin(&self.shared)) {
+                Ok(pinned) => self.backup.do_send(Backup { pinned, committed, reply: job.reply }),
+                Err(e) => {
+                    self.shared.fail("backup", e, None);
+                    let _ = job.reply.send(Ok(committed));
+                }
             }
+        } else {
+            let _ = job.reply.send(Ok(committed));
         }
+        // Snapshots after the backup's pins: both hold this save's files.
+        self.handed_over(Some(job.iterations));
+    }
+}
+
+impl Handler<Lost> for Saver {
+    type Result = ();
+    fn handle(&mut self, _: Lost, _: &mut Self::Context) {
+        self.handed_over(None);
     }
 }
 
 impl Handler<Snapshot> for Saver {
     type Result = ();
     fn handle(&mut self, msg: Snapshot, _: &mut Self::Context) {
-        let iterations = match (msg.of, self.last_committed) {
-            (Some(n), Some(c)) if n == c => n,
-            // The save the snapshot was asked after did not commit: never
-            // snapshot an older save under its name, nor silently.
-            (Some(n), _) => {
-                let e = Error::SnapshotWithoutSave { iterations: n, why: "not committed (it failed)" };
-                return self.shared.fail("snapshot", e, None);
-            }
-            (None, Some(c)) => c,
-            (None, None) => match committed_iterations(&self.shared) {
+        if let Some((s, due)) = self.order.request(msg) {
+            self.take_snapshot(s, due);
+        }
+    }
+}
+
+impl Saver {
+    /// The next save was handed over (committed at `committed`, or not):
+    /// take the snapshots that waited for it.
+    fn handed_over(&mut self, committed: Option<u64>) {
+        for (s, due) in self.order.handed_over(committed) {
+            self.take_snapshot(s, due);
+        }
+    }
+
+    /// Pin the files a due snapshot is built from and pass them on.
+    fn take_snapshot(&self, s: Snapshot, due: Due) {
+        let iterations = match due {
+            Due::Save(n) => n,
+            Due::Refused(e) => return self.shared.fail("snapshot", e, None),
+            Due::OnDisk => match committed_iterations(&self.shared) {
                 Some(c) => c,
                 None => {
                     tracing::warn!(target: "modelio", "snapshot requested before any save was committed; skipped");
@@ -170,13 +200,13 @@ impl Handler<Snapshot> for Saver {
                 }
             },
         };
-        match pin(&self.shared) {
+        match guarded("snapshot", || pin(&self.shared)) {
             Ok(pins) => {
                 let pinned = pins
                     .into_iter()
                     .map(|(pin, file)| Pinned { pin, name: file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default() })
                     .collect();
-                self.snapshot.do_send(BuildSnapshot { iterations, pinned });
+                self.snapshot.do_send(BuildSnapshot { iterations, pinned, permit: s.permit });
             }
             Err(e) => self.shared.fail("snapshot", e, None),
         }
@@ -190,9 +220,13 @@ fn committed_iterations(shared: &Shared) -> Option<u64> {
 
 impl Handler<Flush> for Saver {
     type Result = ();
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) {
-        let _ = futures::executor::block_on(self.backup.send(Flush));
-        let _ = futures::executor::block_on(self.snapshot.send(Flush));
+    /// Everything this actor sent downstream went before these copies; no
+    /// snapshot request sent before the flush is still pending (see
+    /// [`super::order`]).
+    fn handle(&mut self, msg: Flush, _: &mut Self::Context) {
+        self.backup.do_send(Flush { done: msg.done.fork() });
+        self.snapshot.do_send(Flush { done: msg.done.fork() });
+        msg.done.handled();
     }
 }
 
