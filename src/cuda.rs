@@ -82,3 +82,38 @@ impl Drop for Event {
         unsafe { modelio_event_free(self.raw) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+
+    /// The shim's copy is libtorch's `copy_`: it works between host tensors
+    /// too, so it is exercised on every machine.
+    #[test]
+    fn shim_copy_works_on_host_tensors_and_reports_errors() {
+        let src = Tensor::arange(24, (Kind::Float, Device::Cpu)).reshape([4, 6]);
+        let mut dst = Tensor::zeros([4, 6], (Kind::Float, Device::Cpu));
+        copy_async(&mut dst, &src).unwrap();
+        assert!(dst.equal(&src));
+
+        let mut wrong = Tensor::zeros([5], (Kind::Float, Device::Cpu));
+        let err = copy_async(&mut wrong, &src).unwrap_err();
+        assert!(matches!(err, Error::Torch(_)), "{err}");
+        assert!(!err.to_string().is_empty());
+    }
+
+    /// Without a GPU, recording an event is a typed error, not a crash.
+    #[test]
+    fn shim_event_without_cuda_is_an_error() {
+        if tch::Cuda::is_available() {
+            let e = Event::record(0).unwrap();
+            e.wait().unwrap();
+            return;
+        }
+        let err = Event::record(0).err().unwrap();
+        println!("without CUDA: {err}");
+        assert!(matches!(err, Error::Torch(_)));
+    }
+}

@@ -133,6 +133,20 @@ pub enum Error {
     )]
     SnapshotWithoutSave { iterations: u64, why: &'static str },
 
+    /// Requests arrive faster than the actors take them: more than
+    /// `capacity` of them are already waiting. Nothing was queued; earlier
+    /// requests are unaffected.
+    #[error(
+        "{what} requested faster than they can be handed over: {capacity} are already waiting; \
+         nothing was queued: wait for earlier ones (`flush`, or the tickets) or request them less often"
+    )]
+    Overloaded { what: &'static str, capacity: usize },
+
+    /// A background actor or task panicked while handling a request: a bug
+    /// in modelio. That request was not done; later ones go on.
+    #[error("internal error: the {what} panicked ({message}); it was not done, later ones go on; please report this as a bug")]
+    Internal { what: &'static str, message: String },
+
     /// The actors are gone (shut down or crashed): nothing more can be saved.
     #[error("modelio's actors have stopped; no further saves are possible (was `shutdown` already called?)")]
     Stopped,
@@ -148,10 +162,6 @@ pub enum Error {
     /// Another process trains into the same model folder.
     #[error("model folder {} is in use by process {pid}; stop it or use another folder", dir.display())]
     Locked { dir: PathBuf, pid: String },
-
-    /// A task of modelio's panicked or was cancelled (a bug: please report it).
-    #[error("internal error in modelio's {what}: {message}")]
-    Internal { what: &'static str, message: String },
 
     /// Signal handlers for the exit save could not be installed.
     #[error("cannot watch for SIGINT/SIGTERM ({detail}); call `cancel_on_signals` inside a tokio runtime")]
@@ -218,12 +228,15 @@ impl Error {
     }
 
     /// True when training can go on and a later save may succeed: a full
-    /// disk, a filesystem error, a snapshot that had no save to hold. False
+    /// disk, a filesystem error, a snapshot that had no save to hold, too
+    /// many requests at once, a panic in an actor (which goes on). False
     /// for errors that need a change first (config, damaged archive, a
     /// mismatched model, stopped actors, predict mode).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io { .. } | Error::NoSpace { .. } | Error::SnapshotWithoutSave { .. } => true,
+            Error::Io { .. } | Error::NoSpace { .. } | Error::SnapshotWithoutSave { .. } | Error::Overloaded { .. } | Error::Internal { .. } => {
+                true
+            }
             Error::Background { source, .. } => source.is_retryable(),
             _ => false,
         }

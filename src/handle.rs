@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tch::nn::VarStore;
 use tokio::sync::oneshot;
 
-use crate::actors::messages::{Desc, SaveJob, Snapshot, Stage};
+use crate::actors::messages::{Desc, SaveJob, Stage};
 use crate::actors::{Actors, Settings, Shared};
 use crate::archive::ArchiveReader;
 use crate::config::{Config, CpuCopy, OnBusy, OptimizerPolicy};
@@ -23,7 +23,31 @@ use crate::staging::{Fence, Lease, Pool};
 use crate::state::{backup_rule, State};
 use crate::tensors::{dtype_of, read_tensor, shape_of};
 
-pub use crate::actors::messages::Committed;
+/// What a committed save reports on its ticket.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Iteration count stored in the archive.
+    pub iterations: u64,
+    /// The archive written.
+    pub path: PathBuf,
+    /// Tensor bytes written.
+    pub bytes: u64,
+    /// Mean loss since the previous save.
+    pub average_loss: f64,
+    /// Whether `.bk` copies of this save were made (they exist once the
+    /// ticket answers).
+    pub backed_up: bool,
+    /// Whether the optimizer state went in.
+    pub with_optimizer: bool,
+    /// True when the save was skipped because every staging buffer was busy.
+    pub skipped: bool,
+    /// Time the trainer spent in `save`.
+    pub stall: Duration,
+    /// Time copying tensors into host buffers.
+    pub copy: Duration,
+    /// Time writing and committing the files.
+    pub write: Duration,
+}
 
 /// The outcome of one save: await it (it is a `Future`), poll it with
 /// [`Ticket::try_result`], or drop it.
@@ -682,7 +706,7 @@ impl ModelIo {
             waited,
             reply,
         };
-        actors.stager.try_send(Stage { job, tensors: deferred, lease, guard, events }).map_err(|_| Error::Stopped)?;
+        actors.stage(Stage { job, tensors: deferred, lease, guard, events })?;
         self.last_save = Some(LastSave::Queued(self.state.total_iterations));
         Ok(Ticket { inner: TicketInner::Pending(rx), shared: Some(self.shared.clone()) })
     }
@@ -757,7 +781,9 @@ impl ModelIo {
     ///
     /// # Errors
     /// An earlier background failure (the snapshot is still requested),
-    /// [`Error::SnapshotWithoutSave`] after a skipped save, or [`Error::PredictMode`].
+    /// [`Error::SnapshotWithoutSave`] after a skipped save,
+    /// [`Error::Overloaded`] when too many snapshots are still waiting to be
+    /// built (this one is not requested), or [`Error::PredictMode`].
     pub fn snapshot(&mut self) -> Result<()> {
         let earlier = self.shared.take_failure();
         let result = self.queue_snapshot();
@@ -782,7 +808,7 @@ impl ModelIo {
             Some(LastSave::Queued(n)) => Some(n),
             None => None,
         };
-        actors.stager.try_send(Snapshot { of }).map_err(|_| Error::Stopped)
+        actors.snapshot(of)
     }
 
     /// Wait until every save, backup and snapshot requested so far is done.
@@ -864,6 +890,12 @@ impl ModelIo {
     #[doc(hidden)]
     pub fn set_write_delay(&self, delay: Duration) {
         self.shared.set_write_delay(delay);
+    }
+
+    /// Test hook: make the next background write panic (as a bug would).
+    #[doc(hidden)]
+    pub fn inject_panic_in_next_write(&self) {
+        self.shared.inject_panic_in_next_write();
     }
 }
 

@@ -54,9 +54,10 @@
 //!
 //! Where things are:
 //! - [`handle`]: [`ModelIo`], the trainer's handle (save, load, snapshot, shutdown).
-//! - [`actors`]: stager -> saver -> backup / snapshot, thin actix actors.
-//! - [`staging`]: the bounded pool of host buffers and the [`Fence`]; [`cuda`]: the
-//!   non-blocking device-to-host copy and per-save event (a small C++ shim).
+//! - `actors` (internal): stager -> saver -> backup / snapshot, thin actix actors.
+//! - [`staging`]: the [`Fence`], and internally the bounded pool of host buffers;
+//!   `cuda` (internal): the non-blocking device-to-host copy and per-save event
+//!   (a small C++ shim).
 //! - [`archive`] and [`format`](mod@format): archive format v2 (zip + safetensors), reader and writer;
 //!   [`zipread`]: the strict zip layer of the reader.
 //! - [`durable`]: the one atomic-commit helper every write goes through.
@@ -68,11 +69,11 @@
 //! - [`config`]: the TOML configuration; [`error`]: the one error type.
 
 #[cfg(feature = "torch")]
-pub mod actors;
+pub(crate) mod actors;
 pub mod archive;
 pub mod config;
 #[cfg(feature = "torch")]
-pub mod cuda;
+pub(crate) mod cuda;
 pub mod durable;
 pub mod error;
 pub mod folder;

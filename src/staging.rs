@@ -82,11 +82,11 @@ pub const COPY_THREADS: usize = 4;
 /// Pieces an immediate copy is split into, in bytes.
 const COPY_PIECE: usize = 4 << 20;
 
-/// A piece of an immediate copy: (source, destination) of equal length.
+/// A piece of an immediate copy: (source, destination) of the same length.
 type Piece<'a> = (&'a [u8], &'a mut [u8]);
 
 /// One tensor's host buffer.
-pub enum Buffer {
+pub(crate) enum Buffer {
     /// Pageable memory, filled by a memcpy (CPU tensors).
     Host(Vec<u8>),
     /// Page-locked memory as a `u8` libtorch tensor, filled by a non-blocking
@@ -95,26 +95,33 @@ pub enum Buffer {
 }
 
 impl Buffer {
-    /// The buffer's bytes.
+    /// The buffer's bytes; empty for a pinned buffer that cannot be read as
+    /// host bytes (never one [`Lease::pinned`] made): the saver checks every
+    /// buffer's length against its tensor before writing, and refuses it.
     pub fn bytes(&self) -> &[u8] {
         match self {
             Buffer::Host(v) => v,
-            // A contiguous CPU u8 tensor, read only after the copy into it completed.
-            Buffer::Pinned(t) => crate::tensors::host_bytes(t).unwrap_or_default(),
+            // SAFETY: a contiguous CPU u8 tensor that only this lease holds.
+            // Its one writer is the device-to-host copy `save` queued into it,
+            // and the stager waited for that copy's event before the lease
+            // reached anyone who reads it.
+            Buffer::Pinned(t) => unsafe { crate::tensors::host_bytes(t) }.unwrap_or_default(),
         }
     }
 }
 
 /// One save's buffers, one per tensor.
-pub type BufferSet = Vec<Buffer>;
+pub(crate) type BufferSet = Vec<Buffer>;
 
 /// A bounded pool of reusable buffer sets.
 #[derive(Clone)]
-pub struct Pool {
+pub(crate) struct Pool {
     inner: Arc<PoolInner>,
 }
 
 struct PoolInner {
+    /// How many sets there are, free or on loan.
+    sets: usize,
     free: Mutex<Vec<BufferSet>>,
     /// Wakes threads blocked in [`Pool::lease`]...
     returned: Condvar,
@@ -124,7 +131,7 @@ struct PoolInner {
 }
 
 /// A buffer set on loan; dropping it returns the set to the pool.
-pub struct Lease {
+pub(crate) struct Lease {
     set: BufferSet,
     pool: Arc<PoolInner>,
 }
@@ -132,9 +139,11 @@ pub struct Lease {
 impl Pool {
     /// A pool of `sets` buffer sets (allocated lazily, then reused).
     pub fn new(sets: usize) -> Pool {
-        let free = (0..sets.max(1)).map(|_| Vec::new()).collect();
+        let sets = sets.max(1);
+        let free = (0..sets).map(|_| Vec::new()).collect();
         Pool {
             inner: Arc::new(PoolInner {
+                sets,
                 free: Mutex::new(free),
                 returned: Condvar::new(),
                 available: tokio::sync::Notify::new(),
@@ -182,6 +191,11 @@ impl Pool {
 }
 
 impl Lease {
+    /// How many sets the pool has: at most this many leases exist at once.
+    pub fn pool_size(&self) -> usize {
+        self.pool.sets
+    }
+
     /// The buffer for tensor `i`, created on first use.
     fn slot(&mut self, i: usize) -> &mut Buffer {
         if self.set.len() <= i {
@@ -251,7 +265,11 @@ impl Lease {
             Buffer::Pinned(_) => None,
         }).collect();
         for (i, t) in &views {
-            let src = crate::tensors::host_bytes(t).ok_or_else(|| {
+            // SAFETY: the caller's tensors, read during its `save` call, which
+            // borrows them; modelio never writes them. A write from another
+            // thread meanwhile would be the caller's race, as with any read
+            // of a tensor through tch.
+            let src = unsafe { crate::tensors::host_bytes(t) }.ok_or_else(|| {
                 crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into()))
             })?;
             let Some(dst) = dsts.get_mut(*i).and_then(Option::take) else { continue };

@@ -49,7 +49,13 @@ pub fn shape_of(t: &Tensor) -> Vec<usize> {
 
 /// The bytes of a CPU tensor in place, borrowed for as long as the tensor;
 /// `None` when it is not a contiguous CPU tensor.
-pub fn host_bytes(t: &Tensor) -> Option<&[u8]> {
+///
+/// # Safety
+/// Nothing may write the tensor's storage while the slice lives: not through
+/// `t`, nor through any other tensor sharing its storage (a shallow clone, a
+/// view, the `VarStore`'s copy), on any thread. The borrow of `t` cannot
+/// enforce that, since tch lets every holder of a shallow clone write.
+pub(crate) unsafe fn host_bytes(t: &Tensor) -> Option<&[u8]> {
     if t.device() != tch::Device::Cpu || !t.is_contiguous() {
         return None;
     }
@@ -58,13 +64,18 @@ pub fn host_bytes(t: &Tensor) -> Option<&[u8]> {
         return Some(&[]);
     }
     // SAFETY: `t` is a contiguous CPU tensor of exactly `len` bytes, and the
-    // slice borrows `t`, so the storage outlives it. Writers are held off
-    // while modelio reads parameters (see `Fence`).
+    // slice borrows `t`, so the storage outlives it; the caller promises that
+    // nothing writes it meanwhile.
     Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) })
 }
 
 /// The bytes of a contiguous CPU tensor, mutably; `None` otherwise.
-pub fn host_bytes_mut(t: &mut Tensor) -> Option<&mut [u8]> {
+///
+/// # Safety
+/// Nothing else may read or write the tensor's storage while the slice
+/// lives: no other tensor may share it (as `&mut t` cannot rule out a
+/// shallow clone), on any thread.
+pub(crate) unsafe fn host_bytes_mut(t: &mut Tensor) -> Option<&mut [u8]> {
     if t.device() != tch::Device::Cpu || !t.is_contiguous() {
         return None;
     }
@@ -73,7 +84,8 @@ pub fn host_bytes_mut(t: &mut Tensor) -> Option<&mut [u8]> {
         return Some(&mut []);
     }
     // SAFETY: as in `host_bytes`; the slice borrows `t` mutably, so no other
-    // borrow through this handle exists while it lives.
+    // borrow through this handle exists while it lives, and the caller
+    // promises no other tensor shares the storage.
     Some(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) })
 }
 
@@ -92,7 +104,10 @@ fn on_host(t: &Tensor) -> Result<Tensor> {
 pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
     let cpu = on_host(t)?;
     dst.clear();
-    dst.extend_from_slice(host_bytes(&cpu).unwrap_or_default());
+    // SAFETY: `cpu` is `t` itself or a copy of it, read while the caller
+    // lends `t`; modelio writes neither. A write from another thread
+    // meanwhile would be the caller's race, as with any read through tch.
+    dst.extend_from_slice(unsafe { host_bytes(&cpu) }.unwrap_or_default());
     Ok(())
 }
 
@@ -129,7 +144,8 @@ pub fn to_tensor(dtype: DType, shape: &[usize], data: &[u8]) -> Result<Tensor> {
 pub fn read_tensor(reader: &ArchiveReader, t: &Located) -> Result<Tensor> {
     let shape: Vec<i64> = t.meta.shape.iter().map(|&d| d as i64).collect();
     let mut out = Tensor::f_empty(&shape, (kind_of(t.meta.dtype), tch::Device::Cpu))?;
-    let dst = host_bytes_mut(&mut out).ok_or_else(|| Error::Torch(tch::TchError::Torch(format!("tensor `{}`: a new CPU tensor is not contiguous", t.meta.name))))?;
+    // SAFETY: `out` was just created here and shares its storage with no one.
+    let dst = unsafe { host_bytes_mut(&mut out) }.ok_or_else(|| Error::Torch(tch::TchError::Torch(format!("tensor `{}`: a new CPU tensor is not contiguous", t.meta.name))))?;
     reader.read_checked_into(t, dst)?;
     Ok(out)
 }

@@ -1,6 +1,7 @@
 //! GPU staging: `save` only queues device-to-host copies into pinned buffers,
 //! and the archive holds the tensors as they were at the call even though
 //! training modifies them right after. Skipped (with a message) without CUDA.
+//! The shim's own tests are unit tests in `src/cuda.rs` (the module is internal).
 
 mod common;
 
@@ -51,32 +52,4 @@ fn gpu_save_is_a_queue_and_captures_the_moment_of_the_call() {
         let got = modelio::tensors::read_tensor(&r, t).unwrap();
         assert!(common::bitwise_eq(&got, &want.to_kind(Kind::Float)), "{name} is not the value at the call");
     }
-}
-
-/// The shim's copy is libtorch's `copy_`: it works between host tensors too,
-/// so it is exercised on every machine.
-#[test]
-fn shim_copy_works_on_host_tensors_and_reports_errors() {
-    let src = Tensor::arange(24, (Kind::Float, Device::Cpu)).reshape([4, 6]);
-    let mut dst = Tensor::zeros([4, 6], (Kind::Float, Device::Cpu));
-    modelio::cuda::copy_async(&mut dst, &src).unwrap();
-    assert!(common::bitwise_eq(&dst, &src));
-
-    let mut wrong = Tensor::zeros([5], (Kind::Float, Device::Cpu));
-    let err = modelio::cuda::copy_async(&mut wrong, &src).unwrap_err();
-    assert!(matches!(err, modelio::Error::Torch(_)), "{err}");
-    assert!(!err.to_string().is_empty());
-}
-
-/// Without a GPU, recording an event is a typed error, not a crash.
-#[test]
-fn shim_event_without_cuda_is_an_error() {
-    if tch::Cuda::is_available() {
-        let e = modelio::cuda::Event::record(0).unwrap();
-        e.wait().unwrap();
-        return;
-    }
-    let err = modelio::cuda::Event::record(0).err().unwrap();
-    println!("without CUDA: {err}");
-    assert!(matches!(err, modelio::Error::Torch(_)));
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use actix::{Handler, SyncContext};
 
 use super::messages::{Backup, Flush};
-use super::Shared;
+use super::{guarded, Shared};
 use crate::durable::{commit, Source};
 use crate::error::Result;
 use crate::folder::ModelPaths;
@@ -36,7 +36,7 @@ impl Handler<Backup> for BackupActor {
     type Result = ();
     fn handle(&mut self, msg: Backup, _: &mut Self::Context) {
         let Backup { pinned, mut committed, reply } = msg;
-        match make_backups(&pinned, self.shared.settings.hard_links) {
+        match guarded("backup", || make_backups(&pinned, self.shared.settings.hard_links)) {
             Ok(()) => committed.backed_up = true,
             // The save itself is committed: its ticket says so, without a
             // backup; the failure goes to the trainer's next call.
@@ -48,5 +48,7 @@ impl Handler<Backup> for BackupActor {
 
 impl Handler<Flush> for BackupActor {
     type Result = ();
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) {}
+    fn handle(&mut self, msg: Flush, _: &mut Self::Context) {
+        msg.done.handled();
+    }
 }

@@ -2,41 +2,18 @@
 //! [`crate::ModelIo`], which owns the addresses.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Message;
 use tokio::sync::oneshot;
 
 use crate::error::Error;
+use crate::handle::Committed;
 use crate::format::DType;
 use crate::snapshot::Pinned;
 use crate::staging::{FenceGuard, Lease};
-
-/// What a committed save reports on its ticket.
-#[derive(Debug, Clone)]
-pub struct Committed {
-    /// Iteration count stored in the archive.
-    pub iterations: u64,
-    /// The archive written.
-    pub path: PathBuf,
-    /// Tensor bytes written.
-    pub bytes: u64,
-    /// Mean loss since the previous save.
-    pub average_loss: f64,
-    /// Whether `.bk` copies of this save were made (they exist once the
-    /// ticket answers).
-    pub backed_up: bool,
-    /// Whether the optimizer state went in.
-    pub with_optimizer: bool,
-    /// True when the save was skipped because every staging buffer was busy.
-    pub skipped: bool,
-    /// Time the trainer spent in `save`.
-    pub stall: Duration,
-    /// Time copying tensors into host buffers.
-    pub copy: Duration,
-    /// Time writing and committing the files.
-    pub write: Duration,
-}
 
 /// Answers a save's ticket: the commit, or the failure as
 /// [`Error::Background`] (sent to the handle's next call instead when the
@@ -93,12 +70,27 @@ pub(crate) struct Write {
     pub copy: Duration,
 }
 
-/// Snapshot the save of iteration `of` (ordered after it), or with `None`
-/// the last committed save.
+/// The stager could not hand a save over (its ticket has the failure). Sent
+/// in place of its [`Write`], so that the saver counts every save the handle
+/// queued, in order (see [`Snapshot::after`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Lost;
+
+/// Snapshot the save the handle queued last before this request: sent by the
+/// handle straight to the saver, which holds it until that save was handed
+/// over (committed or failed).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Snapshot {
+    /// Iterations of that save, `None` when no save was queued in this run
+    /// (then the archive on disk is snapshotted under its own count).
     pub of: Option<u64>,
+    /// How many saves the handle had queued when it asked: the snapshot is
+    /// due once the saver has had that many `Write`s and `Lost`s.
+    pub after: u64,
+    /// Held until the snapshot is built or refused.
+    pub permit: Permit,
 }
 
 /// Build a snapshot from files pinned at save `iterations`.
@@ -107,6 +99,8 @@ pub(crate) struct Snapshot {
 pub(crate) struct BuildSnapshot {
     pub iterations: u64,
     pub pinned: Vec<Pinned>,
+    /// The request's permit, released once the snapshot is built.
+    pub permit: Permit,
 }
 
 /// Make `.bk` files from links pinned at a save: (pin, target); then answer
@@ -120,7 +114,125 @@ pub(crate) struct Backup {
     pub reply: Reply,
 }
 
-/// Answered once everything sent before it is done, downstream included.
+/// Passed along the actors in mailbox order (stager -> saver -> backup and
+/// snapshot); answered once every copy of it was handled, that is once the
+/// last actor has handled everything sent before it. No actor waits for it.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Flush;
+pub(crate) struct Flush {
+    pub done: Done,
+}
+
+/// One flush's completion, shared by the copies of it passed downstream.
+///
+/// The answer goes out when the last copy is dropped: an actor hands a copy
+/// on ([`Done::fork`]) before it marks its own handled, so the count never
+/// reaches zero while some actor still has the flush ahead of it. A copy
+/// dropped unhandled (its mailbox went away when the actors stopped) turns
+/// the answer into "stopped" instead of a false "done".
+pub(crate) struct Done {
+    shared: Arc<DoneShared>,
+    handled: bool,
+}
+
+struct DoneShared {
+    /// Taken once, by the last copy's drop.
+    reply: Option<oneshot::Sender<()>>,
+    /// Set by a copy dropped without [`Done::handled`].
+    abandoned: AtomicBool,
+}
+
+impl Done {
+    /// A flush's first copy, and where its answer arrives (`Ok(())` when
+    /// done, an error when a copy was abandoned).
+    pub fn new() -> (Done, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        (Done { shared: Arc::new(DoneShared { reply: Some(tx), abandoned: AtomicBool::new(false) }), handled: false }, rx)
+    }
+
+    /// Another copy, for an actor further down.
+    pub fn fork(&self) -> Done {
+        Done { shared: self.shared.clone(), handled: false }
+    }
+
+    /// This actor has handled everything sent to it before the flush.
+    pub fn handled(mut self) {
+        self.handled = true;
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if !self.handled {
+            self.shared.abandoned.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for DoneShared {
+    fn drop(&mut self) {
+        // The last copy is gone: every `Relaxed` store above happened before
+        // this drop (the `Arc`'s release/acquire count orders them).
+        if !self.abandoned.load(Ordering::Relaxed) {
+            if let Some(tx) = self.reply.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// One of a bounded number of requests in flight; dropping it frees the place.
+pub(crate) struct Permit {
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Permit {
+    /// A place among `capacity`, or `None` when all are taken.
+    pub fn try_acquire(in_flight: &Arc<AtomicUsize>, capacity: usize) -> Option<Permit> {
+        in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < capacity).then_some(n + 1))
+            .ok()
+            .map(|_| Permit { in_flight: in_flight.clone() })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_is_answered_when_the_last_copy_is_handled() {
+        let (done, mut rx) = Done::new();
+        let (a, b) = (done.fork(), done.fork());
+        done.handled();
+        a.handled();
+        assert!(rx.try_recv().is_err(), "one copy is still ahead of an actor");
+        b.handled();
+        assert_eq!(rx.try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn an_abandoned_copy_answers_stopped_not_done() {
+        let (done, mut rx) = Done::new();
+        let lost = done.fork();
+        done.handled();
+        drop(lost);
+        assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    #[test]
+    fn permits_are_bounded_and_freed_on_drop() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let a = Permit::try_acquire(&n, 2).unwrap();
+        let _b = Permit::try_acquire(&n, 2).unwrap();
+        assert!(Permit::try_acquire(&n, 2).is_none());
+        drop(a);
+        assert!(Permit::try_acquire(&n, 2).is_some());
+    }
+}

@@ -1,29 +1,50 @@
 //! The actors: stager -> saver -> {backup, snapshot}, each a single-threaded
-//! actix `SyncArbiter` on an actix `System` of its own thread.
+//! actix `SyncArbiter` on an actix `System` of its own thread. No handler
+//! ever waits for another actor.
 //!
-//! Ordering: every request enters through the stager's mailbox and is passed
-//! on in order, so a snapshot is always built after the save before it, and
-//! a flush is answered only after everything sent before it is done.
+//! Ordering: saves enter through the stager's mailbox and reach the saver in
+//! order; snapshot requests go straight to the saver, which holds each until
+//! the save it follows was handed over (see [`order`]), so a snapshot is
+//! always built from the save before it. A flush follows the saves through
+//! the stager and the saver and is answered once the backup and snapshot
+//! actors have handled it too, that is after everything sent before it.
+//!
+//! Bounds: a save holds a staging buffer set until it is written, so at most
+//! `staging.max_inflight` saves are in the mailboxes; snapshot requests hold
+//! a [`messages::Permit`], at most [`MAX_SNAPSHOTS_IN_FLIGHT`] of them. actix
+//! does not bound a `SyncArbiter`'s mailbox (its channel is unbounded), so
+//! these bounds are the only ones; beyond them a request is refused with
+//! [`Error::Overloaded`].
 
 mod backup;
-pub mod messages;
+pub(crate) mod messages;
+mod order;
 mod saver;
 mod snapshot;
 mod stager;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix::prelude::SendError;
 use actix::{Addr, SyncArbiter};
+use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::folder::ModelPaths;
 use crate::staging::lock;
-use messages::{Flush, Reply};
+use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
 pub(crate) use stager::Stager;
+
+/// Snapshot requests in flight (requested, not yet built or refused). Each
+/// pins the archive and state file (hard links, or full copies where links
+/// fail) and then costs a copy of the model folder: more waiting than this
+/// means snapshots are requested faster than the disk builds them.
+pub(crate) const MAX_SNAPSHOTS_IN_FLIGHT: usize = 8;
 
 /// Counters of a handle's saves.
 #[derive(Debug, Default)]
@@ -59,11 +80,21 @@ pub(crate) struct Shared {
     pub stats: Stats,
     /// Test hook: an artificial delay before each write (ms).
     write_delay_ms: AtomicU64,
+    /// Test hook: the next write panics. Set by the handle, taken (swapped
+    /// back) by the one saver thread, so exactly one write panics.
+    panic_next_write: AtomicBool,
 }
 
 impl Shared {
     pub fn new(paths: ModelPaths, settings: Settings) -> Shared {
-        Shared { paths, settings, failures: Mutex::new(VecDeque::new()), stats: Stats::default(), write_delay_ms: AtomicU64::new(0) }
+        Shared {
+            paths,
+            settings,
+            failures: Mutex::new(VecDeque::new()),
+            stats: Stats::default(),
+            write_delay_ms: AtomicU64::new(0),
+            panic_next_write: AtomicBool::new(false),
+        }
     }
 
     /// Report a background failure once: on the save's ticket when there is
@@ -104,6 +135,39 @@ impl Shared {
     pub fn set_write_delay(&self, d: Duration) {
         self.write_delay_ms.store(d.as_millis() as u64, Ordering::Relaxed);
     }
+
+    pub fn inject_panic_in_next_write(&self) {
+        self.panic_next_write.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this write is to panic (test hook); clears the request.
+    pub fn take_injected_panic(&self) -> bool {
+        self.panic_next_write.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Run the work of a handler, turning a panic into [`Error::Internal`] so
+/// that the handler answers the request it was handling and its actor goes on
+/// serving later ones.
+///
+/// Why `catch_unwind` rather than actix supervision: supervision restarts
+/// only async (`Context`) actors; a `SyncArbiter` thread that panics is gone
+/// for good, and with it the request in hand, whose ticket would read
+/// "stopped" instead of what happened. Handlers keep their own state (the
+/// saver's [`order::SnapshotOrder`]) outside the guarded work, so nothing
+/// half-updated is seen afterwards (hence `AssertUnwindSafe`); what the work
+/// owned is dropped while unwinding (a lease returns to the pool, a fence
+/// guard releases the fence), and a temporary file it left is removed at the
+/// next open. This needs `panic = "unwind"`, Rust's default.
+pub(crate) fn guarded<T>(what: &'static str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+        let message = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+            (Some(s), _) => (*s).to_string(),
+            (_, Some(s)) => s.clone(),
+            _ => "a panic without a message".to_string(),
+        };
+        Err(Error::Internal { what, message })
+    })
 }
 
 /// Lower the calling thread's scheduling priority (nice 10), so background
@@ -118,7 +182,14 @@ fn yield_cpu() {
 
 /// The running actor system.
 pub(crate) struct Actors {
-    pub stager: Addr<Stager>,
+    stager: Addr<Stager>,
+    saver: Addr<saver::Saver>,
+    /// Saves handed to the stager so far. Only the handle's `save` and
+    /// `snapshot` touch it, and both take the handle mutably, so a snapshot
+    /// request reads the count of the saves queued before it.
+    staged: AtomicU64,
+    /// Snapshot requests in flight, each holding a [`Permit`].
+    snapshots: Arc<AtomicUsize>,
     system: actix::System,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -149,31 +220,65 @@ impl Actors {
                     let saver = SyncArbiter::start(1, move || {
                         yield_cpu();
                         saver::Saver {
-                        shared: s.clone(),
-                        backup: backup.clone(),
-                        snapshot: snapshot.clone(),
-                        last_committed: None,
+                            shared: s.clone(),
+                            backup: backup.clone(),
+                            snapshot: snapshot.clone(),
+                            order: order::SnapshotOrder::default(),
                         }
                     });
                     let s = shared.clone();
-                    let stager = SyncArbiter::start(1, move || Stager { shared: s.clone(), saver: saver.clone() });
-                    let _ = tx.send((stager, actix::System::current()));
+                    let to_saver = saver.clone();
+                    let stager = SyncArbiter::start(1, move || Stager { shared: s.clone(), saver: to_saver.clone() });
+                    let _ = tx.send((stager, saver, actix::System::current()));
                 });
                 let _ = system.run();
             })
             .map_err(|e| Error::io("start actor thread for", ".", e))?;
-        let (stager, system) = rx.recv().map_err(|_| Error::Stopped)?;
-        Ok(Actors { stager, system, thread: Some(thread) })
+        let (stager, saver, system) = rx.recv().map_err(|_| Error::Stopped)?;
+        Ok(Actors { stager, saver, staged: AtomicU64::new(0), snapshots: Arc::new(AtomicUsize::new(0)), system, thread: Some(thread) })
     }
 
-    /// Wait until everything sent so far is done.
+    /// Hand a save to the stager. Its lease bounds the saves in flight.
+    ///
+    /// # Errors
+    /// [`Error::Overloaded`] when the mailbox is full, [`Error::Stopped`] when
+    /// the actors are gone.
+    pub fn stage(&self, msg: Stage) -> Result<()> {
+        let capacity = msg.lease.pool_size();
+        handed_over(self.stager.try_send(msg), "saves", capacity)?;
+        self.staged.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Request a snapshot of the last save handed to [`Actors::stage`]
+    /// (iterations `of`, `None` when there was none).
+    ///
+    /// # Errors
+    /// [`Error::Overloaded`] when [`MAX_SNAPSHOTS_IN_FLIGHT`] requests are
+    /// still waiting, [`Error::Stopped`] when the actors are gone.
+    pub fn snapshot(&self, of: Option<u64>) -> Result<()> {
+        let overloaded = Error::Overloaded { what: "snapshots", capacity: MAX_SNAPSHOTS_IN_FLIGHT };
+        let permit = Permit::try_acquire(&self.snapshots, MAX_SNAPSHOTS_IN_FLIGHT).ok_or(overloaded)?;
+        let after = self.staged.load(Ordering::Relaxed);
+        handed_over(self.saver.try_send(Snapshot { of, after, permit }), "snapshots", MAX_SNAPSHOTS_IN_FLIGHT)
+    }
+
+    /// Send a flush down the actors; the receiver answers once it went through all of them.
+    fn request_flush(&self) -> Result<oneshot::Receiver<()>> {
+        let (done, answered) = Done::new();
+        self.stager.try_send(Flush { done }).map_err(|_| Error::Stopped)?;
+        Ok(answered)
+    }
+
+    /// Wait until everything sent so far is done. Does not block the runtime.
     pub async fn flush(&self) -> Result<()> {
-        self.stager.send(Flush).await.map_err(|_| Error::Stopped)
+        self.request_flush()?.await.map_err(|_| Error::Stopped)
     }
 
-    /// Flush, blocking the calling thread (for `Drop` and non-async callers).
+    /// Flush, blocking the calling thread (for `Drop` and non-async callers;
+    /// never an actor's). Does not panic inside a tokio runtime.
     pub fn flush_blocking(&self) -> Result<()> {
-        futures::executor::block_on(self.stager.send(Flush)).map_err(|_| Error::Stopped)
+        futures::executor::block_on(self.request_flush()?).map_err(|_| Error::Stopped)
     }
 
     /// Stop the system and join its thread (call after a flush).
@@ -185,11 +290,140 @@ impl Actors {
     }
 }
 
+/// A send's outcome: a full mailbox is [`Error::Overloaded`], a closed one
+/// [`Error::Stopped`].
+fn handed_over<M>(sent: std::result::Result<(), SendError<M>>, what: &'static str, capacity: usize) -> Result<()> {
+    match sent {
+        Ok(()) => Ok(()),
+        Err(SendError::Full(_)) => Err(Error::Overloaded { what, capacity }),
+        Err(SendError::Closed(_)) => Err(Error::Stopped),
+    }
+}
+
 impl Drop for Actors {
     fn drop(&mut self) {
         if self.thread.is_some() {
             let _ = self.flush_blocking();
             self.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use actix::{Actor, Handler, Message, SyncContext};
+    use tch::{Device, Kind, Tensor};
+
+    use super::messages::{Desc, SaveJob};
+    use super::*;
+    use crate::format::DType;
+    use crate::handle::Committed;
+    use crate::staging::{Fence, Pool};
+
+    fn actors(dir: &std::path::Path) -> (Arc<Shared>, Actors) {
+        let shared = Arc::new(Shared::new(ModelPaths::new(dir, "m"), Settings { snapshot_keep: 0, hard_links: false }));
+        let actors = Actors::start(shared.clone()).unwrap();
+        (shared, actors)
+    }
+
+    /// A save of one f32 tensor, copied by the stager ("deferred" mode) under the fence.
+    fn save(pool: &Pool, fence: &Fence, iterations: u64, t: &Tensor) -> (Stage, oneshot::Receiver<Result<Committed>>) {
+        let (reply, answer) = oneshot::channel();
+        let model = vec![Desc { name: "w".into(), dtype: DType::F32, shape: vec![t.numel()] }];
+        let job = SaveJob {
+            iterations,
+            state_json: b"{}".to_vec(),
+            average_loss: 1.0,
+            backup: false,
+            model,
+            optimizer: None,
+            stall: Duration::ZERO,
+            waited: false,
+            reply,
+        };
+        let lease = pool.try_lease().unwrap();
+        (Stage { job, tensors: vec![(0, t.shallow_clone())], lease, guard: Some(fence.arm()), events: Vec::new() }, answer)
+    }
+
+    #[test]
+    fn a_flush_never_holds_up_the_stager() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, actors) = actors(dir.path());
+        let (pool, fence) = (Pool::new(2), Fence::default());
+        let t = Tensor::ones([1024], (Kind::Float, Device::Cpu));
+        shared.set_write_delay(Duration::from_millis(600));
+        let (first, first_answer) = save(&pool, &fence, 1, &t);
+        actors.stage(first).unwrap();
+        let flushed = actors.request_flush().unwrap();
+        // The flush waits for the slow write of save 1; meanwhile the stager
+        // copies save 2 and releases the fence.
+        let (second, second_answer) = save(&pool, &fence, 2, &t);
+        let start = Instant::now();
+        actors.stage(second).unwrap();
+        fence.wait();
+        let waited = start.elapsed();
+        assert!(waited < Duration::from_millis(300), "the fence was held {waited:?} behind a flush");
+        futures::executor::block_on(flushed).expect("answered");
+        let mut first_answer = first_answer;
+        assert_eq!(first_answer.try_recv().expect("save 1 answered before the flush").unwrap().iterations, 1);
+        assert_eq!(futures::executor::block_on(second_answer).unwrap().unwrap().iterations, 2);
+    }
+
+    #[test]
+    fn dropping_the_actors_in_a_runtime_drains_them_without_panicking() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (shared, actors) = actors(dir.path());
+            let (pool, fence) = (Pool::new(1), Fence::default());
+            shared.set_write_delay(Duration::from_millis(100));
+            let (msg, mut answer) = save(&pool, &fence, 1, &Tensor::ones([8], (Kind::Float, Device::Cpu)));
+            actors.stage(msg).unwrap();
+            drop(actors);
+            assert_eq!(answer.try_recv().expect("drained before the drop returned").unwrap().iterations, 1);
+        });
+    }
+
+    /// Why the actors count their own requests: actix gives a `SyncArbiter`
+    /// an unbounded mailbox, so `try_send` never reports it full.
+    #[test]
+    fn actix_does_not_bound_a_sync_arbiter_mailbox() {
+        struct Slow;
+        impl Actor for Slow {
+            type Context = SyncContext<Self>;
+        }
+        #[derive(Message)]
+        #[rtype(result = "()")]
+        struct Nap;
+        impl Handler<Nap> for Slow {
+            type Result = ();
+            fn handle(&mut self, _: Nap, _: &mut Self::Context) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let system = actix::System::new();
+        let accepted = system.block_on(async {
+            let addr = SyncArbiter::start(1, || Slow);
+            (0..200).filter(|_| addr.try_send(Nap).is_ok()).count()
+        });
+        assert_eq!(accepted, 200);
+    }
+
+    #[test]
+    fn a_full_mailbox_is_overloaded_and_a_closed_one_stopped() {
+        let full: std::result::Result<(), SendError<()>> = Err(SendError::Full(()));
+        assert!(matches!(handed_over(full, "saves", 2), Err(Error::Overloaded { what: "saves", capacity: 2 })));
+        let closed: std::result::Result<(), SendError<()>> = Err(SendError::Closed(()));
+        assert!(matches!(handed_over(closed, "saves", 2), Err(Error::Stopped)));
+    }
+
+    #[test]
+    fn a_panic_becomes_an_internal_error_naming_it() {
+        let e = guarded::<()>("save", || panic!("disk on fire: {}", 7)).unwrap_err();
+        assert!(matches!(&e, Error::Internal { what: "save", message } if message == "disk on fire: 7"), "{e:?}");
+        let e = guarded::<()>("save", || std::panic::panic_any(7u8)).unwrap_err();
+        assert!(e.to_string().contains("a panic without a message"), "{e}");
     }
 }

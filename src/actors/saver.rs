@@ -1,5 +1,7 @@
 //! The saver: writes archives and state files, then pins what was committed
-//! for the backup and snapshot actors (so they never see a later save by mistake).
+//! for the backup and snapshot actors (so they never see a later save by
+//! mistake). Snapshot requests come straight from the handle and wait here
+//! for the save they follow (see [`super::order`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,20 +10,24 @@ use std::time::{Duration, Instant};
 use actix::{Addr, Handler, SyncContext};
 
 use super::backup::BackupActor;
-use super::messages::{Backup, BuildSnapshot, Committed, Flush, Snapshot, Write};
+use super::messages::{Backup, BuildSnapshot, Desc, Flush, Lost, Snapshot, Write};
+use super::order::{Due, SnapshotOrder};
 use super::snapshot::SnapshotActor;
-use super::Shared;
+use super::{guarded, Shared};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{OptimizerRef, TensorRef};
+use crate::handle::Committed;
 use crate::snapshot::Pinned;
 
 pub(crate) struct Saver {
     pub shared: Arc<Shared>,
     pub backup: Addr<BackupActor>,
     pub snapshot: Addr<SnapshotActor>,
-    /// Iterations of the last committed save (snapshots are built from it).
-    pub last_committed: Option<u64>,
+    /// Snapshot requests and the saves they follow. Updated only outside the
+    /// guarded (panic-catching) parts of the handlers, so a panic never
+    /// leaves it half-updated.
+    pub order: SnapshotOrder,
 }
 
 impl actix::Actor for Saver {
@@ -34,6 +40,9 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
     if delay > Duration::ZERO {
         std::thread::sleep(delay);
     }
+    if shared.take_injected_panic() {
+        panic!("injected by the test hook `inject_panic_in_next_write`");
+    }
     let job = &w.job;
     let bufs = w.lease.buffers();
     // Model tensors then optimizer tensors: buffer `i` of the lease holds
@@ -44,15 +53,17 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
         .iter()
         .chain(opt_descs)
         .enumerate()
-        .map(|(i, d)| TensorRef {
-            name: &d.name,
-            dtype: d.dtype,
-            shape: &d.shape,
-            data: bufs.get(i).copied().unwrap_or(&[]),
-            crc32c: w.crcs.get(i).map(|c| c.0),
-            crc32: w.crcs.get(i).map(|c| c.1),
+        .map(|(i, d)| {
+            Ok(TensorRef {
+                name: &d.name,
+                dtype: d.dtype,
+                shape: &d.shape,
+                data: staged(d, bufs.get(i).copied())?,
+                crc32c: w.crcs.get(i).map(|c| c.0),
+                crc32: w.crcs.get(i).map(|c| c.1),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let opt_tensors = refs.split_off(job.model.len());
     let model = refs;
     let optimizer = job.optimizer.as_ref().map(|(kind, json, _)| OptimizerRef { kind, json, tensors: &opt_tensors });
@@ -60,6 +71,17 @@ pub(crate) fn write_save(shared: &Shared, w: &Write) -> Result<u64> {
     let bytes = crate::archive::commit_archive(&paths.archive(), &paths.name, job.iterations, &model, optimizer, Some(&job.state_json))?;
     durable::commit_bytes(&paths.state(), &job.state_json)?;
     Ok(bytes)
+}
+
+/// The staged bytes of tensor `d`, refused unless they are exactly as many as
+/// its dtype and shape need (a short or unreadable buffer is never written).
+pub(crate) fn staged<'a>(d: &Desc, buf: Option<&'a [u8]>) -> Result<&'a [u8]> {
+    let data = buf.unwrap_or_default();
+    let expected = d.shape.iter().try_fold(d.dtype.size(), |n, &dim| n.checked_mul(dim));
+    match expected {
+        Some(len) if len == data.len() => Ok(data),
+        _ => Err(Error::StagedLength { tensor: d.name.clone(), expected: expected.unwrap_or(usize::MAX), found: data.len() }),
+    }
 }
 
 /// Hard-link (or copy) the committed archive and state file to temporary
@@ -81,14 +103,16 @@ impl Handler<Write> for Saver {
     type Result = ();
     fn handle(&mut self, w: Write, _: &mut Self::Context) {
         let start = Instant::now();
-        let written = write_save(&self.shared, &w);
+        let written = guarded("save", || write_save(&self.shared, &w));
         let Write { job, lease, copy, .. } = w;
         drop(lease);
         let bytes = match written {
             Ok(b) => b,
-            Err(e) => return self.shared.fail("save", e, Some(job.reply)),
+            Err(e) => {
+                self.shared.fail("save", e, Some(job.reply));
+                return self.handed_over(None);
+            }
         };
-        self.last_committed = Some(job.iterations);
         let write = start.elapsed();
         let secs = (copy + write).as_secs_f64();
         tracing::info!(
@@ -121,34 +145,54 @@ impl Handler<Write> for Saver {
             copy,
             write,
         };
-        if !job.backup {
-            let _ = job.reply.send(Ok(committed));
-            return;
-        }
-        // The backup actor answers the ticket once the `.bk` files exist.
-        match pin(&self.shared) {
-            Ok(pinned) => self.backup.do_send(Backup { pinned, committed, reply: job.reply }),
-            Err(e) => {
-                self.shared.fail("backup", e, None);
-                let _ = job.reply.send(Ok(committed));
+        if job.backup {
+            // The backup actor answers the ticket once the `.bk` files exist.
+            match guarded("backup", || pin(&self.shared)) {
+                Ok(pinned) => self.backup.do_send(Backup { pinned, committed, reply: job.reply }),
+                Err(e) => {
+                    self.shared.fail("backup", e, None);
+                    let _ = job.reply.send(Ok(committed));
+                }
             }
+        } else {
+            let _ = job.reply.send(Ok(committed));
         }
+        // Snapshots after the backup's pins: both hold this save's files.
+        self.handed_over(Some(job.iterations));
+    }
+}
+
+impl Handler<Lost> for Saver {
+    type Result = ();
+    fn handle(&mut self, _: Lost, _: &mut Self::Context) {
+        self.handed_over(None);
     }
 }
 
 impl Handler<Snapshot> for Saver {
     type Result = ();
     fn handle(&mut self, msg: Snapshot, _: &mut Self::Context) {
-        let iterations = match (msg.of, self.last_committed) {
-            (Some(n), Some(c)) if n == c => n,
-            // The save the snapshot was asked after did not commit: never
-            // snapshot an older save under its name, nor silently.
-            (Some(n), _) => {
-                let e = Error::SnapshotWithoutSave { iterations: n, why: "not committed (it failed)" };
-                return self.shared.fail("snapshot", e, None);
-            }
-            (None, Some(c)) => c,
-            (None, None) => match committed_iterations(&self.shared) {
+        if let Some((s, due)) = self.order.request(msg) {
+            self.take_snapshot(s, due);
+        }
+    }
+}
+
+impl Saver {
+    /// The next save was handed over (committed at `committed`, or not):
+    /// take the snapshots that waited for it.
+    fn handed_over(&mut self, committed: Option<u64>) {
+        for (s, due) in self.order.handed_over(committed) {
+            self.take_snapshot(s, due);
+        }
+    }
+
+    /// Pin the files a due snapshot is built from and pass them on.
+    fn take_snapshot(&self, s: Snapshot, due: Due) {
+        let iterations = match due {
+            Due::Save(n) => n,
+            Due::Refused(e) => return self.shared.fail("snapshot", e, None),
+            Due::OnDisk => match committed_iterations(&self.shared) {
                 Some(c) => c,
                 None => {
                     tracing::warn!(target: "modelio", "snapshot requested before any save was committed; skipped");
@@ -156,13 +200,13 @@ impl Handler<Snapshot> for Saver {
                 }
             },
         };
-        match pin(&self.shared) {
+        match guarded("snapshot", || pin(&self.shared)) {
             Ok(pins) => {
                 let pinned = pins
                     .into_iter()
                     .map(|(pin, file)| Pinned { pin, name: file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default() })
                     .collect();
-                self.snapshot.do_send(BuildSnapshot { iterations, pinned });
+                self.snapshot.do_send(BuildSnapshot { iterations, pinned, permit: s.permit });
             }
             Err(e) => self.shared.fail("snapshot", e, None),
         }
@@ -176,8 +220,62 @@ fn committed_iterations(shared: &Shared) -> Option<u64> {
 
 impl Handler<Flush> for Saver {
     type Result = ();
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) {
-        let _ = futures::executor::block_on(self.backup.send(Flush));
-        let _ = futures::executor::block_on(self.snapshot.send(Flush));
+    /// Everything this actor sent downstream went before these copies; no
+    /// snapshot request sent before the flush is still pending (see
+    /// [`super::order`]).
+    fn handle(&mut self, msg: Flush, _: &mut Self::Context) {
+        self.backup.do_send(Flush { done: msg.done.fork() });
+        self.snapshot.do_send(Flush { done: msg.done.fork() });
+        msg.done.handled();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::messages::SaveJob;
+    use crate::actors::Settings;
+    use crate::folder::ModelPaths;
+    use crate::format::DType;
+    use crate::staging::Pool;
+
+    #[test]
+    fn a_buffer_is_written_only_with_the_length_of_its_tensor() {
+        let d = Desc { name: "w".into(), dtype: DType::F32, shape: vec![2, 3] };
+        assert_eq!(staged(&d, Some(&[0u8; 24][..])).unwrap().len(), 24);
+        for buf in [None, Some(&[0u8; 23][..]), Some(&[0u8; 25][..])] {
+            let e = staged(&d, buf).unwrap_err();
+            assert!(matches!(&e, Error::StagedLength { tensor, expected: 24, .. } if tensor == "w"), "{e:?}");
+        }
+        let huge = Desc { name: "h".into(), dtype: DType::F64, shape: vec![usize::MAX, 2] };
+        assert!(matches!(staged(&huge, Some(&[][..])), Err(Error::StagedLength { .. })));
+        let empty = Desc { name: "e".into(), dtype: DType::F32, shape: vec![0, 5] };
+        assert!(staged(&empty, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_short_staged_buffer_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::new(ModelPaths::new(dir.path(), "m"), Settings { snapshot_keep: 0, hard_links: false });
+        let pool = Pool::new(1);
+        let mut lease = pool.try_lease().unwrap();
+        lease.sized(0, 16).resize(16, 1); // 4 floats staged, 6 described
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let model = vec![Desc { name: "w".into(), dtype: DType::F32, shape: vec![2, 3] }];
+        let job = SaveJob {
+            iterations: 1,
+            state_json: b"{}".to_vec(),
+            average_loss: 1.0,
+            backup: false,
+            model,
+            optimizer: None,
+            stall: Duration::ZERO,
+            waited: false,
+            reply,
+        };
+        let w = Write { job, lease, crcs: Vec::new(), copy: Duration::ZERO };
+        let e = write_save(&shared, &w).unwrap_err();
+        assert!(matches!(e, Error::StagedLength { expected: 24, found: 16, .. }), "{e:?}");
+        assert!(!shared.paths.archive().exists() && !shared.paths.state().exists());
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use actix::{Handler, SyncContext};
 
 use super::messages::{BuildSnapshot, Flush};
-use super::Shared;
+use super::{guarded, Shared};
 
 pub(crate) struct SnapshotActor {
     pub shared: Arc<Shared>,
@@ -18,16 +18,21 @@ impl actix::Actor for SnapshotActor {
 impl Handler<BuildSnapshot> for SnapshotActor {
     type Result = ();
     fn handle(&mut self, msg: BuildSnapshot, _: &mut Self::Context) {
+        let BuildSnapshot { iterations, pinned, permit } = msg;
         let paths = &self.shared.paths;
         let settings = self.shared.settings;
-        let built = crate::snapshot::build(paths, msg.iterations, &msg.pinned, settings.hard_links)
-            .and_then(|dir| crate::snapshot::apply_retention(&paths.dir, settings.snapshot_keep).map(|removed| (dir, removed)));
-        for p in &msg.pinned {
+        let built = guarded("snapshot", || {
+            crate::snapshot::build(paths, iterations, &pinned, settings.hard_links)
+                .and_then(|dir| crate::snapshot::apply_retention(&paths.dir, settings.snapshot_keep).map(|removed| (dir, removed)))
+        });
+        for p in &pinned {
             let _ = std::fs::remove_file(&p.pin);
         }
+        // Built (or failed) and its pins gone: the request is no longer in flight.
+        drop(permit);
         match built {
             Ok((dir, removed)) => {
-                tracing::info!(target: "modelio", iterations = msg.iterations, removed = removed.len(), "snapshot {}", dir.display())
+                tracing::info!(target: "modelio", iterations, removed = removed.len(), "snapshot {}", dir.display())
             }
             Err(e) => self.shared.fail("snapshot", e, None),
         }
@@ -36,5 +41,7 @@ impl Handler<BuildSnapshot> for SnapshotActor {
 
 impl Handler<Flush> for SnapshotActor {
     type Result = ();
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) {}
+    fn handle(&mut self, msg: Flush, _: &mut Self::Context) {
+        msg.done.handled();
+    }
 }
