@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 
 /// Every temporary file or folder modelio creates starts with this.
-pub const TEMP_PREFIX: &str = ".modelio-tmp-";
+pub(crate) const TEMP_PREFIX: &str = ".modelio-tmp-";
 
 /// Where the bytes of a commit come from.
-pub enum Source<'a> {
+pub(crate) enum Source<'a> {
     /// Bytes written by a closure into the temporary file. `size_hint` is the
     /// expected size, reported when the disk is full.
     Write { size_hint: u64, write: &'a mut dyn FnMut(&mut BufWriter<StreamingFile>) -> Result<()> },
@@ -41,7 +41,7 @@ pub enum Source<'a> {
 /// [`Error::Io`] naming the file on any filesystem failure, [`Error::NoSpace`]
 /// when the disk is full. On error the temporary file is removed and `target`
 /// is unchanged.
-pub fn commit(target: &Path, source: Source<'_>) -> Result<()> {
+pub(crate) fn commit(target: &Path, source: Source<'_>) -> Result<()> {
     let dir = parent_of(target);
     let tmp = temp_path(&dir, target);
     let result = stage(&tmp, target, source).and_then(|()| {
@@ -101,7 +101,7 @@ pub(crate) fn create_new(path: &Path) -> Result<File> {
 ///
 /// # Errors
 /// [`Error::NotRegular`] naming the file and what it is; [`Error::Io`].
-pub fn open_regular(path: &Path) -> Result<File> {
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let file = File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).at("open", path)?;
     let kind = file.metadata().at("inspect", path)?.file_type();
@@ -134,7 +134,7 @@ pub fn open_regular(path: &Path) -> Result<File> {
 ///
 /// # Errors
 /// As [`open_regular`], and [`Error::Io`] when reading fails.
-pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_regular(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let mut out = Vec::new();
     open_regular(path)?.read_to_end(&mut out).at("read", path)?;
@@ -148,7 +148,7 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
 /// end of the commit; this only spreads the disk's work over the write and
 /// keeps the page cache small and hot (freed pages are reused by the next
 /// chunks instead of allocating fresh memory for the whole file).
-pub struct StreamingFile {
+pub(crate) struct StreamingFile {
     file: File,
     /// Bytes written so far.
     written: u64,
@@ -161,9 +161,9 @@ pub struct StreamingFile {
 }
 
 /// Writeback is started for every this many bytes written.
-pub const STREAM_CHUNK: u64 = 8 << 20;
+pub(crate) const STREAM_CHUNK: u64 = 8 << 20;
 /// How far behind the writer written bytes may stay in the page cache.
-pub const STREAM_WINDOW: u64 = 64 << 20;
+pub(crate) const STREAM_WINDOW: u64 = 64 << 20;
 
 impl StreamingFile {
     fn new(file: File) -> StreamingFile {
@@ -247,7 +247,7 @@ fn copy_synced(src: &Path, tmp: &Path, target: &Path) -> Result<()> {
 }
 
 /// A fresh temporary path in `dir` for building `target`.
-pub fn temp_path(dir: &Path, target: &Path) -> PathBuf {
+pub(crate) fn temp_path(dir: &Path, target: &Path) -> PathBuf {
     let base = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     dir.join(format!("{TEMP_PREFIX}{}-{}-{base}", std::process::id(), uuid::Uuid::new_v4().simple()))
 }
@@ -258,7 +258,7 @@ pub fn is_temp(name: &str) -> bool {
 }
 
 /// The folder holding `path` ("." for a bare file name).
-pub fn parent_of(path: &Path) -> PathBuf {
+pub(crate) fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -266,7 +266,7 @@ pub fn parent_of(path: &Path) -> PathBuf {
 }
 
 /// fsync a folder so a rename inside it survives a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at("fsync folder", dir)
 }
 
@@ -275,7 +275,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::Io`] naming the folder.
-pub fn commit_dir(built: &Path, target: &Path) -> Result<()> {
+pub(crate) fn commit_dir(built: &Path, target: &Path) -> Result<()> {
     let dir = parent_of(target);
     if target.exists() {
         exchange(built, target)?;
@@ -301,15 +301,17 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     }
 }
 
+#[cfg(feature = "torch")] // used when a training handle opens its folder
 /// The process id and target name a temporary file was made for
 /// (`.modelio-tmp-<pid>-<uuid>-<target>`), or `None` when `name` is not one.
-pub fn parse_temp(name: &str) -> Option<(u32, &str)> {
+pub(crate) fn parse_temp(name: &str) -> Option<(u32, &str)> {
     let rest = name.strip_prefix(TEMP_PREFIX)?;
     let (pid, rest) = rest.split_once('-')?;
     let (_uuid, base) = rest.split_once('-')?;
     Some((pid.parse().ok()?, base))
 }
 
+#[cfg(feature = "torch")] // used when a training handle opens its folder
 /// Whether process `pid` is alive (or cannot be checked, which counts as alive).
 fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
@@ -318,13 +320,14 @@ fn process_alive(pid: u32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
+#[cfg(feature = "torch")] // used when a training handle opens its folder
 /// Remove the temporary files and folders in `dir` that an interrupted run
 /// left for a target `owned` accepts and that are provably stale: made by this
 /// process or by one that no longer exists. Returns how many were removed.
 ///
 /// # Errors
 /// [`Error::Io`] when `dir` cannot be listed.
-pub fn remove_stale_temps(dir: &Path, owned: impl Fn(&str) -> bool) -> Result<usize> {
+pub(crate) fn remove_stale_temps(dir: &Path, owned: impl Fn(&str) -> bool) -> Result<usize> {
     let mut removed = 0;
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -442,6 +445,7 @@ mod tests {
         assert!(fs::read(&target).unwrap() == data);
     }
 
+    #[cfg(feature = "torch")]
     #[test]
     fn stale_temps_are_removed() {
         let dir = tempfile::tempdir().unwrap();
