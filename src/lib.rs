@@ -58,3 +58,7 @@ pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use schedule::Schedule;
 #[cfg(feature = "torch")]
 pub use staging::Fence;
+/// The `tch` modelio is built with: a crate using modelio names `modelio::tch`
+/// instead of depending on `tch` itself, so the two can never differ.
+#[cfg(feature = "torch")]
+pub use tch;
