@@ -5,6 +5,12 @@
 //! libraries are. Without an rpath every binary would need `LD_LIBRARY_PATH`,
 //! and the linker's `--as-needed` would drop `libtorch_cuda` (nothing references
 //! it by symbol), leaving CUDA unusable even on a GPU machine.
+//!
+//! Those link arguments apply to this package's binaries only. A crate that
+//! depends on modelio needs the same for its own and cannot see torch-sys's
+//! variable (only direct dependents of torch-sys can), so the folder is passed
+//! on as `DEP_MODELIO_LIBTORCH_LIB` (through `links = "modelio"`); see the
+//! README, "Using modelio from your own crate".
 use std::path::Path;
 
 fn main() {
@@ -17,6 +23,7 @@ fn main() {
         return;
     };
     let lib = Path::new(&lib);
+    println!("cargo:libtorch_lib={}", lib.display());
     // The wheel's layout: torch/lib next to torch/include.
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_else(|| lib.join("../include"));
     cc::Build::new()

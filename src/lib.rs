@@ -96,10 +96,6 @@ pub mod state;
 pub mod tensors;
 pub mod zipread;
 
-/// The `tch` this crate is built with: use it instead of pinning `tch` yourself.
-#[cfg(feature = "torch")]
-pub use tch;
-
 pub use config::Config;
 pub use error::{Error, Report, Result};
 #[cfg(feature = "torch")]
@@ -109,3 +105,7 @@ pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use schedule::Schedule;
 #[cfg(feature = "torch")]
 pub use staging::Fence;
+/// The `tch` modelio is built with: a crate using modelio names `modelio::tch`
+/// instead of depending on `tch` itself, so the two can never differ.
+#[cfg(feature = "torch")]
+pub use tch;
