@@ -159,7 +159,12 @@ struct Summary {
 /// The training loop, on the runtime: libtorch work runs on this thread,
 /// saves await a free staging buffer instead of blocking it, and the signal
 /// task runs on another worker.
-async fn train(mut io: ModelIo, train: &TrainConfig, args: &Args, token: &CancellationToken) -> modelio::Result<(Summary, modelio::SaveStats)> {
+async fn train(
+    mut io: ModelIo,
+    train: &TrainConfig,
+    args: &Args,
+    token: &CancellationToken,
+) -> modelio::Result<(Summary, modelio::SaveStats)> {
     let config = io.config().clone();
     tch::manual_seed(train.seed);
     io.set_batch_size(train.batch_size);

@@ -129,10 +129,10 @@ fn write_entry<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, name: &str, part
     Ok(())
 }
 
-/// Write an archive atomically to `target` (through [`crate::durable::commit`]).
+/// Write an archive atomically to `target` (through the one commit helper in `durable`).
 ///
 /// # Errors
-/// As [`write_archive`] and [`crate::durable::commit`].
+/// As `write_archive` and `crate::durable::commit`.
 pub fn commit_archive(
     target: &Path,
     name: &str,
@@ -142,7 +142,9 @@ pub fn commit_archive(
     state: Option<&[u8]>,
 ) -> Result<u64> {
     let size: u64 = model.iter().chain(optimizer.iter().flat_map(|o| o.tensors.iter())).map(|t| t.data.len() as u64).sum();
-    let mut write = |out: &mut BufWriter<crate::durable::StreamingFile>| write_archive(out, target, name, iterations, model, optimizer, state).map(|_| ());
+    let mut write = |out: &mut BufWriter<crate::durable::StreamingFile>| {
+        write_archive(out, target, name, iterations, model, optimizer, state).map(|_| ())
+    };
     match crate::durable::commit(target, crate::durable::Source::Write { size_hint: size, write: &mut write }) {
         Ok(()) => Ok(size),
         Err(Error::NoSpace { free, .. }) => {
@@ -430,7 +432,9 @@ impl ArchiveReader {
             Part::Optimizer => (self.optimizer_entry.as_ref(), self.optimizer.as_ref().map(|(l, _)| &l[..])),
         };
         match (entry, located) {
-            (Some(e), Some(l)) if l.get(t.index).is_some_and(|own| own.offset == t.offset && own.len == t.len && own.meta == t.meta) => Ok((e, l)),
+            (Some(e), Some(l)) if l.get(t.index).is_some_and(|own| own.offset == t.offset && own.len == t.len && own.meta == t.meta) => {
+                Ok((e, l))
+            }
             _ => Err(Error::Mismatch {
                 path: self.path.clone(),
                 tensor: t.meta.name.clone(),
@@ -520,7 +524,12 @@ impl ArchiveReader {
         if found == t.meta.crc32c {
             return Ok(());
         }
-        Err(Error::damaged(&self.path, &self.name, format!("tensor `{}`", t.meta.name), format!("checksum {found:08x} != stored {:08x}", t.meta.crc32c)))
+        Err(Error::damaged(
+            &self.path,
+            &self.name,
+            format!("tensor `{}`", t.meta.name),
+            format!("checksum {found:08x} != stored {:08x}", t.meta.crc32c),
+        ))
     }
 
     /// A tensor's bytes in place, unchecked (empty for a tensor this reader
@@ -697,7 +706,13 @@ impl<'de> Deserialize<'de> for StHeader {
 /// entry is a valid safetensors file (as the safetensors library checks it)
 /// that agrees with the manifest: the same tensors with the same dtypes and
 /// shapes, laid end to end over the whole data area.
-fn locate(map: &[u8], dir: &Directory, entry: &'static str, metas: &[TensorMeta], part: Part) -> Result<(Vec<Located>, TensorEntry), String> {
+fn locate(
+    map: &[u8],
+    dir: &Directory,
+    entry: &'static str,
+    metas: &[TensorMeta],
+    part: Part,
+) -> Result<(Vec<Located>, TensorEntry), String> {
     let (blob, start, stored) = entry_bytes(map, dir, entry)?;
     if blob.len() < 8 {
         return Err("shorter than a safetensors header".into());
@@ -721,7 +736,10 @@ fn locate(map: &[u8], dir: &Directory, entry: &'static str, metas: &[TensorMeta]
         let st = header.0.iter().find(|(k, _)| k == &meta.name).map(|(_, st)| st);
         let st = st.ok_or_else(|| format!("tensor `{}` is in the manifest but not in the entry", meta.name))?;
         if st.dtype != meta.dtype || st.shape != meta.shape {
-            return Err(format!("tensor `{}`: header says {} {:?}, manifest says {} {:?}", meta.name, st.dtype, st.shape, meta.dtype, meta.shape));
+            return Err(format!(
+                "tensor `{}`: header says {} {:?}, manifest says {} {:?}",
+                meta.name, st.dtype, st.shape, meta.dtype, meta.shape
+            ));
         }
         let [b, e] = st.data_offsets;
         let len = meta.byte_len().ok_or_else(|| format!("tensor `{}`: shape overflows", meta.name))?;
@@ -741,7 +759,11 @@ fn locate(map: &[u8], dir: &Directory, entry: &'static str, metas: &[TensorMeta]
     for &i in &file_order {
         let t = &located[i];
         if t.offset != at {
-            return Err(format!("tensor `{}` starts at {}, where {at} was expected: tensors must lie end to end", t.meta.name, t.offset - data_start));
+            return Err(format!(
+                "tensor `{}` starts at {}, where {at} was expected: tensors must lie end to end",
+                t.meta.name,
+                t.offset - data_start
+            ));
         }
         at += t.len;
     }
@@ -842,16 +864,16 @@ mod tests {
         assert!(r.manifest.optimizer.as_ref().unwrap().json_crc32c.is_some());
         drop(r);
         let bytes = std::fs::read(&path).unwrap();
-        let replace = |from: &'static str, to: &'static str| move |d: &mut [u8]| {
-            let s = String::from_utf8(d.to_vec()).unwrap().replacen(from, to, 1);
-            assert_eq!(s.len(), d.len());
-            d.copy_from_slice(s.as_bytes());
+        let replace = |from: &'static str, to: &'static str| {
+            move |d: &mut [u8]| {
+                let s = String::from_utf8(d.to_vec()).unwrap().replacen(from, to, 1);
+                assert_eq!(s.len(), d.len());
+                d.copy_from_slice(s.as_bytes());
+            }
         };
-        for (entry, from, to) in [
-            (MANIFEST_ENTRY, "\"iterations\": 5", "\"iterations\": 6"),
-            (OPTIMIZER_JSON_ENTRY, "2", "3"),
-            (STATE_ENTRY, "1", "2"),
-        ] {
+        for (entry, from, to) in
+            [(MANIFEST_ENTRY, "\"iterations\": 5", "\"iterations\": 6"), (OPTIMIZER_JSON_ENTRY, "2", "3"), (STATE_ENTRY, "1", "2")]
+        {
             let forged = forge(&bytes, entry, replace(from, to));
             let err = ArchiveReader::from_bytes(&path, forged).unwrap_err().to_string();
             assert!(err.contains(entry) && err.contains("checksum"), "{err}");
@@ -911,7 +933,14 @@ mod tests {
         damaged[pad] = b'\t';
         std::fs::write(&path, &damaged).unwrap();
         let r = ArchiveReader::open(&path).unwrap();
-        assert_eq!(r.verify(), vec![format!("{MODEL_ENTRY} (zip CRC-32 {:08x} != stored {:08x})", crc32fast::hash(&damaged[model.data_offset as usize..(model.data_offset + model.size) as usize]), model.crc32)]);
+        assert_eq!(
+            r.verify(),
+            vec![format!(
+                "{MODEL_ENTRY} (zip CRC-32 {:08x} != stored {:08x})",
+                crc32fast::hash(&damaged[model.data_offset as usize..(model.data_offset + model.size) as usize]),
+                model.crc32
+            )]
+        );
         let mut results = Vec::new();
         for l in &r.model {
             let mut dst = vec![0u8; l.len];

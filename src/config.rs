@@ -209,8 +209,9 @@ impl Config {
     /// # Errors
     /// [`Error::ConfigParse`] on an unknown key, [`Error::ConfigValue`] on a bad value.
     pub fn from_table(table: toml::Table, path: &Path) -> Result<Config> {
-        let config: Config =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::ConfigParse { path: path.to_path_buf(), message: e.to_string() })?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::ConfigParse { path: path.to_path_buf(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -220,16 +221,9 @@ impl Config {
     /// # Errors
     /// [`Error::ConfigValue`] naming the first bad key.
     pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, value: String, allowed: &str| {
-            Err(Error::ConfigValue { key: key.into(), value, allowed: allowed.into() })
-        };
+        let bad = |key: &str, value: String, allowed: &str| Err(Error::ConfigValue { key: key.into(), value, allowed: allowed.into() });
         let name = &self.model.name;
-        if name.is_empty()
-            || name.starts_with('.')
-            || name.contains(['/', '\\', '\0'])
-            || name.ends_with(".bk")
-            || name.len() > MAX_NAME
-        {
+        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) || name.ends_with(".bk") || name.len() > MAX_NAME {
             return bad(
                 "model.name",
                 format!("{name:?}"),
@@ -326,7 +320,14 @@ mod tests {
     #[test]
     fn policy_table() {
         use OptimizerPolicy::*;
-        let cases = [(Never, false, false), (Never, true, false), (Always, false, true), (Always, true, true), (Exit, false, false), (Exit, true, true)];
+        let cases = [
+            (Never, false, false),
+            (Never, true, false),
+            (Always, false, true),
+            (Always, true, true),
+            (Exit, false, false),
+            (Exit, true, true),
+        ];
         for (policy, is_exit, stores) in cases {
             assert_eq!(policy.stores(is_exit), stores, "{policy:?} {is_exit}");
         }

@@ -59,7 +59,8 @@ impl Event {
     /// # Errors
     /// [`Error::Torch`] when there is no such device or CUDA is unavailable.
     pub fn record(device: usize) -> Result<Event> {
-        let device = c_int::try_from(device).map_err(|_| Error::Torch(tch::TchError::Torch(format!("CUDA device index {device} out of range"))))?;
+        let device =
+            c_int::try_from(device).map_err(|_| Error::Torch(tch::TchError::Torch(format!("CUDA device index {device} out of range"))))?;
         let mut raw = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer; on error the shim leaves it null.
         check(unsafe { modelio_event_record(device, &mut raw) })?;

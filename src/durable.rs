@@ -3,12 +3,12 @@
 //!
 //! A reader therefore sees either the previous file or the new one, never a
 //! torn one, even after a crash or SIGKILL. Temporary files all start with
-//! [`TEMP_PREFIX`], so readers skip them and [`remove_stale_temps`] clears what a
+//! `TEMP_PREFIX`, so readers skip them and `remove_stale_temps` clears what a
 //! crash left behind. Because a committed file is never modified in place, a
-//! backup or snapshot of it may be a hard link ([`Source::Link`]).
+//! backup or snapshot of it may be a hard link (`Source::Link`).
 //!
 //! Written bytes stream to disk while the file is being written
-//! ([`StreamingFile`]): writeback starts behind the writer and written pages
+//! (`StreamingFile`): writeback starts behind the writer and written pages
 //! leave the page cache once on disk, so the final fsync has little left to
 //! do and a large commit neither fills memory with dirty pages nor allocates
 //! a fresh page cache as large as the file.
@@ -54,14 +54,12 @@ pub(crate) fn commit(target: &Path, source: Source<'_>) -> Result<()> {
     result
 }
 
-/// [`commit`] of bytes already in memory (state files).
+/// `commit` of bytes already in memory (state files).
 ///
 /// # Errors
-/// As [`commit`].
+/// As `commit`.
 pub fn commit_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
-    let mut write = |out: &mut BufWriter<StreamingFile>| {
-        out.write_all(bytes).map_err(|e| Error::io("write", target, e))
-    };
+    let mut write = |out: &mut BufWriter<StreamingFile>| out.write_all(bytes).map_err(|e| Error::io("write", target, e));
     commit(target, Source::Write { size_hint: bytes.len() as u64, write: &mut write })
 }
 

@@ -88,7 +88,9 @@ pub enum Error {
     Mismatch { path: PathBuf, tensor: String, expected: String, found: String },
 
     /// A tensor of a dtype the archive format does not store.
-    #[error("tensor `{tensor}` has dtype {dtype}, which modelio cannot store (supported: f64, f32, f16, bf16, i64, i32, i16, i8, u8, bool)")]
+    #[error(
+        "tensor `{tensor}` has dtype {dtype}, which modelio cannot store (supported: f64, f32, f16, bf16, i64, i32, i16, i8, u8, bool)"
+    )]
     UnsupportedDtype { tensor: String, dtype: String },
 
     /// Two tensors of one save have the same name.
@@ -234,9 +236,11 @@ impl Error {
     /// mismatched model, stopped actors, predict mode).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io { .. } | Error::NoSpace { .. } | Error::SnapshotWithoutSave { .. } | Error::Overloaded { .. } | Error::Internal { .. } => {
-                true
-            }
+            Error::Io { .. }
+            | Error::NoSpace { .. }
+            | Error::SnapshotWithoutSave { .. }
+            | Error::Overloaded { .. }
+            | Error::Internal { .. } => true,
             Error::Background { source, .. } => source.is_retryable(),
             _ => false,
         }

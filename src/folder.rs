@@ -137,7 +137,17 @@ mod tests {
     #[test]
     fn model_names_come_from_archives_backups_and_state_files() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["a.mio", "a_state.json", "a.mio.bk", "b.mio.bk", "c_state.json", "d_state.json.bk", ".mio", "notes.txt", ".modelio-tmp-1-x-e.mio"] {
+        for f in [
+            "a.mio",
+            "a_state.json",
+            "a.mio.bk",
+            "b.mio.bk",
+            "c_state.json",
+            "d_state.json.bk",
+            ".mio",
+            "notes.txt",
+            ".modelio-tmp-1-x-e.mio",
+        ] {
             std::fs::write(dir.path().join(f), b"").unwrap();
         }
         std::fs::create_dir(dir.path().join("f.mio")).unwrap();

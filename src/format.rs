@@ -173,7 +173,10 @@ pub fn manifest_checksum(raw: &[u8]) -> Result<(u32, u32), String> {
     let digits_start = end;
     let digits = &raw[digits_start..digits_end];
     // Canonical decimal only: no sign, no leading zero, fits in 32 bits.
-    let stored = std::str::from_utf8(digits).ok().filter(|d| !d.is_empty() && (d.len() == 1 || !d.starts_with('0'))).and_then(|d| d.parse::<u32>().ok());
+    let stored = std::str::from_utf8(digits)
+        .ok()
+        .filter(|d| !d.is_empty() && (d.len() == 1 || !d.starts_with('0')))
+        .and_then(|d| d.parse::<u32>().ok());
     let Some(stored) = stored else { return Err(not_last()) };
     while end > 0 && ws(&raw[end - 1]) {
         end -= 1;
@@ -228,7 +231,15 @@ mod tests {
         let edited = raw.replace("\"a\": 1", "\"a\": 2");
         let (stored, computed) = manifest_checksum(edited.as_bytes()).unwrap();
         assert_ne!(stored, computed);
-        for bad in ["{\"checksum\": 1, \"a\": 2}", "{\"checksum\": 01}", "{\"checksum\": -1}", "{\"x\": 1}", "{\"checksum\": 99999999999}", "", "}"] {
+        for bad in [
+            "{\"checksum\": 1, \"a\": 2}",
+            "{\"checksum\": 01}",
+            "{\"checksum\": -1}",
+            "{\"x\": 1}",
+            "{\"checksum\": 99999999999}",
+            "",
+            "}",
+        ] {
             assert!(manifest_checksum(bad.as_bytes()).is_err(), "{bad}");
         }
     }

@@ -987,7 +987,12 @@ fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Re
 /// variable; nothing is copied unless all fit.
 fn apply_to_varstore(path: &Path, model: &BTreeMap<String, tch::Tensor>, vs: &VarStore) -> Result<()> {
     let vars = vs.variables();
-    let mismatch = |tensor: &str, expected: String, found: String| Error::Mismatch { path: path.to_path_buf(), tensor: tensor.into(), expected, found };
+    let mismatch = |tensor: &str, expected: String, found: String| Error::Mismatch {
+        path: path.to_path_buf(),
+        tensor: tensor.into(),
+        expected,
+        found,
+    };
     if let Some(extra) = model.keys().find(|k| !vars.contains_key(*k)) {
         return Err(mismatch(extra, "no such variable in the model".into(), "a tensor in the archive".into()));
     }
@@ -1034,7 +1039,9 @@ fn remove_stale_temps(paths: &ModelPaths) -> Result<()> {
     let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
     let prefix = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
     let removed = crate::durable::remove_stale_temps(&paths.dir, |_| true)?
-        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base| !prefix.is_empty() && base.starts_with(prefix))?;
+        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base| {
+            !prefix.is_empty() && base.starts_with(prefix)
+        })?;
     if removed > 0 {
         tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
     }

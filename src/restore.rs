@@ -58,11 +58,8 @@ pub fn restore(paths: &ModelPaths) -> Result<Restored> {
     }
     // Check the backups before touching anything.
     let state_bk = ModelPaths::backup_of(&paths.state());
-    let known_sessions: Option<Vec<String>> = if state_bk.exists() {
-        Some(State::read(&state_bk)?.sessions.into_iter().map(|s| s.id).collect())
-    } else {
-        None
-    };
+    let known_sessions: Option<Vec<String>> =
+        if state_bk.exists() { Some(State::read(&state_bk)?.sessions.into_iter().map(|s| s.id).collect()) } else { None };
     let archive_bk = ModelPaths::backup_of(&paths.archive());
     if archive_bk.exists() {
         crate::archive::ArchiveReader::open(&archive_bk)?;

@@ -75,10 +75,7 @@ fn fill(paths: &ModelPaths, pinned: &[Pinned], built: &Path, hard_links: bool) -
         let entry = entry.at("list", &paths.dir)?;
         let Ok(name) = entry.file_name().into_string() else { continue };
         let kind = entry.file_type().at("inspect", &entry.path())?;
-        let wanted = name.starts_with(&paths.name)
-            && !name.ends_with(".bk")
-            && !is_temp(&name)
-            && !pinned.iter().any(|p| p.name == name);
+        let wanted = name.starts_with(&paths.name) && !name.ends_with(".bk") && !is_temp(&name) && !pinned.iter().any(|p| p.name == name);
         if !wanted || kind.is_symlink() {
             continue;
         }

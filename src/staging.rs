@@ -260,18 +260,21 @@ impl Lease {
         }
         // (source, destination) pieces of at most COPY_PIECE bytes.
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut dsts: Vec<Option<&mut Vec<u8>>> = self.set.iter_mut().map(|b| match b {
-            Buffer::Host(v) => Some(v),
-            Buffer::Pinned(_) => None,
-        }).collect();
+        let mut dsts: Vec<Option<&mut Vec<u8>>> = self
+            .set
+            .iter_mut()
+            .map(|b| match b {
+                Buffer::Host(v) => Some(v),
+                Buffer::Pinned(_) => None,
+            })
+            .collect();
         for (i, t) in &views {
             // SAFETY: the caller's tensors, read during its `save` call, which
             // borrows them; modelio never writes them. A write from another
             // thread meanwhile would be the caller's race, as with any read
             // of a tensor through tch.
-            let src = unsafe { crate::tensors::host_bytes(t) }.ok_or_else(|| {
-                crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into()))
-            })?;
+            let src = unsafe { crate::tensors::host_bytes(t) }
+                .ok_or_else(|| crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into())))?;
             let Some(dst) = dsts.get_mut(*i).and_then(Option::take) else { continue };
             for (s, d) in src.chunks(COPY_PIECE).zip(dst.chunks_mut(COPY_PIECE)) {
                 pieces.push((s, d));

@@ -145,7 +145,8 @@ pub fn read_tensor(reader: &ArchiveReader, t: &Located) -> Result<Tensor> {
     let shape: Vec<i64> = t.meta.shape.iter().map(|&d| d as i64).collect();
     let mut out = Tensor::f_empty(&shape, (kind_of(t.meta.dtype), tch::Device::Cpu))?;
     // SAFETY: `out` was just created here and shares its storage with no one.
-    let dst = unsafe { host_bytes_mut(&mut out) }.ok_or_else(|| Error::Torch(tch::TchError::Torch(format!("tensor `{}`: a new CPU tensor is not contiguous", t.meta.name))))?;
+    let dst = unsafe { host_bytes_mut(&mut out) }
+        .ok_or_else(|| Error::Torch(tch::TchError::Torch(format!("tensor `{}`: a new CPU tensor is not contiguous", t.meta.name))))?;
     reader.read_checked_into(t, dst)?;
     Ok(out)
 }
@@ -182,11 +183,7 @@ pub fn load_varstore(reader: &ArchiveReader, vs: &tch::nn::VarStore) -> Result<(
             .ok_or_else(|| mismatch(name, "a tensor in the archive".into(), "none".into()))?;
         let want = (dtype_of(name, var.kind())?, shape_of(var));
         if want.0 != stored.meta.dtype || want.1 != stored.meta.shape {
-            return Err(mismatch(
-                name,
-                format!("{} {:?}", want.0, want.1),
-                format!("{} {:?}", stored.meta.dtype, stored.meta.shape),
-            ));
+            return Err(mismatch(name, format!("{} {:?}", want.0, want.1), format!("{} {:?}", stored.meta.dtype, stored.meta.shape)));
         }
         pending.push((var, read_tensor(reader, stored)?));
     }

@@ -168,7 +168,10 @@ pub fn read(bytes: &[u8]) -> Result<Directory, String> {
             let offset = b.u64(z + 48, "zip64 central directory offset")?;
             // The 16- and 32-bit fields hold the value, or all ones when it does not fit.
             let agrees = |small: u64, big: u64, max: u64| small == big.min(max);
-            if !agrees(count16.into(), count, 0xFFFF) || !agrees(size32.into(), size, SENTINEL32) || !agrees(offset32.into(), offset, SENTINEL32) {
+            if !agrees(count16.into(), count, 0xFFFF)
+                || !agrees(size32.into(), size, SENTINEL32)
+                || !agrees(offset32.into(), offset, SENTINEL32)
+            {
                 return Err("the end record disagrees with the zip64 end record".into());
             }
             (count, size, offset, z, Some(z))
@@ -178,9 +181,7 @@ pub fn read(bytes: &[u8]) -> Result<Directory, String> {
     // Where the central directory really ends must be where the end record
     // says it does: `zipfile` would otherwise shift every offset by the difference.
     if cd_offset.checked_add(cd_size) != Some(cd_end) {
-        return Err(format!(
-            "the end record places the central directory at {cd_offset} ({cd_size} bytes), but it ends at {cd_end}"
-        ));
+        return Err(format!("the end record places the central directory at {cd_offset} ({cd_size} bytes), but it ends at {cd_end}"));
     }
 
     let mut entries: Vec<Entry> = Vec::new();
@@ -361,10 +362,7 @@ fn extra_fields(mut extra: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
 fn plain_name(raw: &[u8]) -> Result<String, String> {
     let printable = raw.iter().all(|c| (0x20..0x7f).contains(c));
     let name = String::from_utf8_lossy(raw).into_owned();
-    let plain = printable
-        && !name.is_empty()
-        && !name.contains(['\\', ':'])
-        && name.split('/').all(|c| !c.is_empty() && c != "..");
+    let plain = printable && !name.is_empty() && !name.contains(['\\', ':']) && name.split('/').all(|c| !c.is_empty() && c != "..");
     if plain {
         Ok(name)
     } else {

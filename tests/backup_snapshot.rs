@@ -118,7 +118,8 @@ fn retention_across_900_1000_and_atomic_replace() {
     let mut kept: Vec<u64> = modelio::snapshot::list(&dir).into_iter().map(|(n, _)| n).collect();
     kept.sort();
     assert_eq!(kept, [1000, 1100]);
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy())).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy())).collect();
     assert!(leftovers.is_empty(), "no temporary folders left: {leftovers:?}");
     assert!(ArchiveReader::open(&snapshot_dir(&dir, 1100).join("m.mio")).unwrap().verify().is_empty());
 }
@@ -194,7 +195,8 @@ fn restore_round_trip_and_refusal_without_backup() {
     assert!(Command::new(common::cli()).arg("verify").arg(&live).status().unwrap().success());
     assert!(loads_equal(&live, &expected));
     assert_eq!(State::read(&dir.join("m_state.json")).unwrap().total_iterations, 2);
-    let archived: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("m_archived_")).collect();
+    let archived: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("m_archived_")).collect();
     assert_eq!(archived.len(), 1);
     let archived = archived[0].path();
     assert!(archived.join("m.mio").exists(), "damaged archive kept aside");

@@ -46,7 +46,10 @@ fn archive(path: &Path, name: &str, iterations: u64, n: usize, seed: u8) {
 fn state(path: &Path, name: &str, iterations: u64, ids: &[&str]) {
     let mut s = State::new(name);
     s.total_iterations = iterations;
-    s.sessions = ids.iter().map(|id| Session { id: id.to_string(), started: "2024-01-01T00:00:00Z".into(), batch_size: Some(8), iterations }).collect();
+    s.sessions = ids
+        .iter()
+        .map(|id| Session { id: id.to_string(), started: "2024-01-01T00:00:00Z".into(), batch_size: Some(8), iterations })
+        .collect();
     commit_bytes(path, &s.to_json()).unwrap();
 }
 

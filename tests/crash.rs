@@ -102,7 +102,11 @@ fn check_archive(path: &Path) -> Result<u64, String> {
     }
     let state: State = serde_json::from_slice(r.state.as_deref().ok_or("no state entry")?).map_err(|e| e.to_string())?;
     if state.total_iterations != n || r.optimizer.is_none() {
-        return Err(format!("{}: embedded state says {} for save {n}, or the optimizer is missing", path.display(), state.total_iterations));
+        return Err(format!(
+            "{}: embedded state says {} for save {n}, or the optimizer is missing",
+            path.display(),
+            state.total_iterations
+        ));
     }
     Ok(n)
 }
@@ -114,7 +118,11 @@ fn check_folder(dir: &Path) -> Result<u64, String> {
     c.save.optimizer = modelio::config::OptimizerPolicy::Always;
     // Lock, remove temporary files, reconcile the state file with the archive.
     let mut io = ModelIo::open(c).map_err(|e| e.to_string())?;
-    let leftovers = std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten().filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy())).count();
+    let leftovers = std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy()))
+        .count();
     if leftovers > 0 {
         return Err(format!("{leftovers} temporary files survive the next open"));
     }

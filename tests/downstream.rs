@@ -61,7 +61,8 @@ fn readme_shows_the_shipped_files() {
     assert!(manifest.contains(&blocks[0].1), "examples/downstream/Cargo.toml does not hold the README's lines:\n{}", blocks[0].1);
     // Beyond those lines, only what `cargo new` writes and `[workspace]`.
     for line in manifest.replacen(&blocks[0].1, "", 1).lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let known = ["[package]", "[workspace]"].contains(&line) || ["name = ", "version = ", "edition = "].iter().any(|k| line.starts_with(k));
+        let known =
+            ["[package]", "[workspace]"].contains(&line) || ["name = ", "version = ", "edition = "].iter().any(|k| line.starts_with(k));
         assert!(known, "examples/downstream/Cargo.toml has `{line}`, which the README does not show");
     }
     assert_eq!(blocks[1].1, shipped(".cargo/config.toml"), "README vs examples/downstream/.cargo/config.toml");
@@ -195,11 +196,19 @@ fn builds_and_resumes_as_the_readme_says() {
     // --no-as-needed kept libtorch_cuda, which nothing names by symbol.
     if torch.join("lib/libtorch_cuda.so").exists() {
         match Command::new("readelf").arg("-d").arg(&bin).output() {
-            Ok(out) => assert!(String::from_utf8_lossy(&out.stdout).contains("[libtorch_cuda.so]"), "{} does not load libtorch_cuda.so", bin.display()),
+            Ok(out) => assert!(
+                String::from_utf8_lossy(&out.stdout).contains("[libtorch_cuda.so]"),
+                "{} does not load libtorch_cuda.so",
+                bin.display()
+            ),
             Err(e) => eprintln!("readelf: {e}; libtorch_cuda.so's NEEDED entry not checked"),
         }
     }
-    eprintln!("downstream crate set up, built and run once in {:.1} s; all done in {:.1} s", built.as_secs_f64(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "downstream crate set up, built and run once in {:.1} s; all done in {:.1} s",
+        built.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     std::fs::remove_dir_all(&work).unwrap();
 }
 

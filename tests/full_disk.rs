@@ -17,7 +17,11 @@ struct Mount(PathBuf);
 impl Mount {
     fn tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
         std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).output().map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(Mount(at.to_path_buf()))
         } else {
@@ -132,5 +136,8 @@ fn enospc_is_reported_and_harmless() {
     }
     std::fs::remove_file(&filler).unwrap();
     io.shutdown_blocking().unwrap();
-    assert!(!modelio::snapshot::snapshot_dir(&dir, 5).exists() || ArchiveReader::open(&modelio::snapshot::snapshot_dir(&dir, 5).join("m.mio")).is_ok());
+    assert!(
+        !modelio::snapshot::snapshot_dir(&dir, 5).exists()
+            || ArchiveReader::open(&modelio::snapshot::snapshot_dir(&dir, 5).join("m.mio")).is_ok()
+    );
 }

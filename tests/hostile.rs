@@ -57,9 +57,16 @@ fn a_fifo_named_like_the_archive_is_refused_without_hanging() {
     let config = common::config(&dir, "m");
     let err = within(Duration::from_secs(20), move || ModelIo::open(config).err()).expect("refused");
     assert!(matches!(err, Error::NotRegular { .. }) && err.to_string().contains("FIFO"), "{err:?}");
-    for args in [vec!["verify".as_ref(), fifo.as_os_str()], vec!["inspect".as_ref(), fifo.as_os_str()], vec!["verify".as_ref(), dir.as_os_str()]] {
+    for args in
+        [vec!["verify".as_ref(), fifo.as_os_str()], vec!["inspect".as_ref(), fifo.as_os_str()], vec!["verify".as_ref(), dir.as_os_str()]]
+    {
         let start = Instant::now();
-        let mut child = Command::new(common::cli()).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(common::cli())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;

@@ -341,10 +341,20 @@ fn manifest_edit(rng: &mut Rng, mut m: Vec<u8>, e: &Entry) -> (Vec<u8>, String) 
             // "optimizer": null: resumes with a fresh optimizer unless caught.
             let start = text.find("\"optimizer\": {").unwrap() + "\"optimizer\": ".len();
             let mut depth = 0;
-            let end = start + text[start..].char_indices().find(|&(_, c)| {
-                depth += match c { '{' | '[' => 1, '}' | ']' => -1, _ => 0 };
-                depth == 0
-            }).unwrap().0 + 1;
+            let end = start
+                + text[start..]
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        depth += match c {
+                            '{' | '[' => 1,
+                            '}' | ']' => -1,
+                            _ => 0,
+                        };
+                        depth == 0
+                    })
+                    .unwrap()
+                    .0
+                + 1;
             format!("{}null{}", &text[..start], &text[end..])
         }
         1 => text.replacen("\"iterations\": 12", &format!("\"iterations\": {}", rng.below(100_000) + 13), 1),
@@ -394,7 +404,11 @@ fn consistent_edit(rng: &mut Rng, mut m: Vec<u8>, dir: &Directory) -> (Vec<u8>, 
         let end = shape_at + text[shape_at..].find(']').unwrap();
         let shape = text[shape_at..end].replacen('4', "#", 1).replacen('8', "4", 1).replacen('#', "8", 1);
         let text = format!("{}{}{}", &text[..shape_at], shape, &text[end..]);
-        let header = replace_bytes(&header, b"\"l1.weight\":{\"dtype\":\"F32\",\"shape\":[4,8]", b"\"l1.weight\":{\"dtype\":\"F32\",\"shape\":[8,4]");
+        let header = replace_bytes(
+            &header,
+            b"\"l1.weight\":{\"dtype\":\"F32\",\"shape\":[4,8]",
+            b"\"l1.weight\":{\"dtype\":\"F32\",\"shape\":[8,4]",
+        );
         (text, header, "l1.weight transposed")
     } else {
         let at = text.find("\"name\": \"l1.weight\"").unwrap();

@@ -31,7 +31,14 @@ fn build(kind: &str, h: &serde_json::Value, vs: &VarStore) -> Opt {
     let f = |k: &str, d: f64| h.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let betas = h.get("betas").map(|b| (b[0].as_f64().unwrap(), b[1].as_f64().unwrap())).unwrap_or((0.9, 0.999));
     match kind {
-        "sgd" => Opt::Sgd(Sgd::new(vs, f("lr", 0.0), f("momentum", 0.0), f("dampening", 0.0), f("weight_decay", 0.0), h.get("nesterov").and_then(|v| v.as_bool()).unwrap_or(false))),
+        "sgd" => Opt::Sgd(Sgd::new(
+            vs,
+            f("lr", 0.0),
+            f("momentum", 0.0),
+            f("dampening", 0.0),
+            f("weight_decay", 0.0),
+            h.get("nesterov").and_then(|v| v.as_bool()).unwrap_or(false),
+        )),
         "adam" => Opt::Adam(Adam::adam(vs, f("lr", 0.0), betas, f("eps", 1e-8), f("weight_decay", 0.0)).unwrap()),
         "adamw" => Opt::Adam(Adam::adamw(vs, f("lr", 0.0), betas, f("eps", 1e-8), f("weight_decay", 0.01)).unwrap()),
         other => panic!("unknown kind {other}"),
@@ -138,7 +145,8 @@ fn stop_save_resume_equals_uninterrupted_run() {
 fn load_state_refuses_other_kind() {
     let (vs, _n) = common::seeded_store(0);
     let adam = Adam::adam(&vs, 1e-3, (0.9, 0.999), 1e-8, 0.0).unwrap();
-    let state = modelio::OptimizerState { kind: "adam".into(), json: adam.state_json(), tensors: adam.state_tensors().into_iter().collect() };
+    let state =
+        modelio::OptimizerState { kind: "adam".into(), json: adam.state_json(), tensors: adam.state_tensors().into_iter().collect() };
     let mut sgd = Sgd::new(&vs, 0.1, 0.9, 0.0, 0.0, false);
     let err = sgd.load_state(&state).unwrap_err().to_string();
     assert!(err.contains("adam") && err.contains("sgd"), "{err}");

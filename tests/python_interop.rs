@@ -22,8 +22,16 @@ fn expected(kind: Kind, shape: &[i64]) -> Tensor {
 
 #[test]
 fn python_reads_what_rust_wrote() {
-    let kinds = [("f32", Kind::Float), ("f64", Kind::Double), ("f16", Kind::Half), ("bf16", Kind::BFloat16),
-                 ("i64", Kind::Int64), ("i32", Kind::Int), ("u8", Kind::Uint8), ("bool", Kind::Bool)];
+    let kinds = [
+        ("f32", Kind::Float),
+        ("f64", Kind::Double),
+        ("f16", Kind::Half),
+        ("bf16", Kind::BFloat16),
+        ("i64", Kind::Int64),
+        ("i32", Kind::Int),
+        ("u8", Kind::Uint8),
+        ("bool", Kind::Bool),
+    ];
     let shapes: [&[i64]; 4] = [&[], &[5], &[3, 4], &[2, 0, 3]];
     let vs = VarStore::new(Device::Cpu);
     let mut listed = BTreeMap::new();
@@ -48,6 +56,11 @@ fn python_reads_what_rust_wrote() {
         .arg(serde_json::to_string(&listed).unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "python check failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("32 tensors match"));
 }

@@ -22,7 +22,8 @@ fn case() -> impl Strategy<Value = Case> {
     // Shapes include scalars (no dims) and zero-size dims.
     ("[a-z][a-z0-9_.]{0,12}", dtype(), prop::collection::vec(0usize..5, 0..4)).prop_flat_map(|(name, dtype, shape)| {
         let len = shape.iter().product::<usize>() * dtype.size();
-        let bytes = if dtype == DType::Bool { prop::collection::vec(0u8..2, len).boxed() } else { prop::collection::vec(any::<u8>(), len).boxed() };
+        let bytes =
+            if dtype == DType::Bool { prop::collection::vec(0u8..2, len).boxed() } else { prop::collection::vec(any::<u8>(), len).boxed() };
         bytes.prop_map(move |data| Case { name: name.clone(), dtype, shape: shape.clone(), data })
     })
 }

@@ -224,7 +224,15 @@ fn inspect(file: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliError>
         });
         say!(out, "{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        say!(out, "{}: model `{}`, {} iterations, format v{}, created {}", file.display(), m.name, m.iterations, m.format_version, m.created);
+        say!(
+            out,
+            "{}: model `{}`, {} iterations, format v{}, created {}",
+            file.display(),
+            m.name,
+            m.iterations,
+            m.format_version,
+            m.created
+        );
         for t in &r.model {
             say!(out, "  {:<40} {:<5} {:<20} {} bytes", t.meta.name, t.meta.dtype.name(), format!("{:?}", t.meta.shape), t.len);
         }
@@ -360,7 +368,8 @@ fn snapshots(dir: &Path, name: Option<String>, json: bool, out: &mut Out) -> Res
     let rows: Vec<serde_json::Value> = list
         .iter()
         .map(|(n, path)| {
-            let size: u64 = std::fs::read_dir(path).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+            let size: u64 =
+                std::fs::read_dir(path).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
             let verifies = ArchiveReader::open(&path.join(&archive_name)).map(|r| r.verify().is_empty()).unwrap_or(false);
             serde_json::json!({"iterations": n, "path": path, "bytes": size, "verifies": verifies})
         })
@@ -377,4 +386,3 @@ fn snapshots(dir: &Path, name: Option<String>, json: bool, out: &mut Out) -> Res
     }
     Ok(ExitCode::SUCCESS)
 }
-

@@ -26,9 +26,9 @@ impl<T> IoContext<T> for std::io::Result<T> {
     }
 }
 use modelio::format::{OptimizerRef, TensorRef};
-use modelio::{Adam, Optimizer};
 use modelio::tensors::{byte_len, dtype_of, shape_of};
 use modelio::ModelIo;
+use modelio::{Adam, Optimizer};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -81,7 +81,8 @@ pub fn synthetic_state(bytes: u64, device: Device) -> Result<(VarStore, Adam)> {
     }
     let mut opt = Adam::adamw(&vs, 1e-4, (0.9, 0.999), 1e-8, 0.01)?;
     // One real step so the optimizer state holds real values.
-    let loss = vs.trainable_variables().iter().map(|t| t.square().sum(Kind::Float)).fold(Tensor::from(0f32).to_device(device), |a, b| a + b);
+    let loss =
+        vs.trainable_variables().iter().map(|t| t.square().sum(Kind::Float)).fold(Tensor::from(0f32).to_device(device), |a, b| a + b);
     opt.zero_grad();
     loss.backward();
     opt.step()?;
@@ -198,7 +199,8 @@ fn train_rate(device: Device, steps: u64, save_every: u64, io: Option<&mut Model
     tch::manual_seed(0);
     let vs = VarStore::new(device);
     let dims = [512, 1024, 1024, 1024, 512];
-    let layers = dims.windows(2).enumerate().map(|(i, w)| nn::linear(vs.root() / format!("l{i}"), w[0], w[1], Default::default())).collect();
+    let layers =
+        dims.windows(2).enumerate().map(|(i, w)| nn::linear(vs.root() / format!("l{i}"), w[0], w[1], Default::default())).collect();
     let net = Mlp { layers };
     let mut opt = Adam::adamw(&vs, 1e-4, (0.9, 0.999), 1e-8, 0.01)?;
     if let Some(io) = &io {
@@ -368,7 +370,12 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
         let reader = ArchiveReader::open(&archive)?;
         let damaged = reader.verify();
         if !damaged.is_empty() {
-            return Err(Error::Damaged { path: archive.clone(), name: "bench".into(), what: "damaged parts".into(), detail: damaged.join(", ") });
+            return Err(Error::Damaged {
+                path: archive.clone(),
+                name: "bench".into(),
+                what: "damaged parts".into(),
+                detail: damaged.join(", "),
+            });
         }
         mapped.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
     }
@@ -400,7 +407,14 @@ pub fn table(r: &Report) -> Vec<[String; 6]> {
     let mut rows = Vec::new();
     let mut row = |name: &str, ours: Option<f64>, reference: Option<f64>, ratio: Option<f64>, target: &str, holds: Option<bool>| {
         let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
-        rows.push([name.into(), f(ours), f(reference), f(ratio), target.into(), holds.map(|h| if h { "yes" } else { "NO" }.to_string()).unwrap_or("-".into())]);
+        rows.push([
+            name.into(),
+            f(ours),
+            f(reference),
+            f(ratio),
+            target.into(),
+            holds.map(|h| if h { "yes" } else { "NO" }.to_string()).unwrap_or("-".into()),
+        ]);
     };
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| if b == 0.0 { f64::INFINITY } else { a / b });
     let stall = get("async_stall_ms");

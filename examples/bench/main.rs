@@ -55,10 +55,23 @@ fn run(args: Args) -> modelio::Result<()> {
     let device = match args.device.as_str() {
         "cpu" => tch::Device::Cpu,
         "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
-        "cuda" => return Err(Error::ConfigValue { key: "--device".into(), value: "cuda".into(), allowed: "cpu (no CUDA device is available)".into() }),
+        "cuda" => {
+            return Err(Error::ConfigValue {
+                key: "--device".into(),
+                value: "cuda".into(),
+                allowed: "cpu (no CUDA device is available)".into(),
+            })
+        }
         other => return Err(Error::ConfigValue { key: "--device".into(), value: other.into(), allowed: "cpu or cuda".into() }),
     };
-    let opts = bench::BenchOptions { size_mib: args.size_mib, dir: args.dir, reps: args.reps, device, steps: args.steps, save_every: args.save_every };
+    let opts = bench::BenchOptions {
+        size_mib: args.size_mib,
+        dir: args.dir,
+        reps: args.reps,
+        device,
+        steps: args.steps,
+        save_every: args.save_every,
+    };
     eprintln!("measuring a {} MiB state on {device:?} in {} ({} repetitions each)...", args.size_mib, opts.dir.display(), opts.reps);
     let mut report = bench::run(&opts)?;
     if let Some(p) = &args.peers {

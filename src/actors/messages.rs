@@ -10,8 +10,8 @@ use actix::Message;
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::handle::Committed;
 use crate::format::DType;
+use crate::handle::Committed;
 use crate::snapshot::Pinned;
 use crate::staging::{FenceGuard, Lease};
 

@@ -41,7 +41,12 @@ type Staged = (Lease, Vec<(u32, u32)>, Duration);
 
 /// Wait for a save's device-to-host copies, copy its CPU tensors, release
 /// the fence, checksum the staged bytes.
-fn stage(tensors: Vec<(usize, tch::Tensor)>, mut lease: Lease, guard: Option<FenceGuard>, events: Vec<crate::cuda::Event>) -> Result<Staged> {
+fn stage(
+    tensors: Vec<(usize, tch::Tensor)>,
+    mut lease: Lease,
+    guard: Option<FenceGuard>,
+    events: Vec<crate::cuda::Event>,
+) -> Result<Staged> {
     let start = Instant::now();
     // The trainer queued the device-to-host copies in stream order and
     // recorded an event after them; wait for exactly those copies here,

@@ -42,7 +42,10 @@ pub fn seeded_store(seed: i64) -> (VarStore, Net) {
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     tch::no_grad(|| {
         for (i, (_, mut v)) in vars.into_iter().enumerate() {
-            let values = (Tensor::arange(v.numel() as i64, (Kind::Double, Device::Cpu)) * (0.37 + 0.11 * seed as f64) + i as f64 + seed as f64).sin() * 0.5;
+            let values =
+                (Tensor::arange(v.numel() as i64, (Kind::Double, Device::Cpu)) * (0.37 + 0.11 * seed as f64) + i as f64 + seed as f64)
+                    .sin()
+                    * 0.5;
             v.copy_(&values.to_kind(v.kind()).reshape(v.size()));
         }
     });
