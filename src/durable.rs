@@ -39,8 +39,9 @@ pub(crate) enum Source<'a> {
 ///
 /// # Errors
 /// [`Error::Io`] naming the file on any filesystem failure, [`Error::NoSpace`]
-/// when the disk is full. On error the temporary file is removed and `target`
-/// is unchanged.
+/// when the disk is full. On error the temporary file is removed, and
+/// `target` is unchanged unless only the final folder fsync failed (then the
+/// rename happened, but is not yet known to be durable).
 pub(crate) fn commit(target: &Path, source: Source<'_>) -> Result<()> {
     let dir = parent_of(target);
     let tmp = temp_path(&dir, target);

@@ -110,9 +110,9 @@ pub enum Error {
     #[error("optimizer state tensor `{tensor}`: expected {expected}, found {found}; the model changed since the save")]
     OptimizerTensor { tensor: String, expected: String, found: String },
 
-    /// The optimizer's stored JSON lacks what it needs.
-    #[error("optimizer state: {0}")]
-    Optimizer(String),
+    /// The optimizer's stored JSON lacks a field it needs.
+    #[error("optimizer state: `{field}` is missing from optimizer.json")]
+    OptimizerJson { field: &'static str },
 
     /// A libtorch call failed.
     #[cfg(feature = "torch")]

@@ -149,6 +149,9 @@ impl Drop for Ticket {
         // A failure that already arrived and was never read goes to the next
         // call; one that arrives later finds the receiver gone and goes there too.
         if let (TicketInner::Pending(rx), Some(shared)) = (&mut self.inner, &self.shared) {
+            // Close first: an answer sent after this fails to arrive and goes
+            // to the next call; one that arrived before is taken here.
+            rx.close();
             if let Ok(Err(e)) = rx.try_recv() {
                 shared.report_later(e);
             }
@@ -191,11 +194,14 @@ pub enum OptimizerResume {
     NotApplicable,
 }
 
-/// What [`ModelIo::finish`] did: the exit save, and the handle's counters at the end.
-#[derive(Debug, Clone)]
+/// What [`ModelIo::finish`] did: the exit save, the handle's counters at
+/// the end, and the background failures not reported before (failed backups
+/// or snapshots) — each reported here, once.
+#[derive(Debug)]
 pub struct Finished {
     pub exit_save: Committed,
     pub stats: SaveStats,
+    pub unreported: Vec<Error>,
 }
 
 /// Save counters of a handle.
@@ -229,9 +235,14 @@ enum LastSave {
 /// The model IO of one model: saves, backups, snapshots and loads.
 ///
 /// Async methods (`open_async`, `resume_async`, `save_async`, `flush`,
-/// `shutdown`, `finish`, awaiting a [`Ticket`]) never block the runtime;
-/// their plain counterparts block the calling thread on file IO or on a
-/// free staging buffer, as each method's doc says. Dropping a handle without
+/// `shutdown`, `finish`, awaiting a [`Ticket`]) do not wait on the disk or
+/// on a free staging buffer on the runtime: file IO runs on blocking threads
+/// and waits are awaited. What they still do on the calling thread is the
+/// copy a save makes at the call (about one memcpy of the CPU state; the
+/// first save of a GPU state also allocates its pinned buffers, about 0.4 s
+/// per GiB), and joining the actors' thread once drained at shutdown. Their
+/// plain counterparts block the calling thread on file IO or on a free
+/// staging buffer, as each method's doc says. Dropping a handle without
 /// `shutdown` or `finish` blocks the dropping thread until the actors drain.
 ///
 /// ```no_run
@@ -524,7 +535,7 @@ impl ModelIo {
     /// [`ModelIo::resume_async`]).
     ///
     /// # Errors
-    /// As [`ModelIo::load`], and [`Error::Optimizer`] when the stored state
+    /// As [`ModelIo::load`], and [`Error::OptimizerKind`] or [`Error::OptimizerTensor`] when the stored state
     /// does not fit `optimizer`.
     pub fn resume(&mut self, vs: &VarStore, optimizer: Option<&mut dyn Optimizer>) -> Result<Resumed> {
         if !self.model_exists() {
@@ -688,16 +699,16 @@ impl ModelIo {
         };
         let (deferred, events) = self.stage(tensors, &mut lease)?;
         let decision = backup_rule(&self.history, self.state.lowest_average_loss);
-        self.history.clear();
-        self.state.lowest_average_loss = decision.lowest;
-        self.state.config = serde_json::json!({ "modelio": self.config_json, "model": self.model_config });
-        self.loaded = None;
+        // The state this save writes; the handle takes it on once the save is queued.
+        let mut state = self.state.clone();
+        state.lowest_average_loss = decision.lowest;
+        state.config = serde_json::json!({ "modelio": self.config_json, "model": self.model_config });
         let (reply, rx) = oneshot::channel();
         // Deferred CPU copies hold writers back until they land.
         let guard = if deferred.is_empty() { None } else { Some(self.fence.arm()) };
         let job = SaveJob {
-            iterations: self.state.total_iterations,
-            state_json: self.state.to_json(),
+            iterations: state.total_iterations,
+            state_json: state.to_json(),
             average_loss: decision.average,
             backup: decision.backup,
             model,
@@ -707,6 +718,9 @@ impl ModelIo {
             reply,
         };
         actors.stage(Stage { job, tensors: deferred, lease, guard, events })?;
+        self.state = state;
+        self.history.clear();
+        self.loaded = None;
         self.last_save = Some(LastSave::Queued(self.state.total_iterations));
         Ok(Ticket { inner: TicketInner::Pending(rx), shared: Some(self.shared.clone()) })
     }
@@ -864,26 +878,47 @@ impl ModelIo {
     /// or the end of the loop calls. Does not block the runtime.
     ///
     /// Failures of earlier saves that were not reported yet are superseded by
-    /// a committed exit save: they are logged, and the exit save's commit is
-    /// returned.
+    /// a committed exit save (they are logged); failed backups and snapshots
+    /// are returned in [`Finished::unreported`].
     ///
     /// # Errors
-    /// The exit save's failure, or a failure while draining.
+    /// The exit save's failure.
     pub async fn finish(mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>) -> Result<Finished> {
-        if let Some(a) = &self.actors {
-            a.flush().await?;
-        }
+        let drained = match &self.actors {
+            Some(a) => a.flush().await,
+            None => Ok(()),
+        };
+        // Earlier saves that failed are superseded by the exit save; failed
+        // backups and snapshots are not, and are returned in `Finished`.
+        let mut unreported = Vec::new();
         while let Some(earlier) = self.shared.take_failure() {
-            tracing::warn!(target: "modelio", "{} (superseded by the exit save)", earlier.report());
+            match &earlier {
+                Error::Background { what: "save", .. } => {
+                    tracing::warn!(target: "modelio", "{} (superseded by the exit save)", earlier.report())
+                }
+                _ => unreported.push(earlier),
+            }
         }
-        let saved = match self.save_exit_async(vs, optimizer).await {
-            Ok(ticket) => ticket.await,
+        let saved = match drained {
+            Ok(()) => match self.save_exit_async(vs, optimizer).await {
+                Ok(ticket) => ticket.await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
+        let drained = self.flush().await;
         let stats = self.stats();
-        let drained = self.shutdown().await;
+        if let Some(mut a) = self.actors.take() {
+            a.stop();
+        }
         let exit_save = saved?;
-        drained.map(|()| Finished { exit_save, stats })
+        if let Err(e) = drained {
+            unreported.push(e);
+        }
+        while let Some(e) = self.shared.take_failure() {
+            unreported.push(e);
+        }
+        Ok(Finished { exit_save, stats, unreported })
     }
 
     /// Test hook: make every background write sleep first.

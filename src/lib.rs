@@ -55,7 +55,8 @@
 //! Where things are:
 //! - [`handle`]: [`ModelIo`], the trainer's handle (save, load, snapshot, shutdown).
 //! - `actors` (internal): stager -> saver -> backup / snapshot, thin actix actors.
-//! - [`staging`]: the [`Fence`], and internally the bounded pool of host buffers;
+//! - [`staging`]: the bounded pool of host buffers (internal) and, in `fence.rs`, the [`Fence`]
+//!   of deferred copies;
 //!   `cuda` (internal): the non-blocking device-to-host copy and per-save event
 //!   (a small C++ shim).
 //! - [`archive`] and [`format`](mod@format): archive format v2 (zip + safetensors), reader and writer;
@@ -76,6 +77,8 @@ pub mod config;
 pub(crate) mod cuda;
 pub mod durable;
 pub mod error;
+#[cfg(feature = "torch")]
+mod fence;
 pub mod folder;
 pub mod format;
 #[cfg(feature = "torch")]

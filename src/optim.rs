@@ -40,7 +40,7 @@ pub trait Optimizer {
     /// # Errors
     /// [`Error::OptimizerKind`] when the state is of another kind,
     /// [`Error::OptimizerTensor`] when a state tensor is missing or does not
-    /// fit its parameter, [`Error::Optimizer`] when its JSON lacks a field.
+    /// fit its parameter, [`Error::OptimizerJson`] when its JSON lacks a field.
     fn load_state(&mut self, state: &OptimizerState) -> Result<()>;
 }
 
@@ -83,7 +83,7 @@ fn check_kind(want: &str, state: &OptimizerState) -> Result<()> {
 }
 
 fn steps_of(state: &OptimizerState) -> Result<u64> {
-    state.json.get("step").and_then(|v| v.as_u64()).ok_or_else(|| Error::Optimizer("`step` missing from optimizer.json".into()))
+    state.json.get("step").and_then(|v| v.as_u64()).ok_or(Error::OptimizerJson { field: "step" })
 }
 
 fn take_state(state: &OptimizerState, name: &str, like: &Tensor) -> Result<Tensor> {

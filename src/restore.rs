@@ -30,11 +30,15 @@ pub struct Restored {
 /// where the filesystem offers one), never as hard links: damage to the
 /// restored file must not reach its backup.
 ///
+/// Takes the folder's lock first: a restore under a running trainer would
+/// be overwritten by its next save.
+///
 /// # Errors
-/// [`Error::NoBackup`] (nothing changed) when there is no `.bk`;
-/// [`Error::Io`] naming the file otherwise.
+/// [`Error::Locked`] when a trainer holds the folder; [`Error::NoBackup`]
+/// (nothing changed) when there is no `.bk`; [`Error::Io`] naming the file otherwise.
 pub fn restore(paths: &ModelPaths) -> Result<Restored> {
     let dir = &paths.dir;
+    let _lock = crate::lock::acquire(dir)?;
     let mut backups = Vec::new();
     let mut current = Vec::new();
     let archived_prefix = format!("{}_archived_", paths.name);

@@ -38,11 +38,20 @@ pub fn list(model_dir: &Path) -> Vec<(u64, PathBuf)> {
         .collect()
 }
 
-/// A file pinned at a save: `pin` is a link to what `name` held then.
+/// A file pinned at a save: `pin`, a temporary link (or copy) beside it,
+/// holds what `target` held then, whatever later saves do to `target`.
+/// Backups and snapshots are made from pins.
 #[derive(Debug, Clone)]
 pub struct Pinned {
     pub pin: PathBuf,
-    pub name: String,
+    pub target: PathBuf,
+}
+
+impl Pinned {
+    /// The target's file name (its name inside a snapshot).
+    pub fn name(&self) -> String {
+        self.target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
 }
 
 /// Build snapshot `n` of the model from the pinned files and the other model
@@ -68,14 +77,14 @@ pub fn build(paths: &ModelPaths, n: u64, pinned: &[Pinned], hard_links: bool) ->
 fn fill(paths: &ModelPaths, pinned: &[Pinned], built: &Path, hard_links: bool) -> Result<()> {
     for p in pinned {
         let source = if hard_links { Source::Link(&p.pin) } else { Source::Copy(&p.pin) };
-        commit(&built.join(&p.name), source)?;
+        commit(&built.join(p.name()), source)?;
     }
     let logs = paths.logs();
     for entry in fs::read_dir(&paths.dir).at("list", &paths.dir)? {
         let entry = entry.at("list", &paths.dir)?;
         let Ok(name) = entry.file_name().into_string() else { continue };
         let kind = entry.file_type().at("inspect", &entry.path())?;
-        let wanted = name.starts_with(&paths.name) && !name.ends_with(".bk") && !is_temp(&name) && !pinned.iter().any(|p| p.name == name);
+        let wanted = name.starts_with(&paths.name) && !name.ends_with(".bk") && !is_temp(&name) && !pinned.iter().any(|p| p.name() == name);
         if !wanted || kind.is_symlink() {
             continue;
         }

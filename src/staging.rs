@@ -1,81 +1,15 @@
-//! Host staging buffers and the fence that keeps parameters still while they
-//! are copied.
+//! Host staging buffers: where a save's tensors are copied before they are
+//! written.
 //!
 //! Host memory is bounded: the pool hands out at most `max_inflight` buffer
 //! sets, each reused save after save (a buffer only grows when a tensor got
 //! bigger). When none is free a save waits or is skipped, per `staging.on_busy`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
 
-/// Lock a mutex, recovering the data if a thread panicked while holding it
-/// (every value guarded here stays consistent between statements).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Blocks parameter updates while a save is still copying them.
-///
-/// A save arms the fence on the trainer's thread before it returns; the
-/// copier releases it when the bytes are in host memory. An optimizer's `step`
-/// calls [`Fence::wait`] first, so it never modifies a parameter mid-copy.
-#[derive(Clone, Default)]
-pub struct Fence {
-    inner: Arc<FenceInner>,
-}
-
-#[derive(Default)]
-struct FenceInner {
-    /// Copies in flight. Guarded by the mutex so that `wait` cannot miss the
-    /// notification of the last release.
-    pending: Mutex<u64>,
-    released: Condvar,
-    waited_ns: AtomicU64,
-    waits: AtomicU64,
-}
-
-/// Held by an in-flight copy; dropping it releases the fence (also on error).
-pub struct FenceGuard {
-    inner: Arc<FenceInner>,
-}
-
-impl Fence {
-    /// Mark one copy in flight.
-    pub fn arm(&self) -> FenceGuard {
-        *lock(&self.inner.pending) += 1;
-        FenceGuard { inner: self.inner.clone() }
-    }
-
-    /// Wait until no copy is in flight; returns how long it waited.
-    pub fn wait(&self) -> Duration {
-        let start = Instant::now();
-        let mut pending = lock(&self.inner.pending);
-        if *pending == 0 {
-            return Duration::ZERO;
-        }
-        while *pending > 0 {
-            pending = self.inner.released.wait(pending).unwrap_or_else(|p| p.into_inner());
-        }
-        let waited = start.elapsed();
-        self.inner.waited_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
-        self.inner.waits.fetch_add(1, Ordering::Relaxed);
-        waited
-    }
-
-    /// Total time optimizer steps spent waiting on this fence, and how often they waited.
-    pub fn waited(&self) -> (Duration, u64) {
-        (Duration::from_nanos(self.inner.waited_ns.load(Ordering::Relaxed)), self.inner.waits.load(Ordering::Relaxed))
-    }
-}
-
-impl Drop for FenceGuard {
-    fn drop(&mut self) {
-        let mut pending = lock(&self.inner.pending);
-        *pending = pending.saturating_sub(1);
-        self.inner.released.notify_all();
-    }
-}
+pub(crate) use crate::fence::lock;
+pub use crate::fence::{Fence, FenceGuard};
 
 /// Most threads an immediate staging copy uses (the caller's included).
 pub const COPY_THREADS: usize = 4;
@@ -324,21 +258,6 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fence_blocks_until_released() {
-        let fence = Fence::default();
-        assert_eq!(fence.wait(), Duration::ZERO);
-        let guard = fence.arm();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(30));
-            drop(guard);
-        });
-        let waited = fence.wait();
-        assert!(waited >= Duration::from_millis(20), "{waited:?}");
-        assert_eq!(fence.waited().1, 1);
-        t.join().unwrap();
-    }
 
     #[test]
     fn pool_is_bounded_and_reuses_memory() {

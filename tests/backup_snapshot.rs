@@ -159,12 +159,17 @@ fn restore_round_trip_and_refusal_without_backup() {
     let mut io = common::open(&dir, "m");
     io.record(3.0);
     let _ticket = io.save(&vs, None).unwrap().wait_blocking().unwrap();
+    // Restore refuses while a trainer holds the folder.
+    let out = Command::new(common::cli()).args(["restore", "--name", "m"]).arg(&dir).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by process"), "{}", String::from_utf8_lossy(&out.stderr));
+    io.shutdown_blocking().unwrap();
     let before: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
     let out = Command::new(common::cli()).args(["restore", "--name", "m"]).arg(&dir).output().unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no backup"));
     let after: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(before, after);
+    let mut io = common::open(&dir, "m");
 
     // A lower loss backs up; then a later save that gets corrupted.
     io.record(1.0);

@@ -115,3 +115,20 @@ fn a_damaged_state_file_is_called_a_state_file() {
     assert!(msg.starts_with(&format!("state file {} is damaged", state.display())), "{msg}");
     assert!(!msg.contains("load.fallback"), "fallback cannot help a state file: {msg}");
 }
+
+#[test]
+fn restore_refuses_while_a_trainer_holds_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let mut io = common::open(&dir, "m");
+    let (vs, _n) = common::seeded_store(0);
+    for loss in [2.0, 1.0] {
+        io.record(loss);
+        io.save(&vs, None).unwrap().wait_blocking().unwrap();
+    }
+    let err = modelio::restore::restore(&modelio::folder::ModelPaths::new(&dir, "m")).expect_err("refused");
+    assert!(matches!(err, Error::Locked { .. }), "{err:?}");
+    assert!(dir.join("m.mio").exists(), "nothing was moved");
+    io.shutdown_blocking().unwrap();
+    modelio::restore::restore(&modelio::folder::ModelPaths::new(&dir, "m")).unwrap();
+}

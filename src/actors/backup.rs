@@ -9,6 +9,7 @@ use super::{guarded, Shared};
 use crate::durable::{commit, Source};
 use crate::error::Result;
 use crate::folder::ModelPaths;
+use crate::snapshot::Pinned;
 
 pub(crate) struct BackupActor {
     pub shared: Arc<Shared>,
@@ -21,12 +22,12 @@ impl actix::Actor for BackupActor {
 /// Replace each `<target>.bk` by a copy of the pinned file (a reflink where
 /// the filesystem offers one), or a hard link of it with `hard_links`; the
 /// old `.bk` stays until the new one is in place. The pins are removed afterwards.
-pub(crate) fn make_backups(pinned: &[(std::path::PathBuf, std::path::PathBuf)], hard_links: bool) -> Result<()> {
-    let result = pinned.iter().try_for_each(|(pin, target)| {
+pub(crate) fn make_backups(pinned: &[Pinned], hard_links: bool) -> Result<()> {
+    let result = pinned.iter().try_for_each(|Pinned { pin, target }| {
         let source = if hard_links { Source::Link(pin) } else { Source::Copy(pin) };
         commit(&ModelPaths::backup_of(target), source)
     });
-    for (pin, _) in pinned {
+    for Pinned { pin, .. } in pinned {
         let _ = std::fs::remove_file(pin);
     }
     result

@@ -1,7 +1,6 @@
 //! Every message the actors exchange. Callers never build these: they use
 //! [`crate::ModelIo`], which owns the addresses.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,13 +102,13 @@ pub(crate) struct BuildSnapshot {
     pub permit: Permit,
 }
 
-/// Make `.bk` files from links pinned at a save: (pin, target); then answer
+/// Make `.bk` files from files pinned at a save; then answer
 /// the save's ticket, so a committed ticket with `backed_up` means the
 /// `.bk` files exist.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Backup {
-    pub pinned: Vec<(PathBuf, PathBuf)>,
+    pub pinned: Vec<Pinned>,
     pub committed: Committed,
     pub reply: Reply,
 }

@@ -100,8 +100,6 @@ impl Shared {
     /// Report a background failure once: on the save's ticket when there is
     /// one still held, otherwise to the trainer's next call.
     pub fn fail(&self, what: &'static str, e: Error, reply: Option<Reply>) {
-        let counter = if what == "save" { &self.stats.failed } else { &self.stats.failed_other };
-        counter.fetch_add(1, Ordering::Relaxed);
         let e = Error::Background { what, source: Arc::new(e) };
         tracing::error!(target: "modelio", "{}", e.report());
         match reply {
@@ -112,6 +110,10 @@ impl Shared {
             }
             None => self.report_later(e),
         }
+        // Counted once the failure can be found (on the ticket or for the
+        // next call), so a caller that sees the count also sees the failure.
+        let counter = if what == "save" { &self.stats.failed } else { &self.stats.failed_other };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Keep a failure for the trainer's next call.
@@ -238,11 +240,11 @@ impl Actors {
         Ok(Actors { stager, saver, staged: AtomicU64::new(0), snapshots: Arc::new(AtomicUsize::new(0)), system, thread: Some(thread) })
     }
 
-    /// Hand a save to the stager. Its lease bounds the saves in flight.
+    /// Hand a save to the stager. Its lease bounds the saves in flight (the
+    /// actix mailbox itself is unbounded, so it never reports full).
     ///
     /// # Errors
-    /// [`Error::Overloaded`] when the mailbox is full, [`Error::Stopped`] when
-    /// the actors are gone.
+    /// [`Error::Stopped`] when the actors are gone.
     pub fn stage(&self, msg: Stage) -> Result<()> {
         let capacity = msg.lease.pool_size();
         handed_over(self.stager.try_send(msg), "saves", capacity)?;

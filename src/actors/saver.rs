@@ -3,7 +3,6 @@
 //! mistake). Snapshot requests come straight from the handle and wait here
 //! for the save they follow (see [`super::order`]).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,17 +83,30 @@ pub(crate) fn staged<'a>(d: &Desc, buf: Option<&'a [u8]>) -> Result<&'a [u8]> {
     }
 }
 
+/// Copy `from` into the new file `to` (never through a symlink, never over
+/// an existing file): a pin where hard links are not possible.
+fn copy_new(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let mut src = durable::open_regular(from)?;
+    let mut dst = durable::create_new(to)?;
+    std::io::copy(&mut src, &mut dst).map(drop).at("pin", from)
+}
+
 /// Hard-link (or copy) the committed archive and state file to temporary
 /// names, fixing the bytes of this save for a later backup or snapshot.
-pub(crate) fn pin(shared: &Shared) -> Result<Vec<(PathBuf, PathBuf)>> {
+/// On failure no pin is left behind.
+pub(crate) fn pin(shared: &Shared) -> Result<Vec<Pinned>> {
     let paths = &shared.paths;
-    let mut pins = Vec::with_capacity(2);
-    for file in [paths.archive(), paths.state()] {
-        let pin = durable::temp_path(&paths.dir, &file);
-        if std::fs::hard_link(&file, &pin).is_err() {
-            std::fs::copy(&file, &pin).at("copy", &file)?;
+    let mut pins: Vec<Pinned> = Vec::with_capacity(2);
+    for target in [paths.archive(), paths.state()] {
+        let pin = durable::temp_path(&paths.dir, &target);
+        let pinned = std::fs::hard_link(&target, &pin).at("pin", &target).or_else(|_| copy_new(&target, &pin));
+        if let Err(e) = pinned {
+            for p in &pins {
+                let _ = std::fs::remove_file(&p.pin);
+            }
+            return Err(e);
         }
-        pins.push((pin, file));
+        pins.push(Pinned { pin, target });
     }
     Ok(pins)
 }
@@ -192,30 +204,19 @@ impl Saver {
         let iterations = match due {
             Due::Save(n) => n,
             Due::Refused(e) => return self.shared.fail("snapshot", e, None),
-            Due::OnDisk => match committed_iterations(&self.shared) {
-                Some(c) => c,
-                None => {
-                    tracing::warn!(target: "modelio", "snapshot requested before any save was committed; skipped");
-                    return;
-                }
+            // No save in this run yet: the archive on disk, under its own iteration count.
+            Due::OnDisk => match crate::archive::ArchiveReader::open(&self.shared.paths.archive()) {
+                Ok(r) => r.manifest.iterations,
+                Err(e) => return self.shared.fail("snapshot", e, None),
             },
         };
         match guarded("snapshot", || pin(&self.shared)) {
-            Ok(pins) => {
-                let pinned = pins
-                    .into_iter()
-                    .map(|(pin, file)| Pinned { pin, name: file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default() })
-                    .collect();
+            Ok(pinned) => {
                 self.snapshot.do_send(BuildSnapshot { iterations, pinned, permit: s.permit });
             }
             Err(e) => self.shared.fail("snapshot", e, None),
         }
     }
-}
-
-/// The iterations of the archive on disk, for a snapshot before this run's first save.
-fn committed_iterations(shared: &Shared) -> Option<u64> {
-    crate::archive::ArchiveReader::open(&shared.paths.archive()).ok().map(|r| r.manifest.iterations)
 }
 
 impl Handler<Flush> for Saver {
