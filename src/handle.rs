@@ -470,7 +470,7 @@ impl ModelIo {
         optimizer: Option<&mut dyn Optimizer>,
     ) -> Result<(Loaded, OptimizerResume)> {
         let Read { reader, model, optimizer: stored } = read;
-        apply_to_varstore(reader.path(), &model, vs)?;
+        crate::tensors::apply_to_varstore(reader.path(), &model, vs)?;
         drop(model);
         let resumed = match (optimizer, stored) {
             (None, _) => OptimizerResume::NotApplicable,
@@ -612,10 +612,18 @@ impl ModelIo {
         let started = Instant::now();
         let earlier = self.shared.take_failure();
         let result = self.queue_save(vs, optimizer, is_exit, started);
+        self.after_earlier(earlier, result)
+    }
+
+    /// The outcome of a call that found an earlier failure to report: the
+    /// call did its own work first; that earlier failure is returned (a
+    /// ticket is then dropped unread, so its outcome goes to the next call).
+    /// When the call itself failed, its own error wins and the earlier
+    /// failure waits for the next call.
+    fn after_earlier<T>(&self, earlier: Option<Error>, result: Result<T>) -> Result<T> {
         match (earlier, result) {
             (None, result) => result,
-            // The ticket is dropped unread: this save's outcome goes to the next call.
-            (Some(e), Ok(_ticket)) => Err(e),
+            (Some(e), Ok(_own)) => Err(e),
             (Some(e), Err(own)) => {
                 self.shared.report_later(e);
                 Err(own)
@@ -657,14 +665,7 @@ impl ModelIo {
         };
         let earlier = self.shared.take_failure();
         let result = self.queue_save_with(vs, optimizer, is_exit, started, lease);
-        match (earlier, result) {
-            (None, result) => result,
-            (Some(e), Ok(_ticket)) => Err(e),
-            (Some(e), Err(own)) => {
-                self.shared.report_later(e);
-                Err(own)
-            }
-        }
+        self.after_earlier(earlier, result)
     }
 
     fn queue_save(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool, started: Instant) -> Result<Ticket> {
@@ -801,14 +802,7 @@ impl ModelIo {
     pub fn snapshot(&mut self) -> Result<()> {
         let earlier = self.shared.take_failure();
         let result = self.queue_snapshot();
-        match (earlier, result) {
-            (None, result) => result,
-            (Some(e), Ok(())) => Err(e),
-            (Some(e), Err(own)) => {
-                self.shared.report_later(e);
-                Err(own)
-            }
-        }
+        self.after_earlier(earlier, result)
     }
 
     fn queue_snapshot(&self) -> Result<()> {
@@ -1015,41 +1009,6 @@ fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Re
         }
     }
     Err(first)
-}
-
-/// Copy tensors read from `path` into the variables of `vs`. Every variable
-/// must be there with the same dtype and shape, and every tensor must be a
-/// variable; nothing is copied unless all fit.
-fn apply_to_varstore(path: &Path, model: &BTreeMap<String, tch::Tensor>, vs: &VarStore) -> Result<()> {
-    let vars = vs.variables();
-    let mismatch = |tensor: &str, expected: String, found: String| Error::Mismatch {
-        path: path.to_path_buf(),
-        tensor: tensor.into(),
-        expected,
-        found,
-    };
-    if let Some(extra) = model.keys().find(|k| !vars.contains_key(*k)) {
-        return Err(mismatch(extra, "no such variable in the model".into(), "a tensor in the archive".into()));
-    }
-    let mut pairs = Vec::with_capacity(vars.len());
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &vars[name];
-        let stored = model.get(name).ok_or_else(|| mismatch(name, "a tensor in the archive".into(), "none".into()))?;
-        let want = (dtype_of(name, var.kind())?, shape_of(var));
-        let found = (dtype_of(name, stored.kind())?, shape_of(stored));
-        if want != found {
-            return Err(mismatch(name, format!("{} {:?}", want.0, want.1), format!("{} {:?}", found.0, found.1)));
-        }
-        pairs.push((var, stored));
-    }
-    tch::no_grad(|| -> Result<()> {
-        for (var, value) in pairs {
-            var.shallow_clone().f_copy_(value)?;
-        }
-        Ok(())
-    })
 }
 
 /// Why an archive holds no optimizer state, from the policy that wrote it.

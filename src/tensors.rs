@@ -158,39 +158,43 @@ pub fn read_tensor(reader: &ArchiveReader, t: &Located) -> Result<Tensor> {
 /// # Errors
 /// [`Error::Mismatch`] naming the tensor, [`Error::Damaged`] on a bad checksum.
 pub fn load_varstore(reader: &ArchiveReader, vs: &tch::nn::VarStore) -> Result<()> {
+    let model = reader.model.iter().map(|t| Ok((t.meta.name.clone(), read_tensor(reader, t)?))).collect::<Result<_>>()?;
+    apply_to_varstore(reader.path(), &model, vs)
+}
+
+/// Copy tensors read from `path` into the variables of `vs`. Every variable
+/// must be there with the same dtype and shape, and every tensor must be a
+/// variable; nothing is copied unless all fit.
+///
+/// # Errors
+/// [`Error::Mismatch`] naming the tensor; [`Error::Torch`] when a copy fails.
+pub fn apply_to_varstore(path: &std::path::Path, model: &std::collections::BTreeMap<String, Tensor>, vs: &tch::nn::VarStore) -> Result<()> {
     let vars = vs.variables();
-    let path = reader.path();
     let mismatch = |tensor: &str, expected: String, found: String| Error::Mismatch {
         path: path.to_path_buf(),
         tensor: tensor.into(),
         expected,
         found,
     };
-    for t in &reader.model {
-        if !vars.contains_key(&t.meta.name) {
-            return Err(mismatch(&t.meta.name, "no such variable in the model".into(), "a tensor in the archive".into()));
-        }
+    if let Some(extra) = model.keys().find(|k| !vars.contains_key(*k)) {
+        return Err(mismatch(extra, "no such variable in the model".into(), "a tensor in the archive".into()));
     }
-    let mut pending = Vec::with_capacity(vars.len());
+    let mut pairs = Vec::with_capacity(vars.len());
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
     for name in names {
         let var = &vars[name];
-        let stored = reader
-            .model
-            .iter()
-            .find(|t| &t.meta.name == name)
-            .ok_or_else(|| mismatch(name, "a tensor in the archive".into(), "none".into()))?;
+        let stored = model.get(name).ok_or_else(|| mismatch(name, "a tensor in the archive".into(), "none".into()))?;
         let want = (dtype_of(name, var.kind())?, shape_of(var));
-        if want.0 != stored.meta.dtype || want.1 != stored.meta.shape {
-            return Err(mismatch(name, format!("{} {:?}", want.0, want.1), format!("{} {:?}", stored.meta.dtype, stored.meta.shape)));
+        let found = (dtype_of(name, stored.kind())?, shape_of(stored));
+        if want != found {
+            return Err(mismatch(name, format!("{} {:?}", want.0, want.1), format!("{} {:?}", found.0, found.1)));
         }
-        pending.push((var, read_tensor(reader, stored)?));
+        pairs.push((var, stored));
     }
     tch::no_grad(|| -> Result<()> {
-        for (var, value) in pending {
-            let mut var = var.shallow_clone();
-            var.f_copy_(&value)?;
+        for (var, value) in pairs {
+            var.shallow_clone().f_copy_(value)?;
         }
         Ok(())
     })
