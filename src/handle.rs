@@ -276,9 +276,6 @@ pub struct ModelIo {
     _lock: Option<crate::lock::FolderLock>,
     pool: Pool,
     fence: Fence,
-    /// modelio's own config as stored in the state file (checked at open).
-    config_json: serde_json::Value,
-    model_config: serde_json::Value,
     /// The archive the last load read, kept so that `load_optimizer` reads
     /// the same one without opening and verifying it again.
     loaded: Option<ArchiveReader>,
@@ -341,6 +338,8 @@ impl ModelIo {
         if !config.model.predict {
             state.start_session(None);
         }
+        // What every save of this run records: modelio's config and the model's own.
+        state.config = serde_json::json!({ "modelio": config_json, "model": serde_json::Value::Null });
         let pool = Pool::new(config.staging.max_inflight);
         Ok(ModelIo {
             config,
@@ -352,8 +351,6 @@ impl ModelIo {
             _lock: lock,
             pool,
             fence: Fence::default(),
-            config_json,
-            model_config: serde_json::Value::Null,
             loaded: None,
             unloaded_history,
             last_save: None,
@@ -423,7 +420,7 @@ impl ModelIo {
 
     /// The model's own configuration, stored in the state file with modelio's.
     pub fn set_model_config(&mut self, config: serde_json::Value) {
-        self.model_config = config;
+        self.state.config["model"] = config;
     }
 
     /// The fence that writers of saved tensors wait on in
@@ -508,6 +505,8 @@ impl ModelIo {
             Some(mut st) => {
                 st.sessions.retain(|s| s.iterations > 0);
                 st.sessions.extend(current);
+                // This run's config, not the one the loaded save was made with.
+                st.config = std::mem::take(&mut self.state.config);
                 self.state = st;
             }
             None => self.state.total_iterations = reader.manifest.iterations,
@@ -653,10 +652,11 @@ impl ModelIo {
 
     async fn save_async_as(&mut self, vs: &VarStore, optimizer: Option<&dyn Optimizer>, is_exit: bool) -> Result<Ticket> {
         let started = Instant::now();
-        let skip = self.config.staging.on_busy == OnBusy::Skip && !is_exit;
+        // As `take_lease`, awaiting instead of blocking; a save to skip is
+        // left to it (`None`), which counts and logs the skip.
         let lease = match self.pool.try_lease() {
             Some(l) => Some((l, false)),
-            None if skip => None,
+            None if self.skips_when_busy(is_exit) => None,
             None if self.actors.is_some() => {
                 self.shared.stats.waited.fetch_add(1, Ordering::Relaxed);
                 Some((self.pool.lease_async().await, true))
@@ -703,7 +703,6 @@ impl ModelIo {
         // The state this save writes; the handle takes it on once the save is queued.
         let mut state = self.state.clone();
         state.lowest_average_loss = decision.lowest;
-        state.config = serde_json::json!({ "modelio": self.config_json, "model": self.model_config });
         let (reply, rx) = oneshot::channel();
         // Deferred CPU copies hold writers back until they land.
         let guard = if deferred.is_empty() { None } else { Some(self.fence.arm()) };
@@ -726,13 +725,19 @@ impl ModelIo {
         Ok(Ticket { inner: TicketInner::Pending(rx), shared: Some(self.shared.clone()) })
     }
 
+    /// Whether a save finding every staging buffer busy is skipped
+    /// (`staging.on_busy = "skip"`; an exit save never is).
+    fn skips_when_busy(&self, is_exit: bool) -> bool {
+        self.config.staging.on_busy == OnBusy::Skip && !is_exit
+    }
+
     /// A free staging buffer set, and whether the save had to wait for it;
     /// `None` when the save is skipped (`staging.on_busy = "skip"`).
     fn take_lease(&self, is_exit: bool) -> Option<(Lease, bool)> {
         let stats = &self.shared.stats;
         match self.pool.try_lease() {
             Some(l) => Some((l, false)),
-            None if self.config.staging.on_busy == OnBusy::Skip && !is_exit => {
+            None if self.skips_when_busy(is_exit) => {
                 stats.skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(target: "modelio", iterations = self.state.total_iterations, skipped = true, "save skipped: every staging buffer is busy (staging.on_busy = \"skip\")");
                 None

@@ -202,6 +202,24 @@ impl Drop for Permit {
 }
 
 #[cfg(test)]
+impl SaveJob {
+    /// A save of one f32 tensor `w` of `shape`, for the actors' unit tests.
+    pub(crate) fn test(iterations: u64, shape: Vec<usize>, reply: Reply) -> SaveJob {
+        SaveJob {
+            iterations,
+            state_json: b"{}".to_vec(),
+            average_loss: 1.0,
+            backup: false,
+            model: vec![Desc { name: "w".into(), dtype: crate::format::DType::F32, shape }],
+            optimizer: None,
+            stall: Duration::ZERO,
+            waited: false,
+            reply,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

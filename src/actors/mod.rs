@@ -318,9 +318,8 @@ mod tests {
     use actix::{Actor, Handler, Message, SyncContext};
     use tch::{Device, Kind, Tensor};
 
-    use super::messages::{Desc, SaveJob};
+    use super::messages::SaveJob;
     use super::*;
-    use crate::format::DType;
     use crate::handle::Committed;
     use crate::staging::{Fence, Pool};
 
@@ -333,18 +332,7 @@ mod tests {
     /// A save of one f32 tensor, copied by the stager ("deferred" mode) under the fence.
     fn save(pool: &Pool, fence: &Fence, iterations: u64, t: &Tensor) -> (Stage, oneshot::Receiver<Result<Committed>>) {
         let (reply, answer) = oneshot::channel();
-        let model = vec![Desc { name: "w".into(), dtype: DType::F32, shape: vec![t.numel()] }];
-        let job = SaveJob {
-            iterations,
-            state_json: b"{}".to_vec(),
-            average_loss: 1.0,
-            backup: false,
-            model,
-            optimizer: None,
-            stall: Duration::ZERO,
-            waited: false,
-            reply,
-        };
+        let job = SaveJob::test(iterations, vec![t.numel()], reply);
         let lease = pool.try_lease().unwrap();
         (Stage { job, tensors: vec![(0, t.shallow_clone())], lease, guard: Some(fence.arm()), events: Vec::new() }, answer)
     }

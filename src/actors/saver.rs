@@ -262,18 +262,7 @@ mod tests {
         let mut lease = pool.try_lease().unwrap();
         lease.sized(0, 16).resize(16, 1); // 4 floats staged, 6 described
         let (reply, _answer) = tokio::sync::oneshot::channel();
-        let model = vec![Desc { name: "w".into(), dtype: DType::F32, shape: vec![2, 3] }];
-        let job = SaveJob {
-            iterations: 1,
-            state_json: b"{}".to_vec(),
-            average_loss: 1.0,
-            backup: false,
-            model,
-            optimizer: None,
-            stall: Duration::ZERO,
-            waited: false,
-            reply,
-        };
+        let job = SaveJob::test(1, vec![2, 3], reply);
         let w = Write { job, lease, crcs: Vec::new(), copy: Duration::ZERO };
         let e = write_save(&shared, &w).unwrap_err();
         assert!(matches!(e, Error::StagedLength { expected: 24, found: 16, .. }), "{e:?}");
