@@ -1,24 +1,34 @@
 # Set-up from nothing: a repo-local virtualenv with the PyPI torch wheel that
-# provides libtorch (and safetensors + numpy for the interop tests), and the
-# `.venv/torch` link that `.cargo/config.toml` points LIBTORCH at.
+# provides libtorch (and safetensors + numpy for the interop tests), the
+# `.venv/torch` link that `.cargo/config.toml` points LIBTORCH at, and the
+# S3-protocol server that the remote tier's tests run against on loopback.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 TORCH_VERSION := 2.11.0
+# s3s-fs: an S3 server storing objects as files (a bucket is a folder) that
+# checks request signatures; installed once into the git-ignored .tools/.
+TOOLS := .tools
+S3S_FS := $(TOOLS)/bin/s3s-fs
+S3S_FS_VERSION := 0.14.1
 # The `modelio` command is a package of its own (cli/), built without libtorch.
 CLI_BUILD := cargo build --release --manifest-path cli/Cargo.toml --target-dir target/cli
 
 .PHONY: setup test demo build soak bench gpu-bundle clean-venv
 
-setup: $(READY)
+setup: $(READY) $(S3S_FS)
 
 $(READY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) safetensors numpy
 	ln -sfn $$($(PY) -c 'import torch, os; print(os.path.relpath(os.path.dirname(torch.__file__), "$(VENV)"))') $(VENV)/torch
 	touch $(READY)
+
+# Built from source (a few minutes, once); skipped while the binary exists.
+$(S3S_FS):
+	cargo install s3s-fs@$(S3S_FS_VERSION) --features binary --locked --root $(TOOLS)
 
 build: setup
 	cargo build --release --all-targets

@@ -602,7 +602,7 @@ fn checksums(bytes: &[u8]) -> (u32, u32) {
 }
 
 /// Parse the manifest and check its format, version and own checksum.
-fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
     let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if manifest.format != FORMAT_NAME || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
         return Err(format!(

@@ -23,6 +23,7 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub staging: StagingConfig,
     pub load: LoadConfig,
+    pub remote: RemoteConfig,
 }
 
 /// `[model]`: which model, where.
@@ -130,6 +131,75 @@ pub struct LoadConfig {
     /// Load the newest archive that verifies (`.bk`, then snapshots) when the
     /// live one is damaged or missing.
     pub fallback: bool,
+}
+
+/// Which committed saves the remote tier uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadPolicy {
+    /// Every committed save (the newest wins when the network is slower than saves).
+    Every,
+    /// Only saves that are backed up, snapshotted, or the exit save.
+    Milestones,
+}
+
+/// `[remote]`: a copy of committed checkpoints in object storage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// Where: `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`,
+    /// `file:///path`, or `memory://name` (this process only, for tests).
+    /// Empty: no remote tier.
+    pub url: String,
+    /// An S3-compatible server's address (`http://127.0.0.1:9000`); empty: AWS.
+    pub endpoint: String,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: bool,
+    /// S3 region; empty: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: String,
+    /// "every" or "milestones".
+    pub upload: UploadPolicy,
+    /// Remote checkpoints to keep, the newest by iteration (0 = keep all).
+    pub keep: usize,
+    /// When the model folder holds no model, fetch the newest remote checkpoint at `open`.
+    pub restore: bool,
+    /// Multipart upload part size, MiB (5 to 5120).
+    pub part_size_mib: usize,
+    /// Parts uploaded at once (1 to 64): memory is at most this many parts.
+    pub parts_in_flight: usize,
+    /// Longest wait between retries of a failed upload, seconds (>= 1).
+    pub retry_max_secs: u64,
+    /// How long `finish`/`shutdown` wait for the last upload, seconds.
+    pub drain_secs: u64,
+    /// A partial upload left by an interrupted run is removed by a later run
+    /// once it is this old, seconds (another writer may still be uploading it).
+    pub orphan_grace_secs: u64,
+}
+
+impl RemoteConfig {
+    /// Whether the remote tier is on.
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            url: String::new(),
+            endpoint: String::new(),
+            allow_http: false,
+            region: String::new(),
+            upload: UploadPolicy::Every,
+            keep: 3,
+            restore: true,
+            part_size_mib: 16,
+            parts_in_flight: 4,
+            retry_max_secs: 30,
+            drain_secs: 120,
+            orphan_grace_secs: 3600,
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -248,6 +318,32 @@ impl Config {
         }
         if self.staging.max_inflight == 0 || self.staging.max_inflight > 64 {
             return bad("staging.max_inflight", self.staging.max_inflight.to_string(), "an integer from 1 to 64");
+        }
+        let r = &self.remote;
+        if r.enabled() {
+            const SCHEMES: [&str; 6] = ["s3://", "gs://", "az://", "abfs://", "file:///", "memory://"];
+            if !SCHEMES.iter().any(|s| r.url.starts_with(s)) {
+                return bad(
+                    "remote.url",
+                    format!("{:?}", r.url),
+                    "s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///absolute/path or memory://name",
+                );
+            }
+            if !(r.endpoint.is_empty() || r.endpoint.starts_with("http://") || r.endpoint.starts_with("https://")) {
+                return bad("remote.endpoint", format!("{:?}", r.endpoint), "an http:// or https:// address");
+            }
+            if r.endpoint.starts_with("http://") && !r.allow_http {
+                return bad("remote.endpoint", format!("{:?}", r.endpoint), "an https:// address, or set remote.allow_http = true");
+            }
+        }
+        if !(5..=5120).contains(&r.part_size_mib) {
+            return bad("remote.part_size_mib", r.part_size_mib.to_string(), "an integer from 5 to 5120");
+        }
+        if !(1..=64).contains(&r.parts_in_flight) {
+            return bad("remote.parts_in_flight", r.parts_in_flight.to_string(), "an integer from 1 to 64");
+        }
+        if r.retry_max_secs == 0 {
+            return bad("remote.retry_max_secs", "0".into(), "an integer >= 1");
         }
         Ok(())
     }

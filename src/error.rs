@@ -173,6 +173,50 @@ pub enum Error {
     /// device, a folder or a symlink where a file belongs).
     #[error("{} is {kind}, not a regular file; remove or rename it", path.display())]
     NotRegular { path: PathBuf, kind: &'static str },
+
+    /// An object-store request failed (after the client's own retries).
+    #[error("could not {op} {target} on the remote tier")]
+    Remote {
+        op: &'static str,
+        target: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The remote tier's credentials are not in the environment.
+    #[error(
+        "remote.url is {url}, but {missing} is not set; set it (and its partner variables) in the environment, or leave remote.url empty"
+    )]
+    RemoteCredentials { url: String, missing: String },
+
+    /// `finish`/`shutdown` stopped waiting for an upload.
+    #[error(
+        "the upload of iteration {iterations} to {location} did not finish within remote.drain_secs ({waited_secs} s); \
+         the save is on local disk and the next run uploads it"
+    )]
+    RemoteBehind { location: String, iterations: u64, waited_secs: u64 },
+
+    /// A remote object differs from its manifest.
+    #[error("remote checkpoint {checkpoint} at {location} is damaged ({object}: {detail}); pull or resume from another one (`modelio remote list`)")]
+    RemoteDamaged { location: String, checkpoint: String, object: String, detail: String },
+
+    /// No remote checkpoint matches.
+    #[error("no remote checkpoint `{which}` at {location}; `modelio remote list` shows what there is")]
+    RemoteNotFound { location: String, which: String },
+
+    /// The model folder holds no model and the remote tier could not be read
+    /// to restore one.
+    #[error(
+        "model folder {} holds no model and the remote tier at {location} could not be read to restore one; \
+         fix the connection and open again, or set remote.restore = false to start from scratch",
+        dir.display()
+    )]
+    RemoteRestore {
+        dir: PathBuf,
+        location: String,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 /// The folder named in restore hints: the file's parent, "." for a bare name.
@@ -240,7 +284,8 @@ impl Error {
             | Error::NoSpace { .. }
             | Error::SnapshotWithoutSave { .. }
             | Error::Overloaded { .. }
-            | Error::Internal { .. } => true,
+            | Error::Internal { .. }
+            | Error::Remote { .. } => true,
             Error::Background { source, .. } => source.is_retryable(),
             _ => false,
         }

@@ -308,16 +308,40 @@ impl ModelIo {
         })?;
         let paths = ModelPaths::new(&config.model.dir, &config.model.name);
         let settings = Settings { snapshot_keep: config.snapshot.keep, hard_links: config.save.hard_links };
-        let shared = Arc::new(Shared::new(paths.clone(), settings));
-        let (lock, actors) = if config.model.predict {
-            (None, None)
+        #[allow(unused_mut)]
+        let mut shared = Shared::new(paths.clone(), settings);
+        #[cfg(feature = "remote")]
+        let remote = match config.remote.enabled() {
+            true => Some(crate::remote::Remote::connect(&config.remote, &config.model.name)?),
+            false => None,
+        };
+        let lock = if config.model.predict {
+            None
         } else {
             std::fs::create_dir_all(&paths.dir).at("create model folder", &paths.dir)?;
             // Under the lock no other writer of this folder exists, so every
             // temporary file in it is stale.
             let lock = crate::lock::acquire(&paths.dir)?;
             remove_stale_temps(&paths)?;
-            (Some(lock), Some(Actors::start(shared.clone())?))
+            Some(lock)
+        };
+        // A fresh machine: the newest remote checkpoint becomes the local model.
+        #[cfg(feature = "remote")]
+        if let Some(remote) = &remote {
+            if config.remote.restore && !paths.archive().exists() && history_without_archive(&paths)?.is_none() {
+                restore_from_remote(remote, &paths)?;
+            }
+        }
+        #[cfg(feature = "remote")]
+        if !config.model.predict {
+            if let Some(remote) = remote {
+                shared.remote = Some(Arc::new(crate::remote::tier::Tier::new(remote, config.remote.clone(), paths.clone())));
+            }
+        }
+        let shared = Arc::new(shared);
+        let actors = match lock {
+            Some(_) => Some(Actors::start(shared.clone())?),
+            None => None,
         };
         let unloaded_history = match history_without_archive(&paths)? {
             Some(found) if !config.load.fallback => {
@@ -335,6 +359,20 @@ impl ModelIo {
             Err(Error::DamagedState { .. }) if unloaded_history.is_some() => State::new(&paths.name),
             other => other?,
         };
+        // A local save the remote tier does not have yet (the last run
+        // stopped before uploading it) goes up first.
+        #[cfg(feature = "remote")]
+        if let (Some(_), Some(tier), true) = (&actors, &shared.remote, paths.archive().is_file()) {
+            // No save is queued yet, so the files pinned are the committed ones.
+            match crate::actors::pin(&shared) {
+                Ok(pinned) => tier.offer(crate::remote::tier::Upload {
+                    pinned,
+                    iterations: state.total_iterations,
+                    reason: crate::remote::Reason::CatchUp,
+                }),
+                Err(e) => tracing::warn!(target: "modelio", "remote: could not pin the save on disk for upload: {}", e.report()),
+            }
+        }
         if !config.model.predict {
             state.start_session(None);
         }
@@ -715,6 +753,7 @@ impl ModelIo {
             optimizer,
             stall: started.elapsed(),
             waited,
+            exit: is_exit,
             reply,
         };
         actors.stage(Stage { job, tensors: deferred, lease, guard, events })?;
@@ -853,10 +892,14 @@ impl ModelIo {
     /// The first background failure not yet reported.
     pub async fn shutdown(mut self) -> Result<()> {
         let result = self.flush().await;
+        let behind = self.drain_remote().await;
         if let Some(mut a) = self.actors.take() {
             a.stop();
         }
-        result
+        match (result, behind) {
+            (Ok(()), Some(e)) => Err(e),
+            (result, _) => result,
+        }
     }
 
     /// [`ModelIo::shutdown`] for synchronous code: blocks the calling thread.
@@ -906,6 +949,9 @@ impl ModelIo {
             Err(e) => Err(e),
         };
         let drained = self.flush().await;
+        if let Some(e) = self.drain_remote().await {
+            unreported.push(e);
+        }
         let stats = self.stats();
         if let Some(mut a) = self.actors.take() {
             a.stop();
@@ -918,6 +964,50 @@ impl ModelIo {
             unreported.push(e);
         }
         Ok(Finished { exit_save, stats, unreported })
+    }
+
+    /// The remote tier's counters (`None` without `[remote]`, or in predict mode).
+    #[cfg(feature = "remote")]
+    pub fn remote_stats(&self) -> Option<crate::remote::tier::RemoteStats> {
+        self.shared.remote.as_ref().map(|t| t.stats())
+    }
+
+    /// Wait until the remote tier has uploaded every committed save offered
+    /// to it so far (or was idle), at most `timeout`; true when it has.
+    /// Blocks the calling thread.
+    #[cfg(feature = "remote")]
+    pub fn wait_remote_blocking(&self, timeout: Duration) -> bool {
+        self.shared.remote.as_ref().is_none_or(|t| t.wait_idle(timeout))
+    }
+
+    /// After the actors drained: give uploads `remote.drain_secs` to
+    /// finish, then stop them. An upload still under way is reported.
+    async fn drain_remote(&self) -> Option<Error> {
+        #[cfg(feature = "remote")]
+        if let Some(tier) = self.shared.remote.clone() {
+            let wait = Duration::from_secs(tier.config.drain_secs);
+            let t = tier.clone();
+            let idle = tokio::task::spawn_blocking(move || t.wait_idle(wait)).await.unwrap_or(false);
+            if !idle {
+                tier.stop();
+                let stats = tier.stats();
+                return Some(Error::RemoteBehind {
+                    location: stats.location,
+                    iterations: stats.pending.unwrap_or(0),
+                    waited_secs: wait.as_secs(),
+                });
+            }
+        }
+        None
+    }
+
+    /// Test hook: make every upload to the remote tier sleep first.
+    #[cfg(feature = "remote")]
+    #[doc(hidden)]
+    pub fn set_upload_delay(&self, delay: Duration) {
+        if let Some(t) = &self.shared.remote {
+            t.set_delay(delay);
+        }
     }
 
     /// Test hook: make every background write sleep first.
@@ -1060,6 +1150,30 @@ fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
 
 /// When the archive is missing but the folder holds the model's history (a
 /// state file that counted iterations, a backup, a snapshot), what is there.
+/// Pull the newest remote checkpoint that verifies into the empty model
+/// folder `paths`; a damaged one is skipped for the one before it.
+#[cfg(feature = "remote")]
+fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Result<()> {
+    let unreadable =
+        |e: Error| Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(e) };
+    let mut all = remote.list().map_err(unreadable)?;
+    while let Some(m) = all.pop() {
+        match remote.pull(&m, paths) {
+            Ok(()) => {
+                tracing::info!(target: "modelio", "restored iteration {} from {} ({})", m.iterations, remote.location(), m.id());
+                return Ok(());
+            }
+            Err(e @ (Error::RemoteDamaged { .. } | Error::Damaged { .. })) => {
+                tracing::warn!(target: "modelio", "remote checkpoint {} does not verify, trying the one before it: {}", m.id(), e.report());
+                let _ = std::fs::remove_file(paths.archive());
+                let _ = std::fs::remove_file(paths.state());
+            }
+            Err(e) => return Err(unreadable(e)),
+        }
+    }
+    Ok(())
+}
+
 fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
     match std::fs::symlink_metadata(paths.archive()) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -86,6 +86,8 @@ pub mod handle;
 pub mod lock;
 #[cfg(feature = "torch")]
 pub mod optim;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod restore;
 pub mod retention;
 pub mod schedule;

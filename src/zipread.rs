@@ -370,6 +370,113 @@ fn plain_name(raw: &[u8]) -> Result<String, String> {
     }
 }
 
+/// Read the data of one entry of an archive of `len` bytes that is read only
+/// through `read(range)` (ranged requests to an object store): the end
+/// records, the central directory, the entry's local header and its data, a
+/// few small reads whatever the archive's size. Checks the records it reads
+/// as [`read`] does and the entry's CRC-32; the rest of the archive is not
+/// read, so this is no substitute for checking the whole file.
+///
+/// # Errors
+/// A message naming the first broken record, or the failed read.
+pub async fn read_entry_ranged<F, Fut>(len: u64, name: &str, read: F) -> Result<Vec<u8>, String>
+where
+    F: Fn(std::ops::Range<u64>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
+{
+    // The end records: the end record, the zip64 locator and the zip64 end
+    // record are the last 98 bytes at most (modelio writes no comment).
+    let tail_len = len.min(EOCD_LEN + ZIP64_LOCATOR_LEN + ZIP64_EOCD_LEN);
+    let tail_at = len - tail_len;
+    let tail = read(tail_at..len).await?;
+    let t = Bytes(&tail);
+    let rel = |abs: u64| abs.checked_sub(tail_at).ok_or_else(|| format!("record at {abs} is outside the end of the file"));
+    let end_offset = len.checked_sub(EOCD_LEN).ok_or_else(|| format!("{len} bytes is too short for a zip archive"))?;
+    if t.u32(rel(end_offset)?, "end of central directory")? != EOCD_SIG {
+        return Err("no end-of-central-directory record at the end of the file".into());
+    }
+    let mut cd_size = u64::from(t.u32(rel(end_offset)? + 12, "central directory size")?);
+    let mut cd_offset = u64::from(t.u32(rel(end_offset)? + 16, "central directory offset")?);
+    let mut cd_end = end_offset;
+    if let Some(loc) = end_offset.checked_sub(ZIP64_LOCATOR_LEN) {
+        if loc >= tail_at && t.u32(rel(loc)?, "zip64 locator")? == ZIP64_LOCATOR_SIG {
+            let z = loc.checked_sub(ZIP64_EOCD_LEN).ok_or("a zip64 locator without room for its record")?;
+            if t.u32(rel(z)?, "zip64 end record")? != ZIP64_EOCD_SIG {
+                return Err("the zip64 end-of-central-directory record is missing".into());
+            }
+            cd_size = t.u64(rel(z)? + 40, "zip64 central directory size")?;
+            cd_offset = t.u64(rel(z)? + 48, "zip64 central directory offset")?;
+            cd_end = z;
+        }
+    }
+    if cd_offset.checked_add(cd_size) != Some(cd_end) {
+        return Err(format!("the end record places the central directory at {cd_offset} ({cd_size} bytes), but it ends at {cd_end}"));
+    }
+    let cd = read(cd_offset..cd_end).await?;
+    let c = Bytes(&cd);
+    let mut at = 0u64;
+    while at < cd_size {
+        if c.u32(at, "central directory record")? != CENTRAL_SIG {
+            return Err(format!("no central directory record at {}", cd_offset + at));
+        }
+        let method = c.u16(at + 10, "central record")?;
+        let crc32 = c.u32(at + 16, "central record")?;
+        let mut size = u64::from(c.u32(at + 24, "central record")?);
+        let name_len = u64::from(c.u16(at + 28, "central record")?);
+        let extra_len = u64::from(c.u16(at + 30, "central record")?);
+        let comment_len = u64::from(c.u16(at + 32, "central record")?);
+        let mut header_offset = u64::from(c.u32(at + 42, "central record")?);
+        let raw_name = c.slice(at + CENTRAL_LEN, name_len, "entry name")?;
+        let next = at + CENTRAL_LEN + name_len + extra_len + comment_len;
+        if raw_name != name.as_bytes() {
+            at = next;
+            continue;
+        }
+        if method != 0 {
+            return Err(format!("entry `{name}` is compressed (method {method}); entries must be stored"));
+        }
+        let extra = c.slice(at + CENTRAL_LEN + name_len, extra_len, "extra field")?;
+        for (id, data) in extra_fields(extra).map_err(|e| format!("entry `{name}`: {e}"))? {
+            if id != ZIP64_EXTRA_ID {
+                continue;
+            }
+            let mut fields = data.chunks(8);
+            let mut compressed = SENTINEL32;
+            for value in [&mut size, &mut compressed, &mut header_offset] {
+                if *value == SENTINEL32 {
+                    let bytes =
+                        fields.next().filter(|f| f.len() == 8).ok_or_else(|| format!("entry `{name}`: zip64 extra field too short"))?;
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(bytes);
+                    *value = u64::from_le_bytes(a);
+                }
+            }
+        }
+        let header_end = header_offset
+            .checked_add(LOCAL_LEN)
+            .filter(|&e| e <= cd_offset)
+            .ok_or_else(|| format!("entry `{name}`: local header past the entries"))?;
+        let header = read(header_offset..header_end).await?;
+        let h = Bytes(&header);
+        if h.u32(0, "local header")? != LOCAL_SIG {
+            return Err(format!("entry `{name}`: no local header at {header_offset}"));
+        }
+        let data_at = header_end + u64::from(h.u16(26, "local header")?) + u64::from(h.u16(28, "local header")?);
+        let data_end =
+            data_at.checked_add(size).filter(|&e| e <= cd_offset).ok_or_else(|| format!("entry `{name}`: data runs past the entries"))?;
+        let named = read(header_end..header_end + name_len).await?;
+        if named != raw_name {
+            return Err(format!("entry `{name}`: the local header names another file"));
+        }
+        let data = read(data_at..data_end).await?;
+        if data.len() as u64 != size || crc32fast::hash(&data) != crc32 {
+            return Err(format!("entry `{name}`: CRC-32 or size differs from the central record's"));
+        }
+        return Ok(data);
+    }
+    Err(format!("no entry `{name}`"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

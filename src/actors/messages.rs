@@ -39,6 +39,9 @@ pub(crate) struct SaveJob {
     pub stall: Duration,
     /// Whether the save had to wait for a free staging buffer.
     pub waited: bool,
+    /// The exit save (uploaded under every `remote.upload` policy).
+    #[cfg_attr(not(feature = "remote"), allow(dead_code))]
+    pub exit: bool,
     pub reply: Reply,
 }
 
@@ -214,6 +217,7 @@ impl SaveJob {
             optimizer: None,
             stall: Duration::ZERO,
             waited: false,
+            exit: false,
             reply,
         }
     }

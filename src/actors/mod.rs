@@ -38,6 +38,7 @@ use crate::folder::ModelPaths;
 use crate::staging::lock;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
+pub(crate) use saver::pin;
 pub(crate) use stager::Stager;
 
 /// Snapshot requests in flight (requested, not yet built or refused). Each
@@ -78,6 +79,9 @@ pub(crate) struct Shared {
     /// reported once, to one later call of the trainer.
     failures: Mutex<VecDeque<Error>>,
     pub stats: Stats,
+    /// The remote tier, when `[remote]` is configured.
+    #[cfg(feature = "remote")]
+    pub remote: Option<Arc<crate::remote::tier::Tier>>,
     /// Test hook: an artificial delay before each write (ms).
     write_delay_ms: AtomicU64,
     /// Test hook: the next write panics. Set by the handle, taken (swapped
@@ -92,6 +96,8 @@ impl Shared {
             settings,
             failures: Mutex::new(VecDeque::new()),
             stats: Stats::default(),
+            #[cfg(feature = "remote")]
+            remote: None,
             write_delay_ms: AtomicU64::new(0),
             panic_next_write: AtomicBool::new(false),
         }
@@ -218,6 +224,16 @@ impl Actors {
                         yield_cpu();
                         snapshot::SnapshotActor { shared: s.clone() }
                     });
+                    #[cfg(feature = "remote")]
+                    if let Some(tier) = &shared.remote {
+                        let t = tier.clone();
+                        let uploader = SyncArbiter::start(1, move || {
+                            yield_cpu();
+                            crate::remote::tier::Uploader { tier: t.clone() }
+                        });
+                        uploader.do_send(crate::remote::tier::Clean);
+                        tier.set_uploader(uploader);
+                    }
                     let s = shared.clone();
                     let saver = SyncArbiter::start(1, move || {
                         yield_cpu();

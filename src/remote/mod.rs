@@ -1,0 +1,668 @@
+//! The remote tier: committed checkpoints copied to object storage (S3 and
+//! S3-compatible servers, GCS, Azure, a local folder, memory) through the
+//! `object_store` crate, and read back from there.
+//!
+//! An upload writes the archive and state file of one committed save under
+//! keys of its own, then a manifest (objects, sizes, CRC-32C of each object,
+//! the archive's tensors and their checksums) with a create-if-absent put,
+//! then moves `LATEST` forward with a conditional update. Readers trust
+//! only manifests (see [`manifest`] for the layout). A pull streams each
+//! object into a temporary file in the model folder, checking its size and
+//! CRC-32C as the bytes arrive, and commits it only when both match; the
+//! load that follows checks every tensor.
+//!
+//! [`Remote`] does the object-store work on a small runtime of its own, so
+//! its blocking methods may be called from anywhere, an async task included
+//! (they then run on a scoped thread). The uploader actor that feeds it from
+//! the saver is in [`tier`].
+
+pub mod manifest;
+mod store;
+#[cfg(feature = "torch")]
+pub(crate) mod tier;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart};
+
+use crate::archive::ArchiveReader;
+use crate::config::RemoteConfig;
+use crate::durable::{self, Source};
+use crate::error::{Error, IoContext, Result};
+use crate::folder::ModelPaths;
+use manifest::{checkpoint_id, iterations_of, Intent, Layout, ARCHIVE_OBJECT, MANIFEST_FORMAT, STATE_OBJECT};
+pub use manifest::{Latest, ObjectEntry, RemoteManifest, TensorSum};
+
+/// Why a checkpoint is uploaded (recorded in its manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Save,
+    Backup,
+    Snapshot,
+    Exit,
+    /// A local save newer than the remote, found at open.
+    CatchUp,
+}
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Save => "save",
+            Reason::Backup => "backup",
+            Reason::Snapshot => "snapshot",
+            Reason::Exit => "exit",
+            Reason::CatchUp => "catch-up",
+        }
+    }
+}
+
+/// One model's checkpoints in one object store.
+pub struct Remote {
+    inner: Arc<Inner>,
+    /// `Some` until dropped: a runtime is shut down in the background, so
+    /// dropping a `Remote` inside an async task does not panic.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    /// The same store's multipart API where it has one (S3, GCS, Azure,
+    /// memory): its upload ids let a later run abort an upload this one
+    /// could not finish.
+    multipart: Option<Arc<dyn MultipartStore>>,
+    layout: Layout,
+    /// `<url>/<model>`, for messages.
+    location: String,
+    part_size: usize,
+    parts_in_flight: usize,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("location", &self.inner.location).finish()
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// An object-store failure on `what`, naming it.
+fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
+    Error::Remote { op, target: what.to_string(), source: Box::new(e) }
+}
+
+impl Remote {
+    /// Connect to the remote tier of `config` for model `name`: checks the
+    /// URL and credentials, without any network traffic.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] naming `remote.url` when the URL cannot be used;
+    /// [`Error::RemoteCredentials`] naming the missing variable.
+    pub fn connect(config: &RemoteConfig, name: &str) -> Result<Remote> {
+        let built = store::build(config)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("modelio-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the remote tier's runtime for", config.url.as_str(), e))?;
+        let inner = Inner {
+            store: built.store,
+            multipart: built.multipart,
+            layout: Layout::new(&built.prefix, name),
+            location: format!("{}/{name}", config.url.trim_end_matches('/')),
+            part_size: config.part_size_mib << 20,
+            parts_in_flight: config.parts_in_flight,
+        };
+        Ok(Remote { inner: Arc::new(inner), rt: Some(rt) })
+    }
+
+    /// Where this model's checkpoints are: `<url>/<model>`.
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    /// Run `fut` on the remote runtime and wait for it. From inside another
+    /// runtime it runs on a scoped thread (a runtime cannot be blocked on
+    /// from one of its own or another runtime's threads).
+    fn run<F: std::future::Future + Send>(&self, fut: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        let Some(rt) = &self.rt else { unreachable!("the runtime is only taken by drop") };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return rt.block_on(fut);
+        }
+        std::thread::scope(|s| match s.spawn(|| rt.block_on(fut)).join() {
+            Ok(out) => out,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    }
+
+    /// Every manifested checkpoint, oldest first (by iteration, then time).
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be listed or a manifest read.
+    pub fn list(&self) -> Result<Vec<RemoteManifest>> {
+        self.run(self.inner.list())
+    }
+
+    /// The newest manifested checkpoint, if any: the one `LATEST` names when
+    /// its manifest exists, else the newest listed.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn latest(&self) -> Result<Option<RemoteManifest>> {
+        self.run(self.inner.latest())
+    }
+
+    /// The checkpoint whose id (`<iterations:020>-<upload>`), upload id or
+    /// iteration count is `which`; the newest when several match.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read or nothing matches.
+    pub fn find(&self, which: &str) -> Result<RemoteManifest> {
+        let all = self.list()?;
+        let found = all.into_iter().rev().find(|m| m.id() == which || m.upload == which || m.iterations.to_string() == which);
+        found.ok_or_else(|| Error::RemoteNotFound { location: self.inner.location.clone(), which: which.to_string() })
+    }
+
+    /// Upload the committed archive and state file at `archive` and `state`
+    /// (pins that cannot change), then commit the manifest and move `LATEST`.
+    /// `stop` is polled between parts: when it returns true the upload is
+    /// abandoned (its objects are left to [`Remote::clean_orphans`]).
+    ///
+    /// # Errors
+    /// [`Error::Remote`] on a store failure; [`Error::Damaged`] or
+    /// [`Error::Io`] when the local files cannot be read.
+    pub fn upload(&self, archive: &Path, state: &Path, reason: Reason, stop: &(dyn Fn() -> bool + Sync)) -> Result<RemoteManifest> {
+        self.run(self.inner.upload(archive, state, reason, stop))
+    }
+
+    /// Whether the remote's newest checkpoint is older than `iterations`
+    /// (or there is none).
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn is_behind(&self, iterations: u64) -> Result<bool> {
+        Ok(self.latest()?.is_none_or(|m| m.iterations < iterations))
+    }
+
+    /// Download checkpoint `m` into the model folder `paths` (archive, then
+    /// state file), each committed only once its size and CRC-32C match the
+    /// manifest; then check the archive's tensors against the manifest.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] on a store failure, [`Error::RemoteDamaged`] when an
+    /// object differs from its manifest; the folder is then unchanged, or
+    /// holds the new archive without its state file (which the archive embeds).
+    pub fn pull(&self, m: &RemoteManifest, paths: &ModelPaths) -> Result<()> {
+        std::fs::create_dir_all(&paths.dir).at("create model folder", &paths.dir)?;
+        for (file, target) in [("archive", paths.archive()), ("state", paths.state())] {
+            let object = m.object(file).ok_or_else(|| self.damaged(m, file, "the manifest lists no such object".into()))?;
+            let mut write = |out: &mut std::io::BufWriter<durable::StreamingFile>| {
+                let written = self.run(self.inner.download(object, &mut |chunk: &[u8]| out.write_all(chunk).at("write", &target)));
+                written.and_then(|(size, crc)| self.check_object(m, object, size, crc))
+            };
+            durable::commit(&target, Source::Write { size_hint: object.size, write: &mut write })?;
+        }
+        let reader = ArchiveReader::open(&paths.archive())?;
+        let listed = tensor_sums(&reader);
+        if listed != m.tensors {
+            return Err(self.damaged(m, "archive", "its tensors or their checksums differ from the manifest's".into()));
+        }
+        Ok(())
+    }
+
+    /// Check checkpoint `m` where it is: stream every object, checking its
+    /// size and CRC-32C against the manifest (nothing is written anywhere),
+    /// and read the archive's own manifest with ranged reads to check its
+    /// tensors against the remote manifest's. Returns the problems found
+    /// (none: it verifies).
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn verify(&self, m: &RemoteManifest) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for object in &m.objects {
+            let (size, crc) = self.run(self.inner.download(object, &mut |_| Ok(())))?;
+            if let Err(e) = self.check_object(m, object, size, crc) {
+                problems.push(e.to_string());
+            }
+        }
+        if problems.is_empty() {
+            if let Some(archive) = m.object("archive") {
+                match self.run(self.inner.archive_manifest(archive)) {
+                    Ok(inner) => {
+                        let mut listed: Vec<TensorSum> = inner.model.iter().map(|t| TensorSum::of("model", t)).collect();
+                        if let Some(o) = &inner.optimizer {
+                            listed.extend(o.tensors.iter().map(|t| TensorSum::of("optimizer", t)));
+                        }
+                        if listed != m.tensors || inner.iterations != m.iterations {
+                            problems.push(format!("{}: the archive's manifest differs from the remote manifest", archive.key));
+                        }
+                    }
+                    Err(e) => problems.push(e.to_string()),
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Keep the newest `keep` checkpoints (0 = all) and the one `LATEST`
+    /// names; delete each older one's manifest first, then its objects.
+    /// Returns how many were deleted.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] on a store failure.
+    pub fn apply_retention(&self, keep: usize) -> Result<usize> {
+        self.run(self.inner.apply_retention(keep))
+    }
+
+    /// Remove what interrupted uploads left, once older than `grace`: abort
+    /// their multipart uploads and delete objects no manifest names. Returns
+    /// how many uploads were cleaned up.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] on a store failure.
+    pub fn clean_orphans(&self, grace: Duration) -> Result<usize> {
+        self.run(self.inner.clean_orphans(grace))
+    }
+
+    fn check_object(&self, m: &RemoteManifest, o: &ObjectEntry, size: u64, crc: u32) -> Result<()> {
+        if size != o.size {
+            return Err(self.damaged(m, &o.file, format!("{} bytes, the manifest says {}", size, o.size)));
+        }
+        if crc != o.crc32c {
+            return Err(self.damaged(m, &o.file, format!("CRC-32C {crc:08x}, the manifest says {:08x}", o.crc32c)));
+        }
+        Ok(())
+    }
+
+    fn damaged(&self, m: &RemoteManifest, file: &str, detail: String) -> Error {
+        Error::RemoteDamaged { location: self.inner.location.clone(), checkpoint: m.id(), object: file.to_string(), detail }
+    }
+}
+
+/// The tensors of an archive as a manifest lists them.
+fn tensor_sums(reader: &ArchiveReader) -> Vec<TensorSum> {
+    let mut sums: Vec<TensorSum> = reader.manifest.model.iter().map(|t| TensorSum::of("model", t)).collect();
+    if let Some(o) = &reader.manifest.optimizer {
+        sums.extend(o.tensors.iter().map(|t| TensorSum::of("optimizer", t)));
+    }
+    sums
+}
+
+/// Retries of a conditional update of `LATEST` that lost a race.
+const LATEST_RETRIES: usize = 16;
+
+impl Inner {
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, UpdateVersion)>> {
+        let got = match self.store.get(key).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(remote_err("read", key, e)),
+        };
+        let version = UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
+        let bytes = got.bytes().await.map_err(|e| remote_err("read", key, e))?;
+        let value = serde_json::from_slice(&bytes).map_err(|e| Error::RemoteDamaged {
+            location: self.location.clone(),
+            checkpoint: key.to_string(),
+            object: "json".into(),
+            detail: e.to_string(),
+        })?;
+        Ok(Some((value, version)))
+    }
+
+    async fn put(&self, key: &Key, bytes: Vec<u8>, mode: PutMode) -> object_store::Result<object_store::PutResult> {
+        self.store.put_opts(key, PutPayload::from(bytes), PutOptions::from(mode)).await
+    }
+
+    async fn list_keys(&self, prefix: &Key) -> Result<Vec<object_store::ObjectMeta>> {
+        let mut out = Vec::new();
+        let mut listing = self.store.list(Some(prefix));
+        while let Some(meta) = listing.next().await {
+            out.push(meta.map_err(|e| remote_err("list", prefix, e))?);
+        }
+        Ok(out)
+    }
+
+    async fn list(&self) -> Result<Vec<RemoteManifest>> {
+        let mut found = Vec::new();
+        for meta in self.list_keys(&self.layout.manifests()).await? {
+            // A manifest deleted between the listing and the read is skipped.
+            match self.get_json::<RemoteManifest>(&meta.location).await {
+                Ok(Some((m, _))) => found.push(m),
+                Ok(None) => {}
+                Err(e @ Error::RemoteDamaged { .. }) => tracing::warn!(target: "modelio", "skipping {}: {}", meta.location, e.report()),
+                Err(e) => return Err(e),
+            }
+        }
+        found.sort_by(|a, b| (a.iterations, &a.created).cmp(&(b.iterations, &b.created)));
+        Ok(found)
+    }
+
+    async fn latest(&self) -> Result<Option<RemoteManifest>> {
+        if let Ok(Some((latest, _))) = self.get_json::<Latest>(&self.layout.latest()).await {
+            if let Ok(Some((m, _))) = self.get_json::<RemoteManifest>(&Key::from(latest.manifest.as_str())).await {
+                return Ok(Some(m));
+            }
+        }
+        Ok(self.list().await?.pop())
+    }
+
+    async fn upload(&self, archive: &Path, state: &Path, reason: Reason, stop: &(dyn Fn() -> bool + Sync)) -> Result<RemoteManifest> {
+        // The archive's structure and its manifest (cheap: no tensor is read).
+        let reader = ArchiveReader::open(archive)?;
+        let iterations = reader.manifest.iterations;
+        let with_optimizer = reader.manifest.optimizer.is_some();
+        let tensors = tensor_sums(&reader);
+        drop(reader);
+        let upload = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+        let id = checkpoint_id(iterations, &upload);
+        let mut intent = Intent { upload: upload.clone(), iterations, multipart: Vec::new() };
+        self.write_intent(&intent).await?;
+
+        let state_bytes = durable::read_regular(state)?;
+        let state_key = self.layout.data(&id, STATE_OBJECT);
+        let state_entry = ObjectEntry {
+            file: "state".into(),
+            key: state_key.to_string(),
+            size: state_bytes.len() as u64,
+            crc32c: crc32c::crc32c(&state_bytes),
+        };
+        self.put(&state_key, state_bytes, PutMode::Overwrite).await.map_err(|e| remote_err("upload", &state_key, e))?;
+        let archive_key = self.layout.data(&id, ARCHIVE_OBJECT);
+        let (size, crc) = self.upload_file(archive, &archive_key, &mut intent, stop).await?;
+        let archive_entry = ObjectEntry { file: "archive".into(), key: archive_key.to_string(), size, crc32c: crc };
+
+        let manifest = RemoteManifest {
+            format: MANIFEST_FORMAT,
+            model: self.layout.root().filename().unwrap_or_default().to_string(),
+            iterations,
+            upload: upload.clone(),
+            created: chrono::Utc::now().to_rfc3339(),
+            kind: reason.name().into(),
+            with_optimizer,
+            objects: vec![archive_entry, state_entry],
+            tensors,
+        };
+        let key = self.layout.manifest(&id);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
+        self.put(&key, json, PutMode::Create).await.map_err(|e| remote_err("commit manifest", &key, e))?;
+        self.advance_latest(&key, iterations).await?;
+        // The upload is complete: its record is no longer needed (a leftover
+        // record of a manifested upload is removed by the next cleanup).
+        let _ = self.store.delete(&self.layout.intent(&upload)).await;
+        Ok(manifest)
+    }
+
+    async fn write_intent(&self, intent: &Intent) -> Result<()> {
+        let key = self.layout.intent(&intent.upload);
+        let json = serde_json::to_vec(intent).map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
+        self.put(&key, json, PutMode::Overwrite).await.map_err(|e| remote_err("record upload", &key, e)).map(drop)
+    }
+
+    /// Upload the file at `path` to `key`: one put when it fits in a part,
+    /// else a multipart upload with at most `parts_in_flight` parts in
+    /// memory. Returns its size and CRC-32C.
+    async fn upload_file(&self, path: &Path, key: &Key, intent: &mut Intent, stop: &(dyn Fn() -> bool + Sync)) -> Result<(u64, u32)> {
+        let file = Arc::new(durable::open_regular(path)?);
+        let size = file.metadata().at("inspect", path)?.len();
+        let part = self.part_size as u64;
+        let abandoned = || {
+            remote_err("upload", key, object_store::Error::Generic { store: "modelio", source: "abandoned: the upload was stopped".into() })
+        };
+        if size <= part {
+            let bytes = read_part(&file, path, 0, size as usize).await?;
+            let crc = crc32c::crc32c(&bytes);
+            self.store.put(key, PutPayload::from(bytes)).await.map_err(|e| remote_err("upload", key, e))?;
+            return Ok((size, crc));
+        }
+        let mut crc = 0u32;
+        let mut offset = 0u64;
+        match &self.multipart {
+            Some(mp) => {
+                let id = mp.create_multipart(key).await.map_err(|e| remote_err("start multipart upload of", key, e))?;
+                intent.multipart.push((key.to_string(), id.clone()));
+                self.write_intent(intent).await?;
+                let mut in_flight = futures::stream::FuturesOrdered::new();
+                let mut parts: Vec<PartId> = Vec::new();
+                let mut index = 0usize;
+                while offset < size || !in_flight.is_empty() {
+                    if offset < size && in_flight.len() < self.parts_in_flight {
+                        if stop() {
+                            let _ = mp.abort_multipart(key, &id).await;
+                            return Err(abandoned());
+                        }
+                        let len = part.min(size - offset) as usize;
+                        let bytes = read_part(&file, path, offset, len).await?;
+                        crc = crc32c::crc32c_append(crc, &bytes);
+                        let (mp, key, id) = (mp.clone(), key.clone(), id.clone());
+                        let i = index;
+                        in_flight.push_back(async move { mp.put_part(&key, &id, i, PutPayload::from(bytes)).await });
+                        offset += len as u64;
+                        index += 1;
+                        continue;
+                    }
+                    match in_flight.next().await {
+                        Some(Ok(p)) => parts.push(p),
+                        Some(Err(e)) => {
+                            let _ = mp.abort_multipart(key, &id).await;
+                            return Err(remote_err("upload part of", key, e));
+                        }
+                        None => break,
+                    }
+                }
+                mp.complete_multipart(key, &id, parts).await.map_err(|e| remote_err("complete multipart upload of", key, e))?;
+            }
+            None => {
+                let upload = self.store.put_multipart(key).await.map_err(|e| remote_err("start multipart upload of", key, e))?;
+                let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+                while offset < size {
+                    if stop() {
+                        let _ = writer.abort().await;
+                        return Err(abandoned());
+                    }
+                    if let Err(e) = writer.wait_for_capacity(self.parts_in_flight).await {
+                        return Err(remote_err("upload part of", key, e));
+                    }
+                    let len = part.min(size - offset) as usize;
+                    let bytes = read_part(&file, path, offset, len).await?;
+                    crc = crc32c::crc32c_append(crc, &bytes);
+                    writer.put(bytes);
+                    offset += len as u64;
+                }
+                writer.finish().await.map_err(|e| remote_err("complete multipart upload of", key, e))?;
+            }
+        }
+        Ok((size, crc))
+    }
+
+    /// Point `LATEST` at manifest `key` unless it already names a newer
+    /// checkpoint that exists: a conditional update (create when absent) that
+    /// retries when another writer moved it in between. Stores without
+    /// conditional updates (a local folder) get a plain atomic overwrite.
+    async fn advance_latest(&self, key: &Key, iterations: u64) -> Result<()> {
+        let latest_key = self.layout.latest();
+        let body = serde_json::to_vec(&Latest { manifest: key.to_string(), iterations })
+            .map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
+        for _ in 0..LATEST_RETRIES {
+            let current = match self.get_json::<Latest>(&latest_key).await {
+                Ok(c) => c,
+                // Unreadable: replace it (readers fall back to listing meanwhile).
+                Err(Error::RemoteDamaged { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let mode = match current {
+                Some((latest, _)) if latest.iterations > iterations && self.exists(&Key::from(latest.manifest.as_str())).await? => {
+                    return Ok(())
+                }
+                Some((_, version)) => PutMode::Update(version),
+                None => PutMode::Create,
+            };
+            match self.put(&latest_key, body.clone(), mode).await {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => continue,
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    return self
+                        .put(&latest_key, body, PutMode::Overwrite)
+                        .await
+                        .map(drop)
+                        .map_err(|e| remote_err("update", &latest_key, e))
+                }
+                Err(e) => return Err(remote_err("update", &latest_key, e)),
+            }
+        }
+        Err(remote_err(
+            "update",
+            &latest_key,
+            object_store::Error::Generic { store: "modelio", source: format!("still contended after {LATEST_RETRIES} tries").into() },
+        ))
+    }
+
+    async fn exists(&self, key: &Key) -> Result<bool> {
+        match self.store.head(key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(remote_err("look for", key, e)),
+        }
+    }
+
+    /// Stream object `o` through `sink`; its size and CRC-32C.
+    async fn download(&self, o: &ObjectEntry, sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send)) -> Result<(u64, u32)> {
+        let key = Key::from(o.key.as_str());
+        let got = self.store.get(&key).await.map_err(|e| remote_err("download", &key, e))?;
+        let mut stream = got.into_stream();
+        let (mut size, mut crc) = (0u64, 0u32);
+        while let Some(chunk) = stream.next().await {
+            let chunk: Bytes = chunk.map_err(|e| remote_err("download", &key, e))?;
+            crc = crc32c::crc32c_append(crc, &chunk);
+            size += chunk.len() as u64;
+            sink(&chunk)?;
+        }
+        Ok((size, crc))
+    }
+
+    /// The archive's own manifest, read with ranged reads through the zip's
+    /// end records and central directory (a few small requests whatever the
+    /// archive's size).
+    async fn archive_manifest(&self, o: &ObjectEntry) -> Result<crate::format::Manifest> {
+        let key = Key::from(o.key.as_str());
+        let store = self.store.clone();
+        let k = key.clone();
+        let read = move |range: std::ops::Range<u64>| {
+            let (store, k) = (store.clone(), k.clone());
+            async move { store.get_range(&k, range).await.map(|b| b.to_vec()).map_err(|e| e.to_string()) }
+        };
+        let bytes = crate::zipread::read_entry_ranged(o.size, crate::format::MANIFEST_ENTRY, read).await.map_err(|detail| {
+            Error::RemoteDamaged { location: self.location.clone(), checkpoint: key.to_string(), object: "archive".into(), detail }
+        })?;
+        crate::archive::parse_manifest(&bytes).map_err(|detail| Error::RemoteDamaged {
+            location: self.location.clone(),
+            checkpoint: key.to_string(),
+            object: "archive".into(),
+            detail,
+        })
+    }
+
+    async fn delete_all(&self, prefix: &Key) -> Result<()> {
+        for meta in self.list_keys(prefix).await? {
+            match self.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(remote_err("delete", &meta.location, e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_retention(&self, keep: usize) -> Result<usize> {
+        if keep == 0 {
+            return Ok(0);
+        }
+        let all = self.list().await?;
+        let latest = self.get_json::<Latest>(&self.layout.latest()).await.ok().flatten().map(|(l, _)| l.manifest);
+        let excess = all.len().saturating_sub(keep);
+        let mut deleted = 0;
+        for m in all.into_iter().take(excess) {
+            let key = self.layout.manifest(&m.id());
+            if latest.as_deref() == Some(key.as_ref()) {
+                continue;
+            }
+            // The manifest first: from then on the checkpoint does not exist
+            // for readers, and its objects are orphans whatever happens next.
+            match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(remote_err("delete", &key, e)),
+            }
+            self.delete_all(&self.layout.data_dir(&m.id())).await?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    async fn clean_orphans(&self, grace: Duration) -> Result<usize> {
+        let now = chrono::Utc::now();
+        let old = |t: chrono::DateTime<chrono::Utc>| (now - t).to_std().is_ok_and(|age| age >= grace);
+        let mut cleaned = 0;
+        // Records of uploads: abort their multipart uploads once old enough.
+        let mut live = std::collections::HashSet::new();
+        for meta in self.list_keys(&self.layout.uploads()).await? {
+            let Some((intent, _)) = self.get_json::<Intent>(&meta.location).await.ok().flatten() else { continue };
+            if !old(meta.last_modified) {
+                live.insert(intent.upload);
+                continue;
+            }
+            if let Some(mp) = &self.multipart {
+                for (key, id) in &intent.multipart {
+                    let _ = mp.abort_multipart(&Key::from(key.as_str()), &id.clone()).await;
+                }
+            }
+            let _ = self.store.delete(&meta.location).await;
+        }
+        // Data without a manifest, not under way, and old enough.
+        let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
+        let data_root = self.layout.data_root();
+        for meta in self.list_keys(&data_root).await? {
+            let Some(id) = meta.location.prefix_match(&data_root).and_then(|mut p| p.next()).map(|p| p.as_ref().to_string()) else {
+                continue;
+            };
+            let all_old = dirs.entry(id).or_insert(true);
+            *all_old &= old(meta.last_modified);
+        }
+        for (id, all_old) in dirs {
+            let upload = id.split_once('-').map(|(_, u)| u.to_string()).unwrap_or_default();
+            if !all_old || live.contains(&upload) || iterations_of(&id).is_none() || self.exists(&self.layout.manifest(&id)).await? {
+                continue;
+            }
+            self.delete_all(&self.layout.data_dir(&id)).await?;
+            cleaned += 1;
+        }
+        Ok(cleaned)
+    }
+}
+
+/// Read `len` bytes at `offset` of `file` on a blocking thread.
+async fn read_part(file: &Arc<std::fs::File>, path: &Path, offset: u64, len: usize) -> Result<Bytes> {
+    let (file, p) = (file.clone(), path.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).at("read", &p).map(|()| Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?
+}

@@ -1,0 +1,340 @@
+//! The uploader: an actor of its own that uploads committed saves to the
+//! remote tier, newest first, never holding up the saver or the trainer.
+//!
+//! The saver pins each save to upload (hard links to the committed archive
+//! and state file, which never change) and offers it here. One upload runs
+//! at a time and one waits: an offer replaces the waiting one, whose pins
+//! are dropped and which is counted as skipped. So when the network is
+//! slower than saves, the newest committed save is what goes up next, and
+//! memory and disk hold at most two pinned saves.
+//!
+//! A failed upload is retried with exponential backoff (up to
+//! `remote.retry_max_secs` between tries), or replaced by a newer save that
+//! arrived meanwhile. Failures are counted, logged, and written with the
+//! other counters to `<dir>/<name>_remote.json` (what `modelio remote status`
+//! shows); they are not errors of the trainer's calls, since training and
+//! local saves go on.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::{Handler, Message, SyncContext};
+use serde::{Deserialize, Serialize};
+
+use super::{Reason, Remote};
+use crate::config::{RemoteConfig, UploadPolicy};
+use crate::durable;
+use crate::error::{Error, Result};
+use crate::folder::ModelPaths;
+use crate::snapshot::Pinned;
+
+/// A committed save to upload: its pinned archive and state file.
+pub(crate) struct Upload {
+    pub pinned: Vec<Pinned>,
+    pub iterations: u64,
+    pub reason: Reason,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        for p in &self.pinned {
+            let _ = std::fs::remove_file(&p.pin);
+        }
+    }
+}
+
+/// The remote tier's counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemoteStats {
+    /// `<url>/<model>`.
+    pub location: String,
+    /// Checkpoints uploaded (manifest committed).
+    pub uploaded: u64,
+    /// Saves not uploaded because a newer one replaced them while waiting.
+    pub skipped: u64,
+    /// Upload attempts that failed (each is retried or replaced).
+    pub failed_attempts: u64,
+    /// Iterations of the newest checkpoint uploaded by this run.
+    pub last_uploaded: Option<u64>,
+    /// The newest manifest's key.
+    pub last_manifest: Option<String>,
+    /// The last failure, and when (RFC 3339).
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Iterations of the save being uploaded or waiting, if any.
+    pub pending: Option<u64>,
+    /// Uploads given up at shutdown (left for the next run's catch-up).
+    pub abandoned: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Option<Upload>,
+    /// Iterations of the upload in progress.
+    running: Option<u64>,
+}
+
+/// The remote tier of one handle, shared by the saver, the uploader and the handle.
+pub(crate) struct Tier {
+    pub remote: Remote,
+    pub config: RemoteConfig,
+    paths: ModelPaths,
+    queue: Mutex<Queue>,
+    idle: Condvar,
+    stats: Mutex<RemoteStats>,
+    /// Set when the handle stops waiting for uploads: the one in progress is
+    /// abandoned between parts, and nothing more starts.
+    stop: AtomicBool,
+    /// The uploader's address, set once the actors are started.
+    addr: std::sync::OnceLock<actix::Addr<Uploader>>,
+    /// Test hook: an artificial delay before each upload (ms).
+    delay_ms: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Tier {
+    pub fn new(remote: Remote, config: RemoteConfig, paths: ModelPaths) -> Tier {
+        let stats = RemoteStats { location: remote.location().to_string(), ..RemoteStats::default() };
+        Tier {
+            remote,
+            config,
+            paths,
+            queue: Mutex::new(Queue::default()),
+            idle: Condvar::new(),
+            stats: Mutex::new(stats),
+            stop: AtomicBool::new(false),
+            addr: std::sync::OnceLock::new(),
+            delay_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a save with these properties is uploaded.
+    pub fn wants(&self, backup: bool, exit: bool) -> bool {
+        match self.config.upload {
+            UploadPolicy::Every => true,
+            UploadPolicy::Milestones => backup || exit,
+        }
+    }
+
+    /// Whether snapshotted saves are uploaded separately (they are already
+    /// uploaded when every save is).
+    pub fn wants_snapshots(&self) -> bool {
+        self.config.upload == UploadPolicy::Milestones
+    }
+
+    pub fn set_uploader(&self, addr: actix::Addr<Uploader>) {
+        let _ = self.addr.set(addr);
+    }
+
+    /// Queue `upload`, replacing (and counting as skipped) one still waiting.
+    pub fn offer(&self, upload: Upload) {
+        let iterations = upload.iterations;
+        let replaced = lock(&self.queue).waiting.replace(upload);
+        if let Some(old) = replaced {
+            tracing::info!(target: "modelio", "remote: upload of iteration {} skipped, iteration {iterations} is newer", old.iterations);
+            lock(&self.stats).skipped += 1;
+        }
+        lock(&self.stats).pending = Some(iterations);
+        if let Some(addr) = self.addr.get() {
+            addr.do_send(Wake);
+        }
+    }
+
+    fn take(&self) -> Option<Upload> {
+        let mut q = lock(&self.queue);
+        let next = q.waiting.take();
+        q.running = next.as_ref().map(|u| u.iterations);
+        if next.is_none() {
+            self.idle.notify_all();
+        }
+        next
+    }
+
+    /// A newer save that arrived while the current one kept failing.
+    fn take_newer(&self) -> Option<Upload> {
+        let mut q = lock(&self.queue);
+        let newer = q.waiting.take()?;
+        q.running = Some(newer.iterations);
+        Some(newer)
+    }
+
+    /// Wait until nothing is uploading or waiting, at most `timeout`.
+    /// Returns whether it is idle.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut q = lock(&self.queue);
+        while q.running.is_some() || q.waiting.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self.idle.wait_timeout(q, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
+    /// Stop uploading: the upload in progress is abandoned, the waiting one dropped.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = lock(&self.queue).waiting.take() {
+            tracing::warn!(target: "modelio", "remote: upload of iteration {} not started before shutdown; the next run uploads it", w.iterations);
+            lock(&self.stats).abandoned += 1;
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> RemoteStats {
+        lock(&self.stats).clone()
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Write the counters to `<dir>/<name>_remote.json` for `modelio remote status`.
+    fn publish(&self) {
+        let json = match serde_json::to_vec_pretty(&*lock(&self.stats)) {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        if let Err(e) = durable::commit_bytes(&status_path(&self.paths), &json) {
+            tracing::warn!(target: "modelio", "remote: could not write the status file: {}", e.report());
+        }
+    }
+
+    /// Upload `upload`, retrying with backoff until it is done, replaced by
+    /// a newer save, or stopped.
+    fn upload(&self, mut upload: Upload) {
+        let mut attempt: u32 = 0;
+        loop {
+            if self.stopped() {
+                lock(&self.stats).abandoned += 1;
+                return;
+            }
+            let delay = Duration::from_millis(self.delay_ms.load(Ordering::Relaxed));
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+            match self.attempt(&upload) {
+                Ok(Some(manifest)) => {
+                    tracing::info!(target: "modelio", "remote: uploaded iteration {} to {} ({})", upload.iterations, self.remote.location(), manifest);
+                    {
+                        let mut s = lock(&self.stats);
+                        s.uploaded += 1;
+                        s.last_uploaded = Some(upload.iterations);
+                        s.last_manifest = Some(manifest);
+                        s.pending = None;
+                    }
+                    if let Err(e) = self.remote.apply_retention(self.config.keep) {
+                        tracing::warn!(target: "modelio", "remote: retention: {}", e.report());
+                    }
+                    return self.publish();
+                }
+                Ok(None) => {
+                    lock(&self.stats).pending = None;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "modelio", "remote: upload of iteration {} failed (will retry): {}", upload.iterations, e.report());
+                    {
+                        let mut s = lock(&self.stats);
+                        s.failed_attempts += 1;
+                        s.last_error = Some(e.report().to_string());
+                        s.last_error_at = Some(chrono::Utc::now().to_rfc3339());
+                    }
+                    self.publish();
+                    if !e.is_retryable() && !matches!(e, Error::RemoteDamaged { .. }) {
+                        // The local pinned files cannot be read: retrying cannot help.
+                        return;
+                    }
+                }
+            }
+            // Back off, looking for a newer save and for a stop meanwhile.
+            let wait =
+                Duration::from_millis(250u64.saturating_mul(1 << attempt.min(16))).min(Duration::from_secs(self.config.retry_max_secs));
+            attempt += 1;
+            let until = Instant::now() + wait;
+            while Instant::now() < until && !self.stopped() {
+                if let Some(newer) = self.take_newer() {
+                    tracing::info!(target: "modelio", "remote: upload of iteration {} skipped, iteration {} is newer", upload.iterations, newer.iterations);
+                    lock(&self.stats).skipped += 1;
+                    upload = newer;
+                    attempt = 0;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// One try: `Ok(None)` when a catch-up finds the remote up to date.
+    fn attempt(&self, upload: &Upload) -> Result<Option<String>> {
+        if upload.reason == Reason::CatchUp && !self.remote.is_behind(upload.iterations)? {
+            return Ok(None);
+        }
+        let [archive, state] = upload.pinned.as_slice() else {
+            return Err(Error::Internal { what: "upload", message: format!("{} pinned files, 2 expected", upload.pinned.len()) });
+        };
+        let stop = || self.stopped();
+        let m = self.remote.upload(&archive.pin, &state.pin, upload.reason, &stop)?;
+        Ok(Some(m.id()))
+    }
+}
+
+/// Where the uploader publishes its counters: `<dir>/<name>_remote.json`.
+pub fn status_path(paths: &ModelPaths) -> std::path::PathBuf {
+    paths.dir.join(format!("{}_remote.json", paths.name))
+}
+
+/// The uploader actor: a thread of its own, since an upload may take minutes.
+pub(crate) struct Uploader {
+    pub tier: Arc<Tier>,
+}
+
+impl actix::Actor for Uploader {
+    type Context = SyncContext<Self>;
+}
+
+/// Look at the queue.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Wake;
+
+/// Clean up after interrupted runs (once, at start).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Clean;
+
+impl Handler<Wake> for Uploader {
+    type Result = ();
+    fn handle(&mut self, _: Wake, _: &mut Self::Context) {
+        while let Some(upload) = self.tier.take() {
+            let tier = &self.tier;
+            if let Err(e) = crate::actors::guarded("upload", || {
+                tier.upload(upload);
+                Ok(())
+            }) {
+                tracing::error!(target: "modelio", "remote: {}", e.report());
+            }
+        }
+    }
+}
+
+impl Handler<Clean> for Uploader {
+    type Result = ();
+    fn handle(&mut self, _: Clean, _: &mut Self::Context) {
+        let grace = Duration::from_secs(self.tier.config.orphan_grace_secs);
+        match self.tier.remote.clean_orphans(grace) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(target: "modelio", "remote: removed {n} partial uploads of interrupted runs"),
+            Err(e) => tracing::warn!(target: "modelio", "remote: cleanup of partial uploads: {}", e.report()),
+        }
+    }
+}
