@@ -526,4 +526,49 @@ mod tests {
         bytes[at] ^= 1;
         assert!(read(&bytes).unwrap_err().contains("central directory"));
     }
+
+    /// `read_entry_ranged` over bytes in memory, counting the requests and bytes read.
+    fn ranged(bytes: &[u8], name: &str) -> (Result<Vec<u8>, String>, usize, u64) {
+        let reads = std::cell::Cell::new((0usize, 0u64));
+        let read = |r: std::ops::Range<u64>| {
+            let (n, total) = reads.get();
+            reads.set((n + 1, total + (r.end - r.start)));
+            let out = bytes.get(r.start as usize..r.end as usize).map(<[u8]>::to_vec).ok_or_else(|| "out of range".to_string());
+            std::future::ready(out)
+        };
+        let got = futures::executor::block_on(read_entry_ranged(bytes.len() as u64, name, read));
+        let (n, total) = reads.get();
+        (got, n, total)
+    }
+
+    #[test]
+    fn one_entry_is_read_with_a_few_small_ranged_reads() {
+        let mut names: Vec<String> = (0..40).map(|i| format!("entry{i}")).collect();
+        names.push("manifest.json".into());
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let bytes = archive(&refs);
+        let (got, requests, fetched) = ranged(&bytes, "manifest.json");
+        assert_eq!(got.unwrap(), b"manifest.json");
+        assert_eq!(requests, 5, "tail, central directory, local header, its name, the data");
+        let dir = read_dir_len(&bytes);
+        assert!(fetched < dir + 200, "{fetched} bytes read for a {dir}-byte central directory");
+        assert!(ranged(&bytes, "missing").0.unwrap_err().contains("no entry"));
+        // Damage in what is read is caught: the end record, the data.
+        let mut bad = bytes.clone();
+        let at = bad.len() - 22 + 16;
+        bad[at] ^= 1;
+        assert!(ranged(&bad, "manifest.json").0.is_err());
+        let data_at = read(&bytes).unwrap().get("manifest.json").unwrap().data_offset as usize;
+        let mut bad = bytes.clone();
+        bad[data_at] ^= 1;
+        assert!(ranged(&bad, "manifest.json").0.unwrap_err().contains("CRC-32"));
+        for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(ranged(&bytes[..cut], "manifest.json").0.is_err(), "cut at {cut}");
+        }
+    }
+
+    fn read_dir_len(bytes: &[u8]) -> u64 {
+        let d = read(bytes).unwrap();
+        d.end_offset - d.central_offset
+    }
 }

@@ -200,11 +200,17 @@ pub(crate) struct Actors {
     snapshots: Arc<AtomicUsize>,
     system: actix::System,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Stopped with the actors: an upload still under way is abandoned
+    /// (the next run's catch-up uploads the newest save).
+    #[cfg(feature = "remote")]
+    remote: Option<Arc<crate::remote::tier::Tier>>,
 }
 
 impl Actors {
     /// Start the system thread and the four actors.
     pub fn start(shared: Arc<Shared>) -> Result<Actors> {
+        #[cfg(feature = "remote")]
+        let remote = shared.remote.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("modelio-actors".into())
@@ -253,7 +259,16 @@ impl Actors {
             })
             .map_err(|e| Error::io("start actor thread for", ".", e))?;
         let (stager, saver, system) = rx.recv().map_err(|_| Error::Stopped)?;
-        Ok(Actors { stager, saver, staged: AtomicU64::new(0), snapshots: Arc::new(AtomicUsize::new(0)), system, thread: Some(thread) })
+        Ok(Actors {
+            stager,
+            saver,
+            staged: AtomicU64::new(0),
+            snapshots: Arc::new(AtomicUsize::new(0)),
+            system,
+            thread: Some(thread),
+            #[cfg(feature = "remote")]
+            remote,
+        })
     }
 
     /// Hand a save to the stager. Its lease bounds the saves in flight (the
@@ -301,6 +316,10 @@ impl Actors {
 
     /// Stop the system and join its thread (call after a flush).
     pub fn stop(&mut self) {
+        #[cfg(feature = "remote")]
+        if let Some(tier) = &self.remote {
+            tier.stop();
+        }
         self.system.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

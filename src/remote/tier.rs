@@ -252,6 +252,7 @@ impl Tier {
                     self.publish();
                     if !e.is_retryable() && !matches!(e, Error::RemoteDamaged { .. }) {
                         // The local pinned files cannot be read: retrying cannot help.
+                        lock(&self.stats).pending = None;
                         return;
                     }
                 }
