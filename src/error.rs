@@ -175,13 +175,9 @@ pub enum Error {
     NotRegular { path: PathBuf, kind: &'static str },
 
     /// An object-store request failed (after the client's own retries).
-    #[error("could not {op} {target} on the remote tier")]
-    Remote {
-        op: &'static str,
-        target: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    /// `detail` is the store's message, which already names its causes.
+    #[error("could not {op} {target} on the remote tier: {detail}")]
+    Remote { op: &'static str, target: String, detail: String },
 
     /// The remote tier's credentials are not in the environment.
     #[error(

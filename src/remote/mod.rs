@@ -100,9 +100,10 @@ impl Drop for Remote {
     }
 }
 
-/// An object-store failure on `what`, naming it.
+/// An object-store failure on `what`, naming it. The store's message
+/// already holds its causes' (as text), so they are not chained again.
 fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
-    Error::Remote { op, target: what.to_string(), source: Box::new(e) }
+    Error::Remote { op, target: what.to_string(), detail: e.to_string() }
 }
 
 impl Remote {
@@ -594,12 +595,21 @@ impl Inner {
         if keep == 0 {
             return Ok(0);
         }
-        let all = self.list().await?;
+        // Manifest keys sort by iteration (`<iterations:020>-<upload>.json`):
+        // a listing is enough, no manifest is read.
+        let mut ids: Vec<String> = self
+            .list_keys(&self.layout.manifests())
+            .await?
+            .into_iter()
+            .filter_map(|m| m.location.filename().and_then(|f| f.strip_suffix(".json")).map(str::to_string))
+            .filter(|id| iterations_of(id).is_some())
+            .collect();
+        ids.sort();
         let latest = self.get_json::<Latest>(&self.layout.latest()).await.ok().flatten().map(|(l, _)| l.manifest);
-        let excess = all.len().saturating_sub(keep);
+        let excess = ids.len().saturating_sub(keep);
         let mut deleted = 0;
-        for m in all.into_iter().take(excess) {
-            let key = self.layout.manifest(&m.id());
+        for id in ids.into_iter().take(excess) {
+            let key = self.layout.manifest(&id);
             if latest.as_deref() == Some(key.as_ref()) {
                 continue;
             }
@@ -609,7 +619,7 @@ impl Inner {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(remote_err("delete", &key, e)),
             }
-            self.delete_all(&self.layout.data_dir(&m.id())).await?;
+            self.delete_all(&self.layout.data_dir(&id)).await?;
             deleted += 1;
         }
         Ok(deleted)
