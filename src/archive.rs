@@ -419,6 +419,14 @@ impl ArchiveReader {
         &self.path
     }
 
+    /// The archive's bytes (a copy when it is a mapped file).
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self.map {
+            Backing::Owned(v) => v,
+            Backing::Mapped(m, _) => m.to_vec(),
+        }
+    }
+
     /// The tensor entries and their tensors.
     fn tensor_entries(&self) -> impl Iterator<Item = (&TensorEntry, &[Located])> {
         let optimizer = self.optimizer_entry.iter().zip(self.optimizer.iter().map(|(l, _)| &l[..]));

@@ -24,6 +24,29 @@ pub struct Config {
     pub staging: StagingConfig,
     pub load: LoadConfig,
     pub remote: RemoteConfig,
+    pub shard: ShardConfig,
+}
+
+/// `[shard]`: this process's rank among several that save one sharded
+/// checkpoint (see `modelio::sharded`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardConfig {
+    /// This process's rank; absent: `RANK` from the environment, else 0.
+    pub rank: Option<usize>,
+    /// How many ranks; absent: `WORLD_SIZE` from the environment, else 1.
+    pub world_size: Option<usize>,
+    /// How long the coordinator (rank 0) waits for every rank's shard of a
+    /// step before giving that step up, seconds.
+    pub commit_deadline_secs: u64,
+    /// Committed steps to keep, the newest (0 = keep all).
+    pub keep: usize,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig { rank: None, world_size: None, commit_deadline_secs: 60, keep: 3 }
+    }
 }
 
 /// `[model]`: which model, where.
@@ -157,6 +180,10 @@ pub struct RemoteConfig {
     pub allow_http: bool,
     /// S3 region; empty: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
     pub region: String,
+    /// Use the machine's own credentials (an EC2 instance profile, GCE
+    /// metadata) when none are in the environment; off, a missing variable
+    /// is an error at `open`.
+    pub instance_credentials: bool,
     /// "every" or "milestones".
     pub upload: UploadPolicy,
     /// Remote checkpoints to keep, the newest by iteration (0 = keep all).
@@ -190,6 +217,7 @@ impl Default for RemoteConfig {
             endpoint: String::new(),
             allow_http: false,
             region: String::new(),
+            instance_credentials: false,
             upload: UploadPolicy::Every,
             keep: 3,
             restore: true,

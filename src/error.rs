@@ -181,16 +181,21 @@ pub enum Error {
 
     /// The remote tier's credentials are not in the environment.
     #[error(
-        "remote.url is {url}, but {missing} is not set; set it (and its partner variables) in the environment, or leave remote.url empty"
+        "remote.url is {url}, but {missing} is not set; set it (and its partner variables) in the environment, \
+         set remote.instance_credentials = true to use the machine's own, or leave remote.url empty"
     )]
     RemoteCredentials { url: String, missing: String },
 
     /// `finish`/`shutdown` stopped waiting for an upload.
     #[error(
-        "the upload of iteration {iterations} to {location} did not finish within remote.drain_secs ({waited_secs} s); \
-         the save is on local disk and the next run uploads it"
+        "the upload of iteration {iterations} to {location} did not finish within remote.drain_secs ({waited_secs} s; \
+         last failure: {last_error}); the save is on local disk and the next run uploads it"
     )]
-    RemoteBehind { location: String, iterations: u64, waited_secs: u64 },
+    RemoteBehind { location: String, iterations: u64, waited_secs: u64, last_error: String },
+
+    /// A sharded step cannot be committed: a rank's shard is not durable yet.
+    #[error("sharded step {iterations}: rank {rank}'s shard is not there yet ({key})")]
+    ShardMissing { iterations: u64, rank: usize, key: String },
 
     /// A remote object differs from its manifest.
     #[error("remote checkpoint {checkpoint} at {location} is damaged ({object}: {detail}); pull or resume from another one (`modelio remote list`)")]

@@ -80,6 +80,11 @@ impl DType {
             DType::Bool => "BOOL",
         }
     }
+
+    /// The dtype of a safetensors name.
+    pub fn from_name(name: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.name() == name)
+    }
 }
 
 impl std::fmt::Display for DType {

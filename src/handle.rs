@@ -327,7 +327,7 @@ impl ModelIo {
         };
         // A fresh machine: the newest remote checkpoint becomes the local model.
         #[cfg(feature = "remote")]
-        if let Some(remote) = &remote {
+        if let (Some(remote), Some(_)) = (&remote, &lock) {
             if config.remote.restore && !paths.archive().exists() && history_without_archive(&paths)?.is_none() {
                 restore_from_remote(remote, &paths)?;
             }
@@ -908,10 +908,14 @@ impl ModelIo {
     /// As [`ModelIo::shutdown`].
     pub fn shutdown_blocking(mut self) -> Result<()> {
         let result = self.flush_blocking();
+        let behind = self.drain_remote_blocking();
         if let Some(mut a) = self.actors.take() {
             a.stop();
         }
-        result
+        match (result, behind) {
+            (Ok(()), Some(e)) => Err(e),
+            (result, _) => result,
+        }
     }
 
     /// End training: the exit save (optimizer included unless the policy is
@@ -985,18 +989,19 @@ impl ModelIo {
     async fn drain_remote(&self) -> Option<Error> {
         #[cfg(feature = "remote")]
         if let Some(tier) = self.shared.remote.clone() {
-            let wait = Duration::from_secs(tier.config.drain_secs);
             let t = tier.clone();
-            let idle = tokio::task::spawn_blocking(move || t.wait_idle(wait)).await.unwrap_or(false);
-            if !idle {
-                tier.stop();
-                let stats = tier.stats();
-                return Some(Error::RemoteBehind {
-                    location: stats.location,
-                    iterations: stats.pending.unwrap_or(0),
-                    waited_secs: wait.as_secs(),
-                });
-            }
+            let idle = tokio::task::spawn_blocking(move || t.wait_idle(Duration::from_secs(t.config.drain_secs))).await.unwrap_or(false);
+            return remote_behind(&tier, idle);
+        }
+        None
+    }
+
+    /// [`ModelIo::drain_remote`], blocking the calling thread.
+    fn drain_remote_blocking(&self) -> Option<Error> {
+        #[cfg(feature = "remote")]
+        if let Some(tier) = &self.shared.remote {
+            let idle = tier.wait_idle(Duration::from_secs(tier.config.drain_secs));
+            return remote_behind(tier, idle);
         }
         None
     }
@@ -1150,28 +1155,58 @@ fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
 
 /// When the archive is missing but the folder holds the model's history (a
 /// state file that counted iterations, a backup, a snapshot), what is there.
+/// Stop the remote tier's uploads unless it drained (`idle`), reporting the
+/// upload left behind and its last failure.
+#[cfg(feature = "remote")]
+fn remote_behind(tier: &crate::remote::tier::Tier, idle: bool) -> Option<Error> {
+    if idle {
+        return None;
+    }
+    let stats = tier.stats();
+    tier.stop();
+    Some(Error::RemoteBehind {
+        location: stats.location,
+        iterations: stats.pending.unwrap_or_default(),
+        waited_secs: tier.config.drain_secs,
+        last_error: stats.last_error.unwrap_or_else(|| "none; it was still uploading".into()),
+    })
+}
+
 /// Pull the newest remote checkpoint that verifies into the empty model
 /// folder `paths`; a damaged one is skipped for the one before it.
 #[cfg(feature = "remote")]
 fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Result<()> {
-    let unreadable =
-        |e: Error| Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(e) };
+    // Only the store's failures are "could not be read"; a full disk or a
+    // local error is reported as itself.
+    let unreadable = |e: Error| match e {
+        Error::Remote { .. } => {
+            Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(e) }
+        }
+        other => other,
+    };
     let mut all = remote.list().map_err(unreadable)?;
+    let mut damaged = Vec::new();
     while let Some(m) = all.pop() {
         match remote.pull(&m, paths) {
             Ok(()) => {
                 tracing::info!(target: "modelio", "restored iteration {} from {} ({})", m.iterations, remote.location(), m.id());
+                for (id, e) in &damaged {
+                    tracing::warn!(target: "modelio", "skipped remote checkpoint {id}, which does not verify: {}", Error::report(e));
+                }
                 return Ok(());
             }
-            Err(e @ (Error::RemoteDamaged { .. } | Error::Damaged { .. })) => {
-                tracing::warn!(target: "modelio", "remote checkpoint {} does not verify, trying the one before it: {}", m.id(), e.report());
-                let _ = std::fs::remove_file(paths.archive());
-                let _ = std::fs::remove_file(paths.state());
-            }
+            Err(e @ (Error::RemoteDamaged { .. } | Error::Damaged { .. })) => damaged.push((m.id(), e)),
             Err(e) => return Err(unreadable(e)),
         }
     }
-    Ok(())
+    // Checkpoints exist but none verifies: starting from scratch would be
+    // silent data loss, so refuse (remote.restore = false starts afresh).
+    match damaged.into_iter().next() {
+        Some((_, newest)) => {
+            Err(Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(newest) })
+        }
+        None => Ok(()),
+    }
 }
 
 fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {

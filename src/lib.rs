@@ -91,6 +91,8 @@ pub mod remote;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+#[cfg(all(feature = "torch", feature = "remote"))]
+pub mod sharded;
 #[cfg(feature = "torch")]
 pub mod signals;
 pub mod snapshot;

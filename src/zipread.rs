@@ -441,7 +441,8 @@ where
                 continue;
             }
             let mut fields = data.chunks(8);
-            let mut compressed = SENTINEL32;
+            // Only the fields whose 32-bit value is all ones are in the extra field.
+            let mut compressed = u64::from(c.u32(at + 20, "central record")?);
             for value in [&mut size, &mut compressed, &mut header_offset] {
                 if *value == SENTINEL32 {
                     let bytes =

@@ -264,3 +264,71 @@ fn bad_urls_and_missing_credentials_are_named_at_open() {
     let e = ModelIo::open(remote_config(dir.path(), "gs://b/p")).err().unwrap().to_string();
     assert!(e.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{e}");
 }
+
+#[test]
+fn an_unreadable_latest_is_replaced_and_names_with_odd_characters_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let url = format!("file://{}", store.display());
+    let mut c = remote_config(tmp.path(), &url);
+    c.model.name = "run#1 [a]".into();
+    let remote = Remote::connect(&c.remote, "run#1 [a]").unwrap();
+    let (archive, state) = archive_at(tmp.path(), 2);
+    let first = remote.upload(&archive, &state, Reason::Save, &|| false).unwrap();
+    assert!(remote.verify(&first).unwrap().is_empty());
+    // LATEST damaged: the next upload succeeds and replaces it.
+    let latest = std::fs::read_dir(&store).unwrap().flatten().next().unwrap().path().join("LATEST");
+    std::fs::write(&latest, b"{not json").unwrap();
+    let (archive, state) = archive_at(tmp.path(), 3);
+    let second = remote.upload(&archive, &state, Reason::Save, &|| false).unwrap();
+    let text = std::fs::read_to_string(&latest).unwrap();
+    assert!(text.contains("\"iterations\":3"), "{text}");
+    assert_eq!(remote.latest().unwrap().unwrap(), second);
+    let fresh = modelio::folder::ModelPaths::new(tmp.path().join("fresh"), "run#1 [a]");
+    remote.pull(&second, &fresh).unwrap();
+    assert_eq!(modelio::archive::ArchiveReader::open(&fresh.archive()).unwrap().manifest.iterations, 3);
+    // Retention keeps an upload just made even when newer ones exist.
+    let (archive, state) = archive_at(tmp.path(), 1);
+    let old = remote.upload(&archive, &state, Reason::Save, &|| false).unwrap();
+    assert_eq!(remote.apply_retention(1, Some(&old.id())).unwrap(), 1);
+    let left: Vec<u64> = remote.list().unwrap().iter().map(|m| m.iterations).collect();
+    assert_eq!(left, vec![1, 3], "the protected upload and LATEST's stay");
+}
+
+#[test]
+fn a_fresh_folder_refuses_to_start_when_no_remote_checkpoint_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let url = format!("file://{}", store.display());
+    let remote = Remote::connect(&remote_config(tmp.path(), &url).remote, "m").unwrap();
+    let (archive, state) = archive_at(tmp.path(), 2);
+    let m = remote.upload(&archive, &state, Reason::Save, &|| false).unwrap();
+    std::fs::remove_file(store.join(m.object("archive").unwrap().key.as_str())).unwrap();
+    let fresh = tmp.path().join("fresh");
+    let e = ModelIo::open(remote_config(&fresh, &url)).err().unwrap();
+    assert!(matches!(&e, Error::RemoteRestore { .. }), "{e:?}");
+    let report = e.report().to_string();
+    assert!(report.contains("missing") && report.contains("remote.restore = false"), "{report}");
+    assert!(!fresh.join("m.mio").exists());
+    // Starting afresh is a choice.
+    let mut c = remote_config(&fresh, &url);
+    c.remote.restore = false;
+    let io = ModelIo::open(c).unwrap();
+    assert!(!io.model_exists());
+    io.shutdown_blocking().unwrap();
+}
+
+#[test]
+fn shutdown_reports_an_upload_it_stopped_waiting_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = remote_config(dir.path(), &memory_url("behind"));
+    c.remote.drain_secs = 1;
+    let mut io = ModelIo::open(c).unwrap();
+    io.set_upload_delay(Duration::from_secs(3));
+    let (vs, _net) = seeded_store(5);
+    io.record(1.0);
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
+    let e = io.shutdown_blocking().unwrap_err();
+    assert!(matches!(&e, Error::RemoteBehind { iterations: 1, .. }), "{e:?}");
+    assert!(e.to_string().contains("next run uploads it"), "{e}");
+}

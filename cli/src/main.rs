@@ -1,4 +1,5 @@
-//! The `modelio` command: inspect, verify, restore and list snapshots.
+//! The `modelio` command: inspect, verify, restore and list snapshots; list,
+//! pull and verify the checkpoints of the remote tier (see [`remote`]).
 //!
 //! Results go to standard output through [`Out`], which treats a reader that
 //! went away (`modelio inspect FILE | head`) as the end of the output, not as
@@ -18,7 +19,7 @@ use modelio::format::EXTENSION;
 use modelio::{snapshot, Error};
 
 #[derive(Parser)]
-#[command(name = "modelio", version, about = "Inspect, verify and restore modelio archives")]
+#[command(name = "modelio", version, about = "Inspect, verify and restore modelio archives, locally and on the remote tier")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +54,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The remote tier (object storage): list, pull and verify its
+    /// checkpoints, and show a model folder's upload status.
+    Remote {
+        #[command(subcommand)]
+        command: remote::RemoteCommand,
+    },
 }
 
 /// What the command line can fail with besides the library's errors.
@@ -73,12 +80,49 @@ enum CliError {
 
     #[error("could not write to standard output")]
     Stdout(#[source] std::io::Error),
+
+    #[error("{}", no_remote(config.as_deref()))]
+    NoRemote { config: Option<PathBuf> },
+
+    #[error("remote.url {url} cannot be used here: {why}")]
+    RemoteUnusable { url: String, why: String },
+
+    #[error("no checkpoints at {location}")]
+    NoCheckpoints { location: String },
+
+    #[error(
+        "folder {} already holds {}: a pull never replaces a model's files; pull into an empty folder \
+         (--dir), or move the model's files aside first",
+        dir.display(), file.display()
+    )]
+    PullWouldReplace { dir: PathBuf, file: PathBuf },
+
+    #[error("could not read {} ({detail}): it is not a status file of modelio's uploader", path.display())]
+    StatusFile { path: PathBuf, detail: String },
+}
+
+/// Where to say the remote tier is set.
+fn no_remote(config: Option<&Path>) -> String {
+    match config {
+        Some(c) => {
+            format!("config {} sets no remote tier (remote.url is empty): set url in its [remote] table, or pass --url URL", c.display())
+        }
+        None => "no remote tier given: pass --config FILE (a config with a [remote] url) or --url URL".into(),
+    }
 }
 
 impl CliError {
     /// The error and its causes (see [`Error::report`]).
     fn report(&self) -> Report<'_> {
         Report::of(self)
+    }
+
+    /// 2 for a refusal to replace files (nothing was done), else 1.
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::PullWouldReplace { .. } => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
     }
 }
 
@@ -109,6 +153,9 @@ struct Out {
 macro_rules! say {
     ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
 }
+
+// Declared after `say!`, which it uses.
+mod remote;
 
 impl Out {
     fn line(&mut self, args: fmt::Arguments<'_>) {
@@ -147,7 +194,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             print_error(&e);
-            ExitCode::FAILURE
+            e.exit_code()
         }
     };
     match written {
@@ -165,6 +212,7 @@ fn run(command: Command, out: &mut Out) -> Result<ExitCode, CliError> {
         Command::Verify { path } => verify(&path, out),
         Command::Restore { dir, name } => restore(&dir, name, out),
         Command::Snapshots { dir, name, json } => snapshots(&dir, name, json, out),
+        Command::Remote { command } => remote::run(command, out),
     }
 }
 

@@ -38,6 +38,7 @@ use crate::folder::ModelPaths;
 use crate::staging::lock;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
+#[cfg(feature = "remote")]
 pub(crate) use saver::pin;
 pub(crate) use stager::Stager;
 

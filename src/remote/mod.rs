@@ -17,7 +17,7 @@
 //! the saver is in [`tier`].
 
 pub mod manifest;
-mod store;
+pub(crate) mod store;
 #[cfg(feature = "torch")]
 pub(crate) mod tier;
 
@@ -213,17 +213,45 @@ impl Remote {
     /// holds the new archive without its state file (which the archive embeds).
     pub fn pull(&self, m: &RemoteManifest, paths: &ModelPaths) -> Result<()> {
         std::fs::create_dir_all(&paths.dir).at("create model folder", &paths.dir)?;
+        // Both files are downloaded and checked before either is committed.
+        let mut staged = Vec::with_capacity(2);
+        let result = self.stage_pull(m, paths, &mut staged).and_then(|()| {
+            for (tmp, target) in &staged {
+                durable::commit(target, Source::Link(tmp))?;
+            }
+            Ok(())
+        });
+        for (tmp, _) in &staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+        result
+    }
+
+    /// Download checkpoint `m`'s archive and state file into temporary files
+    /// in the model folder (listed in `staged` as they are created), each
+    /// checked against its size and CRC-32C as it arrives; then check every
+    /// tensor of the archive and its list against the manifest.
+    fn stage_pull(&self, m: &RemoteManifest, paths: &ModelPaths, staged: &mut Vec<(std::path::PathBuf, std::path::PathBuf)>) -> Result<()> {
         for (file, target) in [("archive", paths.archive()), ("state", paths.state())] {
             let object = m.object(file).ok_or_else(|| self.damaged(m, file, "the manifest lists no such object".into()))?;
-            let mut write = |out: &mut std::io::BufWriter<durable::StreamingFile>| {
-                let written = self.run(self.inner.download(object, &mut |chunk: &[u8]| out.write_all(chunk).at("write", &target)));
-                written.and_then(|(size, crc)| self.check_object(m, object, size, crc))
-            };
-            durable::commit(&target, Source::Write { size_hint: object.size, write: &mut write })?;
+            let tmp = durable::temp_path(&paths.dir, &target);
+            let out = durable::create_new(&tmp)?;
+            staged.push((tmp.clone(), target.clone()));
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+            let written = self.run(self.inner.download(object, &mut |chunk: &[u8]| {
+                out.write_all(chunk).map_err(|e| Error::io("write", &tmp, e).no_space(&target, object.size))
+            }));
+            let (size, crc) = written?;
+            self.check_object(m, object, size, crc)?;
+            let file = out.into_inner().map_err(|e| Error::io("write", &tmp, e.into_error()))?;
+            file.sync_all().at("fsync", &tmp)?;
         }
-        let reader = ArchiveReader::open(&paths.archive())?;
-        let listed = tensor_sums(&reader);
-        if listed != m.tensors {
+        let archive = staged.first().map(|(tmp, _)| tmp.clone()).unwrap_or_default();
+        let reader = ArchiveReader::open(&archive)?;
+        if let Some(problem) = reader.verify().into_iter().next() {
+            return Err(self.damaged(m, "archive", problem));
+        }
+        if tensor_sums(&reader) != m.tensors {
             return Err(self.damaged(m, "archive", "its tensors or their checksums differ from the manifest's".into()));
         }
         Ok(())
@@ -264,14 +292,15 @@ impl Remote {
         Ok(problems)
     }
 
-    /// Keep the newest `keep` checkpoints (0 = all) and the one `LATEST`
-    /// names; delete each older one's manifest first, then its objects.
+    /// Keep the newest `keep` checkpoints (0 = all), the one `LATEST` names
+    /// and checkpoint `protect` (an upload just made, even when the remote
+    /// holds newer ones); delete each older one's manifest first, then its objects.
     /// Returns how many were deleted.
     ///
     /// # Errors
     /// [`Error::Remote`] on a store failure.
-    pub fn apply_retention(&self, keep: usize) -> Result<usize> {
-        self.run(self.inner.apply_retention(keep))
+    pub fn apply_retention(&self, keep: usize, protect: Option<&str>) -> Result<usize> {
+        self.run(self.inner.apply_retention(keep, protect))
     }
 
     /// Remove what interrupted uploads left, once older than `grace`: abort
@@ -312,7 +341,8 @@ fn tensor_sums(reader: &ArchiveReader) -> Vec<TensorSum> {
 const LATEST_RETRIES: usize = 16;
 
 impl Inner {
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, UpdateVersion)>> {
+    /// A small object's bytes and version, `None` when absent.
+    async fn get_raw(&self, key: &Key) -> Result<Option<(Vec<u8>, UpdateVersion)>> {
         let got = match self.store.get(key).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -320,6 +350,21 @@ impl Inner {
         };
         let version = UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
         let bytes = got.bytes().await.map_err(|e| remote_err("read", key, e))?;
+        Ok(Some((bytes.to_vec(), version)))
+    }
+
+    /// A key stored as text in a manifest or `LATEST`, as written (not escaped again).
+    fn stored_key(&self, text: &str) -> Result<Key> {
+        Key::parse(text).map_err(|e| Error::RemoteDamaged {
+            location: self.location.clone(),
+            checkpoint: text.to_string(),
+            object: "key".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, UpdateVersion)>> {
+        let Some((bytes, version)) = self.get_raw(key).await? else { return Ok(None) };
         let value = serde_json::from_slice(&bytes).map_err(|e| Error::RemoteDamaged {
             location: self.location.clone(),
             checkpoint: key.to_string(),
@@ -357,9 +402,14 @@ impl Inner {
         Ok(found)
     }
 
+    /// The newest manifest by its key (keys sort by iteration), read from a
+    /// listing: never stale, unlike `LATEST` after a run killed between its
+    /// manifest and moving `LATEST`.
     async fn latest(&self) -> Result<Option<RemoteManifest>> {
-        if let Ok(Some((latest, _))) = self.get_json::<Latest>(&self.layout.latest()).await {
-            if let Ok(Some((m, _))) = self.get_json::<RemoteManifest>(&Key::from(latest.manifest.as_str())).await {
+        let newest =
+            self.list_keys(&self.layout.manifests()).await?.into_iter().map(|m| m.location).max_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        if let Some(key) = newest {
+            if let Ok(Some((m, _))) = self.get_json::<RemoteManifest>(&key).await {
                 return Ok(Some(m));
             }
         }
@@ -404,8 +454,23 @@ impl Inner {
         };
         let key = self.layout.manifest(&id);
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
-        self.put(&key, json, PutMode::Create).await.map_err(|e| remote_err("commit manifest", &key, e))?;
-        self.advance_latest(&key, iterations).await?;
+        match self.put(&key, json.clone(), PutMode::Create).await {
+            Ok(_) => {}
+            // A retried create whose first try went through: it is ours if it
+            // holds what we wrote (the key is unique to this upload).
+            Err(object_store::Error::AlreadyExists { .. }) if self.get_raw(&key).await?.is_some_and(|(b, _)| b == json) => {}
+            // No create-if-absent on this store: the key is unique to this
+            // upload, so an overwrite cannot replace another's manifest.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.put(&key, json, PutMode::Overwrite).await.map_err(|e| remote_err("commit manifest", &key, e))?;
+            }
+            Err(e) => return Err(remote_err("commit manifest", &key, e)),
+        }
+        // The checkpoint exists now; `LATEST` is a hint that readers check,
+        // so failing to move it is logged, not a failed upload.
+        if let Err(e) = self.advance_latest(&key, iterations).await {
+            tracing::warn!(target: "modelio", "remote: {} (readers find the checkpoint by listing)", e.report());
+        }
         // The upload is complete: its record is no longer needed (a leftover
         // record of a manifested upload is removed by the next cleanup).
         let _ = self.store.delete(&self.layout.intent(&upload)).await;
@@ -503,18 +568,19 @@ impl Inner {
         let body = serde_json::to_vec(&Latest { manifest: key.to_string(), iterations })
             .map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
         for _ in 0..LATEST_RETRIES {
-            let current = match self.get_json::<Latest>(&latest_key).await {
-                Ok(c) => c,
-                // Unreadable: replace it (readers fall back to listing meanwhile).
-                Err(Error::RemoteDamaged { .. }) => None,
-                Err(e) => return Err(e),
-            };
-            let mode = match current {
-                Some((latest, _)) if latest.iterations > iterations && self.exists(&Key::from(latest.manifest.as_str())).await? => {
-                    return Ok(())
-                }
-                Some((_, version)) => PutMode::Update(version),
+            let mode = match self.get_raw(&latest_key).await? {
                 None => PutMode::Create,
+                Some((bytes, version)) => match serde_json::from_slice::<Latest>(&bytes) {
+                    Ok(latest) if latest.iterations > iterations => {
+                        let named = self.stored_key(&latest.manifest)?;
+                        if named.prefix_match(&self.layout.manifests()).is_some() && self.exists(&named).await? {
+                            return Ok(());
+                        }
+                        PutMode::Update(version)
+                    }
+                    // Older, or unreadable: replace it, conditionally.
+                    _ => PutMode::Update(version),
+                },
             };
             match self.put(&latest_key, body.clone(), mode).await {
                 Ok(_) => return Ok(()),
@@ -546,8 +612,20 @@ impl Inner {
 
     /// Stream object `o` through `sink`; its size and CRC-32C.
     async fn download(&self, o: &ObjectEntry, sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send)) -> Result<(u64, u32)> {
-        let key = Key::from(o.key.as_str());
-        let got = self.store.get(&key).await.map_err(|e| remote_err("download", &key, e))?;
+        let key = self.stored_key(&o.key)?;
+        let got = match self.store.get(&key).await {
+            Ok(g) => g,
+            // An object its manifest names is gone: the checkpoint is incomplete.
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::RemoteDamaged {
+                    location: self.location.clone(),
+                    checkpoint: key.to_string(),
+                    object: o.file.clone(),
+                    detail: "the object is missing".into(),
+                })
+            }
+            Err(e) => return Err(remote_err("download", &key, e)),
+        };
         let mut stream = got.into_stream();
         let (mut size, mut crc) = (0u64, 0u32);
         while let Some(chunk) = stream.next().await {
@@ -563,15 +641,31 @@ impl Inner {
     /// end records and central directory (a few small requests whatever the
     /// archive's size).
     async fn archive_manifest(&self, o: &ObjectEntry) -> Result<crate::format::Manifest> {
-        let key = Key::from(o.key.as_str());
-        let store = self.store.clone();
-        let k = key.clone();
+        let key = self.stored_key(&o.key)?;
+        // A failed request is the store's failure, not damage: kept aside.
+        let failed: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
+        let (store, k, f) = (self.store.clone(), key.clone(), failed.clone());
         let read = move |range: std::ops::Range<u64>| {
-            let (store, k) = (store.clone(), k.clone());
-            async move { store.get_range(&k, range).await.map(|b| b.to_vec()).map_err(|e| e.to_string()) }
+            let (store, k, f) = (store.clone(), k.clone(), f.clone());
+            async move {
+                store.get_range(&k, range).await.map(|b| b.to_vec()).map_err(|e| {
+                    let message = e.to_string();
+                    if let Ok(mut slot) = f.lock() {
+                        *slot = Some(remote_err("read", &k, e));
+                    }
+                    message
+                })
+            }
         };
-        let bytes = crate::zipread::read_entry_ranged(o.size, crate::format::MANIFEST_ENTRY, read).await.map_err(|detail| {
-            Error::RemoteDamaged { location: self.location.clone(), checkpoint: key.to_string(), object: "archive".into(), detail }
+        let ranged = crate::zipread::read_entry_ranged(o.size, crate::format::MANIFEST_ENTRY, read).await;
+        if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+            return Err(e);
+        }
+        let bytes = ranged.map_err(|detail| Error::RemoteDamaged {
+            location: self.location.clone(),
+            checkpoint: key.to_string(),
+            object: "archive".into(),
+            detail,
         })?;
         crate::archive::parse_manifest(&bytes).map_err(|detail| Error::RemoteDamaged {
             location: self.location.clone(),
@@ -591,7 +685,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn apply_retention(&self, keep: usize) -> Result<usize> {
+    async fn apply_retention(&self, keep: usize, protect: Option<&str>) -> Result<usize> {
         if keep == 0 {
             return Ok(0);
         }
@@ -610,7 +704,7 @@ impl Inner {
         let mut deleted = 0;
         for id in ids.into_iter().take(excess) {
             let key = self.layout.manifest(&id);
-            if latest.as_deref() == Some(key.as_ref()) {
+            if latest.as_deref() == Some(key.as_ref()) || protect == Some(id.as_str()) {
                 continue;
             }
             // The manifest first: from then on the checkpoint does not exist
@@ -639,7 +733,9 @@ impl Inner {
             }
             if let Some(mp) = &self.multipart {
                 for (key, id) in &intent.multipart {
-                    let _ = mp.abort_multipart(&Key::from(key.as_str()), &id.clone()).await;
+                    if let Ok(key) = Key::parse(key.as_str()) {
+                        let _ = mp.abort_multipart(&key, &id.clone()).await;
+                    }
                 }
             }
             let _ = self.store.delete(&meta.location).await;

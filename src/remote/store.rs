@@ -18,7 +18,7 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use crate::config::RemoteConfig;
 use crate::error::{Error, Result};
 
-pub(super) struct Built {
+pub(crate) struct Built {
     pub store: Arc<dyn ObjectStore>,
     pub multipart: Option<Arc<dyn MultipartStore>>,
     /// The URL's path: every key is under it.
@@ -44,8 +44,10 @@ fn retry() -> RetryConfig {
     }
 }
 
+/// No limit on a whole request (a large part or download may take long on a
+/// slow link); a connection that stalls for a minute fails and is retried.
 fn client() -> ClientOptions {
-    ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120))
+    ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout_disabled().with_read_timeout(Duration::from_secs(60))
 }
 
 fn bad_url(url: &str, why: impl std::fmt::Display) -> Error {
@@ -70,7 +72,7 @@ fn prefix_after_bucket(url: &str, scheme: &str) -> Result<Key> {
     Key::parse(path.trim_matches('/')).map_err(|e| bad_url(url, e))
 }
 
-pub(super) fn build(c: &RemoteConfig) -> Result<Built> {
+pub(crate) fn build(c: &RemoteConfig) -> Result<Built> {
     let url = c.url.as_str();
     if let Some(name) = url.strip_prefix("memory://") {
         let store = memory(name);
@@ -78,21 +80,22 @@ pub(super) fn build(c: &RemoteConfig) -> Result<Built> {
     }
     if let Some(path) = url.strip_prefix("file://") {
         std::fs::create_dir_all(path).map_err(|e| Error::io("create the remote folder", path, e))?;
-        let store = LocalFileSystem::new_with_prefix(path).map_err(|e| bad_url(url, e))?.with_automatic_cleanup(true);
+        let store = LocalFileSystem::new_with_prefix(path).map_err(|e| bad_url(url, e))?.with_automatic_cleanup(true).with_fsync(true);
         return Ok(Built { store: Arc::new(store), multipart: None, prefix: Key::default() });
     }
     if url.starts_with("s3://") {
         let prefix = prefix_after_bucket(url, "s3://")?;
-        // Keys first, so that a half-set pair is named before the builder
-        // falls back to instance credentials.
+        // Keys first, so that a half-set pair is named; with none, the
+        // instance's own credentials only when asked for.
         let (key, secret) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"));
         match (&key, &secret) {
             (Some(_), None) => return Err(Error::RemoteCredentials { url: url.into(), missing: "AWS_SECRET_ACCESS_KEY".into() }),
             (None, Some(_)) => return Err(Error::RemoteCredentials { url: url.into(), missing: "AWS_ACCESS_KEY_ID".into() }),
             (None, None)
-                if !["AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"]
-                    .iter()
-                    .any(|v| env(v).is_some()) =>
+                if !c.instance_credentials
+                    && !["AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+                        .iter()
+                        .any(|v| env(v).is_some()) =>
             {
                 return Err(Error::RemoteCredentials { url: url.into(), missing: "AWS_ACCESS_KEY_ID".into() });
             }
@@ -111,9 +114,10 @@ pub(super) fn build(c: &RemoteConfig) -> Result<Built> {
     }
     if url.starts_with("gs://") {
         let prefix = prefix_after_bucket(url, "gs://")?;
-        if !["GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS"]
-            .iter()
-            .any(|v| env(v).is_some())
+        if !c.instance_credentials
+            && !["GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS"]
+                .iter()
+                .any(|v| env(v).is_some())
         {
             return Err(Error::RemoteCredentials { url: url.into(), missing: "GOOGLE_APPLICATION_CREDENTIALS".into() });
         }

@@ -57,8 +57,8 @@ pub struct RemoteStats {
     pub failed_attempts: u64,
     /// Iterations of the newest checkpoint uploaded by this run.
     pub last_uploaded: Option<u64>,
-    /// The newest manifest's key.
-    pub last_manifest: Option<String>,
+    /// The id (`<iterations:020>-<upload>`) of the newest checkpoint uploaded by this run.
+    pub last_checkpoint: Option<String>,
     /// The last failure, and when (RFC 3339).
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
@@ -88,6 +88,8 @@ pub(crate) struct Tier {
     stop: AtomicBool,
     /// The uploader's address, set once the actors are started.
     addr: std::sync::OnceLock<actix::Addr<Uploader>>,
+    /// A `Wake` is in the uploader's mailbox (or it is looking at the queue).
+    woken: AtomicBool,
     /// Test hook: an artificial delay before each upload (ms).
     delay_ms: AtomicU64,
 }
@@ -108,6 +110,7 @@ impl Tier {
             stats: Mutex::new(stats),
             stop: AtomicBool::new(false),
             addr: std::sync::OnceLock::new(),
+            woken: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
         }
     }
@@ -130,21 +133,33 @@ impl Tier {
         let _ = self.addr.set(addr);
     }
 
-    /// Queue `upload`, replacing (and counting as skipped) one still waiting.
+    /// Queue `upload`, replacing (and counting as skipped) one still
+    /// waiting. A save already waiting or uploading (the same iteration
+    /// offered again, e.g. backed up and snapshotted) is not queued twice.
     pub fn offer(&self, upload: Upload) {
         let iterations = upload.iterations;
-        let replaced = lock(&self.queue).waiting.replace(upload);
+        let replaced = {
+            let mut q = lock(&self.queue);
+            if q.running == Some(iterations) || q.waiting.as_ref().is_some_and(|w| w.iterations == iterations) {
+                return;
+            }
+            q.waiting.replace(upload)
+        };
         if let Some(old) = replaced {
             tracing::info!(target: "modelio", "remote: upload of iteration {} skipped, iteration {iterations} is newer", old.iterations);
             lock(&self.stats).skipped += 1;
         }
-        lock(&self.stats).pending = Some(iterations);
-        if let Some(addr) = self.addr.get() {
-            addr.do_send(Wake);
+        // One wake in the mailbox at a time: the uploader takes the newest
+        // save when it gets to it, however many offers came meanwhile.
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            if let Some(addr) = self.addr.get() {
+                addr.do_send(Wake);
+            }
         }
     }
 
     fn take(&self) -> Option<Upload> {
+        self.woken.store(false, Ordering::Release);
         let mut q = lock(&self.queue);
         let next = q.waiting.take();
         q.running = next.as_ref().map(|u| u.iterations);
@@ -152,6 +167,15 @@ impl Tier {
             self.idle.notify_all();
         }
         next
+    }
+
+    /// The upload in progress is done: idle unless a save waits.
+    fn finished(&self) {
+        let mut q = lock(&self.queue);
+        q.running = None;
+        if q.waiting.is_none() {
+            self.idle.notify_all();
+        }
     }
 
     /// A newer save that arrived while the current one kept failing.
@@ -191,7 +215,11 @@ impl Tier {
     }
 
     pub fn stats(&self) -> RemoteStats {
-        lock(&self.stats).clone()
+        let pending = {
+            let q = lock(&self.queue);
+            q.waiting.as_ref().map(|w| w.iterations).or(q.running)
+        };
+        RemoteStats { pending, ..lock(&self.stats).clone() }
     }
 
     pub fn set_delay(&self, d: Duration) {
@@ -200,7 +228,7 @@ impl Tier {
 
     /// Write the counters to `<dir>/<name>_remote.json` for `modelio remote status`.
     fn publish(&self) {
-        let json = match serde_json::to_vec_pretty(&*lock(&self.stats)) {
+        let json = match serde_json::to_vec_pretty(&self.stats()) {
             Ok(j) => j,
             Err(_) => return,
         };
@@ -223,22 +251,23 @@ impl Tier {
                 std::thread::sleep(delay);
             }
             match self.attempt(&upload) {
-                Ok(Some(manifest)) => {
-                    tracing::info!(target: "modelio", "remote: uploaded iteration {} to {} ({})", upload.iterations, self.remote.location(), manifest);
+                Ok(Some(id)) => {
+                    tracing::info!(target: "modelio", "remote: uploaded iteration {} to {} ({id})", upload.iterations, self.remote.location());
+                    if let Err(e) = self.remote.apply_retention(self.config.keep, Some(&id)) {
+                        tracing::warn!(target: "modelio", "remote: retention: {}", e.report());
+                    }
                     {
                         let mut s = lock(&self.stats);
                         s.uploaded += 1;
                         s.last_uploaded = Some(upload.iterations);
-                        s.last_manifest = Some(manifest);
-                        s.pending = None;
+                        s.last_checkpoint = Some(id);
                     }
-                    if let Err(e) = self.remote.apply_retention(self.config.keep) {
-                        tracing::warn!(target: "modelio", "remote: retention: {}", e.report());
-                    }
+                    self.finished();
                     return self.publish();
                 }
-                Ok(None) => {
-                    lock(&self.stats).pending = None;
+                Ok(None) => return,
+                Err(_) if self.stopped() => {
+                    lock(&self.stats).abandoned += 1;
                     return;
                 }
                 Err(e) => {
@@ -252,7 +281,6 @@ impl Tier {
                     self.publish();
                     if !e.is_retryable() && !matches!(e, Error::RemoteDamaged { .. }) {
                         // The local pinned files cannot be read: retrying cannot help.
-                        lock(&self.stats).pending = None;
                         return;
                     }
                 }

@@ -1,0 +1,888 @@
+//! Sharded checkpoints: several processes (ranks) each save the part of the
+//! state they hold, and one global manifest commits the step once every
+//! part is durable. The storage is the arbiter: no coordination service.
+//!
+//! Layout under `<prefix>/<model>/sharded/` of the store (the `[remote]` URL,
+//! or the model folder itself, `file://<model.dir>`, a shared filesystem):
+//!
+//! ```text
+//! steps/<iterations:020>/rank-<r>-<upload>.mio   rank r's shard: an ordinary archive
+//! steps/<iterations:020>/done-<r>.json           rank r's done-record, written after its shard
+//! manifests/<iterations:020>.json                the global manifest, create-if-absent
+//! LATEST                                         names the newest global manifest
+//! ```
+//!
+//! A rank's `save` copies its tensors at the call and returns; a thread of
+//! its own writes the shard, then the done-record. The coordinator (rank 0)
+//! also commits: once every rank's done-record for the step exists (or a
+//! deadline passes, a counted failure), it writes the global manifest with a
+//! create-if-absent put, so two coordinators racing on one step (a restarted
+//! job) make one manifest, and moves `LATEST`. Until the manifest exists the
+//! step does not exist for readers; a rank that dies means no manifest, and
+//! the previous step stays the latest. On a filesystem the create is a hard
+//! link (atomic), through the same `object_store` code path as S3.
+//!
+//! A tensor is saved whole or as rows `[offset, offset + rows)` of its first
+//! dimension, with its global shape. Loading takes any partition: each piece
+//! a rank wants is read with ranged reads of exactly the stored tensors that
+//! overlap it (checked against their CRC-32C) and reassembled.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::archive::{write_archive, ArchiveReader};
+use crate::config::{Config, RemoteConfig};
+use crate::error::{Error, Result};
+use crate::format::{DType, TensorRef};
+use crate::tensors::{copy_bytes, dtype_of, shape_of, to_tensor};
+
+/// Format of done-records and global manifests.
+pub const SHARDED_FORMAT: u32 = 1;
+
+/// One stored tensor of a shard: a whole tensor, or rows of one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    /// The tensor's global name.
+    pub name: String,
+    pub dtype: String,
+    /// The whole tensor's shape.
+    pub global_shape: Vec<usize>,
+    /// First row (of the first dimension) this piece holds; 0 for a whole tensor.
+    pub row_offset: usize,
+    /// The piece's own shape (the global shape with fewer rows for a slice).
+    pub shape: Vec<usize>,
+    /// Where its bytes are in the shard archive, and their CRC-32C.
+    pub data_offset: u64,
+    pub data_len: u64,
+    pub crc32c: u32,
+}
+
+/// A rank's record that its shard is durable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DoneRecord {
+    pub format: u32,
+    pub rank: usize,
+    pub world_size: usize,
+    pub iterations: u64,
+    /// The shard archive's key, size and CRC-32C.
+    pub key: String,
+    pub size: u64,
+    pub crc32c: u32,
+    pub pieces: Vec<Piece>,
+}
+
+/// The global manifest of one step: every shard and which piece lives where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalManifest {
+    pub format: u32,
+    pub model: String,
+    pub iterations: u64,
+    pub world_size: usize,
+    pub created: String,
+    /// The done-records of every rank, by rank.
+    pub shards: Vec<DoneRecord>,
+}
+
+impl GlobalManifest {
+    /// Every piece of tensor `name`, with its shard's key.
+    fn pieces(&self, name: &str) -> Vec<(&str, &Piece)> {
+        self.shards.iter().flat_map(|s| s.pieces.iter().filter(|p| p.name == name).map(move |p| (s.key.as_str(), p))).collect()
+    }
+
+    /// The names of every tensor, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.shards.iter().flat_map(|s| s.pieces.iter().map(|p| p.name.clone())).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// What a rank saves of one tensor.
+pub struct Part<'a> {
+    pub name: &'a str,
+    pub tensor: &'a Tensor,
+    /// `Some((row_offset, global_rows))` for rows of a tensor split along its
+    /// first dimension; `None` for a whole tensor.
+    pub rows: Option<(usize, usize)>,
+}
+
+impl<'a> Part<'a> {
+    pub fn whole(name: &'a str, tensor: &'a Tensor) -> Part<'a> {
+        Part { name, tensor, rows: None }
+    }
+    pub fn rows(name: &'a str, tensor: &'a Tensor, row_offset: usize, global_rows: usize) -> Part<'a> {
+        Part { name, tensor, rows: Some((row_offset, global_rows)) }
+    }
+}
+
+/// What a rank loads of one tensor: all of it, or rows `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub name: String,
+    pub rows: Option<(usize, usize)>,
+}
+
+impl Want {
+    pub fn whole(name: &str) -> Want {
+        Want { name: name.into(), rows: None }
+    }
+    pub fn rows(name: &str, start: usize, end: usize) -> Want {
+        Want { name: name.into(), rows: Some((start, end)) }
+    }
+}
+
+/// This process's place among the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rank {
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Rank {
+    /// From `[shard]` in the config, else from `RANK` and `WORLD_SIZE`
+    /// (as torchrun and other launchers set them), else rank 0 of 1.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] when a value is not a number or the rank is
+    /// not below the world size.
+    pub fn from_config(config: &Config) -> Result<Rank> {
+        let env = |name: &str| -> Result<Option<usize>> {
+            match std::env::var(name) {
+                Ok(v) => v.trim().parse().map(Some).map_err(|_| Error::ConfigValue {
+                    key: name.into(),
+                    value: format!("{v:?}"),
+                    allowed: "a non-negative integer".into(),
+                }),
+                Err(_) => Ok(None),
+            }
+        };
+        let rank = match config.shard.rank {
+            Some(r) => r,
+            None => env("RANK")?.unwrap_or(0),
+        };
+        let world_size = match config.shard.world_size {
+            Some(w) => w,
+            None => env("WORLD_SIZE")?.unwrap_or(1),
+        };
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::ConfigValue {
+                key: "shard.rank".into(),
+                value: format!("{rank} (world size {world_size})"),
+                allowed: "a rank below a world size of at least 1".into(),
+            });
+        }
+        Ok(Rank { rank, world_size })
+    }
+}
+
+/// Counters of a rank's sharded saves.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Shards written (with their done-record).
+    pub written: AtomicU64,
+    /// Saves replaced by a newer one before they were written.
+    pub skipped: AtomicU64,
+    /// Shards that could not be written.
+    pub failed: AtomicU64,
+    /// Steps committed by this process (coordinator only).
+    pub committed: AtomicU64,
+    /// Steps whose commit found the manifest already there (another coordinator).
+    pub already_committed: AtomicU64,
+    /// Steps not committed: a done-record missing at the deadline, or a store failure.
+    pub commit_failed: AtomicU64,
+}
+
+/// The keys of one model's sharded checkpoints.
+#[derive(Debug, Clone)]
+struct Layout {
+    root: Key,
+}
+
+impl Layout {
+    fn step(&self, iterations: u64) -> Key {
+        self.root.clone().join("steps").join(format!("{iterations:020}"))
+    }
+    fn shard(&self, iterations: u64, rank: usize, upload: &str) -> Key {
+        self.step(iterations).join(format!("rank-{rank}-{upload}.mio"))
+    }
+    fn done(&self, iterations: u64, rank: usize) -> Key {
+        self.step(iterations).join(format!("done-{rank}.json"))
+    }
+    fn manifests(&self) -> Key {
+        self.root.clone().join("manifests")
+    }
+    fn manifest(&self, iterations: u64) -> Key {
+        self.manifests().join(format!("{iterations:020}.json"))
+    }
+    fn latest(&self) -> Key {
+        self.root.clone().join("LATEST")
+    }
+}
+
+/// One tensor of a save, copied at the call.
+struct Staged {
+    name: String,
+    dtype: DType,
+    /// The piece's own shape, and the whole tensor's.
+    shape: Vec<usize>,
+    global: Vec<usize>,
+    row_offset: usize,
+    bytes: Vec<u8>,
+}
+
+/// A save copied at the call, waiting for the writer thread.
+struct Job {
+    iterations: u64,
+    tensors: Vec<Staged>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Option<Job>,
+    busy: bool,
+    stop: bool,
+    /// Steps the coordinator still has to commit, oldest first.
+    commits: Vec<u64>,
+    committing: bool,
+}
+
+struct Shared {
+    store: Arc<dyn ObjectStore>,
+    layout: Layout,
+    rank: Rank,
+    model: String,
+    deadline: Duration,
+    keep: usize,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    stats: ShardStats,
+    rt: tokio::runtime::Runtime,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
+    Error::Remote { op, target: what.to_string(), detail: e.to_string() }
+}
+
+fn json_err(what: impl std::fmt::Display, e: serde_json::Error) -> Error {
+    Error::RemoteDamaged { location: what.to_string(), checkpoint: String::new(), object: "json".into(), detail: e.to_string() }
+}
+
+/// One rank's sharded checkpoints of one model.
+pub struct ShardedIo {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The store sharded checkpoints go to: `[remote]` when set, else the model
+/// folder (which must then be on a filesystem every rank shares).
+fn store_config(config: &Config) -> RemoteConfig {
+    let mut r = config.remote.clone();
+    if !r.enabled() {
+        let dir = std::path::absolute(&config.model.dir).unwrap_or_else(|_| config.model.dir.clone());
+        r.url = format!("file://{}", dir.display());
+    }
+    r
+}
+
+impl ShardedIo {
+    /// Open this rank's view of the sharded checkpoints of `config`'s model.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] for a bad rank or store; [`Error::RemoteCredentials`].
+    pub fn open(config: &Config) -> Result<ShardedIo> {
+        config.validate()?;
+        let rank = Rank::from_config(config)?;
+        let rc = store_config(config);
+        let built = crate::remote::store::build(&rc)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("modelio-shard")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the shard runtime for", rc.url.as_str(), e))?;
+        let shared = Arc::new(Shared {
+            store: built.store,
+            layout: Layout { root: built.prefix.join(config.model.name.as_str()).join("sharded") },
+            rank,
+            model: config.model.name.clone(),
+            deadline: Duration::from_secs(config.shard.commit_deadline_secs),
+            keep: config.shard.keep,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            stats: ShardStats::default(),
+            rt,
+        });
+        let mut threads = Vec::new();
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("modelio-shard-writer".into())
+                .spawn(move || s.write_loop())
+                .map_err(|e| Error::io("start the shard writer for", ".", e))?,
+        );
+        if rank.rank == 0 {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("modelio-shard-commit".into())
+                    .spawn(move || s.commit_loop())
+                    .map_err(|e| Error::io("start the shard coordinator for", ".", e))?,
+            );
+        }
+        Ok(ShardedIo { shared, threads })
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.shared.rank
+    }
+
+    pub fn stats(&self) -> &ShardStats {
+        &self.shared.stats
+    }
+
+    /// Save this rank's `parts` as step `iterations`: the bytes are copied
+    /// before it returns (about one memcpy of the parts), and written in the
+    /// background. A save still waiting when the next one comes is replaced
+    /// (counted in `skipped`). Never waits on another rank.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::ConfigValue`]
+    /// for rows outside the global shape, [`Error::Torch`].
+    pub fn save(&self, iterations: u64, parts: &[Part<'_>]) -> Result<()> {
+        let mut tensors = Vec::with_capacity(parts.len());
+        let mut names = std::collections::HashSet::new();
+        for p in parts {
+            if !names.insert(p.name) {
+                return Err(Error::DuplicateTensor { tensor: p.name.into() });
+            }
+            let dtype = dtype_of(p.name, p.tensor.kind())?;
+            let shape = shape_of(p.tensor);
+            let (row_offset, global) = match p.rows {
+                None => (0, shape.clone()),
+                Some((offset, global_rows)) => {
+                    let rows = shape.first().copied().unwrap_or(0);
+                    if shape.is_empty() || offset.checked_add(rows).is_none_or(|end| end > global_rows) {
+                        return Err(Error::ConfigValue {
+                            key: format!("rows of `{}`", p.name),
+                            value: format!("{offset}..{} of {global_rows}", offset.saturating_add(rows)),
+                            allowed: "rows inside the global first dimension".into(),
+                        });
+                    }
+                    let mut g = shape.clone();
+                    g[0] = global_rows;
+                    (offset, g)
+                }
+            };
+            let mut bytes = Vec::new();
+            copy_bytes(p.tensor, &mut bytes)?;
+            tensors.push(Staged { name: p.name.to_string(), dtype, shape, global, row_offset, bytes });
+        }
+        let replaced = {
+            let mut q = lock(&self.shared.queue);
+            q.waiting.replace(Job { iterations, tensors })
+        };
+        if replaced.is_some() {
+            self.shared.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    /// Wait until every save handed over so far is written and (on the
+    /// coordinator) committed or failed, at most `timeout`. True when done.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut q = lock(&self.shared.queue);
+        while q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self.shared.wake.wait_timeout(q, left.min(Duration::from_millis(50))).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
+    /// The newest committed step's manifest, if any.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn latest(&self) -> Result<Option<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(s.latest())
+    }
+
+    /// Every committed step's manifest, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn list(&self) -> Result<Vec<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(s.list())
+    }
+
+    /// Read `wants` from step `m`: each whole tensor or rows of one,
+    /// reassembled from the pieces that overlap it, every piece read checked
+    /// against its CRC-32C.
+    ///
+    /// # Errors
+    /// [`Error::Mismatch`] when a tensor or rows are not in the step;
+    /// [`Error::RemoteDamaged`] when a piece's checksum fails; [`Error::Remote`].
+    pub fn load(&self, m: &GlobalManifest, wants: &[Want]) -> Result<Vec<Tensor>> {
+        let s = self.shared.clone();
+        wants.iter().map(|w| s.run(s.read_want(m, w))).collect()
+    }
+
+    /// Check every shard of step `m`: size and CRC-32C of each shard object,
+    /// and each piece's bytes against its checksum. Returns the problems.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn verify(&self, m: &GlobalManifest) -> Result<Vec<String>> {
+        let s = self.shared.clone();
+        s.run(s.verify(m))
+    }
+
+    /// Commit step `iterations` now from the done-records present (what a
+    /// coordinator's background commit does; public for restarted jobs and
+    /// tests). Returns true when this call created the manifest, false when
+    /// it already existed.
+    ///
+    /// # Errors
+    /// [`Error::ShardMissing`] when a rank's done-record is missing;
+    /// [`Error::Remote`] on a store failure.
+    pub fn commit(&self, iterations: u64) -> Result<bool> {
+        let s = self.shared.clone();
+        s.run(s.commit_once(iterations))
+    }
+}
+
+impl Drop for ShardedIo {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).stop = true;
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn run<F: std::future::Future + Send>(&self, fut: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.rt.block_on(fut);
+        }
+        std::thread::scope(|s| match s.spawn(|| self.rt.block_on(fut)).join() {
+            Ok(out) => out,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    }
+
+    /// The writer thread: the newest waiting save, one at a time; drains before stopping.
+    fn write_loop(self: Arc<Self>) {
+        loop {
+            let job = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if let Some(job) = q.waiting.take() {
+                        q.busy = true;
+                        break job;
+                    }
+                    if q.stop {
+                        return;
+                    }
+                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let iterations = job.iterations;
+            match self.run(self.write_shard(job)) {
+                Ok(()) => {
+                    self.stats.written.fetch_add(1, Ordering::Relaxed);
+                    if self.rank.rank == 0 {
+                        lock(&self.queue).commits.push(iterations);
+                    }
+                }
+                Err(e) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(target: "modelio", "rank {}: shard of iteration {iterations} not written: {}", self.rank.rank, e.report());
+                }
+            }
+            lock(&self.queue).busy = false;
+            self.wake.notify_all();
+        }
+    }
+
+    /// The coordinator's commit thread: steps in order, each waiting for
+    /// every done-record up to the deadline; a newer step whose records are
+    /// all there supersedes older ones still waiting.
+    fn commit_loop(self: Arc<Self>) {
+        loop {
+            let iterations = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if !q.commits.is_empty() {
+                        q.committing = true;
+                        break q.commits.remove(0);
+                    }
+                    if q.stop && q.waiting.is_none() && !q.busy {
+                        return;
+                    }
+                    q = self.wake.wait_timeout(q, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+                }
+            };
+            let until = Instant::now() + self.deadline;
+            let outcome = loop {
+                match self.run(self.commit_once(iterations)) {
+                    Err(Error::ShardMissing { .. }) if Instant::now() < until && !lock(&self.queue).stop => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    other => break other,
+                }
+            };
+            match outcome {
+                Ok(true) => {
+                    self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(target: "modelio", "committed sharded step {iterations} ({} ranks)", self.rank.world_size);
+                    if let Err(e) = self.run(self.retain()) {
+                        tracing::warn!(target: "modelio", "sharded retention: {}", e.report());
+                    }
+                }
+                Ok(false) => {
+                    self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
+                }
+            }
+            lock(&self.queue).committing = false;
+            self.wake.notify_all();
+        }
+    }
+
+    async fn write_shard(&self, job: Job) -> Result<()> {
+        let Job { iterations, tensors } = job;
+        let upload = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+        let key = self.layout.shard(iterations, self.rank.rank, &upload);
+        let refs: Vec<TensorRef<'_>> = tensors
+            .iter()
+            .map(|t| TensorRef { name: &t.name, dtype: t.dtype, shape: &t.shape, data: &t.bytes, crc32c: None, crc32: None })
+            .collect();
+        let path = std::path::PathBuf::from(key.as_ref());
+        let name = format!("{}-rank-{}", self.model, self.rank.rank);
+        let bytes = write_archive(Vec::new(), &path, &name, iterations, &refs, None, None)?;
+        let (size, crc) = (bytes.len() as u64, crc32c::crc32c(&bytes));
+        let reader = ArchiveReader::from_bytes(&path, bytes)?;
+        let mut pieces = Vec::with_capacity(tensors.len());
+        for Staged { name, dtype, shape, global, row_offset, .. } in &tensors {
+            let located = reader.model.iter().find(|l| &l.meta.name == name).ok_or_else(|| Error::Internal {
+                what: "sharded save",
+                message: format!("tensor `{name}` is not in the shard just written"),
+            })?;
+            pieces.push(Piece {
+                name: name.clone(),
+                dtype: dtype.name().into(),
+                global_shape: global.clone(),
+                row_offset: *row_offset,
+                shape: shape.clone(),
+                data_offset: located.offset as u64,
+                data_len: located.len as u64,
+                crc32c: located.meta.crc32c,
+            });
+        }
+        let bytes = reader.into_bytes();
+        self.store.put(&key, PutPayload::from(bytes)).await.map_err(|e| remote_err("write shard", &key, e))?;
+        let done = DoneRecord {
+            format: SHARDED_FORMAT,
+            rank: self.rank.rank,
+            world_size: self.rank.world_size,
+            iterations,
+            key: key.to_string(),
+            size,
+            crc32c: crc,
+            pieces,
+        };
+        let done_key = self.layout.done(iterations, self.rank.rank);
+        let json = serde_json::to_vec(&done).map_err(|e| json_err(&done_key, e))?;
+        self.store.put(&done_key, PutPayload::from(json)).await.map_err(|e| remote_err("write done-record", &done_key, e))?;
+        Ok(())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, object_store::UpdateVersion)>> {
+        let got = match self.store.get(key).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(remote_err("read", key, e)),
+        };
+        let version = object_store::UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
+        let bytes = got.bytes().await.map_err(|e| remote_err("read", key, e))?;
+        Ok(Some((serde_json::from_slice(&bytes).map_err(|e| json_err(key, e))?, version)))
+    }
+
+    /// Commit `iterations` if every rank's done-record is there.
+    async fn commit_once(&self, iterations: u64) -> Result<bool> {
+        let mut shards = Vec::with_capacity(self.rank.world_size);
+        for r in 0..self.rank.world_size {
+            let key = self.layout.done(iterations, r);
+            match self.get_json::<DoneRecord>(&key).await? {
+                Some((d, _)) if d.iterations == iterations && d.world_size == self.rank.world_size && d.rank == r => shards.push(d),
+                _ => return Err(Error::ShardMissing { iterations, rank: r, key: key.to_string() }),
+            }
+        }
+        // Each shard named must exist with its size: the done-record follows its shard.
+        for d in &shards {
+            let key = Key::from(d.key.as_str());
+            match self.store.head(&key).await {
+                Ok(meta) if meta.size == d.size => {}
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                    return Err(Error::ShardMissing { iterations, rank: d.rank, key: d.key.clone() });
+                }
+                Err(e) => return Err(remote_err("look for", &key, e)),
+            }
+        }
+        let manifest = GlobalManifest {
+            format: SHARDED_FORMAT,
+            model: self.model.clone(),
+            iterations,
+            world_size: self.rank.world_size,
+            created: chrono::Utc::now().to_rfc3339(),
+            shards,
+        };
+        let key = self.layout.manifest(iterations);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| json_err(&key, e))?;
+        match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => return Ok(false),
+            Err(e) => return Err(remote_err("commit global manifest", &key, e)),
+        }
+        self.advance_latest(&key, iterations).await?;
+        Ok(true)
+    }
+
+    async fn advance_latest(&self, manifest: &Key, iterations: u64) -> Result<()> {
+        let latest = self.layout.latest();
+        let body =
+            serde_json::to_vec(&crate::remote::Latest { manifest: manifest.to_string(), iterations }).map_err(|e| json_err(&latest, e))?;
+        for _ in 0..16 {
+            let mode = match self.get_json::<crate::remote::Latest>(&latest).await {
+                Ok(Some((l, _))) if l.iterations > iterations => return Ok(()),
+                Ok(Some((_, v))) => PutMode::Update(v),
+                Ok(None) | Err(Error::RemoteDamaged { .. }) => PutMode::Create,
+                Err(e) => return Err(e),
+            };
+            match self.store.put_opts(&latest, PutPayload::from(body.clone()), PutOptions::from(mode)).await {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => continue,
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    return self.store.put(&latest, PutPayload::from(body)).await.map(drop).map_err(|e| remote_err("update", &latest, e));
+                }
+                Err(e) => return Err(remote_err("update", &latest, e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<GlobalManifest>> {
+        let mut keys = Vec::new();
+        let mut listing = self.store.list(Some(&self.layout.manifests()));
+        while let Some(meta) = listing.next().await {
+            keys.push(meta.map_err(|e| remote_err("list", self.layout.manifests(), e))?.location);
+        }
+        keys.sort();
+        let mut out = Vec::new();
+        for key in keys {
+            if let Some((m, _)) = self.get_json::<GlobalManifest>(&key).await? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest manifest by its key (`LATEST` is for other readers; a
+    /// listing of manifest keys is as cheap and never stale).
+    async fn latest(&self) -> Result<Option<GlobalManifest>> {
+        let mut newest: Option<Key> = None;
+        let mut listing = self.store.list(Some(&self.layout.manifests()));
+        while let Some(meta) = listing.next().await {
+            let key = meta.map_err(|e| remote_err("list", self.layout.manifests(), e))?.location;
+            if newest.as_ref().is_none_or(|n| key.as_ref() > n.as_ref()) {
+                newest = Some(key);
+            }
+        }
+        match newest {
+            Some(key) => Ok(self.get_json::<GlobalManifest>(&key).await?.map(|(m, _)| m)),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_want(&self, m: &GlobalManifest, want: &Want) -> Result<Tensor> {
+        let pieces = m.pieces(&want.name);
+        let missing = |found: String| Error::Mismatch {
+            path: std::path::PathBuf::from(self.layout.manifest(m.iterations).as_ref()),
+            tensor: want.name.clone(),
+            expected: match want.rows {
+                Some((a, b)) => format!("rows {a}..{b}"),
+                None => "the whole tensor".into(),
+            },
+            found,
+        };
+        let Some((_, first)) = pieces.first() else { return Err(missing("no such tensor".into())) };
+        let dtype = DType::from_name(&first.dtype).ok_or_else(|| missing(format!("dtype {}", first.dtype)))?;
+        let global = first.global_shape.clone();
+        let global_rows = global.first().copied().unwrap_or(1);
+        let (start, end) = match want.rows {
+            None => (0, global_rows),
+            Some((a, b)) if a <= b && b <= global_rows && !global.is_empty() => (a, b),
+            Some(_) => return Err(missing(format!("{global_rows} rows"))),
+        };
+        let row_bytes = global.iter().skip(1).product::<usize>() * dtype.size();
+        let mut out_shape = global.clone();
+        if let Some(r) = out_shape.first_mut() {
+            *r = end - start;
+        }
+        let mut out = vec![0u8; if global.is_empty() { dtype.size() } else { (end - start) * row_bytes }];
+        let mut covered = vec![false; end - start];
+        for (key, p) in pieces {
+            if p.global_shape != global {
+                return Err(missing(format!("pieces with global shapes {:?} and {:?}", p.global_shape, global)));
+            }
+            let rows = p.shape.first().copied().unwrap_or(1);
+            let (lo, hi) = (p.row_offset.max(start), (p.row_offset + rows).min(end));
+            if global.is_empty() {
+                out = self.read_piece(m, key, p).await?;
+                covered.iter_mut().for_each(|c| *c = true);
+                break;
+            }
+            if lo >= hi {
+                continue;
+            }
+            let data = self.read_piece(m, key, p).await?;
+            let src = (lo - p.row_offset) * row_bytes..(hi - p.row_offset) * row_bytes;
+            let dst = (lo - start) * row_bytes..(hi - start) * row_bytes;
+            match (data.get(src), out.get_mut(dst)) {
+                (Some(s), Some(d)) => d.copy_from_slice(s),
+                _ => return Err(missing("a piece shorter than its shape".into())),
+            }
+            covered[lo - start..hi - start].iter_mut().for_each(|c| *c = true);
+        }
+        if let Some(row) = covered.iter().position(|c| !c) {
+            return Err(missing(format!("no piece holds row {}", start + row)));
+        }
+        to_tensor(dtype, &out_shape, &out)
+    }
+
+    /// One piece's bytes, by a ranged read of its shard, checked.
+    async fn read_piece(&self, m: &GlobalManifest, key: &str, p: &Piece) -> Result<Vec<u8>> {
+        let k = Key::from(key);
+        let bytes = if p.data_len == 0 {
+            Vec::new()
+        } else {
+            self.store.get_range(&k, p.data_offset..p.data_offset + p.data_len).await.map_err(|e| remote_err("read", &k, e))?.to_vec()
+        };
+        if bytes.len() as u64 != p.data_len || crc32c::crc32c(&bytes) != p.crc32c {
+            return Err(Error::RemoteDamaged {
+                location: key.to_string(),
+                checkpoint: format!("sharded step {}", m.iterations),
+                object: p.name.clone(),
+                detail: "the piece's bytes fail their CRC-32C".into(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    async fn verify(&self, m: &GlobalManifest) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for d in &m.shards {
+            let k = Key::from(d.key.as_str());
+            let bytes = match self.store.get(&k).await {
+                Ok(g) => g.bytes().await.map_err(|e| remote_err("read", &k, e))?,
+                Err(object_store::Error::NotFound { .. }) => {
+                    problems.push(format!("rank {}: shard {} is missing", d.rank, d.key));
+                    continue;
+                }
+                Err(e) => return Err(remote_err("read", &k, e)),
+            };
+            if bytes.len() as u64 != d.size || crc32c::crc32c(&bytes) != d.crc32c {
+                problems.push(format!("rank {}: shard {} differs from its done-record (size or CRC-32C)", d.rank, d.key));
+                continue;
+            }
+            match ArchiveReader::from_bytes(std::path::Path::new(&d.key), bytes.to_vec()) {
+                Ok(r) => problems.extend(r.verify().into_iter().map(|p| format!("rank {}: {p}", d.rank))),
+                Err(e) => problems.push(format!("rank {}: {}", d.rank, e.report())),
+            }
+        }
+        // Every tensor is whole: its pieces cover every row exactly once.
+        for name in m.tensor_names() {
+            let pieces = m.pieces(&name);
+            let rows = pieces.first().and_then(|(_, p)| p.global_shape.first().copied()).unwrap_or(1);
+            let mut count = vec![0usize; rows];
+            for (_, p) in &pieces {
+                let n = p.shape.first().copied().unwrap_or(1);
+                for c in count.iter_mut().skip(p.row_offset).take(n) {
+                    *c += 1;
+                }
+            }
+            if count.contains(&0) {
+                problems.push(format!("tensor `{name}`: some rows are in no shard"));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Keep the newest `keep` committed steps (0 = all); delete a manifest
+    /// before its step's objects, and the objects of steps older than the
+    /// newest committed one that never got a manifest.
+    async fn retain(&self) -> Result<()> {
+        let mut committed = BTreeMap::new();
+        let mut listing = self.store.list(Some(&self.layout.manifests()));
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| remote_err("list", self.layout.manifests(), e))?;
+            if let Some(n) = meta.location.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse::<u64>().ok()) {
+                committed.insert(n, meta.location);
+            }
+        }
+        let Some(&newest) = committed.keys().next_back() else { return Ok(()) };
+        let pending: Vec<u64> = lock(&self.queue).commits.clone();
+        let excess = if self.keep == 0 { 0 } else { committed.len().saturating_sub(self.keep) };
+        let doomed: Vec<u64> = committed.keys().take(excess).copied().collect();
+        for n in &doomed {
+            if let Some(key) = committed.get(n) {
+                let _ = self.store.delete(key).await;
+            }
+        }
+        // Step folders: doomed ones, and uncommitted ones older than the newest.
+        let steps = self.layout.root.clone().join("steps");
+        let mut listing = self.store.list(Some(&steps));
+        let mut stale = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| remote_err("list", &steps, e))?;
+            let Some(n) = meta.location.prefix_match(&steps).and_then(|mut p| p.next()).and_then(|p| p.as_ref().parse::<u64>().ok()) else {
+                continue;
+            };
+            let uncommitted_old = n < newest && !committed.contains_key(&n) && !pending.contains(&n);
+            if doomed.contains(&n) || uncommitted_old {
+                stale.push(meta.location);
+            }
+        }
+        for key in stale {
+            let _ = self.store.delete(&key).await;
+        }
+        Ok(())
+    }
+}
