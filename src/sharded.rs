@@ -250,8 +250,9 @@ struct Queue {
     waiting: Option<Job>,
     busy: bool,
     stop: bool,
-    /// Steps the coordinator still has to commit, oldest first.
-    commits: Vec<u64>,
+    /// Steps the coordinator still has to commit, oldest first, each with
+    /// its deadline (counted from when its own shard was written).
+    commits: Vec<(u64, Instant)>,
     committing: bool,
 }
 
@@ -515,7 +516,7 @@ impl Shared {
                 Ok(()) => {
                     self.stats.written.fetch_add(1, Ordering::Relaxed);
                     if self.rank.rank == 0 {
-                        lock(&self.queue).commits.push(iterations);
+                        lock(&self.queue).commits.push((iterations, Instant::now() + self.deadline));
                     }
                 }
                 Err(e) => {
@@ -529,11 +530,12 @@ impl Shared {
     }
 
     /// The coordinator's commit thread: steps in order, each waiting for
-    /// every done-record up to the deadline; a newer step whose records are
-    /// all there supersedes older ones still waiting.
+    /// every done-record until its deadline (`shard.commit_deadline_secs`
+    /// after its own shard was written), so a dead rank costs one deadline,
+    /// not one per step queued behind it.
     fn commit_loop(self: Arc<Self>) {
         loop {
-            let iterations = {
+            let (iterations, until) = {
                 let mut q = lock(&self.queue);
                 loop {
                     if !q.commits.is_empty() {
@@ -546,7 +548,6 @@ impl Shared {
                     q = self.wake.wait_timeout(q, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
                 }
             };
-            let until = Instant::now() + self.deadline;
             let outcome = loop {
                 match self.run(self.commit_once(iterations)) {
                     Err(Error::ShardMissing { .. }) if Instant::now() < until && !lock(&self.queue).stop => {
@@ -858,7 +859,7 @@ impl Shared {
             }
         }
         let Some(&newest) = committed.keys().next_back() else { return Ok(()) };
-        let pending: Vec<u64> = lock(&self.queue).commits.clone();
+        let pending: Vec<u64> = lock(&self.queue).commits.iter().map(|(n, _)| *n).collect();
         let excess = if self.keep == 0 { 0 } else { committed.len().saturating_sub(self.keep) };
         let doomed: Vec<u64> = committed.keys().take(excess).copied().collect();
         for n in &doomed {

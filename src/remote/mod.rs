@@ -118,6 +118,8 @@ impl Remote {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("modelio-remote")
+            // Uploads run in the time training leaves idle, as the saver does.
+            .on_thread_start(lower_priority)
             .enable_all()
             .build()
             .map_err(|e| Error::io("start the remote tier's runtime for", config.url.as_str(), e))?;
@@ -759,6 +761,15 @@ impl Inner {
             cleaned += 1;
         }
         Ok(cleaned)
+    }
+}
+
+/// Lower the calling thread's scheduling priority (nice 10).
+fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 

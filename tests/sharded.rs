@@ -1,0 +1,275 @@
+//! Sharded checkpoints across rank processes: N = 3 ranks save, N = 2 and
+//! N = 4 resume bitwise; a rank killed mid-save never yields a manifest
+//! naming a missing shard; racing coordinators make one manifest.
+//!
+//! The ranks are `examples/shard_helper.rs` processes (rank and world size
+//! from `RANK` and `WORLD_SIZE`), whose state at step s is a fixed function
+//! of s, so every rank checks what it loads bitwise.
+#![cfg(feature = "remote")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::s3::S3Server;
+use modelio::sharded::{Part, ShardedIo, Want};
+use modelio::Config;
+use tch::{Device, Kind, Tensor};
+
+fn helper() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().and_then(Path::parent).unwrap().join("examples/shard_helper");
+    assert!(path.exists(), "{} missing: `cargo test` builds examples", path.display());
+    path
+}
+
+/// Where the ranks store: the model folder (a shared filesystem), or a remote.
+struct Store {
+    dir: PathBuf,
+    url: String,
+    endpoint: String,
+    env: Vec<(&'static str, String)>,
+}
+
+fn rank(store: &Store, mode: &str, rank: usize, world: usize, extra: &[&str]) -> Child {
+    Command::new(helper())
+        .arg(mode)
+        .arg(&store.dir)
+        .arg(&store.url)
+        .arg(&store.endpoint)
+        .args(extra)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .envs(store.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn output(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Every rank of a `world`-rank job checks the newest step; returns its iterations.
+fn check(store: &Store, world: usize) -> u64 {
+    let children: Vec<Child> = (0..world).map(|r| rank(store, "check", r, world, &[])).collect();
+    let mut seen = None;
+    for (r, child) in children.into_iter().enumerate() {
+        let (ok, text) = output(child);
+        assert!(ok, "rank {r} of {world}: {text}");
+        let n: u64 = text.trim().strip_prefix("ok ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("rank {r}: {text}"));
+        assert!(seen.is_none_or(|s| s == n), "ranks loaded different steps");
+        seen = Some(n);
+    }
+    seen.unwrap()
+}
+
+fn train(store: &Store, world: usize, steps: u64) {
+    let children: Vec<Child> = (0..world).map(|r| rank(store, "train", r, world, &[&steps.to_string(), "5"])).collect();
+    for (r, child) in children.into_iter().enumerate() {
+        let (ok, text) = output(child);
+        assert!(ok, "rank {r}: {text}");
+    }
+}
+
+fn reader(store: &Store) -> ShardedIo {
+    let mut c = Config::default();
+    c.model.dir = store.dir.clone();
+    c.model.name = "m".into();
+    if !store.url.is_empty() {
+        c.remote.url = store.url.clone();
+        c.remote.endpoint = store.endpoint.clone();
+        c.remote.allow_http = true;
+    }
+    c.shard.rank = Some(0);
+    c.shard.world_size = Some(1);
+    ShardedIo::open(&c).unwrap()
+}
+
+fn save_then_resume_on_other_world_sizes(store: &Store) {
+    train(store, 3, 4);
+    let io = reader(store);
+    let all = io.list().unwrap();
+    // A step a rank skipped (its previous save still being written) is not
+    // committed; the last one always is.
+    assert_eq!(all.last().map(|m| m.iterations), Some(4), "{:?}", all.iter().map(|m| m.iterations).collect::<Vec<_>>());
+    for m in &all {
+        assert_eq!(m.world_size, 3);
+        assert!(io.verify(m).unwrap().is_empty(), "step {}", m.iterations);
+    }
+    assert_eq!(check(store, 2), 4);
+    assert_eq!(check(store, 4), 4);
+    assert_eq!(check(store, 1), 4);
+}
+
+#[test]
+fn three_ranks_save_and_two_or_four_resume_bitwise_on_a_shared_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store { dir: tmp.path().join("model"), url: String::new(), endpoint: String::new(), env: Vec::new() };
+    save_then_resume_on_other_world_sizes(&store);
+    // One shard is an ordinary archive: Python reads it with zipfile + safetensors.
+    let shard = std::fs::read_dir(store.dir.join("m/sharded/steps/00000000000000000004"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("rank-1-"))
+        .unwrap();
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let script = "import sys, zipfile, json\n\
+                  from safetensors.numpy import load\n\
+                  z = zipfile.ZipFile(sys.argv[1]); assert z.testzip() is None\n\
+                  t = load(z.read('model.safetensors'))\n\
+                  print(sorted(t), t['w'].shape)\n";
+    let out = Command::new(&python).arg("-c").arg(script).arg(&shard).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}{}", text, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.trim(), "['w', 'w.exp_avg'] (4, 5)");
+}
+
+#[test]
+fn three_ranks_save_and_two_or_four_resume_bitwise_on_s3() {
+    let server = S3Server::start();
+    server.set_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store { dir: tmp.path().join("model"), url: server.url("sharded"), endpoint: server.endpoint(), env: server.env() };
+    save_then_resume_on_other_world_sizes(&store);
+}
+
+/// The ranks' global state at step `s` (as `examples/shard_helper.rs` makes it).
+fn state(s: u64) -> Vec<Tensor> {
+    let t = |n: i64, k: f64| (Tensor::arange(n, (Kind::Double, Device::Cpu)) * k + s as f64 * 0.1).sin().to_kind(Kind::Float);
+    vec![t(60, 0.37).reshape([12, 5]), t(60, 0.11).reshape([12, 5]), t(7, 0.5), Tensor::from(s as i64)]
+}
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn a_rank_killed_mid_save_never_leaves_a_manifest_naming_a_missing_shard() {
+    let trials: u64 = std::env::var("MODELIO_SHARD_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let mut rng = Rng(0x5eed_cafe);
+    let mut committed_in_all = 0;
+    for trial in 0..trials {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store { dir: tmp.path().join("model"), url: String::new(), endpoint: String::new(), env: Vec::new() };
+        let victim = rng.below(3) as usize;
+        let after = Duration::from_millis(100 + rng.below(500));
+        let mut children: Vec<Child> = (0..3).map(|r| rank(&store, "train", r, 3, &["12", "20"])).collect();
+        std::thread::sleep(after);
+        children[victim].kill().unwrap();
+        let mut last = 0;
+        for (r, child) in children.into_iter().enumerate() {
+            let (ok, text) = output(child);
+            assert!(ok || r == victim, "trial {trial}, rank {r}: {text}");
+        }
+        let io = reader(&store);
+        let all = io.list().unwrap();
+        for m in &all {
+            let problems = io.verify(m).unwrap();
+            assert!(problems.is_empty(), "trial {trial} (rank {victim} killed after {after:?}), step {}: {problems:?}", m.iterations);
+            assert_eq!(m.shards.len(), 3);
+            last = m.iterations;
+        }
+        if let Some(m) = all.last() {
+            committed_in_all += 1;
+            // The newest complete step loads, whole, as it was saved.
+            let got = io.load(m, &[Want::whole("w"), Want::whole("w.exp_avg"), Want::whole("b"), Want::whole("step")]).unwrap();
+            let want = state(last);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.equal(w), "trial {trial}: step {last} differs");
+            }
+        }
+    }
+    // The kills land before, during and after the first commits.
+    println!("{trials} trials, {committed_in_all} with a committed step, every manifest whole");
+}
+
+fn open_rank(dir: &Path, url: &str, rank: usize, world: usize) -> ShardedIo {
+    let mut c = Config::default();
+    c.model.dir = dir.to_path_buf();
+    c.model.name = "m".into();
+    c.remote.url = url.into();
+    c.shard.rank = Some(rank);
+    c.shard.world_size = Some(world);
+    c.shard.commit_deadline_secs = 5;
+    ShardedIo::open(&c).unwrap()
+}
+
+#[test]
+fn racing_coordinators_commit_a_step_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = format!("file://{}", tmp.path().join("store").display());
+    let memory = format!("memory://race-{}", std::process::id());
+    for url in [folder, memory] {
+        let w = Tensor::arange(8, (Kind::Float, Device::Cpu)).reshape([4, 2]);
+        let other = open_rank(tmp.path(), &url, 1, 2);
+        other.save(7, &[Part::rows("w", &w.narrow(0, 2, 2), 2, 4)]).unwrap();
+        assert!(other.flush(Duration::from_secs(10)));
+        // Several coordinators (a restarted job, twice over) save rank 0's
+        // part and race to commit, in the background and by hand.
+        let coordinators: Vec<ShardedIo> = (0..4).map(|_| open_rank(tmp.path(), &url, 0, 2)).collect();
+        let barrier = Arc::new(Barrier::new(coordinators.len()));
+        let created: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = coordinators
+                .iter()
+                .map(|io| {
+                    let (barrier, w) = (barrier.clone(), w.shallow_clone());
+                    s.spawn(move || {
+                        io.save(7, &[Part::rows("w", &w.narrow(0, 0, 2), 0, 4)]).unwrap();
+                        barrier.wait();
+                        usize::from(io.commit(7).unwrap_or(false))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for io in &coordinators {
+            assert!(io.flush(deadline.saturating_duration_since(Instant::now())), "{url}");
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let background: u64 = coordinators.iter().map(|io| io.stats().committed.load(Relaxed)).sum();
+        assert_eq!(created as u64 + background, 1, "{url}: exactly one commit created the manifest");
+        let all = coordinators[0].list().unwrap();
+        assert_eq!(all.len(), 1, "{url}");
+        assert!(coordinators[0].verify(&all[0]).unwrap().is_empty(), "{url}");
+        let got = coordinators[0].load(&all[0], &[Want::whole("w")]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(got[0].reshape([-1])).unwrap(), (0..8).map(|x| x as f32).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn wants_outside_the_saved_tensors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("memory://wants-{}", std::process::id());
+    let io = open_rank(tmp.path(), &url, 0, 1);
+    let w = Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([3, 2]);
+    let half = w.narrow(0, 0, 2);
+    // Rows past the global shape are refused at the call.
+    let e = io.save(1, &[Part::rows("w", &half, 2, 3)]).unwrap_err().to_string();
+    assert!(e.contains("rows of `w`"), "{e}");
+    io.save(1, &[Part::rows("w", &half, 0, 3)]).unwrap();
+    assert!(io.flush(Duration::from_secs(10)));
+    let m = io.latest().unwrap().unwrap();
+    // Row 2 was never saved: not a complete tensor.
+    assert!(io.verify(&m).unwrap().iter().any(|p| p.contains("rows are in no shard")));
+    let e = io.load(&m, &[Want::whole("w")]).unwrap_err().to_string();
+    assert!(e.contains("no piece holds row 2"), "{e}");
+    let e = io.load(&m, &[Want::whole("nope")]).unwrap_err().to_string();
+    assert!(e.contains("nope") && e.contains("no such tensor"), "{e}");
+    let rows = io.load(&m, &[Want::rows("w", 1, 2)]).unwrap();
+    assert_eq!(Vec::<f32>::try_from(rows[0].reshape([-1])).unwrap(), vec![2.0, 3.0]);
+}
