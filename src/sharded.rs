@@ -36,12 +36,14 @@ use futures::StreamExt;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "torch")]
 use tch::Tensor;
 
 use crate::archive::{write_archive, ArchiveReader};
 use crate::config::{Config, RemoteConfig};
 use crate::error::{Error, Result};
 use crate::format::{DType, TensorRef};
+#[cfg(feature = "torch")]
 use crate::tensors::{copy_bytes, dtype_of, shape_of, to_tensor};
 
 /// Format of done-records and global manifests.
@@ -89,6 +91,13 @@ pub struct GlobalManifest {
     pub created: String,
     /// The done-records of every rank, by rank.
     pub shards: Vec<DoneRecord>,
+    /// The loss the coordinator reported with this step, if any.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// The lowest reported loss up to this step (0 before the first): what
+    /// the backup rule compares the next loss with.
+    #[serde(default)]
+    pub lowest: f64,
 }
 
 impl GlobalManifest {
@@ -107,6 +116,7 @@ impl GlobalManifest {
 }
 
 /// What a rank saves of one tensor.
+#[cfg(feature = "torch")]
 pub struct Part<'a> {
     pub name: &'a str,
     pub tensor: &'a Tensor,
@@ -115,6 +125,7 @@ pub struct Part<'a> {
     pub rows: Option<(usize, usize)>,
 }
 
+#[cfg(feature = "torch")]
 impl<'a> Part<'a> {
     pub fn whole(name: &'a str, tensor: &'a Tensor) -> Part<'a> {
         Part { name, tensor, rows: None }
@@ -199,6 +210,11 @@ pub struct ShardStats {
     pub already_committed: AtomicU64,
     /// Steps not committed: a done-record missing at the deadline, or a store failure.
     pub commit_failed: AtomicU64,
+    /// Global backups made (coordinator only).
+    pub backups: AtomicU64,
+    /// Global snapshots made, and those that failed (their step was not committed).
+    pub snapshots: AtomicU64,
+    pub snapshots_failed: AtomicU64,
 }
 
 /// The keys of one model's sharded checkpoints.
@@ -226,6 +242,15 @@ impl Layout {
     fn latest(&self) -> Key {
         self.root.clone().join("LATEST")
     }
+    fn backup(&self) -> Key {
+        self.root.clone().join("BACKUP")
+    }
+    fn snapshots(&self) -> Key {
+        self.root.clone().join("snapshots")
+    }
+    fn snapshot(&self, iterations: u64) -> Key {
+        self.snapshots().join(format!("{iterations:020}.json"))
+    }
 }
 
 /// One tensor of a save, copied at the call.
@@ -243,6 +268,16 @@ struct Staged {
 struct Job {
     iterations: u64,
     tensors: Vec<Staged>,
+    loss: Option<f64>,
+}
+
+/// A step the coordinator is to commit.
+#[derive(Debug, Clone, Copy)]
+struct Commit {
+    iterations: u64,
+    /// `shard.commit_deadline_secs` after its own shard was written.
+    deadline: Instant,
+    loss: Option<f64>,
 }
 
 #[derive(Default)]
@@ -250,10 +285,12 @@ struct Queue {
     waiting: Option<Job>,
     busy: bool,
     stop: bool,
-    /// Steps the coordinator still has to commit, oldest first, each with
-    /// its deadline (counted from when its own shard was written).
-    commits: Vec<(u64, Instant)>,
+    /// Steps the coordinator still has to commit, oldest first.
+    commits: Vec<Commit>,
     committing: bool,
+    /// The last step handed to `save`, and the step a snapshot was requested of.
+    last_saved: Option<u64>,
+    snapshot_of: Option<u64>,
 }
 
 struct Shared {
@@ -263,6 +300,9 @@ struct Shared {
     model: String,
     deadline: Duration,
     keep: usize,
+    snapshot_keep: usize,
+    /// The lowest reported loss, read from the newest manifest on first use.
+    lowest: Mutex<Option<f64>>,
     queue: Mutex<Queue>,
     wake: Condvar,
     stats: ShardStats,
@@ -275,6 +315,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
     Error::Remote { op, target: what.to_string(), detail: e.to_string() }
+}
+
+/// A key stored as text in a record, as written (not escaped again).
+fn stored_key(text: &str) -> Result<Key> {
+    Key::parse(text).map_err(|e| Error::RemoteDamaged {
+        location: text.to_string(),
+        checkpoint: String::new(),
+        object: "key".into(),
+        detail: e.to_string(),
+    })
 }
 
 fn json_err(what: impl std::fmt::Display, e: serde_json::Error) -> Error {
@@ -321,6 +371,8 @@ impl ShardedIo {
             model: config.model.name.clone(),
             deadline: Duration::from_secs(config.shard.commit_deadline_secs),
             keep: config.shard.keep,
+            snapshot_keep: config.snapshot.keep,
+            lowest: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             stats: ShardStats::default(),
@@ -354,6 +406,7 @@ impl ShardedIo {
         &self.shared.stats
     }
 
+    #[cfg(feature = "torch")]
     /// Save this rank's `parts` as step `iterations`: the bytes are copied
     /// before it returns (about one memcpy of the parts), and written in the
     /// background. A save still waiting when the next one comes is replaced
@@ -363,6 +416,23 @@ impl ShardedIo {
     /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::ConfigValue`]
     /// for rows outside the global shape, [`Error::Torch`].
     pub fn save(&self, iterations: u64, parts: &[Part<'_>]) -> Result<()> {
+        self.save_inner(iterations, parts, None)
+    }
+
+    /// [`ShardedIo::save`] with the average loss since the last save. The
+    /// coordinator's loss decides the global backup (the rule of local
+    /// saves: the first loss sets the lowest, a strictly lower one makes
+    /// that step the backup); other ranks' losses are not used.
+    ///
+    /// # Errors
+    /// As [`ShardedIo::save`].
+    #[cfg(feature = "torch")]
+    pub fn save_with_loss(&self, iterations: u64, parts: &[Part<'_>], loss: f64) -> Result<()> {
+        self.save_inner(iterations, parts, Some(loss))
+    }
+
+    #[cfg(feature = "torch")]
+    fn save_inner(&self, iterations: u64, parts: &[Part<'_>], loss: Option<f64>) -> Result<()> {
         let mut tensors = Vec::with_capacity(parts.len());
         let mut names = std::collections::HashSet::new();
         for p in parts {
@@ -393,7 +463,8 @@ impl ShardedIo {
         }
         let replaced = {
             let mut q = lock(&self.shared.queue);
-            q.waiting.replace(Job { iterations, tensors })
+            q.last_saved = Some(iterations);
+            q.waiting.replace(Job { iterations, tensors, loss })
         };
         if replaced.is_some() {
             self.shared.stats.skipped.fetch_add(1, Ordering::Relaxed);
@@ -435,6 +506,7 @@ impl ShardedIo {
         s.run(s.list())
     }
 
+    #[cfg(feature = "torch")]
     /// Read `wants` from step `m`: each whole tensor or rows of one,
     /// reassembled from the pieces that overlap it, every piece read checked
     /// against its CRC-32C.
@@ -444,7 +516,7 @@ impl ShardedIo {
     /// [`Error::RemoteDamaged`] when a piece's checksum fails; [`Error::Remote`].
     pub fn load(&self, m: &GlobalManifest, wants: &[Want]) -> Result<Vec<Tensor>> {
         let s = self.shared.clone();
-        wants.iter().map(|w| s.run(s.read_want(m, w))).collect()
+        wants.iter().map(|w| s.run(s.read_want(m, w)).and_then(|(dtype, shape, bytes)| to_tensor(dtype, &shape, &bytes))).collect()
     }
 
     /// Check every shard of step `m`: size and CRC-32C of each shard object,
@@ -467,7 +539,59 @@ impl ShardedIo {
     /// [`Error::Remote`] on a store failure.
     pub fn commit(&self, iterations: u64) -> Result<bool> {
         let s = self.shared.clone();
-        s.run(s.commit_once(iterations))
+        s.run(s.commit_once(iterations, None)).map(|m| m.is_some())
+    }
+
+    /// Snapshot the step of the last `save`, once it is committed (a copy
+    /// of its global manifest under `snapshots/`; retention keeps its shards,
+    /// `snapshot.keep` the newest snapshots). Only the coordinator's request
+    /// counts: returns false on other ranks.
+    pub fn snapshot(&self) -> bool {
+        if self.shared.rank.rank != 0 {
+            return false;
+        }
+        let mut q = lock(&self.shared.queue);
+        q.snapshot_of = q.last_saved;
+        q.snapshot_of.is_some()
+    }
+
+    /// The global backup: the last committed step whose reported loss was
+    /// the lowest so far.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn backup(&self) -> Result<Option<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(async { Ok(s.get_json::<GlobalManifest>(&s.layout.backup()).await?.map(|(m, _)| m)) })
+    }
+
+    /// The global snapshots, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn snapshots(&self) -> Result<Vec<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(async {
+            let mut keys = s.list_keys(&s.layout.snapshots()).await?;
+            keys.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+            let mut out = Vec::new();
+            for k in keys {
+                if let Some((m, _)) = s.get_json::<GlobalManifest>(&k).await? {
+                    out.push(m);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The dtype, shape and bytes of `want` in step `m` (what
+    /// [`ShardedIo::load`] makes tensors of), for readers without libtorch.
+    ///
+    /// # Errors
+    /// As [`ShardedIo::load`].
+    pub fn read(&self, m: &GlobalManifest, want: &Want) -> Result<(DType, Vec<usize>, Vec<u8>)> {
+        let s = self.shared.clone();
+        s.run(s.read_want(m, want))
     }
 }
 
@@ -511,12 +635,12 @@ impl Shared {
                     q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            let iterations = job.iterations;
+            let (iterations, loss) = (job.iterations, job.loss);
             match self.run(self.write_shard(job)) {
                 Ok(()) => {
                     self.stats.written.fetch_add(1, Ordering::Relaxed);
                     if self.rank.rank == 0 {
-                        lock(&self.queue).commits.push((iterations, Instant::now() + self.deadline));
+                        lock(&self.queue).commits.push(Commit { iterations, deadline: Instant::now() + self.deadline, loss });
                     }
                 }
                 Err(e) => {
@@ -535,7 +659,7 @@ impl Shared {
     /// not one per step queued behind it.
     fn commit_loop(self: Arc<Self>) {
         loop {
-            let (iterations, until) = {
+            let Commit { iterations, deadline: until, loss } = {
                 let mut q = lock(&self.queue);
                 loop {
                     if !q.commits.is_empty() {
@@ -549,7 +673,7 @@ impl Shared {
                 }
             };
             let outcome = loop {
-                match self.run(self.commit_once(iterations)) {
+                match self.run(self.commit_once(iterations, loss)) {
                     Err(Error::ShardMissing { .. }) if Instant::now() < until && !lock(&self.queue).stop => {
                         std::thread::sleep(Duration::from_millis(50));
                     }
@@ -557,19 +681,27 @@ impl Shared {
                 }
             };
             match outcome {
-                Ok(true) => {
+                Ok(Some(manifest)) => {
                     self.stats.committed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(target: "modelio", "committed sharded step {iterations} ({} ranks)", self.rank.world_size);
+                    self.after_commit(&manifest);
                     if let Err(e) = self.run(self.retain()) {
                         tracing::warn!(target: "modelio", "sharded retention: {}", e.report());
                     }
                 }
-                Ok(false) => {
+                Ok(None) => {
                     self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
+                    let mut q = lock(&self.queue);
+                    if q.snapshot_of == Some(iterations) {
+                        q.snapshot_of = None;
+                        drop(q);
+                        self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(target: "modelio", "no snapshot of sharded step {iterations}: it was not committed");
+                    }
                 }
             }
             lock(&self.queue).committing = false;
@@ -578,7 +710,7 @@ impl Shared {
     }
 
     async fn write_shard(&self, job: Job) -> Result<()> {
-        let Job { iterations, tensors } = job;
+        let Job { iterations, tensors, .. } = job;
         let upload = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
         let key = self.layout.shard(iterations, self.rank.rank, &upload);
         let refs: Vec<TensorRef<'_>> = tensors
@@ -637,7 +769,9 @@ impl Shared {
     }
 
     /// Commit `iterations` if every rank's done-record is there.
-    async fn commit_once(&self, iterations: u64) -> Result<bool> {
+    /// Commit `iterations` if every rank's done-record is there: the new
+    /// manifest, or `None` when it already existed.
+    async fn commit_once(&self, iterations: u64, loss: Option<f64>) -> Result<Option<GlobalManifest>> {
         let mut shards = Vec::with_capacity(self.rank.world_size);
         for r in 0..self.rank.world_size {
             let key = self.layout.done(iterations, r);
@@ -648,7 +782,7 @@ impl Shared {
         }
         // Each shard named must exist with its size: the done-record follows its shard.
         for d in &shards {
-            let key = Key::from(d.key.as_str());
+            let key = stored_key(&d.key)?;
             match self.store.head(&key).await {
                 Ok(meta) if meta.size == d.size => {}
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => {
@@ -657,6 +791,8 @@ impl Shared {
                 Err(e) => return Err(remote_err("look for", &key, e)),
             }
         }
+        let lowest = self.lowest().await?;
+        let decision = loss.map(|l| crate::state::backup_rule(&[l], lowest));
         let manifest = GlobalManifest {
             format: SHARDED_FORMAT,
             model: self.model.clone(),
@@ -664,16 +800,110 @@ impl Shared {
             world_size: self.rank.world_size,
             created: chrono::Utc::now().to_rfc3339(),
             shards,
+            loss,
+            lowest: decision.map_or(lowest, |d| d.lowest),
         };
         let key = self.layout.manifest(iterations);
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| json_err(&key, e))?;
         match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
             Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => return Ok(false),
+            Err(object_store::Error::AlreadyExists { .. }) => return Ok(None),
             Err(e) => return Err(remote_err("commit global manifest", &key, e)),
         }
-        self.advance_latest(&key, iterations).await?;
-        Ok(true)
+        *lock(&self.lowest) = Some(manifest.lowest);
+        // The step exists now; `LATEST` is a hint (readers list manifests).
+        if let Err(e) = self.advance_latest(&key, iterations).await {
+            tracing::warn!(target: "modelio", "sharded step {iterations}: {}", e.report());
+        }
+        if decision.is_some_and(|d| d.backup) {
+            let backup = self.layout.backup();
+            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| json_err(&backup, e))?;
+            self.store.put(&backup, PutPayload::from(json)).await.map_err(|e| remote_err("write global backup", &backup, e))?;
+            self.stats.backups.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(manifest))
+    }
+
+    /// The lowest loss so far: from memory, else from the newest manifest.
+    async fn lowest(&self) -> Result<f64> {
+        if let Some(l) = *lock(&self.lowest) {
+            return Ok(l);
+        }
+        let l = self.latest().await?.map_or(0.0, |m| m.lowest);
+        *lock(&self.lowest) = Some(l);
+        Ok(l)
+    }
+
+    /// After step `m` was committed: its snapshot when one was requested,
+    /// then retention.
+    fn after_commit(&self, m: &GlobalManifest) {
+        let wanted = {
+            let mut q = lock(&self.queue);
+            match q.snapshot_of {
+                Some(n) if n <= m.iterations => q.snapshot_of.take().map(|_| n == m.iterations),
+                _ => None,
+            }
+        };
+        match wanted {
+            Some(true) => match self.run(self.write_snapshot(m)) {
+                Ok(()) => {
+                    self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(target: "modelio", "snapshot of sharded step {}: {}", m.iterations, e.report());
+                }
+            },
+            // The step asked for was skipped or not committed.
+            Some(false) => {
+                self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        if let Err(e) = self.run(self.retain()) {
+            tracing::warn!(target: "modelio", "sharded retention: {}", e.report());
+        }
+    }
+
+    async fn write_snapshot(&self, m: &GlobalManifest) -> Result<()> {
+        let key = self.layout.snapshot(m.iterations);
+        let json = serde_json::to_vec_pretty(m).map_err(|e| json_err(&key, e))?;
+        match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(remote_err("write global snapshot", &key, e)),
+        }
+        if self.snapshot_keep > 0 {
+            let mut keys = self.list_keys(&self.layout.snapshots()).await?;
+            keys.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+            let excess = keys.len().saturating_sub(self.snapshot_keep);
+            for k in keys.into_iter().take(excess) {
+                let _ = self.store.delete(&k).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_keys(&self, prefix: &Key) -> Result<Vec<Key>> {
+        let mut out = Vec::new();
+        let mut listing = self.store.list(Some(prefix));
+        while let Some(meta) = listing.next().await {
+            out.push(meta.map_err(|e| remote_err("list", prefix, e))?.location);
+        }
+        Ok(out)
+    }
+
+    /// Steps that a backup or snapshot holds (retention keeps their shards).
+    async fn protected(&self) -> Result<Vec<u64>> {
+        let mut steps: Vec<u64> = self
+            .list_keys(&self.layout.snapshots())
+            .await?
+            .iter()
+            .filter_map(|k| k.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse().ok()))
+            .collect();
+        if let Some((b, _)) = self.get_json::<GlobalManifest>(&self.layout.backup()).await? {
+            steps.push(b.iterations);
+        }
+        Ok(steps)
     }
 
     async fn advance_latest(&self, manifest: &Key, iterations: u64) -> Result<()> {
@@ -732,7 +962,8 @@ impl Shared {
         }
     }
 
-    async fn read_want(&self, m: &GlobalManifest, want: &Want) -> Result<Tensor> {
+    /// The dtype, shape and bytes of `want` in step `m`.
+    async fn read_want(&self, m: &GlobalManifest, want: &Want) -> Result<(DType, Vec<usize>, Vec<u8>)> {
         let pieces = m.pieces(&want.name);
         let missing = |found: String| Error::Mismatch {
             path: std::path::PathBuf::from(self.layout.manifest(m.iterations).as_ref()),
@@ -785,12 +1016,12 @@ impl Shared {
         if let Some(row) = covered.iter().position(|c| !c) {
             return Err(missing(format!("no piece holds row {}", start + row)));
         }
-        to_tensor(dtype, &out_shape, &out)
+        Ok((dtype, out_shape, out))
     }
 
     /// One piece's bytes, by a ranged read of its shard, checked.
     async fn read_piece(&self, m: &GlobalManifest, key: &str, p: &Piece) -> Result<Vec<u8>> {
-        let k = Key::from(key);
+        let k = stored_key(key)?;
         let bytes = if p.data_len == 0 {
             Vec::new()
         } else {
@@ -810,7 +1041,7 @@ impl Shared {
     async fn verify(&self, m: &GlobalManifest) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         for d in &m.shards {
-            let k = Key::from(d.key.as_str());
+            let k = stored_key(&d.key)?;
             let bytes = match self.store.get(&k).await {
                 Ok(g) => g.bytes().await.map_err(|e| remote_err("read", &k, e))?,
                 Err(object_store::Error::NotFound { .. }) => {
@@ -859,7 +1090,8 @@ impl Shared {
             }
         }
         let Some(&newest) = committed.keys().next_back() else { return Ok(()) };
-        let pending: Vec<u64> = lock(&self.queue).commits.iter().map(|(n, _)| *n).collect();
+        let pending: Vec<u64> = lock(&self.queue).commits.iter().map(|c| c.iterations).collect();
+        let protected = self.protected().await?;
         let excess = if self.keep == 0 { 0 } else { committed.len().saturating_sub(self.keep) };
         let doomed: Vec<u64> = committed.keys().take(excess).copied().collect();
         for n in &doomed {
@@ -877,7 +1109,7 @@ impl Shared {
                 continue;
             };
             let uncommitted_old = n < newest && !committed.contains_key(&n) && !pending.contains(&n);
-            if doomed.contains(&n) || uncommitted_old {
+            if (doomed.contains(&n) || uncommitted_old) && !protected.contains(&n) {
                 stale.push(meta.location);
             }
         }

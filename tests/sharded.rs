@@ -273,3 +273,52 @@ fn wants_outside_the_saved_tensors_are_named() {
     let rows = io.load(&m, &[Want::rows("w", 1, 2)]).unwrap();
     assert_eq!(Vec::<f32>::try_from(rows[0].reshape([-1])).unwrap(), vec![2.0, 3.0]);
 }
+
+#[test]
+fn the_coordinator_keeps_global_backups_and_snapshots_through_retention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("memory://backups-{}", std::process::id());
+    let open = || {
+        let mut c = Config::default();
+        c.model.dir = tmp.path().to_path_buf();
+        c.model.name = "m".into();
+        c.remote.url = url.clone();
+        c.shard.rank = Some(0);
+        c.shard.world_size = Some(1);
+        c.shard.keep = 2;
+        ShardedIo::open(&c).unwrap()
+    };
+    let io = open();
+    let value = |s: u64| Tensor::from_slice(&[s as f32; 4]).reshape([2, 2]);
+    for (s, loss) in [(1, 3.0), (2, 2.0), (3, 4.0), (4, 1.0), (5, 5.0)] {
+        io.save_with_loss(s, &[Part::whole("w", &value(s))], loss).unwrap();
+        if s == 2 {
+            assert!(io.snapshot());
+        }
+        assert!(io.flush(Duration::from_secs(10)));
+    }
+    let steps = |all: Vec<modelio::sharded::GlobalManifest>| all.iter().map(|m| m.iterations).collect::<Vec<_>>();
+    assert_eq!(steps(io.list().unwrap()), vec![4, 5], "shard.keep = 2");
+    let backup = io.backup().unwrap().unwrap();
+    assert_eq!((backup.iterations, backup.lowest), (4, 1.0), "the lowest loss after the first");
+    let snapshots = io.snapshots().unwrap();
+    assert_eq!(steps(snapshots.clone()), vec![2]);
+    // Their shards outlive retention: both load, as saved.
+    for m in [&backup, &snapshots[0]] {
+        assert!(io.verify(m).unwrap().is_empty());
+        let got = io.load(m, &[Want::whole("w")]).unwrap();
+        assert!(got[0].equal(&value(m.iterations)), "step {}", m.iterations);
+    }
+    drop(io);
+    // A restarted coordinator goes on from the lowest loss recorded.
+    let io = open();
+    io.save_with_loss(6, &[Part::whole("w", &value(6))], 1.5).unwrap();
+    assert!(io.flush(Duration::from_secs(10)));
+    assert_eq!(io.backup().unwrap().unwrap().iterations, 4);
+    io.save_with_loss(7, &[Part::whole("w", &value(7))], 0.5).unwrap();
+    assert!(io.flush(Duration::from_secs(10)));
+    assert_eq!(io.backup().unwrap().unwrap().iterations, 7);
+    // A snapshot of a step that never commits is counted as failed, not made.
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(io.stats().snapshots_failed.load(Relaxed), 0);
+}

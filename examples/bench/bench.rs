@@ -16,7 +16,7 @@ use modelio::config::{Config, CpuCopy, OptimizerPolicy};
 use modelio::{Error, Result};
 
 /// Attach a path and operation to an `io::Result`, as the library's errors do.
-trait IoContext<T> {
+pub trait IoContext<T> {
     fn at(self, op: &'static str, path: &Path) -> Result<T>;
 }
 
@@ -29,6 +29,8 @@ use modelio::format::{OptimizerRef, TensorRef};
 use modelio::tensors::{byte_len, dtype_of, shape_of};
 use modelio::ModelIo;
 use modelio::{Adam, Optimizer};
+
+use crate::s3::{self, S3Server};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -48,7 +50,7 @@ pub struct BenchOptions {
 /// Figures by name (the keys of `target/bench.json`).
 pub type Report = BTreeMap<String, f64>;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         0.0
@@ -129,7 +131,7 @@ fn sync_save(path: &Path, vs: &VarStore, opt: &Adam) -> Result<Duration> {
 }
 
 /// Flush every dirty page and give the disk a moment, between measured writes.
-fn settle() {
+pub fn settle() {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     std::thread::sleep(Duration::from_millis(300));
@@ -241,12 +243,62 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     std::fs::create_dir_all(&opts.dir).at("create", &opts.dir)?;
     let work = opts.dir.join(format!("modelio-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).at("create", &work)?;
-    let result = run_in(opts, reps, &work, &mut r);
+    // The S3 server first: it sets its credentials in this process's
+    // environment, best before any other thread runs.
+    let server = start_server(&work);
+    let result = run_in(opts, reps, &work, server.as_ref(), &mut r);
+    drop(server);
     let _ = std::fs::remove_dir_all(&work);
     result.map(|()| r)
 }
 
-fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Result<()> {
+/// The S3 server of the remote tier's figures, its data under `work`;
+/// `None`, with a note, when there is none (those figures are then skipped).
+fn start_server(work: &Path) -> Option<S3Server> {
+    if !cfg!(feature = "remote") {
+        eprintln!("note: built without the `remote` feature: the remote tier's figures are skipped");
+        return None;
+    }
+    match S3Server::start(work) {
+        Ok(Some(server)) => Some(server),
+        Ok(None) => {
+            eprintln!("note: {} is missing (`make setup` installs it): the remote tier's figures are skipped", s3::binary().display());
+            None
+        }
+        Err(e) => {
+            eprintln!("note: the remote tier's figures are skipped: {}", e.report());
+            None
+        }
+    }
+}
+
+/// Like [`io_for`] (immediate copy), with `[remote]` on the bench's S3 server.
+fn io_with_remote(dir: &Path, name: &str, server: &S3Server, prefix: &str) -> Result<ModelIo> {
+    let mut c = Config::default();
+    c.model.dir = dir.to_path_buf();
+    c.model.name = name.into();
+    c.save.optimizer = OptimizerPolicy::Always;
+    c.remote = server.remote_config(prefix);
+    ModelIo::open(c)
+}
+
+/// After a run with the remote tier: wait (untimed) for its last upload, so
+/// that it does not overlap the next run.
+#[cfg(feature = "remote")]
+fn wait_uploads(io: &ModelIo) {
+    if !io.wait_remote_blocking(Duration::from_secs(120)) {
+        eprintln!("note: the remote tier was still uploading after 120 s");
+    }
+}
+
+#[cfg(not(feature = "remote"))]
+fn wait_uploads(_: &ModelIo) {}
+
+/// The largest archive uploaded, MiB (a larger state's figure uploads a state this size).
+#[cfg(feature = "remote")]
+const UPLOAD_MAX_MIB: u64 = 256;
+
+fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Server>, r: &mut Report) -> Result<()> {
     let state_bytes = opts.size_mib << 20;
     let (vs, opt) = synthetic_state(state_bytes, opts.device)?;
     let (model, state) = cpu_tensors(&vs, &opt)?;
@@ -384,20 +436,62 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, r: &mut Report) -> Resu
     r.insert("raw_read_gbps".into(), median(read));
     drop((vs, opt));
 
-    // Training throughput with and without saves, alternated.
-    let (mut plain, mut saving) = (vec![], vec![]);
+    // Uploads of a committed archive to the remote tier vs a plain
+    // object_store multipart put of the same file, alternated: that archive
+    // when it is at most UPLOAD_MAX_MIB, else one of a state that size
+    // (uploads to a server on the same machine go at about 0.1 GB/s on 2 cores).
+    #[cfg(feature = "remote")]
+    if let Some(server) = server {
+        let paths = if state_bytes > UPLOAD_MAX_MIB << 20 {
+            let dir = work.join("upload");
+            let (vs, opt) = synthetic_state(UPLOAD_MAX_MIB << 20, Device::Cpu)?;
+            let mut io = io_for(&dir, "upload", CpuCopy::Immediate)?;
+            io.record(1.0);
+            io.save(&vs, Some(&opt))?.wait_blocking()?;
+            io.shutdown_blocking()?;
+            modelio::folder::ModelPaths::new(dir, "upload")
+        } else {
+            modelio::folder::ModelPaths::new(work.join("mem"), "bench")
+        };
+        s3::upload_phase(server, &paths.archive(), &paths.state(), reps, r)?;
+    }
+
+    // Training throughput without saves, with saves, and with saves uploaded
+    // to the remote tier (every save), alternated; the last two take turns
+    // going first.
+    let (mut plain, mut saving, mut remote) = (vec![], vec![], vec![]);
     let mut io = io_for(&work.join("train"), "mlp", CpuCopy::Immediate)?;
+    let mut remote_io = server.map(|s| io_with_remote(&work.join("train-remote"), "mlp", s, "bench-train")).transpose()?;
     train_rate(opts.device, 5, opts.save_every, None)?; // warm-up
     let before = io.fence().waited().0;
-    for _ in 0..reps {
+    for rep in 0..reps {
         plain.push(train_rate(opts.device, opts.steps, opts.save_every, None)?);
-        saving.push(train_rate(opts.device, opts.steps, opts.save_every, Some(&mut io))?);
+        for which in (0..2).map(|k| (k + rep) % 2) {
+            match (which, remote_io.as_mut()) {
+                (0, _) => saving.push(train_rate(opts.device, opts.steps, opts.save_every, Some(&mut io))?),
+                (_, Some(rio)) => {
+                    remote.push(train_rate(opts.device, opts.steps, opts.save_every, Some(rio))?);
+                    wait_uploads(rio);
+                }
+                _ => {}
+            }
+        }
     }
     let saves = reps as u64 * (opts.steps / opts.save_every.max(1));
     r.insert("train_fence_wait_ms_per_save".into(), ms(io.fence().waited().0.saturating_sub(before)) / saves.max(1) as f64);
     io.shutdown_blocking()?;
     r.insert("steps_per_s_plain".into(), median(plain));
     r.insert("steps_per_s_saving".into(), median(saving));
+    if let Some(rio) = remote_io {
+        #[cfg(feature = "remote")]
+        if let Some(s) = rio.remote_stats() {
+            r.insert("train_remote_uploaded".into(), s.uploaded as f64);
+            r.insert("train_remote_skipped".into(), s.skipped as f64);
+            r.insert("train_remote_failed_attempts".into(), s.failed_attempts as f64);
+        }
+        rio.shutdown_blocking()?;
+        r.insert("steps_per_s_remote".into(), median(remote));
+    }
     Ok(())
 }
 
@@ -444,6 +538,21 @@ pub fn table(r: &Report) -> Vec<[String; 6]> {
     let t = ratio(get("steps_per_s_saving"), get("steps_per_s_plain"));
     row("steps/s saving vs plain", get("steps_per_s_saving"), get("steps_per_s_plain"), t, ">= 0.95", t.map(|x| x >= 0.95));
     row("  optimizer-step wait per save, ms", get("train_fence_wait_ms_per_save"), None, None, "-", None);
+    let tr = ratio(get("steps_per_s_remote"), get("steps_per_s_saving"));
+    row(
+        "steps/s saving, remote tier on vs off",
+        get("steps_per_s_remote"),
+        get("steps_per_s_saving"),
+        tr,
+        ">= 0.95",
+        tr.map(|x| x >= 0.95),
+    );
+    let up = ratio(get("remote_upload_gbps"), get("plain_multipart_put_gbps"));
+    let label = match get("remote_upload_bytes") {
+        Some(b) => format!("upload GB/s vs object_store put, {:.0} MiB", b / (1u64 << 20) as f64),
+        None => "upload GB/s vs object_store put".into(),
+    };
+    row(&label, get("remote_upload_gbps"), get("plain_multipart_put_gbps"), up, ">= 0.9", up.map(|x| x >= 0.9));
     // The peers against our fastest stall (deferred on CPU, the only mode on a GPU)...
     let fastest = deferred.or(stall);
     let ts = ratio(get("torch_save_ms"), fastest);

@@ -1,9 +1,12 @@
 //! `make bench`: save stall, write and load throughput, memory and training
 //! throughput, each side by side with its reference measured in the same run,
-//! on the disk of `--dir`. Python peers' figures (bench/peers.py) are merged
+//! on the disk of `--dir`; and the remote tier's upload throughput and
+//! training throughput against an S3 server on loopback (`.tools/bin/s3s-fs`;
+//! skipped without it). Python peers' figures (bench/peers.py) are merged
 //! from `--peers`.
 
 mod bench;
+mod s3;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
