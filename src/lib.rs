@@ -91,7 +91,7 @@ pub mod remote;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
-#[cfg(all(feature = "torch", feature = "remote"))]
+#[cfg(feature = "remote")]
 pub mod sharded;
 #[cfg(feature = "torch")]
 pub mod signals;
