@@ -301,6 +301,8 @@ struct Shared {
     deadline: Duration,
     keep: usize,
     snapshot_keep: usize,
+    /// `staging.on_busy = "wait"`: a save waits for the previous one to start writing.
+    wait_when_busy: bool,
     /// The lowest reported loss, read from the newest manifest on first use.
     lowest: Mutex<Option<f64>>,
     queue: Mutex<Queue>,
@@ -372,6 +374,7 @@ impl ShardedIo {
             deadline: Duration::from_secs(config.shard.commit_deadline_secs),
             keep: config.shard.keep,
             snapshot_keep: config.snapshot.keep,
+            wait_when_busy: config.staging.on_busy == crate::config::OnBusy::Wait,
             lowest: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -409,8 +412,10 @@ impl ShardedIo {
     #[cfg(feature = "torch")]
     /// Save this rank's `parts` as step `iterations`: the bytes are copied
     /// before it returns (about one memcpy of the parts), and written in the
-    /// background. A save still waiting when the next one comes is replaced
-    /// (counted in `skipped`). Never waits on another rank.
+    /// background. One save is written while the next waits; a third waits
+    /// for the writer to take the second (`staging.on_busy = "wait"`, the
+    /// default), or replaces it (`"skip"`, counted in `skipped`; a step that
+    /// some rank skipped is never committed). Never waits on another rank.
     ///
     /// # Errors
     /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::ConfigValue`]
@@ -463,6 +468,12 @@ impl ShardedIo {
         }
         let replaced = {
             let mut q = lock(&self.shared.queue);
+            // With `staging.on_busy = "wait"` (the default) a save waits for
+            // this rank's own previous one to start writing: ranks that each
+            // skipped different steps would never complete a step together.
+            while self.shared.wait_when_busy && q.waiting.is_some() && !q.stop {
+                q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
             q.last_saved = Some(iterations);
             q.waiting.replace(Job { iterations, tensors, loss })
         };
@@ -627,6 +638,8 @@ impl Shared {
                 loop {
                     if let Some(job) = q.waiting.take() {
                         q.busy = true;
+                        // A save waiting for this slot may go on.
+                        self.wake.notify_all();
                         break job;
                     }
                     if q.stop {
