@@ -1,14 +1,16 @@
 //! Test helper for sharded checkpoints (tests/sharded.rs): one rank of a
 //! job, its rank and world size from `RANK` and `WORLD_SIZE`.
 //!
-//! `shard_helper train DIR URL ENDPOINT STEPS DELAY_MS`: saves steps 1..=STEPS
-//! of a deterministic state, each rank its rows of `w` and `w.exp_avg`
-//! (rank 0 also the whole `b` and `step`), then waits for its writes (and,
-//! on rank 0, the commits). URL empty: the model folder DIR is the store.
+//! `shard_helper train DIR URL ENDPOINT STEPS DELAY_MS [resume]`: trains and
+//! saves steps 1..=STEPS (with `resume`, from the newest committed step on,
+//! each rank loading its own rows of it), each rank its rows of the
+//! parameters `w` and their momentum `w.exp_avg` (rank 0 also the whole `b`
+//! and `step`), then waits for its writes (and, on rank 0, the commits).
+//! URL empty: the model folder DIR is the store.
 //!
 //! `shard_helper check DIR URL ENDPOINT`: loads the newest committed step,
 //! this rank's rows and the whole tensors, and compares them bitwise with
-//! the state at that step; prints `ok <iterations>` or exits 1.
+//! an uninterrupted run to that step; prints `ok <iterations>` or exits 1.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,15 +21,32 @@ use modelio::Config;
 
 const ROWS: usize = 12;
 
-/// The global state at step `s`.
-fn state(s: u64) -> Vec<(&'static str, Tensor)> {
-    let t = |n: i64, k: f64| (Tensor::arange(n, (Kind::Double, Device::Cpu)) * k + s as f64 * 0.1).sin().to_kind(Kind::Float);
-    vec![
-        ("w", t(ROWS as i64 * 5, 0.37).reshape([ROWS as i64, 5])),
-        ("w.exp_avg", t(ROWS as i64 * 5, 0.11).reshape([ROWS as i64, 5])),
-        ("b", t(7, 0.5)),
-        ("step", Tensor::from(s as i64)),
-    ]
+/// The initial state: parameters `w` (ROWS x 5), their first moment
+/// `w.exp_avg`, a bias `b` (held whole by rank 0) and the step.
+fn initial() -> [Tensor; 3] {
+    let w = (Tensor::arange(ROWS as i64 * 5, (Kind::Double, Device::Cpu)) * 0.37).sin().to_kind(Kind::Float).reshape([ROWS as i64, 5]);
+    let b = (Tensor::arange(7, (Kind::Double, Device::Cpu)) * 0.5).sin().to_kind(Kind::Float);
+    [w.shallow_clone(), w.zeros_like(), b]
+}
+
+/// One training step `t` of a momentum optimizer on rows of `w` (or all of
+/// them): elementwise and exactly rounded, so a row's values do not depend
+/// on which rank holds it or how the rows are split.
+fn train_step(w: &Tensor, m: &Tensor, b: &Tensor, t: u64) -> [Tensor; 3] {
+    let g = w * 0.5 + t as f64 * 0.001;
+    let m = m * 0.9 + &g * 0.1;
+    let w = w - &m * 0.05;
+    let b = b * 0.99 + 0.01;
+    [w, m, b]
+}
+
+/// The whole state after `s` steps, uninterrupted.
+fn state(s: u64) -> [Tensor; 3] {
+    let [mut w, mut m, mut b] = initial();
+    for t in 1..=s {
+        [w, m, b] = train_step(&w, &m, &b, t);
+    }
+    [w, m, b]
 }
 
 /// Rows `[start, end)` of `ROWS` that rank `r` of `world` holds.
@@ -65,16 +84,31 @@ fn run(args: &[String]) -> modelio::Result<ExitCode> {
     let rank = io.rank();
     let (start, end) = rows(rank.rank, rank.world_size);
     match args[1].as_str() {
+        // train DIR URL ENDPOINT STEPS DELAY_MS [resume]
         "train" => {
             let steps: u64 = args[5].parse().unwrap_or(3);
             let delay = Duration::from_millis(args[6].parse().unwrap_or(0));
-            for s in 1..=steps {
-                let st = state(s);
-                let slices: Vec<Tensor> = st[..2].iter().map(|(_, t)| t.narrow(0, start as i64, (end - start) as i64)).collect();
-                let mut parts = vec![Part::rows("w", &slices[0], start, ROWS), Part::rows("w.exp_avg", &slices[1], start, ROWS)];
+            let rows = |t: &Tensor| t.narrow(0, start as i64, (end - start) as i64);
+            // From scratch, or from the newest committed step, this rank's rows.
+            let (first, [mut w, mut m, mut b]) = match (args.get(7).map(String::as_str), io.latest()?) {
+                (Some("resume"), Some(latest)) => {
+                    let wants = [Want::rows("w", start, end), Want::rows("w.exp_avg", start, end), Want::whole("b")];
+                    let mut t = io.load(&latest, &wants)?.into_iter();
+                    let mut next = || t.next().unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+                    (latest.iterations + 1, [next(), next(), next()])
+                }
+                _ => {
+                    let [w, m, b] = initial();
+                    (1, [rows(&w), rows(&m), b])
+                }
+            };
+            for s in first..=steps {
+                [w, m, b] = train_step(&w, &m, &b, s);
+                let step = Tensor::from(s as i64);
+                let mut parts = vec![Part::rows("w", &w, start, ROWS), Part::rows("w.exp_avg", &m, start, ROWS)];
                 if rank.rank == 0 {
-                    parts.push(Part::whole("b", &st[2].1));
-                    parts.push(Part::whole("step", &st[3].1));
+                    parts.push(Part::whole("b", &b));
+                    parts.push(Part::whole("step", &step));
                 }
                 io.save(s, &parts)?;
                 std::thread::sleep(delay);
@@ -99,12 +133,12 @@ fn run(args: &[String]) -> modelio::Result<ExitCode> {
             };
             let wants = [Want::rows("w", start, end), Want::rows("w.exp_avg", start, end), Want::whole("b"), Want::whole("step")];
             let loaded = io.load(&m, &wants)?;
-            let st = state(m.iterations);
+            let [w, m_, b] = state(m.iterations);
             let expected = [
-                st[0].1.narrow(0, start as i64, (end - start) as i64),
-                st[1].1.narrow(0, start as i64, (end - start) as i64),
-                st[2].1.shallow_clone(),
-                st[3].1.shallow_clone(),
+                w.narrow(0, start as i64, (end - start) as i64),
+                m_.narrow(0, start as i64, (end - start) as i64),
+                b,
+                Tensor::from(m.iterations as i64),
             ];
             for ((w, got), want) in wants.iter().zip(&loaded).zip(&expected) {
                 let same = got.size() == want.size() && got.kind() == want.kind() && bytes(got) == bytes(want);
