@@ -1132,3 +1132,57 @@ impl Shared {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_and_world_size_come_from_the_config_first() {
+        let mut c = Config::default();
+        c.shard.rank = Some(2);
+        c.shard.world_size = Some(3);
+        assert_eq!(Rank::from_config(&c).unwrap(), Rank { rank: 2, world_size: 3 });
+        c.shard.rank = Some(3);
+        let e = Rank::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("shard.rank") && e.contains("world size 3"), "{e}");
+        c.shard.world_size = Some(0);
+        c.shard.rank = Some(0);
+        assert!(Rank::from_config(&c).is_err());
+    }
+
+    #[test]
+    fn pieces_are_found_by_tensor_name_across_shards() {
+        let piece = |rank: usize, row_offset: usize, rows: usize| DoneRecord {
+            format: SHARDED_FORMAT,
+            rank,
+            world_size: 2,
+            iterations: 1,
+            key: format!("k{rank}"),
+            size: 0,
+            crc32c: 0,
+            pieces: vec![Piece {
+                name: "w".into(),
+                dtype: "F32".into(),
+                global_shape: vec![4, 2],
+                row_offset,
+                shape: vec![rows, 2],
+                data_offset: 0,
+                data_len: 0,
+                crc32c: 0,
+            }],
+        };
+        let m = GlobalManifest {
+            format: SHARDED_FORMAT,
+            model: "m".into(),
+            iterations: 1,
+            world_size: 2,
+            created: String::new(),
+            shards: vec![piece(0, 0, 2), piece(1, 2, 2)],
+            loss: None,
+            lowest: 0.0,
+        };
+        assert_eq!(m.tensor_names(), vec!["w".to_string()]);
+        assert_eq!(m.pieces("w").len(), 2);
+    }
+}
