@@ -302,6 +302,7 @@ struct Shared {
     keep: usize,
     snapshot_keep: usize,
     /// `staging.on_busy = "wait"`: a save waits for the previous one to start writing.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     wait_when_busy: bool,
     /// The lowest reported loss, read from the newest manifest on first use.
     lowest: Mutex<Option<f64>>,

@@ -1,5 +1,6 @@
 //! The `modelio` command: inspect, verify, restore and list snapshots; list,
-//! pull and verify the checkpoints of the remote tier (see [`remote`]).
+//! pull and verify the checkpoints of the remote tier (see [`remote`]);
+//! inspect, verify and list sharded checkpoints (see [`sharded`]).
 //!
 //! Results go to standard output through [`Out`], which treats a reader that
 //! went away (`modelio inspect FILE | head`) as the end of the output, not as
@@ -27,7 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show what an archive holds and check its checksums (exit 1 when damaged).
+    /// Show what an archive holds and check its checksums (exit 1 when
+    /// damaged); also a sharded checkpoint's global manifest (a file under
+    /// `<name>/sharded/`, or that folder: its newest step) and its shards.
     Inspect {
         file: PathBuf,
         /// Print JSON instead of text.
@@ -36,7 +39,8 @@ enum Command {
     },
     /// Check every tensor checksum of an archive, or of every archive in a
     /// model folder (then also say what `load.fallback` would load instead of
-    /// a damaged or missing archive).
+    /// a damaged or missing archive, and check every sharded checkpoint:
+    /// committed steps, backup and snapshots).
     Verify { path: PathBuf },
     /// Put a model's `.bk` backups back; the current files move to `<name>_archived_<timestamp>/`.
     Restore {
@@ -45,7 +49,8 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// List a model's snapshots with iterations, size and whether they verify.
+    /// List a model's snapshots with iterations, size and whether they verify;
+    /// also its sharded snapshots and global backup.
     Snapshots {
         dir: PathBuf,
         /// The model; needed only when the folder holds several.
@@ -77,6 +82,18 @@ enum CliError {
         dir.display()
     )]
     NoModel { dir: PathBuf },
+
+    #[error("{} is not a global manifest of sharded checkpoints ({detail})", path.display())]
+    NotAManifest { path: PathBuf, detail: String },
+
+    #[error("cannot tell where the shards of {} are: {detail}", file.display())]
+    ShardsNotFound { file: PathBuf, detail: String },
+
+    #[error(
+        "no sharded checkpoint of iteration `{which}` at {location} (a committed step, the backup or a snapshot); \
+         `modelio remote list --sharded` lists them"
+    )]
+    NoShardedStep { which: String, location: String },
 
     #[error("could not write to standard output")]
     Stdout(#[source] std::io::Error),
@@ -154,8 +171,9 @@ macro_rules! say {
     ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
 }
 
-// Declared after `say!`, which it uses.
+// Declared after `say!`, which they use.
 mod remote;
+mod sharded;
 
 impl Out {
     fn line(&mut self, args: fmt::Arguments<'_>) {
@@ -247,6 +265,10 @@ fn checksum_error(file: &Path, damaged: &[String]) -> Error {
 }
 
 fn inspect(file: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
+    // A global manifest (JSON) or a sharded folder; a shard is an archive.
+    if (file.is_dir() && sharded::folder_named(file).is_some()) || (file.is_file() && sharded::is_json(file)) {
+        return sharded::inspect(file, json, out);
+    }
     let r = ArchiveReader::open(file)?;
     let damaged = r.verify();
     let m = &r.manifest;
@@ -336,7 +358,7 @@ fn verify_one(file: &Path, out: &mut Out) -> Result<u64, Error> {
 
 fn verify(path: &Path, out: &mut Out) -> Result<ExitCode, CliError> {
     if !path.is_dir() {
-        let ok = verify_one(path, out).is_ok();
+        let ok = if path.is_file() && sharded::is_json(path) { sharded::verify_file(path, out)? } else { verify_one(path, out).is_ok() };
         return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     let ext = format!(".{EXTENSION}");
@@ -350,7 +372,12 @@ fn verify(path: &Path, out: &mut Out) -> Result<ExitCode, CliError> {
         .collect();
     files.sort();
     let models = modelio::folder::model_names(path)?;
-    if files.is_empty() && models.is_empty() {
+    let sharded_models = sharded::models(path)?;
+    if files.is_empty() && models.is_empty() && sharded_models.is_empty() {
+        // A model's `<name>/sharded` folder (or `<name>` folder) itself.
+        if let Some(ok) = sharded::verify_folder(path, out) {
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
         return Err(Error::ModelNotFound { dir: path.to_path_buf(), name: "*".into(), file: format!("*.{EXTENSION}") }.into());
     }
     // Verify every file (no short circuit): the report names all damage.
@@ -370,6 +397,9 @@ fn verify(path: &Path, out: &mut Out) -> Result<ExitCode, CliError> {
             Some((file, iterations)) => say!(out, "fallback: load.fallback would load {} (iteration {iterations})", file.display()),
             None => say!(out, "fallback: none: no backup or snapshot of `{name}` verifies, so load.fallback would fail"),
         }
+    }
+    for name in &sharded_models {
+        all_ok &= sharded::verify_model(path, name, out);
     }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -408,8 +438,25 @@ fn restore(dir: &Path, name: Option<String>, out: &mut Out) -> Result<ExitCode, 
     Ok(ExitCode::SUCCESS)
 }
 
+/// The model `--name` names, or the only model in `dir`, with archives or
+/// sharded checkpoints.
+fn any_model_name(dir: &Path, name: Option<String>) -> Result<String, CliError> {
+    if let Some(name) = name {
+        return Ok(name);
+    }
+    let mut names = modelio::folder::model_names(dir)?;
+    names.extend(sharded::models(dir)?);
+    names.sort();
+    names.dedup();
+    match names.len() {
+        0 => Err(CliError::NoModel { dir: dir.to_path_buf() }),
+        1 => Ok(names.remove(0)),
+        _ => Err(CliError::SeveralModels { dir: dir.to_path_buf(), names }),
+    }
+}
+
 fn snapshots(dir: &Path, name: Option<String>, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
-    let name = model_name(dir, name)?;
+    let name = any_model_name(dir, name)?;
     let mut list = snapshot::list(dir);
     list.sort_by_key(|(n, _)| *n);
     let archive_name = ModelPaths::new(dir, &name).archive().file_name().map(|n| n.to_owned()).unwrap_or_default();
@@ -422,14 +469,20 @@ fn snapshots(dir: &Path, name: Option<String>, json: bool, out: &mut Out) -> Res
             serde_json::json!({"iterations": n, "path": path, "bytes": size, "verifies": verifies})
         })
         .collect();
+    let sharded_rows = sharded::snapshot_rows(dir, &name);
     if json {
-        say!(out, "{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
-    } else if rows.is_empty() {
-        say!(out, "no snapshots of {}", dir.display());
+        let all: Vec<&serde_json::Value> = rows.iter().chain(sharded_rows.iter().flatten()).collect();
+        say!(out, "{}", serde_json::to_string_pretty(&all).unwrap_or_default());
     } else {
+        if rows.is_empty() && sharded_rows.is_none() {
+            say!(out, "no snapshots of {}", dir.display());
+        }
         for r in &rows {
             let status = if r["verifies"] == true { "ok     " } else { "DAMAGED" };
             say!(out, "{:>10} iterations  {:>12} bytes  {}  {}", r["iterations"], r["bytes"], status, r["path"].as_str().unwrap_or(""));
+        }
+        if let Some(sharded_rows) = &sharded_rows {
+            sharded::print_snapshot_rows(dir, &name, sharded_rows, out);
         }
     }
     Ok(ExitCode::SUCCESS)

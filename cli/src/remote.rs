@@ -21,6 +21,10 @@ use crate::{CliError, Out};
 pub enum RemoteCommand {
     /// List the checkpoints on the remote tier, oldest first (`*` marks the latest).
     List {
+        /// List the sharded checkpoints (`<model>/sharded/`): the committed
+        /// steps, the global backup and the snapshots.
+        #[arg(long)]
+        sharded: bool,
         #[command(flatten)]
         at: Where,
     },
@@ -39,11 +43,17 @@ pub enum RemoteCommand {
     /// Check a checkpoint (default: the latest) where it is: every object's
     /// size and CRC-32C, and the archive's tensors (exit 1 when damaged).
     Verify {
-        /// A checkpoint id, upload id or iteration count (see `list`).
+        /// A checkpoint id, upload id or iteration count (see `list`); with
+        /// --sharded, the iteration count of a step, the backup or a snapshot.
         checkpoint: Option<String>,
-        /// Verify every checkpoint.
+        /// Verify every checkpoint (with --sharded: every committed step,
+        /// the backup and the snapshots).
         #[arg(long, conflicts_with = "checkpoint")]
         all: bool,
+        /// Verify sharded checkpoints (`<model>/sharded/`): every shard's size
+        /// and CRC-32C, its tensors, and that the pieces cover every tensor.
+        #[arg(long)]
+        sharded: bool,
         #[command(flatten)]
         at: Where,
     },
@@ -110,8 +120,10 @@ impl Where {
         Ok(config)
     }
 
-    /// Connect (no network traffic yet); the remote and the model's name.
-    fn connect(&self) -> Result<(Remote, String), CliError> {
+    /// The config, refused where the command cannot read the store: a
+    /// folder store that is not there (connecting would create it) or a
+    /// memory store.
+    fn reachable(&self) -> Result<Config, CliError> {
         let config = self.config()?;
         let url = &config.remote.url;
         // Connecting creates a missing folder store: a mistyped path would
@@ -125,6 +137,12 @@ impl Where {
             let why = "a memory store lives inside the process that made it; the command cannot see a trainer's";
             return Err(CliError::RemoteUnusable { url: url.clone(), why: why.into() });
         }
+        Ok(config)
+    }
+
+    /// Connect (no network traffic yet); the remote and the model's name.
+    fn connect(&self) -> Result<(Remote, String), CliError> {
+        let config = self.reachable()?;
         let remote = Remote::connect(&config.remote, &config.model.name)?;
         Ok((remote, config.model.name))
     }
@@ -132,20 +150,24 @@ impl Where {
 
 pub fn run(command: RemoteCommand, out: &mut Out) -> Result<ExitCode, CliError> {
     match command {
-        RemoteCommand::List { at } => list(&at, out),
+        RemoteCommand::List { sharded: true, at } => crate::sharded::remote_list(&at.reachable()?, out),
+        RemoteCommand::List { sharded: false, at } => list(&at, out),
         RemoteCommand::Pull { checkpoint, dir, at } => pull(&at, checkpoint.as_deref(), &dir, out),
-        RemoteCommand::Verify { checkpoint, all, at } => verify(&at, checkpoint.as_deref(), all, out),
+        RemoteCommand::Verify { checkpoint, all, sharded: true, at } => {
+            crate::sharded::remote_verify(&at.reachable()?, checkpoint.as_deref(), all, out)
+        }
+        RemoteCommand::Verify { checkpoint, all, sharded: false, at } => verify(&at, checkpoint.as_deref(), all, out),
         RemoteCommand::Status { dir, name } => status(&dir, name, out),
     }
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// An RFC 3339 time in UTC without its fraction of a second
 /// (`2024-05-01T12:00:00Z`); any other text as it is.
-fn short_time(t: &str) -> String {
+pub(crate) fn short_time(t: &str) -> String {
     let utc = t.ends_with("+00:00") || t.ends_with('Z');
     match t.get(..19) {
         Some(seconds) if utc && t.as_bytes().get(10) == Some(&b'T') => format!("{seconds}Z"),
