@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::Rng;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -40,17 +42,6 @@ fn set_env(server: &S3Server) {
 /// The `[remote]` settings of objects under `prefix` on `server`.
 fn remote_config(server: &S3Server, prefix: &str) -> RemoteConfig {
     RemoteConfig { url: server.url(prefix), endpoint: server.endpoint(), allow_http: true, ..RemoteConfig::default() }
-}
-
-/// A small deterministic generator for kill moments (xorshift).
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// Polls `done` until it holds; panics naming `what` after [`TIMEOUT`], or

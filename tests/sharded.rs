@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::Rng;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -163,17 +165,6 @@ fn state(s: u64) -> Vec<Tensor> {
         b = &b * 0.99 + 0.01;
     }
     vec![w, m, b, Tensor::from(s as i64)]
-}
-
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 #[test]

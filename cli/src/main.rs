@@ -446,6 +446,12 @@ fn any_model_name(dir: &Path, name: Option<String>) -> Result<String, CliError> 
     }
     let mut names = modelio::folder::model_names(dir)?;
     names.extend(sharded::models(dir)?);
+    only_name(dir, names)
+}
+
+/// The one name among `names` (duplicates aside), else an error naming `dir`
+/// and what is there.
+fn only_name(dir: &Path, mut names: Vec<String>) -> Result<String, CliError> {
     names.sort();
     names.dedup();
     match names.len() {

@@ -285,13 +285,7 @@ fn status_model(dir: &Path, name: Option<String>) -> Result<String, CliError> {
             names.push(n.to_string());
         }
     }
-    names.sort();
-    names.dedup();
-    match names.len() {
-        0 => Err(CliError::NoModel { dir: dir.to_path_buf() }),
-        1 => Ok(names.remove(0)),
-        _ => Err(CliError::SeveralModels { dir: dir.to_path_buf(), names }),
-    }
+    crate::only_name(dir, names)
 }
 
 /// How long ago `t` was, in words.

@@ -227,8 +227,13 @@ impl Tier {
     }
 
     /// Write the counters to `<dir>/<name>_remote.json` for `modelio remote status`.
-    fn publish(&self) {
-        let json = match serde_json::to_vec_pretty(&self.stats()) {
+    /// `done`: the upload in progress just finished (it is no longer pending).
+    fn publish(&self, done: bool) {
+        let mut stats = self.stats();
+        if done {
+            stats.pending = lock(&self.queue).waiting.as_ref().map(|w| w.iterations);
+        }
+        let json = match serde_json::to_vec_pretty(&stats) {
             Ok(j) => j,
             Err(_) => return,
         };
@@ -262,8 +267,10 @@ impl Tier {
                         s.last_uploaded = Some(upload.iterations);
                         s.last_checkpoint = Some(id);
                     }
-                    self.finished();
-                    return self.publish();
+                    // Published before the tier reads as idle, so that whoever
+                    // waited for the upload finds the status file up to date.
+                    self.publish(true);
+                    return self.finished();
                 }
                 Ok(None) => return,
                 Err(_) if self.stopped() => {
@@ -278,7 +285,7 @@ impl Tier {
                         s.last_error = Some(e.report().to_string());
                         s.last_error_at = Some(chrono::Utc::now().to_rfc3339());
                     }
-                    self.publish();
+                    self.publish(false);
                     if !e.is_retryable() && !matches!(e, Error::RemoteDamaged { .. }) {
                         // The local pinned files cannot be read: retrying cannot help.
                         return;

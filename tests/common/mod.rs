@@ -110,3 +110,16 @@ pub fn flip_byte(path: &Path, offset: usize) {
     bytes[offset] ^= 0xff;
     std::fs::write(path, bytes).unwrap();
 }
+
+/// A small deterministic generator (xorshift) for seeded kill moments and delays.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
