@@ -14,7 +14,7 @@
 //! [`Remote`] does the object-store work on a small runtime of its own, so
 //! its blocking methods may be called from anywhere, an async task included
 //! (they then run on a scoped thread). The uploader actor that feeds it from
-//! the saver is in [`tier`].
+//! the saver is in `tier` (crate-private).
 
 pub mod manifest;
 pub(crate) mod store;
