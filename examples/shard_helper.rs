@@ -113,7 +113,12 @@ fn run(args: &[String]) -> modelio::Result<ExitCode> {
                 io.save(s, &parts)?;
                 std::thread::sleep(delay);
             }
-            let done = io.flush(Duration::from_secs(30));
+            // A step another rank never finished is a failure here, reported
+            // by the flush: printed, for the test to judge.
+            let done = match io.flush(Duration::from_secs(30)) {
+                Ok(done) => done.to_string(),
+                Err(e) => format!("error: {}", e.report()),
+            };
             let s = io.stats();
             use std::sync::atomic::Ordering::Relaxed;
             println!(

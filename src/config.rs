@@ -41,11 +41,15 @@ pub struct ShardConfig {
     pub commit_deadline_secs: u64,
     /// Committed steps to keep, the newest (0 = keep all).
     pub keep: usize,
+    /// This run's id, the same on every rank; a coordinator commits only its
+    /// own run's shards (a restarted job never mixes in a dead run's). Empty:
+    /// `MODELIO_RUN_ID`, `TORCHELASTIC_RUN_ID` or `SLURM_JOB_ID`, else none.
+    pub run_id: String,
 }
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        ShardConfig { rank: None, world_size: None, commit_deadline_secs: 60, keep: 3 }
+        ShardConfig { rank: None, world_size: None, commit_deadline_secs: 60, keep: 3, run_id: String::new() }
     }
 }
 
@@ -369,6 +373,9 @@ impl Config {
         }
         if !(1..=64).contains(&r.parts_in_flight) {
             return bad("remote.parts_in_flight", r.parts_in_flight.to_string(), "an integer from 1 to 64");
+        }
+        if !(1..=86_400).contains(&self.shard.commit_deadline_secs) {
+            return bad("shard.commit_deadline_secs", self.shard.commit_deadline_secs.to_string(), "an integer from 1 to 86400");
         }
         if r.retry_max_secs == 0 {
             return bad("remote.retry_max_secs", "0".into(), "an integer >= 1");

@@ -197,6 +197,17 @@ pub enum Error {
     #[error("sharded step {iterations}: rank {rank}'s shard is not there yet ({key})")]
     ShardMissing { iterations: u64, rank: usize, key: String },
 
+    /// A sharded step's pieces do not fit together (dtypes, shapes, sizes).
+    #[error("sharded step {iterations} cannot be committed or read: {detail}")]
+    ShardInconsistent { iterations: u64, detail: String },
+
+    /// A sharded step was already committed by another run.
+    #[error(
+        "sharded step {iterations} was already committed by another run ({key}); this run's shards of it are not \
+         committed: resume from the newest step, or save under iterations past it"
+    )]
+    StepCommitted { iterations: u64, key: String },
+
     /// A remote object differs from its manifest.
     #[error("remote checkpoint {checkpoint} at {location} is damaged ({object}: {detail}); pull or resume from another one (`modelio remote list`)")]
     RemoteDamaged { location: String, checkpoint: String, object: String, detail: String },

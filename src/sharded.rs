@@ -71,6 +71,10 @@ pub struct Piece {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DoneRecord {
     pub format: u32,
+    /// The run that wrote it (`shard.run_id`, or the launcher's job id):
+    /// a coordinator commits only its own run's records.
+    #[serde(default)]
+    pub run: String,
     pub rank: usize,
     pub world_size: usize,
     pub iterations: u64,
@@ -210,8 +214,9 @@ pub struct ShardStats {
     pub already_committed: AtomicU64,
     /// Steps not committed: a done-record missing at the deadline, or a store failure.
     pub commit_failed: AtomicU64,
-    /// Global backups made (coordinator only).
+    /// Global backups made, and those that could not be written (coordinator only).
     pub backups: AtomicU64,
+    pub backups_failed: AtomicU64,
     /// Global snapshots made, and those that failed (their step was not committed).
     pub snapshots: AtomicU64,
     pub snapshots_failed: AtomicU64,
@@ -309,7 +314,22 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     stats: ShardStats,
-    rt: tokio::runtime::Runtime,
+    /// Background failures (shards not written, steps not committed) not
+    /// yet reported by `flush`, oldest first, at most 16.
+    failures: Mutex<std::collections::VecDeque<Error>>,
+    /// This run's id: a done-record of another run is never committed.
+    run_id: String,
+    /// `Some` until dropped (shut down in the background, so that dropping
+    /// a handle inside an async task does not panic).
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -318,6 +338,54 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
     Error::Remote { op, target: what.to_string(), detail: e.to_string() }
+}
+
+/// This run's id: `shard.run_id`, else the launcher's job id
+/// (`MODELIO_RUN_ID`, `TORCHELASTIC_RUN_ID`, `SLURM_JOB_ID`), else empty.
+fn run_id(config: &Config) -> String {
+    if !config.shard.run_id.is_empty() {
+        return config.shard.run_id.clone();
+    }
+    ["MODELIO_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_default()
+}
+
+/// What makes the pieces of a step unusable, if anything: for each tensor,
+/// one dtype and global shape, each piece's shape the global one with its
+/// own rows, inside the global rows, and as many bytes as its shape needs.
+fn inconsistency(shards: &[DoneRecord]) -> Option<String> {
+    let mut seen: BTreeMap<&str, (&str, &[usize])> = BTreeMap::new();
+    for d in shards {
+        for p in &d.pieces {
+            let (dtype, global) = *seen.entry(&p.name).or_insert((&p.dtype, &p.global_shape));
+            let what = |detail: String| Some(format!("tensor `{}` (rank {}): {detail}", p.name, d.rank));
+            if p.dtype != dtype || p.global_shape != global {
+                return what(format!("{} {:?} here, {dtype} {global:?} elsewhere", p.dtype, p.global_shape));
+            }
+            let Some(size) = DType::from_name(&p.dtype).map(DType::size) else { return what(format!("unknown dtype {}", p.dtype)) };
+            let expected = if global.is_empty() {
+                (p.shape.is_empty() && p.row_offset == 0).then_some(size as u64)
+            } else {
+                let rows = p.shape.first().copied().unwrap_or(0);
+                let fits = p.shape.len() == global.len()
+                    && p.shape[1..] == global[1..]
+                    && p.row_offset.checked_add(rows).is_some_and(|e| e <= global[0]);
+                fits.then(|| p.shape.iter().try_fold(size as u64, |n, &d| n.checked_mul(d as u64))).flatten()
+            };
+            match expected {
+                Some(len) if len == p.data_len => {}
+                _ => {
+                    return what(format!(
+                        "shape {:?} at row {} of {global:?} with {} bytes does not fit",
+                        p.shape, p.row_offset, p.data_len
+                    ))
+                }
+            }
+        }
+    }
+    None
 }
 
 /// A key stored as text in a record, as written (not escaped again).
@@ -380,7 +448,9 @@ impl ShardedIo {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             stats: ShardStats::default(),
-            rt,
+            failures: Mutex::new(std::collections::VecDeque::new()),
+            run_id: run_id(config),
+            rt: Some(rt),
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -439,6 +509,14 @@ impl ShardedIo {
 
     #[cfg(feature = "torch")]
     fn save_inner(&self, iterations: u64, parts: &[Part<'_>], loss: Option<f64>) -> Result<()> {
+        // A NaN or infinite loss cannot be compared with the lowest: it is not used.
+        let loss = match loss {
+            Some(l) if !l.is_finite() => {
+                tracing::warn!(target: "modelio", "sharded step {iterations}: loss {l} ignored for the backup rule");
+                None
+            }
+            other => other,
+        };
         let mut tensors = Vec::with_capacity(parts.len());
         let mut names = std::collections::HashSet::new();
         for p in parts {
@@ -486,18 +564,37 @@ impl ShardedIo {
     }
 
     /// Wait until every save handed over so far is written and (on the
-    /// coordinator) committed or failed, at most `timeout`. True when done.
-    pub fn flush(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut q = lock(&self.shared.queue);
-        while q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
+    /// coordinator) committed or failed, at most `timeout`: true when done,
+    /// false when the time ran out. Call it before dropping the handle at
+    /// the end of training (a drop also waits, up to each step's deadline).
+    ///
+    /// # Errors
+    /// The oldest background failure not reported yet: a shard not written,
+    /// a step not committed (a rank's shard missing at its deadline, the step
+    /// committed by another run, inconsistent shards), a backup not written.
+    pub fn flush(&self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now().checked_add(timeout).unwrap_or_else(Instant::now);
+        let mut done = true;
+        {
+            let mut q = lock(&self.shared.queue);
+            while q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    done = false;
+                    break;
+                }
+                q = self
+                    .shared
+                    .wake
+                    .wait_timeout(q, left.min(Duration::from_millis(50)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
-            q = self.shared.wake.wait_timeout(q, left.min(Duration::from_millis(50))).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
-        true
+        match lock(&self.shared.failures).pop_front() {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 
     /// The newest committed step's manifest, if any.
@@ -562,9 +659,44 @@ impl ShardedIo {
         if self.shared.rank.rank != 0 {
             return false;
         }
-        let mut q = lock(&self.shared.queue);
-        q.snapshot_of = q.last_saved;
-        q.snapshot_of.is_some()
+        let already = {
+            let mut q = lock(&self.shared.queue);
+            let Some(n) = q.last_saved else { return false };
+            let pending = q.waiting.as_ref().is_some_and(|j| j.iterations == n)
+                || q.busy
+                || q.commits.iter().any(|c| c.iterations == n)
+                || q.committing;
+            if pending {
+                q.snapshot_of = Some(n);
+                return true;
+            }
+            n
+        };
+        // The step's commit is over: snapshot it now if it was committed.
+        let s = self.shared.clone();
+        match s.run(async { s.get_json::<GlobalManifest>(&s.layout.manifest(already)).await }) {
+            Ok(Some((m, _))) => match s.run(s.write_snapshot(&m)) {
+                Ok(()) => {
+                    s.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    s.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+                    s.report_later(e);
+                    false
+                }
+            },
+            Ok(None) => {
+                s.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(target: "modelio", "no snapshot of sharded step {already}: it was not committed");
+                false
+            }
+            Err(e) => {
+                s.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+                s.report_later(e);
+                false
+            }
+        }
     }
 
     /// The global backup: the last committed step whose reported loss was
@@ -622,13 +754,23 @@ impl Shared {
     where
         F::Output: Send,
     {
+        let Some(rt) = &self.rt else { unreachable!("the runtime is only taken by drop") };
         if tokio::runtime::Handle::try_current().is_err() {
-            return self.rt.block_on(fut);
+            return rt.block_on(fut);
         }
-        std::thread::scope(|s| match s.spawn(|| self.rt.block_on(fut)).join() {
+        std::thread::scope(|s| match s.spawn(|| rt.block_on(fut)).join() {
             Ok(out) => out,
             Err(panic) => std::panic::resume_unwind(panic),
         })
+    }
+
+    /// Keep a background failure for the next `flush`.
+    fn report_later(&self, e: Error) {
+        let mut f = lock(&self.failures);
+        if f.len() == 16 {
+            f.pop_front();
+        }
+        f.push_back(e);
     }
 
     /// The writer thread: the newest waiting save, one at a time; drains before stopping.
@@ -650,16 +792,20 @@ impl Shared {
                 }
             };
             let (iterations, loss) = (job.iterations, job.loss);
-            match self.run(self.write_shard(job)) {
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(self.write_shard(job))))
+                .unwrap_or_else(|_| Err(Error::Internal { what: "sharded save", message: "the shard writer panicked".into() }));
+            match written {
                 Ok(()) => {
                     self.stats.written.fetch_add(1, Ordering::Relaxed);
                     if self.rank.rank == 0 {
-                        lock(&self.queue).commits.push(Commit { iterations, deadline: Instant::now() + self.deadline, loss });
+                        let deadline = Instant::now().checked_add(self.deadline).unwrap_or_else(Instant::now);
+                        lock(&self.queue).commits.push(Commit { iterations, deadline, loss });
                     }
                 }
                 Err(e) => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(target: "modelio", "rank {}: shard of iteration {iterations} not written: {}", self.rank.rank, e.report());
+                    self.report_later(e);
                 }
             }
             lock(&self.queue).busy = false;
@@ -687,9 +833,11 @@ impl Shared {
                 }
             };
             let outcome = loop {
+                // A missing done-record or a store failure is retried until
+                // the step's deadline, also while the handle is being dropped.
                 match self.run(self.commit_once(iterations, loss)) {
-                    Err(Error::ShardMissing { .. }) if Instant::now() < until && !lock(&self.queue).stop => {
-                        std::thread::sleep(Duration::from_millis(50));
+                    Err(Error::ShardMissing { .. } | Error::Remote { .. }) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                     other => break other,
                 }
@@ -699,9 +847,6 @@ impl Shared {
                     self.stats.committed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(target: "modelio", "committed sharded step {iterations} ({} ranks)", self.rank.world_size);
                     self.after_commit(&manifest);
-                    if let Err(e) = self.run(self.retain()) {
-                        tracing::warn!(target: "modelio", "sharded retention: {}", e.report());
-                    }
                 }
                 Ok(None) => {
                     self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
@@ -709,6 +854,7 @@ impl Shared {
                 Err(e) => {
                     self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
+                    self.report_later(e);
                     let mut q = lock(&self.queue);
                     if q.snapshot_of == Some(iterations) {
                         q.snapshot_of = None;
@@ -757,6 +903,7 @@ impl Shared {
         self.store.put(&key, PutPayload::from(bytes)).await.map_err(|e| remote_err("write shard", &key, e))?;
         let done = DoneRecord {
             format: SHARDED_FORMAT,
+            run: self.run_id.clone(),
             rank: self.rank.rank,
             world_size: self.rank.world_size,
             iterations,
@@ -771,7 +918,8 @@ impl Shared {
         Ok(())
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, object_store::UpdateVersion)>> {
+    /// A small object's bytes and version, `None` when absent.
+    async fn get_raw(&self, key: &Key) -> Result<Option<(Vec<u8>, object_store::UpdateVersion)>> {
         let got = match self.store.get(key).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -779,6 +927,11 @@ impl Shared {
         };
         let version = object_store::UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
         let bytes = got.bytes().await.map_err(|e| remote_err("read", key, e))?;
+        Ok(Some((bytes.to_vec(), version)))
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, object_store::UpdateVersion)>> {
+        let Some((bytes, version)) = self.get_raw(key).await? else { return Ok(None) };
         Ok(Some((serde_json::from_slice(&bytes).map_err(|e| json_err(key, e))?, version)))
     }
 
@@ -790,7 +943,11 @@ impl Shared {
         for r in 0..self.rank.world_size {
             let key = self.layout.done(iterations, r);
             match self.get_json::<DoneRecord>(&key).await? {
-                Some((d, _)) if d.iterations == iterations && d.world_size == self.rank.world_size && d.rank == r => shards.push(d),
+                Some((d, _))
+                    if d.iterations == iterations && d.world_size == self.rank.world_size && d.rank == r && d.run == self.run_id =>
+                {
+                    shards.push(d)
+                }
                 _ => return Err(Error::ShardMissing { iterations, rank: r, key: key.to_string() }),
             }
         }
@@ -804,6 +961,9 @@ impl Shared {
                 }
                 Err(e) => return Err(remote_err("look for", &key, e)),
             }
+        }
+        if let Some(problem) = inconsistency(&shards) {
+            return Err(Error::ShardInconsistent { iterations, detail: problem });
         }
         let lowest = self.lowest().await?;
         let decision = loss.map(|l| crate::state::backup_rule(&[l], lowest));
@@ -821,7 +981,17 @@ impl Shared {
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| json_err(&key, e))?;
         match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
             Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => return Ok(None),
+            // Committed already: by a racing coordinator of this run (the
+            // same shards), or by another run (a job resumed from an older
+            // step saving over a committed one), which must not pass silently.
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let existing = self.get_json::<GlobalManifest>(&key).await?.map(|(m, _)| m);
+                let ours = |e: &GlobalManifest| e.shards.iter().map(|d| &d.key).eq(manifest.shards.iter().map(|d| &d.key));
+                return match existing {
+                    Some(e) if ours(&e) => Ok(None),
+                    _ => Err(Error::StepCommitted { iterations, key: key.to_string() }),
+                };
+            }
             Err(e) => return Err(remote_err("commit global manifest", &key, e)),
         }
         *lock(&self.lowest) = Some(manifest.lowest);
@@ -829,11 +999,26 @@ impl Shared {
         if let Err(e) = self.advance_latest(&key, iterations).await {
             tracing::warn!(target: "modelio", "sharded step {iterations}: {}", e.report());
         }
+        // The step is committed whatever happens to its backup.
         if decision.is_some_and(|d| d.backup) {
             let backup = self.layout.backup();
-            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| json_err(&backup, e))?;
-            self.store.put(&backup, PutPayload::from(json)).await.map_err(|e| remote_err("write global backup", &backup, e))?;
-            self.stats.backups.fetch_add(1, Ordering::Relaxed);
+            let written = match serde_json::to_vec_pretty(&manifest) {
+                Ok(json) => self
+                    .store
+                    .put(&backup, PutPayload::from(json))
+                    .await
+                    .map(drop)
+                    .map_err(|e| remote_err("write global backup", &backup, e)),
+                Err(e) => Err(json_err(&backup, e)),
+            };
+            match written {
+                Ok(()) => self.stats.backups.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::error!(target: "modelio", "sharded step {iterations} is committed but not backed up: {}", e.report());
+                    self.report_later(e);
+                    self.stats.backups_failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
         }
         Ok(Some(manifest))
     }
@@ -925,11 +1110,13 @@ impl Shared {
         let body =
             serde_json::to_vec(&crate::remote::Latest { manifest: manifest.to_string(), iterations }).map_err(|e| json_err(&latest, e))?;
         for _ in 0..16 {
-            let mode = match self.get_json::<crate::remote::Latest>(&latest).await {
-                Ok(Some((l, _))) if l.iterations > iterations => return Ok(()),
-                Ok(Some((_, v))) => PutMode::Update(v),
-                Ok(None) | Err(Error::RemoteDamaged { .. }) => PutMode::Create,
-                Err(e) => return Err(e),
+            let mode = match self.get_raw(&latest).await? {
+                None => PutMode::Create,
+                Some((bytes, v)) => match serde_json::from_slice::<crate::remote::Latest>(&bytes) {
+                    Ok(l) if l.iterations > iterations => return Ok(()),
+                    // Older, or unreadable: replace it, conditionally.
+                    _ => PutMode::Update(v),
+                },
             };
             match self.store.put_opts(&latest, PutPayload::from(body.clone()), PutOptions::from(mode)).await {
                 Ok(_) => return Ok(()),
@@ -940,7 +1127,7 @@ impl Shared {
                 Err(e) => return Err(remote_err("update", &latest, e)),
             }
         }
-        Ok(())
+        Err(Error::Remote { op: "update", target: latest.to_string(), detail: "still contended after 16 tries".into() })
     }
 
     async fn list(&self) -> Result<Vec<GlobalManifest>> {
@@ -952,8 +1139,12 @@ impl Shared {
         keys.sort();
         let mut out = Vec::new();
         for key in keys {
-            if let Some((m, _)) = self.get_json::<GlobalManifest>(&key).await? {
-                out.push(m);
+            match self.get_json::<GlobalManifest>(&key).await {
+                Ok(Some((m, _))) => out.push(m),
+                Ok(None) => {}
+                // One unreadable manifest does not hide the others.
+                Err(e @ Error::RemoteDamaged { .. }) => tracing::warn!(target: "modelio", "skipping {key}: {}", e.report()),
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
@@ -971,8 +1162,13 @@ impl Shared {
             }
         }
         match newest {
-            Some(key) => Ok(self.get_json::<GlobalManifest>(&key).await?.map(|(m, _)| m)),
             None => Ok(None),
+            Some(key) => match self.get_json::<GlobalManifest>(&key).await {
+                Ok(Some((m, _))) => Ok(Some(m)),
+                // Deleted since the listing, or unreadable: the newest readable one.
+                Ok(None) | Err(Error::RemoteDamaged { .. }) => Ok(self.list().await?.pop()),
+                Err(e) => Err(e),
+            },
         }
     }
 
@@ -989,6 +1185,9 @@ impl Shared {
             found,
         };
         let Some((_, first)) = pieces.first() else { return Err(missing("no such tensor".into())) };
+        if let Some(problem) = inconsistency(&m.shards) {
+            return Err(Error::ShardInconsistent { iterations: m.iterations, detail: problem });
+        }
         let dtype = DType::from_name(&first.dtype).ok_or_else(|| missing(format!("dtype {}", first.dtype)))?;
         let global = first.global_shape.clone();
         let global_rows = global.first().copied().unwrap_or(1);
@@ -1015,7 +1214,9 @@ impl Shared {
                 covered.iter_mut().for_each(|c| *c = true);
                 break;
             }
-            if lo >= hi {
+            // Rows another piece already gave (a tensor several ranks hold
+            // whole) are not read again.
+            if lo >= hi || covered[lo - start..hi - start].iter().all(|&c| c) {
                 continue;
             }
             let data = self.read_piece(m, key, p).await?;
@@ -1073,7 +1274,11 @@ impl Shared {
                 Err(e) => problems.push(format!("rank {}: {}", d.rank, e.report())),
             }
         }
-        // Every tensor is whole: its pieces cover every row exactly once.
+        if let Some(problem) = inconsistency(&m.shards) {
+            problems.push(problem);
+            return Ok(problems);
+        }
+        // Every tensor is whole: its pieces cover every row.
         for name in m.tensor_names() {
             let pieces = m.pieces(&name);
             let rows = pieces.first().and_then(|(_, p)| p.global_shape.first().copied()).unwrap_or(1);
@@ -1156,6 +1361,7 @@ mod tests {
     fn pieces_are_found_by_tensor_name_across_shards() {
         let piece = |rank: usize, row_offset: usize, rows: usize| DoneRecord {
             format: SHARDED_FORMAT,
+            run: String::new(),
             rank,
             world_size: 2,
             iterations: 1,
@@ -1185,5 +1391,17 @@ mod tests {
         };
         assert_eq!(m.tensor_names(), vec!["w".to_string()]);
         assert_eq!(m.pieces("w").len(), 2);
+        // Sizes: each piece of 2 rows x 2 F32 must hold 16 bytes.
+        let mut shards = m.shards.clone();
+        assert!(inconsistency(&shards).unwrap().contains("does not fit"));
+        for d in &mut shards {
+            d.pieces[0].data_len = 16;
+        }
+        assert_eq!(inconsistency(&shards), None);
+        shards[1].pieces[0].row_offset = 3;
+        assert!(inconsistency(&shards).unwrap().contains("rank 1"), "rows past the global shape");
+        shards[1].pieces[0].row_offset = 2;
+        shards[1].pieces[0].global_shape = vec![4, 3];
+        assert!(inconsistency(&shards).unwrap().contains("elsewhere"));
     }
 }

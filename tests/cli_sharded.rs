@@ -59,8 +59,8 @@ fn make(dir: &Path, url: &str) {
         if step == 2 {
             assert!(ranks[0].snapshot());
         }
-        assert!(ranks[1].flush(Duration::from_secs(30)));
-        assert!(ranks[0].flush(Duration::from_secs(30)));
+        assert!(ranks[1].flush(Duration::from_secs(30)).unwrap());
+        assert!(ranks[0].flush(Duration::from_secs(30)).unwrap());
     }
     let steps: Vec<u64> = ranks[0].list().unwrap().iter().map(|m| m.iterations).collect();
     assert_eq!(steps, vec![1, 2, 3]);
