@@ -339,6 +339,10 @@ fn tensor_sums(reader: &ArchiveReader) -> Vec<TensorSum> {
     sums
 }
 
+/// How often an upload under way rewrites its record (keep
+/// `remote.orphan_grace_secs` well above it).
+const INTENT_REFRESH: Duration = Duration::from_secs(300);
+
 /// Retries of a conditional update of `LATEST` that lost a race.
 const LATEST_RETRIES: usize = 16;
 
@@ -485,6 +489,20 @@ impl Inner {
         self.put(&key, json, PutMode::Overwrite).await.map_err(|e| remote_err("record upload", &key, e)).map(drop)
     }
 
+    /// Rewrite the upload record every [`INTENT_REFRESH`] during a long
+    /// upload, so that another run's cleanup (which removes records older
+    /// than `orphan_grace_secs`) sees it is still under way. A failure here
+    /// only costs that protection.
+    async fn refresh_intent(&self, intent: &Intent, refreshed: &mut std::time::Instant) {
+        if refreshed.elapsed() < INTENT_REFRESH {
+            return;
+        }
+        *refreshed = std::time::Instant::now();
+        if let Err(e) = self.write_intent(intent).await {
+            tracing::warn!(target: "modelio", "remote: {}", e.report());
+        }
+    }
+
     /// Upload the file at `path` to `key`: one put when it fits in a part,
     /// else a multipart upload with at most `parts_in_flight` parts in
     /// memory. Returns its size and CRC-32C.
@@ -503,6 +521,7 @@ impl Inner {
         }
         let mut crc = 0u32;
         let mut offset = 0u64;
+        let mut refreshed = std::time::Instant::now();
         match &self.multipart {
             Some(mp) => {
                 let id = mp.create_multipart(key).await.map_err(|e| remote_err("start multipart upload of", key, e))?;
@@ -525,6 +544,7 @@ impl Inner {
                         in_flight.push_back(async move { mp.put_part(&key, &id, i, PutPayload::from(bytes)).await });
                         offset += len as u64;
                         index += 1;
+                        self.refresh_intent(intent, &mut refreshed).await;
                         continue;
                     }
                     match in_flight.next().await {
@@ -554,6 +574,7 @@ impl Inner {
                     crc = crc32c::crc32c_append(crc, &bytes);
                     writer.put(bytes);
                     offset += len as u64;
+                    self.refresh_intent(intent, &mut refreshed).await;
                 }
                 writer.finish().await.map_err(|e| remote_err("complete multipart upload of", key, e))?;
             }
