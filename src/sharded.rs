@@ -319,26 +319,14 @@ struct Shared {
     failures: Mutex<std::collections::VecDeque<Error>>,
     /// This run's id: a done-record of another run is never committed.
     run_id: String,
-    /// `Some` until dropped (shut down in the background, so that dropping
-    /// a handle inside an async task does not panic).
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
+    rt: crate::remote::blocking::Blocking,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
-    Error::Remote { op, target: what.to_string(), detail: e.to_string() }
-}
+use crate::remote::remote_err;
 
 /// This run's id: `shard.run_id`, else the launcher's job id
 /// (`MODELIO_RUN_ID`, `TORCHELASTIC_RUN_ID`, `SLURM_JOB_ID`), else empty.
@@ -429,12 +417,7 @@ impl ShardedIo {
         let rank = Rank::from_config(config)?;
         let rc = store_config(config);
         let built = crate::remote::store::build(&rc)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("modelio-shard")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io("start the shard runtime for", rc.url.as_str(), e))?;
+        let rt = crate::remote::blocking::Blocking::new("modelio-shard", || {}, &rc.url)?;
         let shared = Arc::new(Shared {
             store: built.store,
             layout: Layout { root: built.prefix.join(config.model.name.as_str()).join("sharded") },
@@ -450,7 +433,7 @@ impl ShardedIo {
             stats: ShardStats::default(),
             failures: Mutex::new(std::collections::VecDeque::new()),
             run_id: run_id(config),
-            rt: Some(rt),
+            rt,
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -754,14 +737,7 @@ impl Shared {
     where
         F::Output: Send,
     {
-        let Some(rt) = &self.rt else { unreachable!("the runtime is only taken by drop") };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return rt.block_on(fut);
-        }
-        std::thread::scope(|s| match s.spawn(|| rt.block_on(fut)).join() {
-            Ok(out) => out,
-            Err(panic) => std::panic::resume_unwind(panic),
-        })
+        self.rt.run(fut)
     }
 
     /// Keep a background failure for the next `flush`.

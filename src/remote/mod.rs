@@ -16,6 +16,7 @@
 //! (they then run on a scoped thread). The uploader actor that feeds it from
 //! the saver is in `tier` (crate-private).
 
+pub(crate) mod blocking;
 pub mod manifest;
 pub(crate) mod store;
 #[cfg(feature = "torch")]
@@ -68,9 +69,7 @@ impl Reason {
 /// One model's checkpoints in one object store.
 pub struct Remote {
     inner: Arc<Inner>,
-    /// `Some` until dropped: a runtime is shut down in the background, so
-    /// dropping a `Remote` inside an async task does not panic.
-    rt: Option<tokio::runtime::Runtime>,
+    rt: blocking::Blocking,
 }
 
 struct Inner {
@@ -92,17 +91,9 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-impl Drop for Remote {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 /// An object-store failure on `what`, naming it. The store's message
 /// already holds its causes' (as text), so they are not chained again.
-fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
+pub(crate) fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
     Error::Remote { op, target: what.to_string(), detail: e.to_string() }
 }
 
@@ -115,14 +106,8 @@ impl Remote {
     /// [`Error::RemoteCredentials`] naming the missing variable.
     pub fn connect(config: &RemoteConfig, name: &str) -> Result<Remote> {
         let built = store::build(config)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("modelio-remote")
-            // Uploads run in the time training leaves idle, as the saver does.
-            .on_thread_start(lower_priority)
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io("start the remote tier's runtime for", config.url.as_str(), e))?;
+        // Uploads run in the time training leaves idle, as the saver does.
+        let rt = blocking::Blocking::new("modelio-remote", lower_priority, &config.url)?;
         let inner = Inner {
             store: built.store,
             multipart: built.multipart,
@@ -131,7 +116,7 @@ impl Remote {
             part_size: config.part_size_mib << 20,
             parts_in_flight: config.parts_in_flight,
         };
-        Ok(Remote { inner: Arc::new(inner), rt: Some(rt) })
+        Ok(Remote { inner: Arc::new(inner), rt })
     }
 
     /// Where this model's checkpoints are: `<url>/<model>`.
@@ -139,21 +124,12 @@ impl Remote {
         &self.inner.location
     }
 
-    /// Run `fut` on the remote runtime and wait for it. From inside another
-    /// runtime it runs on a scoped thread (a runtime cannot be blocked on
-    /// from one of its own or another runtime's threads).
+    /// Run `fut` on the remote runtime and wait for it (see [`blocking::Blocking::run`]).
     fn run<F: std::future::Future + Send>(&self, fut: F) -> F::Output
     where
         F::Output: Send,
     {
-        let Some(rt) = &self.rt else { unreachable!("the runtime is only taken by drop") };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return rt.block_on(fut);
-        }
-        std::thread::scope(|s| match s.spawn(|| rt.block_on(fut)).join() {
-            Ok(out) => out,
-            Err(panic) => std::panic::resume_unwind(panic),
-        })
+        self.rt.run(fut)
     }
 
     /// Every manifested checkpoint, oldest first (by iteration, then time).
