@@ -197,7 +197,11 @@ pub enum OptimizerResume {
 /// What [`ModelIo::finish`] did: the exit save, the handle's counters at
 /// the end, and the background failures not reported before (failed backups
 /// or snapshots) — each reported here, once.
+///
+/// A failed backup or snapshot at the end of a run reaches the caller only
+/// here: report `unreported` (and, where it matters, fail the run).
 #[derive(Debug)]
+#[must_use = "failed backups and snapshots of the run's end are in `unreported`: report them"]
 pub struct Finished {
     pub exit_save: Committed,
     pub stats: SaveStats,
@@ -260,7 +264,10 @@ enum LastSave {
 ///         }
 ///     }
 /// }
-/// io.finish(&vs, None).await?; // exit save, then drain
+/// let finished = io.finish(&vs, None).await?; // exit save, then drain
+/// for e in &finished.unreported {
+///     eprintln!("warning: {}", e.report()); // a backup or snapshot that failed near the end
+/// }
 /// # Ok(()) }
 /// ```
 pub struct ModelIo {

@@ -47,7 +47,10 @@
 //!             }
 //!         }
 //!     }
-//!     io.finish(&vs, Some(&opt)).await?; // exit save, then drain
+//!     let finished = io.finish(&vs, Some(&opt)).await?; // exit save, then drain
+//!     for e in &finished.unreported {
+//!         eprintln!("warning: {}", e.report()); // a backup or snapshot that failed near the end
+//!     }
 //!     Ok(())
 //! }
 //! ```

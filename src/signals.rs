@@ -26,7 +26,10 @@ use crate::error::{Error, Result};
 ///     // one training iteration ...
 /// #   break;
 /// }
-/// io.finish(&vs, None).await?; // exit save, then drain every actor
+/// let finished = io.finish(&vs, None).await?; // exit save, then drain every actor
+/// for e in &finished.unreported {
+///     eprintln!("warning: {}", e.report()); // a backup or snapshot that failed near the end
+/// }
 /// # Ok(()) }
 /// ```
 ///

@@ -58,7 +58,10 @@ async fn main() -> modelio::Result<()> {
         }
     }
     let iterations = io.iterations();
-    io.finish(&vs, Some(&opt)).await?; // exit save (optimizer included), then drain
+    let finished = io.finish(&vs, Some(&opt)).await?; // exit save (optimizer included), then drain
+    for e in &finished.unreported {
+        eprintln!("warning: {}", e.report()); // a backup or snapshot that failed near the end
+    }
     println!("trained to iteration {iterations}, loss {:.4} -> {:.4}", losses[0], losses[losses.len() - 1]);
     Ok(())
 }
