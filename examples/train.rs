@@ -6,7 +6,9 @@
 //! Each batch is a pure function of the global iteration number, so a run
 //! split in two ends bitwise equal to one uninterrupted run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,15 +134,40 @@ fn batch(iteration: u64, size: u64) -> Tensor {
     Tensor::stack(&images, 0)
 }
 
+/// What a call that failed had asked for.
+#[derive(Debug, Clone, Copy)]
+enum Asked {
+    Save,
+    Snapshot,
+}
+
 /// Train on through a transient failure (a full disk, a vanished folder):
-/// say so and go on; the next save may succeed. Stop on anything else.
-fn keep_going(result: modelio::Result<()>, bar: &ProgressBar, summary: &mut Summary) -> modelio::Result<()> {
+/// say what failed and what happens next, and go on. Stop on anything else.
+fn keep_going(result: modelio::Result<()>, asked: Asked, bar: &ProgressBar, summary: &mut Summary) -> modelio::Result<()> {
     match result {
         Ok(()) => Ok(()),
         Err(e) if e.is_retryable() => {
-            summary.failures += 1;
+            let next = match (&e, asked) {
+                // An earlier request's failure; this call still did its own work.
+                (modelio::Error::Background { what: "save", .. }, _) => {
+                    "that save is lost; the next save (or the exit save) writes the model again"
+                }
+                (modelio::Error::Background { what: "backup", .. }, _) => {
+                    "that backup is not retried: the previous .bk files stay, and a later save with a lower average loss makes a new one"
+                }
+                (modelio::Error::Background { what: "snapshot", .. }, _) => {
+                    "that snapshot is not retried; later snapshots are taken as scheduled"
+                }
+                (modelio::Error::Background { .. }, _) => "it is not retried",
+                // This call's own request failed.
+                (_, Asked::Save) => "this save was not made; the next save (or the exit save) writes the model",
+                (_, Asked::Snapshot) => {
+                    summary.snapshots_refused += 1;
+                    "this snapshot was not requested and is not retried; later snapshots are taken as scheduled"
+                }
+            };
             // `suspend`, not `println`: a hidden bar (stderr not a terminal) drops its println.
-            bar.suspend(|| eprintln!("warning: {}; training goes on and the next save will try again", e.report()));
+            bar.suspend(|| eprintln!("warning: {}; {next}; training goes on", e.report()));
             Ok(())
         }
         Err(e) => Err(e),
@@ -148,12 +175,15 @@ fn keep_going(result: modelio::Result<()>, bar: &ProgressBar, summary: &mut Summ
 }
 
 struct Summary {
-    failures: u64,
+    /// Snapshots refused when requested (not counted by the handle's stats).
+    snapshots_refused: u64,
     trained: u64,
     total: u64,
     last_loss: f64,
     stalls: Vec<Duration>,
     interrupted: bool,
+    /// Failures reported only at the end of the run (by `finish`).
+    unreported: usize,
 }
 
 /// The training loop, on the runtime: libtorch work runs on this thread,
@@ -187,7 +217,15 @@ async fn train(
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut summary = Summary { failures: 0, trained: 0, total: io.iterations(), last_loss: 0.0, stalls: Vec::new(), interrupted: false };
+    let mut summary = Summary {
+        snapshots_refused: 0,
+        trained: 0,
+        total: io.iterations(),
+        last_loss: 0.0,
+        stalls: Vec::new(),
+        interrupted: false,
+        unreported: 0,
+    };
     let mut last_stall = Duration::ZERO;
     for _ in 0..args.iterations {
         if token.is_cancelled() {
@@ -208,10 +246,10 @@ async fn train(
             let saved = io.save_async(&vs, Some(&opt)).await.map(drop);
             last_stall = started.elapsed();
             summary.stalls.push(last_stall);
-            keep_going(saved, &bar, &mut summary)?;
+            keep_going(saved, Asked::Save, &bar, &mut summary)?;
         }
         if schedule.snapshot_at(iteration) {
-            keep_going(io.snapshot(), &bar, &mut summary)?;
+            keep_going(io.snapshot(), Asked::Snapshot, &bar, &mut summary)?;
         }
         summary.trained += 1;
         summary.total = iteration;
@@ -224,37 +262,129 @@ async fn train(
     // The exit save, then every actor drains.
     let finished = io.finish(&vs, Some(&opt)).await?;
     let committed = &finished.exit_save;
+    let on_disk = match std::fs::metadata(&committed.path) {
+        Ok(m) => format!("{} bytes on disk", m.len()),
+        Err(e) => format!("size on disk unknown: {e}"),
+    };
     eprintln!(
-        "exit save: {} ({} bytes, iteration {}); optimizer steps waited {} times for save copies, {:.3} ms in all",
+        "exit save: {} (iteration {}; {on_disk}, {} bytes of tensors); optimizer steps waited {} times for save copies, {:.3} ms in all",
         committed.path.display(),
-        committed.bytes,
         committed.iterations,
+        committed.bytes,
         fence_waits,
         fence_wait.as_secs_f64() * 1e3
     );
+    // Backups and snapshots that failed near the end: reported here, once.
+    for e in &finished.unreported {
+        eprintln!("warning: {}; it is not retried (reported at the end of the run)", e.report());
+    }
+    summary.unreported = finished.unreported.len();
     Ok((summary, finished.stats))
 }
 
-fn init_logging(io: &ModelIo) -> Option<()> {
-    let session = io.state().sessions.last()?.id.clone();
-    let dir = io.model_dir().join(format!("{}_logs", io.name())).join(session);
-    std::fs::create_dir_all(&dir).ok()?;
-    let file = std::fs::File::create(dir.join("train.log")).ok()?;
-    tracing_subscriber::fmt().with_writer(Arc::new(file)).with_ansi(false).with_env_filter("modelio=info").try_init().ok()
+/// The demo's log file: the first write that fails is reported on standard
+/// error once; later failures are only counted, never flood the terminal
+/// (a full disk fails every log line). Writing goes on being tried.
+struct LogFile {
+    file: std::fs::File,
+    path: PathBuf,
+    lost: AtomicU64,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", e.report());
-            std::process::ExitCode::FAILURE
+impl LogFile {
+    fn report_lost(&self, e: &std::io::Error) {
+        if self.lost.fetch_add(1, Ordering::Relaxed) == 0 {
+            eprintln!(
+                "warning: could not write the log {}: {e}; log lines that cannot be written are dropped \
+                 and counted at the end, not reported one by one",
+                self.path.display()
+            );
         }
     }
 }
 
-async fn run() -> modelio::Result<()> {
+impl std::io::Write for &LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+
+    /// One log line: written whole, or counted as lost.
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if let Err(e) = (&self.file).write_all(buf) {
+            self.report_lost(&e);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Err(e) = (&self.file).flush() {
+            self.report_lost(&e);
+        }
+        Ok(())
+    }
+}
+
+fn init_logging(io: &ModelIo) -> Option<Arc<LogFile>> {
+    let session = io.state().sessions.last()?.id.clone();
+    let dir = io.model_dir().join(format!("{}_logs", io.name())).join(session);
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join("train.log");
+    let file = std::fs::File::create(&path).ok()?;
+    let log = Arc::new(LogFile { file, path, lost: AtomicU64::new(0) });
+    tracing_subscriber::fmt().with_writer(log.clone()).with_ansi(false).with_env_filter("modelio=info").try_init().ok()?;
+    Some(log)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", e.report());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A path as a shell word: as it is when that is safe, else single-quoted.
+fn shell_word(path: &Path) -> String {
+    let s = path.display().to_string();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+,:@%".contains(c)) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Where the run left its files, and the commands that look at them.
+fn print_where(dir: &Path, name: &str, log: Option<&LogFile>) {
+    let archive = dir.join(format!("{name}.mio"));
+    let backup = dir.join(format!("{name}.mio.bk"));
+    let mut snapshots = modelio::snapshot::list(dir);
+    snapshots.sort();
+    println!("model: {} (state {}_state.json, logs {}_logs/)", archive.display(), name, name);
+    if backup.exists() {
+        println!("backup: {} (the save with the lowest average loss)", backup.display());
+    }
+    match snapshots.last() {
+        Some((_, newest)) => println!("snapshots: {} beside the model folder, the newest {}", snapshots.len(), newest.display()),
+        None => println!("snapshots: none yet (snapshot.interval in the config)"),
+    }
+    if let Some(log) = log {
+        println!("log: {}", log.path.display());
+    }
+    let (dir, name) = (shell_word(dir), shell_word(Path::new(name)));
+    println!("look at them (in the repo root; `cargo install --path cli` installs the same command as `modelio`):");
+    println!("  cargo modelio inspect {}", shell_word(&archive));
+    println!("  cargo modelio verify {dir}");
+    println!("  cargo modelio snapshots {dir} --name {name}");
+    if backup.exists() {
+        println!("and to put the .bk backups back (the current files move aside first):");
+        println!("  cargo modelio restore {dir} --name {name}");
+    }
+}
+
+async fn run() -> modelio::Result<ExitCode> {
     let args = Args::parse();
     let mut config = Config::from_file(&args.config)?;
     let train_config = match TrainConfig::from_file(&args.config) {
@@ -285,11 +415,16 @@ async fn run() -> modelio::Result<()> {
     if let Some(others) = io.multiple_models_in_folder() {
         eprintln!("note: {} also holds other models: {}", io.model_dir().display(), others.join(", "));
     }
-    init_logging(&io);
+    let log = init_logging(&io);
+    let (dir, name) = (io.model_dir().to_path_buf(), io.name().to_string());
     let (summary, stats) = train(io, &train_config, &args, &token).await?;
     let max_stall = summary.stalls.iter().max().copied().unwrap_or_default();
+    // Backups and snapshots that failed in the background (those reported at
+    // the end included), and snapshots refused when requested.
+    let failed_other = stats.failed_other + summary.snapshots_refused;
     println!(
-        "{}trained {} iterations (total {}), last loss {:.5}; saves: {} committed, {} skipped, {} failed; trainer stall per save: max {:.3} ms",
+        "{}trained {} iterations (total {}), last loss {:.5}; saves: {} committed, {} skipped, {} failed; \
+         backups and snapshots: {} failed; trainer stall per save: max {:.3} ms",
         if summary.interrupted { "interrupted: " } else { "" },
         summary.trained,
         summary.total,
@@ -297,7 +432,21 @@ async fn run() -> modelio::Result<()> {
         stats.committed,
         stats.skipped,
         stats.failed,
+        failed_other,
         max_stall.as_secs_f64() * 1e3,
     );
-    Ok(())
+    print_where(&dir, &name, log.as_deref());
+    let lost = log.as_ref().map_or(0, |l| l.lost.load(Ordering::Relaxed));
+    if let Some(log) = log.as_ref().filter(|_| lost > 0) {
+        eprintln!("warning: {lost} log lines could not be written to {}", log.path.display());
+    }
+    if failed_other > 0 || summary.unreported > 0 {
+        let what = match failed_other {
+            0 => format!("{} background failures were reported at the end of the run", summary.unreported),
+            n => format!("{n} backups or snapshots failed"),
+        };
+        eprintln!("error: {what} (the warnings above say which and why); the exit save is committed, but not everything this run was asked to keep was kept");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
