@@ -70,7 +70,7 @@ proptest! {
             }
         }
         prop_assert_eq!(&r.optimizer.as_ref().unwrap().1, &json);
-        prop_assert_eq!(r.state.as_deref(), Some(&b"{}"[..]));
+        prop_assert_eq!(r.state.as_deref(), Some(&state_of(iterations)[..]));
     }
 
     #[test]
