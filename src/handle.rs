@@ -1105,20 +1105,24 @@ fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Re
     let live = paths.archive();
     let first = match read_archive(&live, with_optimizer) {
         Ok(read) => return Ok((read, None)),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => missing_archive(paths, fallback),
-        Err(e) => e,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(e),
     };
-    if !fallback {
-        return Err(first);
-    }
-    for candidate in fallback_candidates(paths) {
-        if let Ok(read) = read_archive(&candidate, with_optimizer) {
-            let reason = first.report().to_string();
-            tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
-            return Ok((read, Some(reason)));
+    if fallback {
+        for candidate in fallback_candidates(paths) {
+            if let Ok(read) = read_archive(&candidate, with_optimizer) {
+                let reason = match &first {
+                    Some(e) => e.report().to_string(),
+                    None => format!("archive {} is missing", live.display()),
+                };
+                tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
+                return Ok((read, Some(reason)));
+            }
         }
     }
-    Err(first)
+    // Told only now, when no fallback loaded: whether history makes a
+    // missing archive a lost one.
+    Err(first.unwrap_or_else(|| missing_archive(paths, fallback)))
 }
 
 /// The error of a load that found no archive: a new model has none, but

@@ -168,6 +168,8 @@ fn fallback_loads_newest_good_copy_and_says_which() {
     let mut lenient = io_with_fallback(&dir, true);
     let loaded = lenient.load(&target).unwrap();
     assert_eq!(loaded.path, modelio::snapshot::snapshot_dir(&dir, 1).join("m.mio"));
+    let reason = loaded.reason.unwrap_or_default();
+    assert!(reason.contains("m.mio is missing") && !reason.contains("train a model first"), "{reason}");
     assert!(common::stores_equal(&target, &v1));
     drop(lenient);
     // Without fallback, a folder with backups and snapshots but no archive is
