@@ -33,7 +33,8 @@ const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 /// halves the write speed of large archives.
 ///
 /// # Errors
-/// [`Error::Io`] when writing fails; [`Error::DuplicateTensor`] on duplicate tensor names.
+/// [`Error::Io`] when writing fails; [`Error::DuplicateTensor`] on duplicate tensor names;
+/// [`Error::TooManyDims`] for a tensor of more than [`MAX_RANK`] dimensions.
 pub fn write_archive<W: Write>(
     out: W,
     path: &Path,
@@ -53,11 +54,11 @@ pub fn write_archive<W: Write>(
         name: name.into(),
         iterations,
         created: chrono::Utc::now().to_rfc3339(),
-        model: metas(model)?,
+        model: metas(path, model)?,
         optimizer: match optimizer {
             Some(o) => Some(OptimizerMeta {
                 kind: o.kind.into(),
-                tensors: metas(o.tensors)?,
+                tensors: metas(path, o.tensors)?,
                 json_crc32c: optimizer_json.as_deref().map(crc32c::crc32c),
             }),
             None => None,
@@ -171,13 +172,21 @@ impl Write for Counter {
     }
 }
 
-fn metas(tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
+fn metas(path: &Path, tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
     let mut seen = HashSet::new();
     tensors
         .iter()
         .map(|t| {
             if !seen.insert(t.name) {
                 return Err(Error::DuplicateTensor { tensor: t.name.to_string() });
+            }
+            if t.shape.len() > MAX_RANK {
+                return Err(Error::TooManyDims {
+                    path: path.to_path_buf(),
+                    tensor: t.name.to_string(),
+                    rank: t.shape.len(),
+                    max: MAX_RANK,
+                });
             }
             let crc32c = t.crc32c.unwrap_or_else(|| crc32c::crc32c(t.data));
             Ok(TensorMeta { name: t.name.into(), dtype: t.dtype, shape: t.shape.to_vec(), crc32c })
@@ -397,6 +406,7 @@ impl ArchiveReader {
             Some(_) => {
                 let bytes = read_small(&map, &dir, STATE_ENTRY).map_err(|d| damaged(STATE_ENTRY, d))?;
                 check_listed(bytes, manifest.state_crc32c, v2).map_err(|d| damaged(STATE_ENTRY, d))?;
+                check_state(bytes, &manifest).map_err(|d| damaged(STATE_ENTRY, d))?;
                 Some(bytes.to_vec())
             }
             None if manifest.state_crc32c.is_some() => {
@@ -634,8 +644,29 @@ pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
         if let Some(t) = tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
             return Err(format!("tensor `{}` is listed twice in the {list}", t.name));
         }
+        for t in &tensors {
+            check_rank(&t.name, &t.shape)?;
+        }
     }
     Ok(manifest)
+}
+
+/// Check that the embedded state is a state file that agrees with the
+/// manifest. A resume continues from this state (its iteration count, lowest
+/// loss and sessions) when the state file beside the archive is behind or
+/// lost, so a state that does not parse, or that counts other iterations than
+/// the tensors were saved at, is damage, not something to skip silently. The
+/// iteration count is what both record; the model name is not compared (a
+/// model copied under a new name keeps its old name in the state).
+fn check_state(bytes: &[u8], manifest: &Manifest) -> Result<(), String> {
+    let state: crate::state::State = serde_json::from_slice(bytes).map_err(|e| format!("not a valid state file ({e})"))?;
+    if state.total_iterations != manifest.iterations {
+        return Err(format!(
+            "it records {} iterations, the manifest {}: one of them was changed after the save",
+            state.total_iterations, manifest.iterations
+        ));
+    }
+    Ok(())
 }
 
 /// Check a small entry's bytes against the CRC-32C the manifest lists for
@@ -844,8 +875,11 @@ mod tests {
         let json = serde_json::json!({"step": 2});
         let opt = [t("a.m", DType::F32, &[16], &a)];
         let optimizer = OptimizerRef { kind: "adam", json: &json, tensors: &opt };
-        commit_archive(path, "m", 5, &tensors, Some(optimizer), Some(b"{\"s\":1}")).unwrap();
+        commit_archive(path, "m", 5, &tensors, Some(optimizer), Some(SAMPLE_STATE)).unwrap();
     }
+
+    /// The state `sample` embeds: a state file of its 5 iterations.
+    const SAMPLE_STATE: &[u8] = br#"{"model_name":"m","total_iterations":5,"sessions":[],"lowest_average_loss":1.0,"config":null}"#;
 
     /// The archive with one entry's bytes replaced by `data` (same length)
     /// and its zip CRC-32 recomputed, as a forger would.
@@ -911,7 +945,7 @@ mod tests {
         let r = ArchiveReader::from_bytes(&path, as_v1(None)).unwrap();
         assert_eq!(r.manifest.format_version, 1);
         assert!(r.verify().is_empty());
-        assert_eq!(r.state.as_deref(), Some(&b"{\"s\":1}"[..]));
+        assert_eq!(r.state.as_deref(), Some(SAMPLE_STATE));
         // A checksum field is checked whatever the version (this one cannot be right).
         let err = ArchiveReader::from_bytes(&path, as_v1(Some(7))).unwrap_err().to_string();
         assert!(err.contains(MANIFEST_ENTRY) && err.contains("checksum"), "{err}");

@@ -229,6 +229,69 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+
+    /// A tensor has more dimensions than an archive may hold (see
+    /// [`crate::format::MAX_RANK`]); nothing was written.
+    #[error(
+        "cannot save tensor `{tensor}` to {}: it has {rank} dimensions, more than the {max} an archive may hold \
+         (readers such as NumPy accept no more); nothing was written: reshape it to fewer dimensions",
+        path.display()
+    )]
+    TooManyDims { path: PathBuf, tensor: String, rank: usize, max: usize },
+
+    /// The archive is missing, the folder holds the model's history (a state
+    /// file, damaged backups or snapshots), and `load.fallback` found no copy
+    /// that loads.
+    #[error(
+        "model `{name}` in {}: the archive {file} is missing, though the folder holds {found}, and load.fallback \
+         found no backup or snapshot that loads; put {file} back from a backup or snapshot (`modelio restore {} --name {name}` \
+         restores the .bk; `modelio snapshots {} --name {name}` lists the snapshots to copy it from), or move those files \
+         aside to start a new model",
+        dir.display(), dir.display(), dir.display()
+    )]
+    ArchiveLost { dir: PathBuf, name: String, file: String, found: String },
+
+    /// The object store refused the remote tier's credentials (HTTP 401 or 403).
+    #[error(
+        "the remote tier at {location} refused the credentials (HTTP {status}{code_note}) on {endpoint}: check {variables} \
+         and that they may list, read and write there; or leave remote.url empty to train without the remote tier",
+        code_note = code_suffix(code)
+    )]
+    RemoteDenied {
+        location: String,
+        endpoint: String,
+        status: u16,
+        /// The store's error code (`InvalidAccessKeyId`, `AccessDenied`), when it sent one.
+        code: String,
+        /// The environment variables that hold the credentials.
+        variables: String,
+        /// The store's whole message.
+        detail: String,
+    },
+
+    /// The bucket (container) of the remote tier does not exist (HTTP 404).
+    #[error(
+        "the bucket `{bucket}` of the remote tier at {location} does not exist on {endpoint} (HTTP 404{code_note}): \
+         create it, or fix remote.url and remote.endpoint; or leave remote.url empty to train without the remote tier",
+        code_note = code_suffix(code)
+    )]
+    RemoteNoBucket {
+        location: String,
+        endpoint: String,
+        bucket: String,
+        code: String,
+        /// The store's whole message.
+        detail: String,
+    },
+}
+
+/// `, CODE` for a store's error code, nothing when there is none.
+fn code_suffix(code: &str) -> String {
+    if code.is_empty() {
+        String::new()
+    } else {
+        format!(", {code}")
+    }
 }
 
 /// The folder named in restore hints: the file's parent, "." for a bare name.
@@ -297,7 +360,9 @@ impl Error {
             | Error::SnapshotWithoutSave { .. }
             | Error::Overloaded { .. }
             | Error::Internal { .. }
-            | Error::Remote { .. } => true,
+            | Error::Remote { .. }
+            | Error::RemoteDenied { .. }
+            | Error::RemoteNoBucket { .. } => true,
             Error::Background { source, .. } => source.is_retryable(),
             _ => false,
         }

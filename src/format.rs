@@ -26,6 +26,23 @@ pub const STATE_ENTRY: &str = "state.json";
 /// Alignment of every zip entry's data and of the first tensor in it.
 pub const ALIGN: u64 = 64;
 
+/// The most dimensions a tensor of an archive may have: NumPy's limit
+/// (`NPY_MAXDIMS`, 64 since NumPy 2; it was 32 before), through which Python
+/// readers (`safetensors.numpy`, and `.numpy()` of a loaded tensor) go. An
+/// archive holding more could be written and checksummed but not used.
+pub const MAX_RANK: usize = 64;
+
+/// A message naming `tensor` when its shape has more than [`MAX_RANK`] dimensions.
+pub fn check_rank(tensor: &str, shape: &[usize]) -> Result<(), String> {
+    if shape.len() > MAX_RANK {
+        return Err(format!(
+            "tensor `{tensor}` has {} dimensions, more than the {MAX_RANK} an archive may hold (readers such as NumPy accept no more)",
+            shape.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Element types an archive can hold (safetensors spelling on disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
@@ -247,5 +264,13 @@ mod tests {
         ] {
             assert!(manifest_checksum(bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rank_is_limited_to_what_readers_accept() {
+        assert!(check_rank("w", &[1; MAX_RANK]).is_ok());
+        assert!(check_rank("w", &[]).is_ok());
+        let e = check_rank("w", &[1; MAX_RANK + 1]).unwrap_err();
+        assert!(e.contains("`w`") && e.contains("65 dimensions"), "{e}");
     }
 }

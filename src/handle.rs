@@ -21,7 +21,7 @@ use crate::folder::{self, ModelPaths};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::staging::{Fence, Lease, Pool};
 use crate::state::{backup_rule, State};
-use crate::tensors::{dtype_of, read_tensor, shape_of};
+use crate::tensors::{checked_shape, dtype_of, read_tensor};
 
 /// What a committed save reports on its ticket.
 #[derive(Debug, Clone)]
@@ -305,7 +305,11 @@ impl ModelIo {
     /// it; [`Error::ArchiveMissing`] when the archive is gone but the folder
     /// holds its state file, backups or snapshots (and `load.fallback` is off);
     /// [`Error::DamagedState`] for an unreadable state file with no archive;
-    /// [`Error::NotRegular`] when the archive's name is taken by a FIFO or device.
+    /// [`Error::NotRegular`] when the archive's name is taken by a FIFO or device;
+    /// when the folder holds no model and `remote.restore` fetches one,
+    /// [`Error::RemoteDenied`] or [`Error::RemoteNoBucket`] when the store
+    /// refuses the credentials or has no such bucket, [`Error::RemoteRestore`]
+    /// when it cannot be read otherwise.
     pub fn open(config: Config) -> Result<ModelIo> {
         config.validate()?;
         let config_json = serde_json::to_value(&config).map_err(|e| Error::ConfigValue {
@@ -334,9 +338,11 @@ impl ModelIo {
         };
         // A fresh machine: the newest remote checkpoint becomes the local model.
         #[cfg(feature = "remote")]
+        let mut restored = false;
+        #[cfg(feature = "remote")]
         if let (Some(remote), Some(_)) = (&remote, &lock) {
             if config.remote.restore && !paths.archive().exists() && history_without_archive(&paths)?.is_none() {
-                restore_from_remote(remote, &paths)?;
+                restored = restore_from_remote(remote, &paths)?;
             }
         }
         #[cfg(feature = "remote")]
@@ -367,9 +373,10 @@ impl ModelIo {
             other => other?,
         };
         // A local save the remote tier does not have yet (the last run
-        // stopped before uploading it) goes up first.
+        // stopped before uploading it) goes up first. One just restored from
+        // the remote is there already: it is not offered (nor shown pending).
         #[cfg(feature = "remote")]
-        if let (Some(_), Some(tier), true) = (&actors, &shared.remote, paths.archive().is_file()) {
+        if let (Some(_), Some(tier), true, false) = (&actors, &shared.remote, paths.archive().is_file(), restored) {
             // No save is queued yet, so the files pinned are the committed ones.
             match crate::actors::pin(&shared) {
                 Ok(pinned) => tier.offer(crate::remote::tier::Upload {
@@ -495,9 +502,12 @@ impl ModelIo {
     /// Blocks on file IO (see [`ModelIo::resume_async`] for async loops).
     ///
     /// # Errors
-    /// [`Error::ModelNotFound`] naming the folder searched; [`Error::Damaged`]
-    /// naming the file and tensor, with the restore hint; [`Error::Mismatch`]
-    /// naming a missing, extra or differently shaped tensor.
+    /// [`Error::ModelNotFound`] naming the folder searched; [`Error::ArchiveLost`]
+    /// when the archive is missing beside the model's history and no
+    /// backup or snapshot loads; [`Error::Damaged`] naming the file and tensor
+    /// (or an embedded state that disagrees with the manifest), with the
+    /// restore hint; [`Error::Mismatch`] naming a missing, extra or
+    /// differently shaped tensor.
     pub fn load(&mut self, vs: &VarStore) -> Result<Loaded> {
         let (read, reason) = read_for_load(&self.paths, self.config.load.fallback, false)?;
         Ok(self.apply(read, reason, vs, None)?.0)
@@ -738,7 +748,8 @@ impl ModelIo {
             });
         }
         self.shared.stats.requested.fetch_add(1, Ordering::Relaxed);
-        let (model, optimizer, tensors) = describe(vs, optimizer.filter(|_| self.config.save.optimizer.stores(is_exit)))?;
+        let (model, optimizer, tensors) =
+            describe(&self.paths.archive(), vs, optimizer.filter(|_| self.config.save.optimizer.stores(is_exit)))?;
         let Some((mut lease, waited)) = leased.or_else(|| self.take_lease(is_exit)) else {
             self.last_save = Some(LastSave::Skipped(self.state.total_iterations));
             return Ok(Ticket::ready(self.skipped(started.elapsed())));
@@ -1039,6 +1050,7 @@ impl ModelIo {
 /// state), and the tensors in the same order.
 #[allow(clippy::type_complexity)]
 fn describe(
+    archive: &Path,
     vs: &VarStore,
     optimizer: Option<&dyn Optimizer>,
 ) -> Result<(Vec<Desc>, Option<(String, serde_json::Value, Vec<Desc>)>, Vec<tch::Tensor>)> {
@@ -1047,14 +1059,14 @@ fn describe(
     let mut model = Vec::with_capacity(vars.len());
     let mut tensors = Vec::with_capacity(vars.len());
     for (name, t) in vars {
-        model.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: shape_of(&t), name });
+        model.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: checked_shape(archive, &name, &t)?, name });
         tensors.push(t);
     }
     let optimizer = match optimizer {
         Some(o) => {
             let mut descs = Vec::new();
             for (name, t) in o.state_tensors() {
-                descs.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: shape_of(&t), name });
+                descs.push(Desc { dtype: dtype_of(&name, t.kind())?, shape: checked_shape(archive, &name, &t)?, name });
                 tensors.push(t);
             }
             Some((o.kind().to_string(), o.state_json(), descs))
@@ -1100,22 +1112,37 @@ fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Re
     let live = paths.archive();
     let first = match read_archive(&live, with_optimizer) {
         Ok(read) => return Ok((read, None)),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Error::ModelNotFound { dir: paths.dir.clone(), name: paths.name.clone(), file: file_name(&live) }
-        }
-        Err(e) => e,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(e),
     };
-    if !fallback {
-        return Err(first);
-    }
-    for candidate in fallback_candidates(paths) {
-        if let Ok(read) = read_archive(&candidate, with_optimizer) {
-            let reason = first.report().to_string();
-            tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
-            return Ok((read, Some(reason)));
+    if fallback {
+        for candidate in fallback_candidates(paths) {
+            if let Ok(read) = read_archive(&candidate, with_optimizer) {
+                let reason = match &first {
+                    Some(e) => e.report().to_string(),
+                    None => format!("archive {} is missing", live.display()),
+                };
+                tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
+                return Ok((read, Some(reason)));
+            }
         }
     }
-    Err(first)
+    // Told only now, when no fallback loaded: whether history makes a
+    // missing archive a lost one.
+    Err(first.unwrap_or_else(|| missing_archive(paths, fallback)))
+}
+
+/// The error of a load that found no archive: a new model has none, but
+/// beside the model's history (a state file, backups, snapshots) the archive
+/// was lost, and "train a model first" would be wrong advice.
+fn missing_archive(paths: &ModelPaths, fallback: bool) -> Error {
+    let (dir, name, file) = (paths.dir.clone(), paths.name.clone(), file_name(&paths.archive()));
+    match history_without_archive(paths) {
+        Ok(None) => Error::ModelNotFound { dir, name, file },
+        Ok(Some(found)) if fallback => Error::ArchiveLost { dir, name, file, found },
+        Ok(Some(found)) => Error::ArchiveMissing { dir, name, file, found },
+        Err(e) => e,
+    }
 }
 
 /// Why an archive holds no optimizer state, from the policy that wrote it.
@@ -1160,8 +1187,6 @@ fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
     candidates
 }
 
-/// When the archive is missing but the folder holds the model's history (a
-/// state file that counted iterations, a backup, a snapshot), what is there.
 /// Stop the remote tier's uploads unless it drained (`idle`), reporting the
 /// upload left behind and its last failure.
 #[cfg(feature = "remote")]
@@ -1180,11 +1205,13 @@ fn remote_behind(tier: &crate::remote::tier::Tier, idle: bool) -> Option<Error> 
 }
 
 /// Pull the newest remote checkpoint that verifies into the empty model
-/// folder `paths`; a damaged one is skipped for the one before it.
+/// folder `paths`; a damaged one is skipped for the one before it. Returns
+/// whether one was pulled (false: the remote holds none).
 #[cfg(feature = "remote")]
-fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Result<()> {
-    // Only the store's failures are "could not be read"; a full disk or a
-    // local error is reported as itself.
+fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Result<bool> {
+    // Only the store's failures are "could not be read"; a full disk, a
+    // local error, refused credentials and a missing bucket are reported as
+    // themselves (each names its cause and what to do).
     let unreadable = |e: Error| match e {
         Error::Remote { .. } => {
             Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(e) }
@@ -1200,7 +1227,7 @@ fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Re
                 for (id, e) in &damaged {
                     tracing::warn!(target: "modelio", "skipped remote checkpoint {id}, which does not verify: {}", Error::report(e));
                 }
-                return Ok(());
+                return Ok(true);
             }
             Err(e @ (Error::RemoteDamaged { .. } | Error::Damaged { .. })) => damaged.push((m.id(), e)),
             Err(e) => return Err(unreadable(e)),
@@ -1212,10 +1239,12 @@ fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Re
         Some((_, newest)) => {
             Err(Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(newest) })
         }
-        None => Ok(()),
+        None => Ok(false),
     }
 }
 
+/// When the archive is missing but the folder holds the model's history (a
+/// state file that counted iterations, a backup, a snapshot), what is there.
 fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
     match std::fs::symlink_metadata(paths.archive()) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

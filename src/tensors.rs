@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use crate::archive::{ArchiveReader, Located};
 use crate::error::{Error, Result};
-use crate::format::DType;
+use crate::format::{DType, MAX_RANK};
 
 /// The archive dtype of a libtorch kind.
 ///
@@ -45,6 +45,18 @@ pub fn kind_of(dtype: DType) -> Kind {
 /// Shape of a tensor as archive dimensions.
 pub fn shape_of(t: &Tensor) -> Vec<usize> {
     t.size().iter().map(|&d| d.max(0) as usize).collect()
+}
+
+/// Shape of tensor `name` as archive dimensions, for a save to `path`.
+///
+/// # Errors
+/// [`Error::TooManyDims`] when it has more than [`MAX_RANK`] dimensions.
+pub fn checked_shape(path: &std::path::Path, name: &str, t: &Tensor) -> Result<Vec<usize>> {
+    let shape = shape_of(t);
+    if shape.len() > MAX_RANK {
+        return Err(Error::TooManyDims { path: path.to_path_buf(), tensor: name.into(), rank: shape.len(), max: MAX_RANK });
+    }
+    Ok(shape)
 }
 
 /// The bytes of a CPU tensor in place, borrowed for as long as the tensor;

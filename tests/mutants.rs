@@ -100,7 +100,7 @@ fn original(dir: &Path) -> (Original, Vec<u8>) {
         ],
     );
     let json = serde_json::json!({"lr": 0.001, "betas": [0.9, 0.999], "step": 12});
-    let state = br#"{"model_name":"m","total_iterations":12,"sessions":[]}"#.to_vec();
+    let state = br#"{"model_name":"m","total_iterations":12,"sessions":[],"lowest_average_loss":0.5,"config":null}"#.to_vec();
     let path = dir.join("base.mio");
     let opt_refs = refs(&optimizer);
     let opt = OptimizerRef { kind: "adamw", json: &json, tensors: &opt_refs };

@@ -77,6 +77,27 @@ fn every_save_is_uploaded_and_a_fresh_folder_resumes_from_the_remote() {
 }
 
 #[test]
+fn nothing_is_pending_right_after_a_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", tmp.path().join("store").display());
+    let (vs, _net) = seeded_store(1);
+    let mut io = ModelIo::open(remote_config(&tmp.path().join("first"), &url)).unwrap();
+    train(&mut io, &vs, 2);
+    io.shutdown_blocking().unwrap();
+
+    // A fresh folder pulls iteration 2, which the remote has: no upload is pending.
+    let io = ModelIo::open(remote_config(&tmp.path().join("fresh"), &url)).unwrap();
+    assert!(io.model_exists());
+    let stats = io.remote_stats().unwrap();
+    assert_eq!((stats.pending, stats.uploaded, stats.skipped), (None, 0, 0), "{stats:?}");
+    assert!(io.wait_remote_blocking(Duration::from_secs(30)));
+    assert_eq!(io.remote_stats().unwrap().pending, None);
+    io.shutdown_blocking().unwrap();
+    let remote = Remote::connect(&remote_config(tmp.path(), &url).remote, "m").unwrap();
+    assert_eq!(remote.list().unwrap().len(), 2, "nothing was uploaded again");
+}
+
+#[test]
 fn a_local_save_newer_than_the_remote_is_uploaded_at_open() {
     let url = memory_url("catch-up");
     let dir = tempfile::tempdir().unwrap();

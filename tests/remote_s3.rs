@@ -403,3 +403,40 @@ fn a_trainer_killed_mid_upload_leaves_whole_checkpoints() {
     }
     assert_eq!(check_manifests(&server, &remote).len(), manifested.len());
 }
+
+// --- 4. Refused credentials and a missing bucket ---------------------------
+
+/// Opening a fresh model folder against `remote` (which restores from it)
+/// fails; the error.
+fn open_error(remote: RemoteConfig) -> modelio::Error {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = common::config(&tmp.path().join("model"), "m");
+    c.remote = remote;
+    ModelIo::open(c).err().expect("opening against a store that refuses must fail")
+}
+
+#[test]
+fn refused_credentials_and_a_missing_bucket_are_named_first_at_open() {
+    let server = S3Server::start();
+    set_env(&server);
+    let mut missing = remote_config(&server, "runs");
+    missing.url = "s3://no-such-bucket/runs".into();
+    let e = open_error(missing);
+    assert!(matches!(e, modelio::Error::RemoteNoBucket { .. }), "{e:?}");
+    let text = e.report().to_string();
+    assert!(text.starts_with("the bucket `no-such-bucket` of the remote tier"), "{text}");
+    assert!(text.contains(&server.endpoint()) && text.len() < 400, "{} chars: {text}", text.len());
+
+    // A server that expects another secret refuses every signed request.
+    let refusing = S3Server::start_with_secret("another-secret");
+    let e = open_error(remote_config(&refusing, "runs"));
+    assert!(matches!(e, modelio::Error::RemoteDenied { status: 403, .. }), "{e:?}");
+    let text = e.report().to_string();
+    let start = format!("the remote tier at s3://{BUCKET}/runs/m refused the credentials (HTTP 403");
+    assert!(text.starts_with(&start), "{text}");
+    assert!(
+        text.contains(&refusing.endpoint()) && text.contains("AWS_SECRET_ACCESS_KEY") && text.len() < 400,
+        "{} chars: {text}",
+        text.len()
+    );
+}

@@ -33,6 +33,13 @@ fn unique(cases: Vec<Case>) -> Vec<Case> {
     cases.into_iter().filter(|c| seen.insert(c.name.clone())).collect()
 }
 
+/// The state file a save of `iterations` embeds.
+fn state_of(iterations: u64) -> Vec<u8> {
+    let mut state = modelio::state::State::new("m");
+    state.total_iterations = iterations;
+    state.to_json()
+}
+
 fn refs(cases: &[Case]) -> Vec<TensorRef<'_>> {
     cases.iter().map(|c| TensorRef { name: &c.name, dtype: c.dtype, shape: &c.shape, data: &c.data, crc32c: None, crc32: None }).collect()
 }
@@ -48,7 +55,7 @@ proptest! {
         let path = dir.path().join("m.mio");
         let json = serde_json::json!({"step": 3});
         let opt_refs = refs(&opt);
-        commit_archive(&path, "m", iterations, &refs(&model), Some(OptimizerRef { kind: "adamw", json: &json, tensors: &opt_refs }), Some(b"{}")).unwrap();
+        commit_archive(&path, "m", iterations, &refs(&model), Some(OptimizerRef { kind: "adamw", json: &json, tensors: &opt_refs }), Some(&state_of(iterations))).unwrap();
         let r = ArchiveReader::open(&path).unwrap();
         prop_assert_eq!(r.manifest.iterations, iterations);
         prop_assert!(r.verify().is_empty());
@@ -63,7 +70,7 @@ proptest! {
             }
         }
         prop_assert_eq!(&r.optimizer.as_ref().unwrap().1, &json);
-        prop_assert_eq!(r.state.as_deref(), Some(&b"{}"[..]));
+        prop_assert_eq!(r.state.as_deref(), Some(&state_of(iterations)[..]));
     }
 
     #[test]

@@ -210,7 +210,11 @@ impl SaveJob {
     pub(crate) fn test(iterations: u64, shape: Vec<usize>, reply: Reply) -> SaveJob {
         SaveJob {
             iterations,
-            state_json: b"{}".to_vec(),
+            state_json: {
+                let mut state = crate::state::State::new("m");
+                state.total_iterations = iterations;
+                state.to_json()
+            },
             average_loss: 1.0,
             backup: false,
             model: vec![Desc { name: "w".into(), dtype: crate::format::DType::F32, shape }],

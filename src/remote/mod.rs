@@ -81,6 +81,9 @@ struct Inner {
     layout: Layout,
     /// `<url>/<model>`, for messages.
     location: String,
+    /// Where requests go and what they need, for messages that name the
+    /// cause of a refused request (see [`Access`]).
+    access: Access,
     part_size: usize,
     parts_in_flight: usize,
 }
@@ -95,6 +98,78 @@ impl std::fmt::Debug for Remote {
 /// already holds its causes' (as text), so they are not chained again.
 pub(crate) fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
     Error::Remote { op, target: what.to_string(), detail: e.to_string() }
+}
+
+/// Where a store's requests go, its bucket, and the variables that hold its
+/// credentials: what a refused request's message names.
+#[derive(Debug, Clone)]
+struct Access {
+    endpoint: String,
+    bucket: String,
+    variables: &'static str,
+}
+
+impl Access {
+    fn of(config: &RemoteConfig) -> Access {
+        let url = config.url.as_str();
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let bucket = rest.split('/').next().unwrap_or_default().to_string();
+        let (default_endpoint, variables) = match scheme {
+            "s3" => ("AWS S3", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+            "gs" => ("Google Cloud Storage", "GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT*)"),
+            "az" | "abfs" => ("Azure Blob Storage", "AZURE_STORAGE_ACCOUNT_NAME and its key"),
+            _ => ("", "the store's credentials"),
+        };
+        let endpoint = if config.endpoint.is_empty() { default_endpoint.to_string() } else { config.endpoint.clone() };
+        Access { endpoint, bucket, variables }
+    }
+
+    /// A store failure on `what`: refused credentials and a missing bucket
+    /// are named as such (the store's own message is long and puts the
+    /// cause last); anything else is an [`Error::Remote`].
+    fn err(&self, location: &str, op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
+        let detail = e.to_string();
+        match http_failure(&detail) {
+            Some((status @ (401 | 403), code)) => Error::RemoteDenied {
+                location: location.to_string(),
+                endpoint: self.endpoint.clone(),
+                status,
+                code,
+                variables: self.variables.to_string(),
+                detail,
+            },
+            // A listing finds nothing rather than failing when only the
+            // prefix is empty: its 404 is the bucket's.
+            Some((404, code)) if op == "list" || BUCKET_MISSING.contains(&code.as_str()) => Error::RemoteNoBucket {
+                location: location.to_string(),
+                endpoint: self.endpoint.clone(),
+                bucket: self.bucket.clone(),
+                code,
+                detail,
+            },
+            _ => Error::Remote { op, target: what.to_string(), detail },
+        }
+    }
+}
+
+/// Error codes of S3 and Azure for a missing bucket (container).
+const BUCKET_MISSING: [&str; 2] = ["NoSuchBucket", "ContainerNotFound"];
+
+/// The HTTP status of a failed request and the store's error code (`<Code>`
+/// of an S3 or Azure error body; empty when there is none), from the
+/// object-store client's message: the client keeps its status type private,
+/// and writes `status code: 403 Forbidden: <body>`.
+fn http_failure(message: &str) -> Option<(u16, String)> {
+    let after = &message[message.find("status code: ")? + "status code: ".len()..];
+    let status = after.get(..3).filter(|d| d.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()?;
+    let code = after
+        .split_once("<Code>")
+        .and_then(|(_, rest)| rest.split_once("</Code>"))
+        .map(|(code, _)| code.trim())
+        .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or_default()
+        .to_string();
+    Some((status, code))
 }
 
 impl Remote {
@@ -113,6 +188,7 @@ impl Remote {
             multipart: built.multipart,
             layout: Layout::new(&built.prefix, name),
             location: format!("{}/{name}", config.url.trim_end_matches('/')),
+            access: Access::of(config),
             part_size: config.part_size_mib << 20,
             parts_in_flight: config.parts_in_flight,
         };
@@ -328,7 +404,7 @@ impl Inner {
         let got = match self.store.get(key).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(remote_err("read", key, e)),
+            Err(e) => return Err(self.access.err(&self.location, "read", key, e)),
         };
         let version = UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
         let bytes = got.bytes().await.map_err(|e| remote_err("read", key, e))?;
@@ -364,7 +440,7 @@ impl Inner {
         let mut out = Vec::new();
         let mut listing = self.store.list(Some(prefix));
         while let Some(meta) = listing.next().await {
-            out.push(meta.map_err(|e| remote_err("list", prefix, e))?);
+            out.push(meta.map_err(|e| self.access.err(&self.location, "list", prefix, e))?);
         }
         Ok(out)
     }
@@ -779,4 +855,53 @@ async fn read_part(file: &Arc<std::fs::File>, path: &Path, offset: u64, len: usi
     })
     .await
     .map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> Access {
+        Access::of(&RemoteConfig { url: "s3://ckpt/runs".into(), endpoint: "http://127.0.0.1:9000".into(), ..RemoteConfig::default() })
+    }
+
+    /// How the S3 client words a refused listing (its body shortened).
+    const DENIED: &str = "Generic S3 error: Error performing list request: Error performing GET http://127.0.0.1:9000/ckpt?list-type=2 \
+        in 3ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code>\
+        <Message>The request signature we calculated does not match</Message></Error>";
+
+    #[test]
+    fn status_and_code_are_read_from_the_clients_message() {
+        assert_eq!(http_failure(DENIED), Some((403, "SignatureDoesNotMatch".into())));
+        assert_eq!(http_failure("Server returned non-2xx status code: 404 Not Found: "), Some((404, String::new())));
+        assert_eq!(http_failure("connection refused"), None);
+        assert_eq!(http_failure("status code: 4x"), None);
+    }
+
+    #[test]
+    fn refused_credentials_and_a_missing_bucket_lead_with_the_cause() {
+        let generic = |m: &str| object_store::Error::Generic { store: "S3", source: m.to_string().into() };
+        let e = access().err("s3://ckpt/runs/m", "list", "runs/m/manifests", generic(DENIED));
+        assert!(matches!(&e, Error::RemoteDenied { status: 403, .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("the remote tier at s3://ckpt/runs/m refused the credentials (HTTP 403, SignatureDoesNotMatch)"),
+            "{text}"
+        );
+        assert!(text.contains("http://127.0.0.1:9000") && text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
+        assert!(text.len() < 300 && !text.contains("<Message>"), "{} chars: {text}", text.len());
+
+        let missing = "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchBucket</Code></Error>";
+        let e = access().err("s3://ckpt/runs/m", "read", "runs/m/LATEST", generic(missing));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("the bucket `ckpt` of the remote tier at s3://ckpt/runs/m does not exist on http://127.0.0.1:9000"),
+            "{text}"
+        );
+        // A missing object is not a missing bucket.
+        let e = access().err("s3://ckpt/runs/m", "read", "runs/m/x", generic("status code: 404 Not Found: <Code>NoSuchKey</Code>"));
+        assert!(matches!(e, Error::Remote { .. }), "{e:?}");
+        let e = access().err("s3://ckpt/runs/m", "list", "runs/m", generic("connection refused"));
+        assert!(matches!(e, Error::Remote { op: "list", .. }), "{e:?}");
+    }
 }

@@ -40,6 +40,8 @@ pub struct S3Server {
     /// own bookkeeping lies in hidden files next to the bucket folders).
     pub data: PathBuf,
     child: Option<Child>,
+    /// The secret key it expects (clients here sign with [`SECRET_KEY`]).
+    secret: String,
     _tmp: Option<TempDir>,
 }
 
@@ -48,12 +50,18 @@ impl S3Server {
     /// holding the empty bucket [`BUCKET`]; returns once it accepts
     /// connections.
     pub fn start() -> S3Server {
+        S3Server::start_with_secret(SECRET_KEY)
+    }
+
+    /// [`S3Server::start`], expecting `secret` as the secret key: with
+    /// another than [`SECRET_KEY`] it refuses every request (HTTP 403).
+    pub fn start_with_secret(secret: &str) -> S3Server {
         let bin = binary();
         assert!(bin.is_file(), "{} is missing: `make setup` installs it (the S3 server of the remote tier's tests)", bin.display());
         let tmp = tempfile::Builder::new().prefix("modelio-s3-").tempdir().expect("create a temporary folder");
         let data = tmp.path().join("data");
         fs::create_dir_all(data.join(BUCKET)).expect("create the bucket folder");
-        let mut server = S3Server { port: 0, data, child: None, _tmp: Some(tmp) };
+        let mut server = S3Server { port: 0, data, child: None, secret: secret.into(), _tmp: Some(tmp) };
         // Port 0: the system picks a free port and the server logs it, so
         // no other process can take it between choosing and binding.
         if let Err(e) = server.spawn(0) {
@@ -139,7 +147,7 @@ impl S3Server {
         let offset = log.metadata().map_err(|e| format!("read the log: {e}"))?.len();
         let err = log.try_clone().map_err(|e| format!("open the log: {e}"))?;
         let child = Command::new(binary())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", &self.secret])
             .arg(&self.data)
             // Its startup line names the address; warnings and errors as well.
             .env("RUST_LOG", "warn,s3s_fs=info")
