@@ -41,9 +41,11 @@ pub struct ShardConfig {
     pub commit_deadline_secs: u64,
     /// Committed steps to keep, the newest (0 = keep all).
     pub keep: usize,
-    /// This run's id, the same on every rank; a coordinator commits only its
-    /// own run's shards (a restarted job never mixes in a dead run's). Empty:
-    /// `MODELIO_RUN_ID`, `TORCHELASTIC_RUN_ID` or `SLURM_JOB_ID`, else none.
+    /// This run's id, the same on every rank and new at each launch; a
+    /// coordinator commits only its own run's shards (a restarted job never
+    /// mixes in a dead run's). Empty: `MODELIO_RUN_ID`, else torchrun's or
+    /// Slurm's job id with its restart count; one rank makes one up; several
+    /// ranks with none are refused at open ([`crate::Error::RunIdMissing`]).
     pub run_id: String,
 }
 

@@ -283,6 +283,19 @@ pub enum Error {
         /// The store's whole message.
         detail: String,
     },
+
+    /// A sharded job of several ranks has no run id.
+    #[error(
+        "a sharded job of {world_size} ranks needs a run id, the same on every rank and new at each launch, so that a \
+         step never mixes shards of two runs: set `shard.run_id`, or MODELIO_RUN_ID in every rank's environment \
+         (e.g. `export MODELIO_RUN_ID=$(date +%s)` once before starting the ranks); torchrun and Slurm jobs get one \
+         from TORCHELASTIC_RUN_ID or SLURM_JOB_ID"
+    )]
+    RunIdMissing { world_size: usize },
+
+    /// A snapshot requested of a sharded step was not made.
+    #[error("no snapshot of sharded step {iterations}: {reason}; the snapshots already made are kept, and the next request may succeed")]
+    ShardSnapshot { iterations: u64, reason: String },
 }
 
 /// `, CODE` for a store's error code, nothing when there is none.

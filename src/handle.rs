@@ -679,7 +679,7 @@ impl ModelIo {
             (None, result) => result,
             (Some(e), Ok(_own)) => Err(e),
             (Some(e), Err(own)) => {
-                self.shared.report_later(e);
+                self.shared.put_back(e);
                 Err(own)
             }
         }

@@ -27,7 +27,7 @@
 //! a rank wants is read with ranged reads of exactly the stored tensors that
 //! overlap it (checked against their CRC-32C) and reassembled.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -137,6 +137,51 @@ impl<'a> Part<'a> {
     pub fn rows(name: &'a str, tensor: &'a Tensor, row_offset: usize, global_rows: usize) -> Part<'a> {
         Part { name, tensor, rows: Some((row_offset, global_rows)) }
     }
+}
+
+/// The tensor name under which [`optimizer_json`] is saved.
+pub const OPTIMIZER_JSON: &str = "optimizer.json";
+
+/// An optimizer's kind and JSON (hyper-parameters, step count) as a `u8`
+/// tensor, to save whole (as [`OPTIMIZER_JSON`], by one rank) beside its
+/// state tensors. Those are [`Optimizer::state_tensors`](crate::optim::Optimizer::state_tensors) under their own
+/// names (`<param>.exp_avg`, ...), each saved with the rows of its parameter:
+///
+/// ```ignore
+/// let state = opt.state_tensors();
+/// let json = modelio::sharded::optimizer_json(&opt)?;
+/// let mut parts = vec![Part::rows("w", &w, lo, rows)];
+/// parts.extend(state.iter().map(|(name, t)| Part::rows(name, t, lo, rows)));
+/// if io.rank().rank == 0 {
+///     parts.push(Part::whole(modelio::sharded::OPTIMIZER_JSON, &json));
+/// }
+/// io.save(step, &parts)?;
+/// ```
+///
+/// # Errors
+/// [`Error::OptimizerJson`] when the JSON cannot be encoded.
+#[cfg(feature = "torch")]
+pub fn optimizer_json(opt: &dyn crate::optim::Optimizer) -> Result<Tensor> {
+    let doc = serde_json::json!({ "kind": opt.kind(), "state": opt.state_json() });
+    let bytes = serde_json::to_vec(&doc).map_err(|_| Error::OptimizerJson { field: "state" })?;
+    Ok(Tensor::from_slice(&bytes))
+}
+
+/// An optimizer's state read back from a sharded step, for
+/// [`Optimizer::load_state`](crate::optim::Optimizer::load_state): the [`OPTIMIZER_JSON`] tensor and the state
+/// tensors this rank loaded (its rows of each), by name.
+///
+/// # Errors
+/// [`Error::OptimizerJson`] when the JSON tensor is not what
+/// [`optimizer_json`] wrote; [`Error::Torch`].
+#[cfg(feature = "torch")]
+pub fn optimizer_state(json: &Tensor, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<crate::optim::OptimizerState> {
+    let mut bytes = Vec::new();
+    copy_bytes(json, &mut bytes)?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| Error::OptimizerJson { field: "kind" })?;
+    let kind = doc.get("kind").and_then(|k| k.as_str()).ok_or(Error::OptimizerJson { field: "kind" })?;
+    let state = doc.get("state").cloned().ok_or(Error::OptimizerJson { field: "state" })?;
+    Ok(crate::optim::OptimizerState { kind: kind.into(), json: state, tensors: tensors.into_iter().collect() })
 }
 
 /// What a rank loads of one tensor: all of it, or rows `[start, end)`.
@@ -293,9 +338,11 @@ struct Queue {
     /// Steps the coordinator still has to commit, oldest first.
     commits: Vec<Commit>,
     committing: bool,
-    /// The last step handed to `save`, and the step a snapshot was requested of.
+    /// The last step handed to `save`.
     last_saved: Option<u64>,
-    snapshot_of: Option<u64>,
+    /// Steps whose snapshot was requested before their commit was over:
+    /// each is made once its step commits, or reported as not made.
+    snapshots: BTreeSet<u64>,
 }
 
 struct Shared {
@@ -314,13 +361,18 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     stats: ShardStats,
-    /// Background failures (shards not written, steps not committed) not
-    /// yet reported by `flush`, oldest first, at most 16.
-    failures: Mutex<std::collections::VecDeque<Error>>,
+    /// Background failures (shards not written, steps not committed,
+    /// snapshots not made) not yet reported by `flush`, oldest first: the
+    /// first [`MAX_PENDING_FAILURES`]; later ones are only logged.
+    failures: Mutex<VecDeque<Error>>,
     /// This run's id: a done-record of another run is never committed.
     run_id: String,
     rt: crate::remote::blocking::Blocking,
 }
+
+/// Background failures kept for `flush`; beyond this many, newer ones are
+/// only logged (and counted), so `flush` always names the oldest.
+const MAX_PENDING_FAILURES: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -328,16 +380,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 use crate::remote::remote_err;
 
-/// This run's id: `shard.run_id`, else the launcher's job id
-/// (`MODELIO_RUN_ID`, `TORCHELASTIC_RUN_ID`, `SLURM_JOB_ID`), else empty.
-fn run_id(config: &Config) -> String {
-    if !config.shard.run_id.is_empty() {
-        return config.shard.run_id.clone();
+/// This run's id: the same on every rank of one launch, new at each launch,
+/// so that a step never mixes shards of two runs (a dead run's shard of a
+/// step past the newest committed one would otherwise complete a restarted
+/// run's step). In order: `shard.run_id`; `MODELIO_RUN_ID`; torchrun's
+/// `TORCHELASTIC_RUN_ID` with its restart count; Slurm's `SLURM_JOB_ID` with
+/// its step and restart count; a single rank makes one up. A job of several
+/// ranks with none of these is refused ([`Error::RunIdMissing`]): its ranks
+/// could not tell this launch from the last one.
+fn run_id(config: &Config, rank: Rank, env: impl Fn(&str) -> Option<String>) -> Result<String> {
+    let env = |name: &str| env(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    if !config.shard.run_id.trim().is_empty() {
+        return Ok(config.shard.run_id.trim().to_string());
     }
-    ["MODELIO_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
-        .unwrap_or_default()
+    if let Some(id) = env("MODELIO_RUN_ID") {
+        return Ok(id);
+    }
+    // torchrun keeps its run id across the restarts of one job (and says
+    // "none" when none was given); the restart count tells them apart.
+    if let Some(id) = env("TORCHELASTIC_RUN_ID").filter(|id| id != "none") {
+        return Ok(format!("torchelastic-{id}.{}", env("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into())));
+    }
+    // A Slurm job keeps its id when requeued and across the `srun` steps of
+    // one batch script.
+    if let Some(job) = env("SLURM_JOB_ID") {
+        let step = env("SLURM_STEP_ID").unwrap_or_else(|| "-".into());
+        let restart = env("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into());
+        return Ok(format!("slurm-{job}.{step}.{restart}"));
+    }
+    if rank.world_size == 1 {
+        return Ok(uuid::Uuid::new_v4().simple().to_string());
+    }
+    Err(Error::RunIdMissing { world_size: rank.world_size })
 }
 
 /// What makes the pieces of a step unusable, if anything: for each tensor,
@@ -415,6 +489,7 @@ impl ShardedIo {
     pub fn open(config: &Config) -> Result<ShardedIo> {
         config.validate()?;
         let rank = Rank::from_config(config)?;
+        let run_id = run_id(config, rank, |name| std::env::var(name).ok())?;
         let rc = store_config(config);
         let built = crate::remote::store::build(&rc)?;
         let rt = crate::remote::blocking::Blocking::new("modelio-shard", || {}, &rc.url)?;
@@ -431,8 +506,8 @@ impl ShardedIo {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             stats: ShardStats::default(),
-            failures: Mutex::new(std::collections::VecDeque::new()),
-            run_id: run_id(config),
+            failures: Mutex::new(VecDeque::new()),
+            run_id,
             rt,
         });
         let mut threads = Vec::new();
@@ -537,10 +612,15 @@ impl ShardedIo {
                 q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
             }
             q.last_saved = Some(iterations);
-            q.waiting.replace(Job { iterations, tensors, loss })
+            let replaced = q.waiting.replace(Job { iterations, tensors, loss });
+            replaced.map(|job| (job.iterations, q.snapshots.remove(&job.iterations)))
         };
-        if replaced.is_some() {
+        if let Some((skipped, snapshot_wanted)) = replaced {
             self.shared.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            if snapshot_wanted {
+                self.shared
+                    .snapshot_not_made(skipped, "its save was replaced by a newer one before it was written (staging.on_busy = \"skip\")");
+            }
         }
         self.shared.wake.notify_all();
         Ok(())
@@ -573,6 +653,9 @@ impl ShardedIo {
                     .map(|(g, _)| g)
                     .unwrap_or_else(|p| p.into_inner().0);
             }
+        }
+        if done {
+            self.shared.settle_snapshots();
         }
         match lock(&self.shared.failures).pop_front() {
             Some(e) => Err(e),
@@ -636,8 +719,14 @@ impl ShardedIo {
 
     /// Snapshot the step of the last `save`, once it is committed (a copy
     /// of its global manifest under `snapshots/`; retention keeps its shards,
-    /// `snapshot.keep` the newest snapshots). Only the coordinator's request
-    /// counts: returns false on other ranks.
+    /// `snapshot.keep` the newest snapshots). Every request is kept until its
+    /// step's commit is over: the snapshot is made, or its failure (the step
+    /// not committed, its save skipped, the store) is counted in
+    /// `snapshots_failed` and reported by the next `flush`. Only the
+    /// coordinator's request counts: returns false on other ranks, and when
+    /// there was no save to snapshot or the snapshot failed at once.
+    ///
+    /// Blocks on the store only when the step's commit is already over.
     pub fn snapshot(&self) -> bool {
         if self.shared.rank.rank != 0 {
             return false;
@@ -650,36 +739,13 @@ impl ShardedIo {
                 || q.commits.iter().any(|c| c.iterations == n)
                 || q.committing;
             if pending {
-                q.snapshot_of = Some(n);
+                q.snapshots.insert(n);
                 return true;
             }
             n
         };
         // The step's commit is over: snapshot it now if it was committed.
-        let s = self.shared.clone();
-        match s.run(async { s.get_json::<GlobalManifest>(&s.layout.manifest(already)).await }) {
-            Ok(Some((m, _))) => match s.run(s.write_snapshot(&m)) {
-                Ok(()) => {
-                    s.stats.snapshots.fetch_add(1, Ordering::Relaxed);
-                    true
-                }
-                Err(e) => {
-                    s.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
-                    s.report_later(e);
-                    false
-                }
-            },
-            Ok(None) => {
-                s.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(target: "modelio", "no snapshot of sharded step {already}: it was not committed");
-                false
-            }
-            Err(e) => {
-                s.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
-                s.report_later(e);
-                false
-            }
-        }
+        self.shared.snapshot_committed(already)
     }
 
     /// The global backup: the last committed step whose reported loss was
@@ -740,13 +806,66 @@ impl Shared {
         self.rt.run(fut)
     }
 
-    /// Keep a background failure for the next `flush`.
+    /// Keep a background failure for the next `flush` (it was logged
+    /// where it happened); past [`MAX_PENDING_FAILURES`] unreported ones, the
+    /// oldest are kept and this one is only logged.
     fn report_later(&self, e: Error) {
         let mut f = lock(&self.failures);
-        if f.len() == 16 {
-            f.pop_front();
+        if f.len() < MAX_PENDING_FAILURES {
+            f.push_back(e);
+        } else {
+            drop(f);
+            tracing::error!(target: "modelio", "not kept for `flush` ({MAX_PENDING_FAILURES} older failures wait): {}", e.report());
         }
-        f.push_back(e);
+    }
+
+    /// The snapshot requested of step `n` was not made: counted, logged, and
+    /// reported by the next `flush`.
+    fn snapshot_not_made(&self, n: u64, reason: &str) {
+        self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+        let e = Error::ShardSnapshot { iterations: n, reason: reason.into() };
+        tracing::error!(target: "modelio", "{e}");
+        self.report_later(e);
+    }
+
+    /// Snapshot committed step `n` now, from its manifest; false when it was
+    /// not committed or the snapshot could not be written (both reported).
+    fn snapshot_committed(&self, n: u64) -> bool {
+        let made = self.run(async {
+            match self.get_json::<GlobalManifest>(&self.layout.manifest(n)).await? {
+                Some((m, _)) => self.write_snapshot(&m).await.map(|()| true),
+                None => Ok(false),
+            }
+        });
+        match made {
+            Ok(true) => {
+                self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Ok(false) => {
+                self.snapshot_not_made(n, "the step was not committed");
+                false
+            }
+            Err(e) => {
+                self.snapshot_not_made(n, &format!("{}", e.report()));
+                false
+            }
+        }
+    }
+
+    /// Requests left once nothing is being written or committed belong to
+    /// steps that will never commit: report them.
+    fn settle_snapshots(&self) {
+        let left = {
+            let mut q = lock(&self.queue);
+            if q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
+                return;
+            }
+            std::mem::take(&mut q.snapshots)
+        };
+        for n in left {
+            self.snapshot_not_made(n, "the step was not committed");
+        }
     }
 
     /// The writer thread: the newest waiting save, one at a time; drains before stopping.
@@ -782,6 +901,9 @@ impl Shared {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(target: "modelio", "rank {}: shard of iteration {iterations} not written: {}", self.rank.rank, e.report());
                     self.report_later(e);
+                    if lock(&self.queue).snapshots.remove(&iterations) {
+                        self.snapshot_not_made(iterations, "this rank's shard of it was not written");
+                    }
                 }
             }
             lock(&self.queue).busy = false;
@@ -826,21 +948,22 @@ impl Shared {
                 }
                 Ok(None) => {
                     self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
+                    // Committed by a racing coordinator of this run: its manifest is the step's.
+                    if lock(&self.queue).snapshots.remove(&iterations) {
+                        self.snapshot_committed(iterations);
+                    }
                 }
                 Err(e) => {
                     self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
                     self.report_later(e);
-                    let mut q = lock(&self.queue);
-                    if q.snapshot_of == Some(iterations) {
-                        q.snapshot_of = None;
-                        drop(q);
-                        self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(target: "modelio", "no snapshot of sharded step {iterations}: it was not committed");
+                    if lock(&self.queue).snapshots.remove(&iterations) {
+                        self.snapshot_not_made(iterations, "the step was not committed");
                     }
                 }
             }
             lock(&self.queue).committing = false;
+            self.settle_snapshots();
             self.wake.notify_all();
         }
     }
@@ -1009,31 +1132,27 @@ impl Shared {
         Ok(l)
     }
 
-    /// After step `m` was committed: its snapshot when one was requested,
+    /// After step `m` was committed: its snapshot when one was requested
+    /// (requests of older steps are over: those steps were not committed),
     /// then retention.
     fn after_commit(&self, m: &GlobalManifest) {
-        let wanted = {
+        let (older, wanted) = {
             let mut q = lock(&self.queue);
-            match q.snapshot_of {
-                Some(n) if n <= m.iterations => q.snapshot_of.take().map(|_| n == m.iterations),
-                _ => None,
-            }
+            let later = m.iterations.checked_add(1).map(|k| q.snapshots.split_off(&k)).unwrap_or_default();
+            let mut upto = std::mem::replace(&mut q.snapshots, later);
+            let wanted = upto.remove(&m.iterations);
+            (upto, wanted)
         };
-        match wanted {
-            Some(true) => match self.run(self.write_snapshot(m)) {
+        for n in older {
+            self.snapshot_not_made(n, "the step was not committed");
+        }
+        if wanted {
+            match self.run(self.write_snapshot(m)) {
                 Ok(()) => {
                     self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => {
-                    self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(target: "modelio", "snapshot of sharded step {}: {}", m.iterations, e.report());
-                }
-            },
-            // The step asked for was skipped or not committed.
-            Some(false) => {
-                self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+                Err(e) => self.snapshot_not_made(m.iterations, &format!("{}", e.report())),
             }
-            None => {}
         }
         if let Err(e) = self.run(self.retain()) {
             tracing::warn!(target: "modelio", "sharded retention: {}", e.report());
@@ -1318,6 +1437,41 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `run_id` with an environment of `vars` only.
+    fn id_with(configured: &str, world_size: usize, vars: &[(&str, &str)]) -> Result<String> {
+        let mut c = Config::default();
+        c.shard.run_id = configured.into();
+        let env = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        run_id(&c, Rank { rank: 0, world_size }, env)
+    }
+
+    #[test]
+    fn a_job_of_several_ranks_without_a_run_id_is_refused() {
+        let e = id_with("", 3, &[]).unwrap_err();
+        assert!(matches!(e, Error::RunIdMissing { world_size: 3 }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("shard.run_id") && text.contains("MODELIO_RUN_ID"), "{text}");
+        // torchrun's placeholder is no id; blanks are none either.
+        assert!(id_with(" ", 2, &[("TORCHELASTIC_RUN_ID", "none"), ("MODELIO_RUN_ID", "")]).is_err());
+    }
+
+    #[test]
+    fn every_launch_gets_its_own_run_id() {
+        assert_eq!(id_with("mine", 3, &[("MODELIO_RUN_ID", "env")]).unwrap(), "mine");
+        assert_eq!(id_with("", 3, &[("MODELIO_RUN_ID", "env"), ("SLURM_JOB_ID", "7")]).unwrap(), "env");
+        // torchrun keeps its run id when it restarts the workers; Slurm keeps
+        // the job id when it requeues the job and across `srun` steps.
+        let torch = |restart: &str| id_with("", 3, &[("TORCHELASTIC_RUN_ID", "j1"), ("TORCHELASTIC_RESTART_COUNT", restart)]).unwrap();
+        assert_ne!(torch("0"), torch("1"));
+        let slurm = |step: &str, restart: &str| {
+            id_with("", 3, &[("SLURM_JOB_ID", "42"), ("SLURM_STEP_ID", step), ("SLURM_RESTART_COUNT", restart)]).unwrap()
+        };
+        assert_ne!(slurm("0", "0"), slurm("0", "1"));
+        assert_ne!(slurm("0", "0"), slurm("1", "0"));
+        // A single rank is its own run: a new id at each open.
+        assert_ne!(id_with("", 1, &[]).unwrap(), id_with("", 1, &[]).unwrap());
+    }
 
     #[test]
     fn rank_and_world_size_come_from_the_config_first() {

@@ -43,6 +43,7 @@ fn open_rank(dir: &Path, url: &str, rank: usize) -> ShardedIo {
     c.shard.rank = Some(rank);
     c.shard.world_size = Some(2);
     c.shard.commit_deadline_secs = 20;
+    c.shard.run_id = "cli".into();
     ShardedIo::open(&c).unwrap()
 }
 

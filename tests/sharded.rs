@@ -38,9 +38,26 @@ struct Store {
     env: Vec<(&'static str, String)>,
 }
 
-fn rank(store: &Store, mode: &str, rank: usize, world: usize, extra: &[&str]) -> Child {
-    Command::new(helper())
-        .arg(mode)
+/// A run id for one launch of every rank, new at each call.
+fn launch() -> String {
+    static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("launch-{}-{}", std::process::id(), LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The variables a launcher may set a run id with.
+const RUN_ID_VARS: [&str; 6] =
+    ["MODELIO_RUN_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"];
+
+/// Rank `rank` of a launch whose run id is `run` (`None`: no id at all).
+fn rank(store: &Store, mode: &str, rank: usize, world: usize, run: Option<&str>, extra: &[&str]) -> Child {
+    let mut c = Command::new(helper());
+    for v in RUN_ID_VARS {
+        c.env_remove(v);
+    }
+    if let Some(run) = run {
+        c.env("MODELIO_RUN_ID", run);
+    }
+    c.arg(mode)
         .arg(&store.dir)
         .arg(&store.url)
         .arg(&store.endpoint)
@@ -61,7 +78,8 @@ fn output(child: Child) -> (bool, String) {
 
 /// Every rank of a `world`-rank job checks the newest step; returns its iterations.
 fn check(store: &Store, world: usize) -> u64 {
-    let children: Vec<Child> = (0..world).map(|r| rank(store, "check", r, world, &[])).collect();
+    let run = launch();
+    let children: Vec<Child> = (0..world).map(|r| rank(store, "check", r, world, Some(&run), &[])).collect();
     let mut seen = None;
     for (r, child) in children.into_iter().enumerate() {
         let (ok, text) = output(child);
@@ -74,7 +92,8 @@ fn check(store: &Store, world: usize) -> u64 {
 }
 
 fn train(store: &Store, world: usize, steps: u64) {
-    let children: Vec<Child> = (0..world).map(|r| rank(store, "train", r, world, &[&steps.to_string(), "5"])).collect();
+    let run = launch();
+    let children: Vec<Child> = (0..world).map(|r| rank(store, "train", r, world, Some(&run), &[&steps.to_string(), "5"])).collect();
     for (r, child) in children.into_iter().enumerate() {
         let (ok, text) = output(child);
         assert!(ok && text.contains("flushed true"), "rank {r}: {text}");
@@ -110,7 +129,8 @@ fn save_then_resume_on_other_world_sizes(store: &Store) {
     assert_eq!(check(store, 4), 4);
     // Two ranks resume from step 4, each loading its rows, and train on to
     // step 7: four ranks then load what an uninterrupted run holds at 7.
-    let children: Vec<Child> = (0..2).map(|r| rank(store, "train", r, 2, &["7", "5", "resume"])).collect();
+    let run = launch();
+    let children: Vec<Child> = (0..2).map(|r| rank(store, "train", r, 2, Some(&run), &["7", "5", "resume"])).collect();
     for child in children {
         let (ok, text) = output(child);
         assert!(ok && text.contains("flushed true"), "{text}");
@@ -176,8 +196,30 @@ fn a_rank_killed_mid_save_never_leaves_a_manifest_naming_a_missing_shard() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store { dir: tmp.path().join("model"), url: String::new(), endpoint: String::new(), env: Vec::new() };
         let victim = rng.below(3) as usize;
-        let after = Duration::from_millis(100 + rng.below(500));
-        let mut children: Vec<Child> = (0..3).map(|r| rank(&store, "train", r, 3, &["12", "20"])).collect();
+        // The kill comes a random moment after the ranks started saving (a
+        // shard exists), or after the first step was committed: mid-save
+        // either way, however slowly the processes start on a busy machine.
+        let after_commit = rng.below(2) == 1;
+        let after = Duration::from_millis(rng.below(400));
+        let run = launch();
+        let mut children: Vec<Child> = (0..3).map(|r| rank(&store, "train", r, 3, Some(&run), &["12", "20"])).collect();
+        let sharded = store.dir.join("m/sharded");
+        let started = || {
+            let any = |d: PathBuf| std::fs::read_dir(d).map(|mut e| e.next().is_some()).unwrap_or(false);
+            if after_commit {
+                any(sharded.join("manifests"))
+            } else {
+                any(sharded.join("steps"))
+            }
+        };
+        let waited = Instant::now();
+        while !started() {
+            if children.iter_mut().all(|c| !matches!(c.try_wait(), Ok(None))) {
+                break;
+            }
+            assert!(waited.elapsed() < Duration::from_secs(300), "trial {trial}: the ranks never started saving");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(after);
         children[victim].kill().unwrap();
         let mut last = 0;
@@ -189,7 +231,12 @@ fn a_rank_killed_mid_save_never_leaves_a_manifest_naming_a_missing_shard() {
         let all = io.list().unwrap();
         for m in &all {
             let problems = io.verify(m).unwrap();
-            assert!(problems.is_empty(), "trial {trial} (rank {victim} killed after {after:?}), step {}: {problems:?}", m.iterations);
+            assert!(
+                problems.is_empty(),
+                "trial {trial} (rank {victim} killed {after:?} after the first {}), step {}: {problems:?}",
+                if after_commit { "commit" } else { "shard" },
+                m.iterations
+            );
             assert_eq!(m.shards.len(), 3);
             last = m.iterations;
         }
@@ -216,6 +263,7 @@ fn open_rank(dir: &Path, url: &str, rank: usize, world: usize) -> ShardedIo {
     c.shard.rank = Some(rank);
     c.shard.world_size = Some(world);
     c.shard.commit_deadline_secs = 5;
+    c.shard.run_id = "race".into();
     ShardedIo::open(&c).unwrap()
 }
 
@@ -391,8 +439,8 @@ fn a_restarted_job_never_commits_a_dead_runs_shard_nor_saves_silently_over_a_com
 fn pieces_that_do_not_fit_together_are_never_committed() {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("memory://fit-{}", std::process::id());
-    let coordinator = open_run(tmp.path(), &url, 0, "", 2);
-    let other = open_run(tmp.path(), &url, 1, "", 2);
+    let coordinator = open_run(tmp.path(), &url, 0, "fit", 2);
+    let other = open_run(tmp.path(), &url, 1, "fit", 2);
     let f32s = Tensor::from_slice(&[1f32; 4]).reshape([2, 2]);
     let f64s = Tensor::from_slice(&[2f64; 4]).reshape([2, 2]);
     other.save(1, &[Part::rows("w", &f64s, 2, 4)]).unwrap();
@@ -408,8 +456,8 @@ fn pieces_that_do_not_fit_together_are_never_committed() {
 fn a_coordinator_dropped_without_flush_still_commits_its_last_step() {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("memory://drop-{}", std::process::id());
-    let coordinator = open_run(tmp.path(), &url, 0, "", 10);
-    let other = open_run(tmp.path(), &url, 1, "", 10);
+    let coordinator = open_run(tmp.path(), &url, 0, "drop", 10);
+    let other = open_run(tmp.path(), &url, 1, "drop", 10);
     let rows = Tensor::from_slice(&[1f32; 4]).reshape([2, 2]);
     coordinator.save(4, &[Part::rows("w", &rows, 0, 4)]).unwrap();
     let late = std::thread::spawn(move || {
@@ -420,4 +468,143 @@ fn a_coordinator_dropped_without_flush_still_commits_its_last_step() {
     drop(coordinator);
     let other = late.join().unwrap();
     assert_eq!(other.latest().unwrap().map(|m| m.iterations), Some(4));
+}
+
+#[test]
+fn a_job_of_several_ranks_without_a_run_id_is_refused_before_it_writes() {
+    // The README's first sharded run, restarted: no launcher sets an id, so
+    // nothing tells this launch's shards from a dead one's. Every rank says
+    // how to set one, and nothing is written.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store { dir: tmp.path().join("model"), url: String::new(), endpoint: String::new(), env: Vec::new() };
+    let children: Vec<Child> = (0..3).map(|r| rank(&store, "train", r, 3, None, &["2", "0"])).collect();
+    for (r, child) in children.into_iter().enumerate() {
+        let (ok, text) = output(child);
+        assert!(!ok, "rank {r} started without a run id: {text}");
+        assert!(text.contains("needs a run id") && text.contains("MODELIO_RUN_ID") && text.contains("shard.run_id"), "rank {r}: {text}");
+    }
+    assert!(!store.dir.join("m/sharded/steps").exists(), "a refused rank wrote a shard");
+    // A single rank needs none: it is the whole run.
+    let (ok, text) = output(rank(&store, "train", 0, 1, None, &["2", "0"]));
+    assert!(ok && text.contains("flushed true"), "{text}");
+}
+
+/// Two ranks of one run in this process, on a folder store; rank 1 may be
+/// given `f64` rows of steps in `bad` (pieces that never commit together).
+fn two_ranks(dir: &Path, snapshot_keep: usize) -> (ShardedIo, ShardedIo) {
+    let open = |rank| {
+        let mut c = Config::default();
+        c.model.dir = dir.to_path_buf();
+        c.model.name = "m".into();
+        c.shard.rank = Some(rank);
+        c.shard.world_size = Some(2);
+        c.shard.run_id = "two".into();
+        c.shard.keep = 0;
+        // Long enough for a slow rank 1 on a busy machine: every step here commits or fails before it.
+        c.shard.commit_deadline_secs = 600;
+        c.snapshot.keep = snapshot_keep;
+        ShardedIo::open(&c).unwrap()
+    };
+    (open(0), open(1))
+}
+
+#[test]
+fn every_snapshot_requested_of_a_step_that_commits_is_made_or_reported() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tmp = tempfile::tempdir().unwrap();
+    let (coordinator, other) = two_ranks(tmp.path(), 0);
+    let rows = |v: f32| Tensor::from_slice(&[v; 4]).reshape([2, 2]);
+    // Rank 0 saves and asks for a snapshot at every step while rank 1 has
+    // not saved any yet: every request waits for its step's commit.
+    for s in 1..=10u64 {
+        coordinator.save(s, &[Part::rows("w", &rows(s as f32), 0, 4)]).unwrap();
+        assert!(coordinator.snapshot(), "step {s}");
+    }
+    // Rank 1, slower, saves them all; its step 7 does not fit rank 0's.
+    for s in 1..=10u64 {
+        let mine = if s == 7 { Tensor::from_slice(&[7f64; 4]).reshape([2, 2]) } else { rows(s as f32) };
+        other.save(s, &[Part::rows("w", &mine, 2, 4)]).unwrap();
+    }
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    let e = coordinator.flush(Duration::from_secs(600)).unwrap_err();
+    assert!(matches!(e, modelio::Error::ShardInconsistent { iterations: 7, .. }), "{e:?}");
+    // The snapshot of step 7 is reported as not made, not dropped.
+    let e = coordinator.flush(Duration::from_secs(600)).unwrap_err();
+    assert!(matches!(e, modelio::Error::ShardSnapshot { iterations: 7, .. }), "{e:?}");
+    assert!(e.to_string().contains("no snapshot of sharded step 7"), "{e}");
+    assert!(coordinator.flush(Duration::from_secs(600)).unwrap());
+    let steps: Vec<u64> = coordinator.snapshots().unwrap().iter().map(|m| m.iterations).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 8, 9, 10]);
+    assert_eq!((coordinator.stats().snapshots.load(Relaxed), coordinator.stats().snapshots_failed.load(Relaxed)), (9, 1));
+    for m in coordinator.snapshots().unwrap() {
+        let w = coordinator.load(&m, &[Want::whole("w")]).unwrap();
+        assert!(w[0].equal(&rows(m.iterations as f32).repeat([2, 1])), "snapshot of step {}", m.iterations);
+    }
+}
+
+#[test]
+fn flush_names_the_oldest_failure_when_many_are_waiting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (coordinator, other) = two_ranks(tmp.path(), 0);
+    // 20 steps that cannot be committed: more failures than `flush` keeps.
+    for s in 1..=20u64 {
+        coordinator.save(s, &[Part::rows("w", &Tensor::from_slice(&[1f32; 4]).reshape([2, 2]), 0, 4)]).unwrap();
+        other.save(s, &[Part::rows("w", &Tensor::from_slice(&[1f64; 4]).reshape([2, 2]), 2, 4)]).unwrap();
+    }
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    let e = coordinator.flush(Duration::from_secs(600)).unwrap_err();
+    assert!(matches!(e, modelio::Error::ShardInconsistent { iterations: 1, .. }), "the oldest failure first: {e:?}");
+    let e = coordinator.flush(Duration::from_secs(600)).unwrap_err();
+    assert!(matches!(e, modelio::Error::ShardInconsistent { iterations: 2, .. }), "then the next: {e:?}");
+}
+
+#[test]
+fn an_optimizers_state_saves_by_rows_and_resumes_on_another_world_size() {
+    use modelio::sharded::{optimizer_json, optimizer_state, OPTIMIZER_JSON};
+    use modelio::{Adam, Optimizer};
+    let tmp = tempfile::tempdir().unwrap();
+    let (coordinator, other) = two_ranks(tmp.path(), 0);
+    let whole = Tensor::arange(8, (Kind::Float, Device::Cpu)).reshape([4, 2]);
+    // Each rank trains its two rows of `w` with an Adam of its own.
+    let train = |lo: i64| {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var_copy("w", &whole.narrow(0, lo, 2));
+        let mut opt = Adam::adam(&vs, 0.1, (0.9, 0.999), 1e-8, 0.0).unwrap();
+        for _ in 0..3 {
+            opt.zero_grad();
+            (&w * &w).sum(Kind::Float).backward();
+            opt.step().unwrap();
+        }
+        (vs, w, opt)
+    };
+    let ranks = [(&coordinator, train(0), 0), (&other, train(2), 2)];
+    for (io, (_, w, opt), lo) in &ranks {
+        let state = opt.state_tensors();
+        let json = optimizer_json(opt).unwrap();
+        let mut parts = vec![Part::rows("w", w, *lo, 4)];
+        parts.extend(state.iter().map(|(name, t)| Part::rows(name, t, *lo, 4)));
+        if *lo == 0 {
+            parts.push(Part::whole(OPTIMIZER_JSON, &json));
+        }
+        io.save(3, &parts).unwrap();
+    }
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    assert!(coordinator.flush(Duration::from_secs(600)).unwrap());
+    // One rank resumes all of it: the optimizer takes the whole state.
+    let m = coordinator.latest().unwrap().unwrap();
+    let got = coordinator.load(&m, &["w", "w.exp_avg", "w.exp_avg_sq", OPTIMIZER_JSON].map(Want::whole)).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _w = vs.root().var_copy("w", &got[0]);
+    let mut resumed = Adam::adam(&vs, 0.1, (0.9, 0.999), 1e-8, 0.0).unwrap();
+    let tensors = [("w.exp_avg".to_string(), got[1].shallow_clone()), ("w.exp_avg_sq".to_string(), got[2].shallow_clone())];
+    resumed.load_state(&optimizer_state(&got[3], tensors).unwrap()).unwrap();
+    assert_eq!(resumed.state_json()["step"], 3);
+    let saved = |i: usize| Tensor::cat(&[&ranks[0].1 .2.state_tensors()[i].1, &ranks[1].1 .2.state_tensors()[i].1], 0);
+    for (i, (name, t)) in resumed.state_tensors().iter().enumerate() {
+        assert!(t.equal(&saved(i)), "{name}");
+    }
+    // Another kind of optimizer is told what the step holds.
+    let mut sgd = modelio::Sgd::new(&vs, 0.1, 0.9, 0.0, 0.0, false);
+    let e = sgd.load_state(&optimizer_state(&got[3], []).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("`adam`"), "{e}");
 }

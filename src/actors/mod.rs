@@ -68,8 +68,9 @@ pub(crate) struct Settings {
     pub hard_links: bool,
 }
 
-/// Failures waiting for the trainer's next call; beyond this many, the
-/// oldest are dropped (they were logged when they happened).
+/// Failures waiting for the trainer's next call; beyond this many, newer
+/// ones are only logged (as every failure is when it happens) and counted,
+/// so the next call always hears of the oldest.
 const MAX_PENDING_FAILURES: usize = 16;
 
 /// What the actors and the handle share.
@@ -126,10 +127,17 @@ impl Shared {
     /// Keep a failure for the trainer's next call.
     pub fn report_later(&self, e: Error) {
         let mut q = lock(&self.failures);
-        if q.len() == MAX_PENDING_FAILURES {
-            q.pop_front();
+        if q.len() < MAX_PENDING_FAILURES {
+            q.push_back(e);
         }
-        q.push_back(e);
+    }
+
+    /// Give back a failure taken with [`Shared::take_failure`] that could not
+    /// be reported after all: it stays the oldest.
+    pub fn put_back(&self, e: Error) {
+        let mut q = lock(&self.failures);
+        q.push_front(e);
+        q.truncate(MAX_PENDING_FAILURES);
     }
 
     /// The oldest failure not yet reported, if any.
