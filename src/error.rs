@@ -264,9 +264,9 @@ pub enum Error {
         /// The store's error code (`InvalidAccessKeyId`, `AccessDenied`), when it sent one.
         code: String,
         /// The environment variables that hold the credentials.
-        variables: String,
+        variables: &'static str,
         /// The store's whole message.
-        detail: String,
+        detail: Box<str>,
     },
 
     /// The bucket (container) of the remote tier does not exist (HTTP 404).
@@ -281,7 +281,7 @@ pub enum Error {
         bucket: String,
         code: String,
         /// The store's whole message.
-        detail: String,
+        detail: Box<str>,
     },
 
     /// A sharded job of several ranks has no run id.

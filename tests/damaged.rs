@@ -339,7 +339,7 @@ fn a_tensor_of_more_dimensions_than_readers_take_is_refused() {
 
     let path = dir.path().join("m.mio");
     std::fs::write(&path, archive_with_shape(&[1; 10_000])).unwrap();
-    let e = ArchiveReader::open(&path).err().expect("a tensor of 10000 dimensions must be refused");
+    let Err(e) = ArchiveReader::open(&path) else { panic!("a tensor of 10000 dimensions must be refused") };
     assert!(matches!(e, Error::Damaged { .. }), "{e:?}");
     let text = e.to_string();
     assert!(text.contains(&path.display().to_string()) && text.contains("`w`") && text.contains("10000 dimensions"), "{text}");

@@ -135,8 +135,8 @@ impl Access {
                 endpoint: self.endpoint.clone(),
                 status,
                 code,
-                variables: self.variables.to_string(),
-                detail,
+                variables: self.variables,
+                detail: detail.into_boxed_str(),
             },
             // A listing finds nothing rather than failing when only the
             // prefix is empty: its 404 is the bucket's.
@@ -145,7 +145,7 @@ impl Access {
                 endpoint: self.endpoint.clone(),
                 bucket: self.bucket.clone(),
                 code,
-                detail,
+                detail: detail.into_boxed_str(),
             },
             _ => Error::Remote { op, target: what.to_string(), detail },
         }
