@@ -229,6 +229,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+
+    /// Something other than a snapshot modelio made is where a snapshot
+    /// goes: it is left as it is and the snapshot is not taken.
+    #[error(
+        "{} is {kind}, not a snapshot modelio made; modelio never replaces it: move or rename it, \
+         then take the snapshot again",
+        path.display()
+    )]
+    NotASnapshot { path: PathBuf, kind: &'static str },
 }
 
 /// The folder named in restore hints: the file's parent, "." for a bare name.
