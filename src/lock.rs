@@ -67,6 +67,30 @@ pub fn acquire(dir: &Path) -> Result<FolderLock> {
     Err(Error::io("lock", &path, std::io::Error::other("the lock file kept being replaced or linked while it was taken")))
 }
 
+/// [`Error::Locked`] when another process holds the folder's lock; unlike
+/// [`acquire`], creates, takes and writes nothing (for commands that find
+/// nothing to do and must leave the folder as it was). A lock file that
+/// cannot be opened counts as not held.
+///
+/// # Errors
+/// [`Error::Locked`] naming the folder and the holder's pid.
+pub fn check_free(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let opened = File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(&path);
+    let Ok(mut file) = opened else { return Ok(()) };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    // A shared lock: it conflicts only with a holder's exclusive one, and is
+    // released when `file` closes.
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    Err(locked(dir, &mut file))
+}
+
 /// Attempts at taking a lock whose file keeps changing before giving up.
 const ROUNDS: usize = 8;
 
@@ -98,12 +122,17 @@ fn try_flock(dir: &Path, path: &Path, file: &mut File) -> Result<()> {
     }
     let err = std::io::Error::last_os_error();
     if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        let mut pid = String::new();
-        let _ = file.read_to_string(&mut pid);
-        let pid = pid.trim();
-        return Err(Error::Locked { dir: dir.to_path_buf(), pid: if pid.is_empty() { "unknown".into() } else { pid.into() } });
+        return Err(locked(dir, file));
     }
     Err(Error::io("lock", path, err))
+}
+
+/// [`Error::Locked`] naming the pid the holder wrote into the lock file.
+fn locked(dir: &Path, file: &mut File) -> Error {
+    let mut pid = String::new();
+    let _ = file.read_to_string(&mut pid);
+    let pid = pid.trim();
+    Error::Locked { dir: dir.to_path_buf(), pid: if pid.is_empty() { "unknown".into() } else { pid.into() } }
 }
 
 /// Replace the multiply linked lock file `file` (opened from `path`) with a
@@ -205,5 +234,18 @@ mod tests {
         drop(held);
         acquire(&copy).unwrap();
         assert_eq!(links(&original.join(LOCK_FILE)), 1);
+    }
+
+    #[test]
+    fn check_free_reports_a_holder_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        check_free(dir.path()).unwrap();
+        assert!(!dir.path().join(LOCK_FILE).exists(), "no lock file is created");
+        let held = acquire(dir.path()).unwrap();
+        let err = check_free(dir.path()).unwrap_err();
+        assert!(matches!(&err, Error::Locked { pid, .. } if *pid == std::process::id().to_string()), "{err:?}");
+        drop(held);
+        check_free(dir.path()).unwrap();
+        acquire(dir.path()).unwrap();
     }
 }

@@ -32,7 +32,8 @@ pub struct Restored {
 ///
 /// Takes the folder's lock once it has found a backup: a restore under a
 /// running trainer would be overwritten by its next save. A folder without
-/// backups is left exactly as it was (no lock file is created or written).
+/// backups is left exactly as it was (no lock file is created or written),
+/// and a trainer at work in it is still reported.
 ///
 /// # Errors
 /// [`Error::Locked`] when a trainer holds the folder; [`Error::NoBackup`]
@@ -41,6 +42,9 @@ pub fn restore(paths: &ModelPaths) -> Result<Restored> {
     let dir = &paths.dir;
     let no_backup = || Error::NoBackup { dir: dir.clone(), name: paths.name.clone() };
     if scan(paths)?.backups.is_empty() {
+        // Say first that a trainer is at work, as with backups, but without
+        // creating or writing the lock file: nothing is changed.
+        crate::lock::check_free(dir)?;
         return Err(no_backup());
     }
     let _lock = crate::lock::acquire(dir)?;
