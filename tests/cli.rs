@@ -244,10 +244,15 @@ fn restore_without_backups_changes_nothing_not_even_the_lock_file() {
     archive(&dir.join("m.mio"), "m", 4, 3, 1);
     state(&dir.join("m_state.json"), "m", 4, &[]);
     let listing = |dir: &Path| {
-        let mut names: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        // Each file's name, size and first bytes (the lock file's pid).
+        let mut names: Vec<(String, usize, String)> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                let head = String::from_utf8_lossy(&bytes[..bytes.len().min(16)]).into_owned();
+                (p.file_name().unwrap().to_string_lossy().into_owned(), bytes.len(), head)
+            })
             .collect();
         names.sort();
         names
