@@ -186,12 +186,16 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
     dst.sync_all().map_err(|e| crate::Error::io("fsync", to, e).no_space(to, len))
 }
 
-/// Remove the snapshots beyond the newest `keep`; returns the removed folders.
+/// Remove the snapshots of model `paths` beyond the newest `keep`; returns
+/// the removed folders. A folder named like a snapshot that holds files of
+/// another name was not made by modelio: it is neither counted nor removed.
 ///
 /// # Errors
 /// [`crate::Error::Io`] naming the folder that could not be removed.
-pub fn apply_retention(model_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
-    let remove = crate::retention::to_remove(&list(model_dir), keep);
+pub fn apply_retention(paths: &ModelPaths, keep: usize) -> Result<Vec<PathBuf>> {
+    let snapshots: Vec<(u64, PathBuf)> =
+        list(&paths.dir).into_iter().filter(|(_, dir)| check_replaceable(dir, &paths.name).is_ok()).collect();
+    let remove = crate::retention::to_remove(&snapshots, keep);
     for dir in &remove {
         // Rename first so a crash mid-delete leaves a temp folder, not a partial snapshot.
         let doomed = durable::temp_path(&durable::parent_of(dir), dir);
@@ -245,5 +249,22 @@ mod tests {
         fs::write(&target, b"a file").unwrap();
         let err = check_replaceable(&target, "m").unwrap_err();
         assert!(matches!(&err, Error::NotASnapshot { kind: "a file", .. }), "{err:?}");
+    }
+
+    #[test]
+    fn retention_never_removes_a_folder_modelio_did_not_make() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = ModelPaths::new(tmp.path().join("m"), "m");
+        fs::create_dir(&paths.dir).unwrap();
+        let foreign = snapshot_dir(&paths.dir, 1);
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("notes.txt"), b"mine").unwrap();
+        for n in [2, 3] {
+            fs::create_dir(snapshot_dir(&paths.dir, n)).unwrap();
+            fs::write(snapshot_dir(&paths.dir, n).join("m.mio"), b"x").unwrap();
+        }
+        assert_eq!(apply_retention(&paths, 1).unwrap(), [snapshot_dir(&paths.dir, 2)]);
+        assert_eq!(fs::read(foreign.join("notes.txt")).unwrap(), b"mine");
+        assert!(snapshot_dir(&paths.dir, 3).is_dir());
     }
 }
