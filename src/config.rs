@@ -272,7 +272,7 @@ impl Error {
 }
 
 /// Longest model name and model folder name, in bytes: temporary files add
-/// up to 90 bytes to a name (`.modelio-tmp-<pid>-<uuid>-`, `_state.json.bk`,
+/// up to 115 bytes to a name (`.modelio-tmp-<pid>.<start>-<uuid>-`, `_state.json.bk`,
 /// `_snapshot_<N>_iters`) and a file name is at most 255 bytes.
 pub const MAX_NAME: usize = 128;
 

@@ -101,31 +101,21 @@ pub(crate) fn create_new(path: &Path) -> Result<File> {
 /// # Errors
 /// [`Error::NotRegular`] naming the file and what it is; [`Error::Io`].
 pub(crate) fn open_regular(path: &Path) -> Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let file = File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).at("open", path)?;
-    let kind = file.metadata().at("inspect", path)?.file_type();
-    let what = if kind.is_file() {
-        // SAFETY: fcntl on a descriptor we own; clears O_NONBLOCK for ordinary reads.
-        unsafe {
-            let fd = file.as_raw_fd();
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-            }
+    let meta = file.metadata().at("inspect", path)?;
+    if !meta.is_file() {
+        return Err(Error::NotRegular { path: path.to_path_buf(), kind: kind_of(&meta) });
+    }
+    // SAFETY: fcntl on a descriptor we own; clears O_NONBLOCK for ordinary reads.
+    unsafe {
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
-        return Ok(file);
-    } else if kind.is_dir() {
-        "a folder"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_socket() {
-        "a socket"
-    } else if kind.is_block_device() || kind.is_char_device() {
-        "a device"
-    } else {
-        "not a regular file"
-    };
-    Err(Error::NotRegular { path: path.to_path_buf(), kind: what })
+    }
+    Ok(file)
 }
 
 /// Read a small regular file whole (state files, configs), refusing
@@ -245,10 +235,42 @@ fn copy_synced(src: &Path, tmp: &Path, target: &Path) -> Result<()> {
     to.sync_all().map_err(|e| Error::io("fsync", tmp, e).no_space(target, len))
 }
 
-/// A fresh temporary path in `dir` for building `target`.
+/// A fresh temporary path in `dir` for building `target`:
+/// `.modelio-tmp-<pid>.<start>-<uuid>-<target>`, where `<start>` is when this
+/// process started (see [`start_time`]), so that a later run tells a
+/// temporary of a live writer from one of a dead process whose pid was
+/// reused. Where the start time cannot be read, the name has only the pid.
 pub(crate) fn temp_path(dir: &Path, target: &Path) -> PathBuf {
     let base = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dir.join(format!("{TEMP_PREFIX}{}-{}-{base}", std::process::id(), uuid::Uuid::new_v4().simple()))
+    let me = std::process::id();
+    let owner = match own_start_time() {
+        Some(start) => format!("{me}.{start}"),
+        None => me.to_string(),
+    };
+    dir.join(format!("{TEMP_PREFIX}{owner}-{}-{base}", uuid::Uuid::new_v4().simple()))
+}
+
+/// When process `pid` started, in clock ticks after boot (field 22 of
+/// `/proc/<pid>/stat`); `None` where there is no such process or no `/proc`.
+/// A pid and its start time name one process for the life of the machine: a
+/// reused pid comes with a later start time.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line. The second field (the command
+/// name, in parentheses) may hold spaces and parentheses, so fields are
+/// counted from the last `)`: the field after it is field 3.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// This process's start time, read once.
+fn own_start_time() -> Option<u64> {
+    static START: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *START.get_or_init(|| start_time(std::process::id()))
 }
 
 /// Whether `name` is one of modelio's temporary files (readers skip these).
@@ -271,19 +293,52 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Atomically put the folder `built` at `target`, replacing an existing
 /// folder only once the new one is complete (Linux `RENAME_EXCHANGE`).
+/// Only a folder is ever replaced: anything else at `target` (a file, a
+/// symlink, a FIFO) is refused and left where it is, even when it appears
+/// between the check and the exchange (it is then swapped back).
 ///
 /// # Errors
-/// [`Error::Io`] naming the folder.
+/// [`Error::NotASnapshot`] when `target` is not a folder; [`Error::Io`] naming the folder.
 pub(crate) fn commit_dir(built: &Path, target: &Path) -> Result<()> {
     let dir = parent_of(target);
-    if target.exists() {
-        exchange(built, target)?;
-        // `built` now holds the old folder.
-        fs::remove_dir_all(built).at("remove the replaced folder", built)?;
-    } else {
-        fs::rename(built, target).at("rename into place", target)?;
+    match fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => {
+            exchange(built, target)?;
+            // `built` now holds what was at `target`: a folder, unless it
+            // was replaced since the check. Never delete anything else.
+            let replaced = fs::symlink_metadata(built).at("inspect", built)?;
+            if !replaced.is_dir() {
+                exchange(built, target)?;
+                return Err(Error::NotASnapshot { path: target.to_path_buf(), kind: kind_of(&replaced) });
+            }
+            fs::remove_dir_all(built).at("remove the replaced folder", built)?;
+        }
+        Ok(meta) => return Err(Error::NotASnapshot { path: target.to_path_buf(), kind: kind_of(&meta) }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(built, target).at("rename into place", target)?,
+        Err(e) => return Err(Error::io("inspect", target, e)),
     }
     sync_dir(&dir)
+}
+
+/// What a filesystem entry is, for error messages ("a file").
+pub(crate) fn kind_of(meta: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        "a symlink"
+    } else if kind.is_dir() {
+        "a folder"
+    } else if kind.is_file() {
+        "a file"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
 }
 
 fn exchange(a: &Path, b: &Path) -> Result<()> {
@@ -301,19 +356,61 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
 }
 
 #[cfg(feature = "torch")] // used when a training handle opens its folder
-/// The process id and target name a temporary file was made for
-/// (`.modelio-tmp-<pid>-<uuid>-<target>`), or `None` when `name` is not one.
-pub(crate) fn parse_temp(name: &str) -> Option<(u32, &str)> {
-    let rest = name.strip_prefix(TEMP_PREFIX)?;
-    let (pid, rest) = rest.split_once('-')?;
-    let (_uuid, base) = rest.split_once('-')?;
-    Some((pid.parse().ok()?, base))
+/// Who made a temporary file: a process id, and that process's start time
+/// when the name records it (names written before it was recorded have none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TempOwner {
+    pub pid: u32,
+    pub start: Option<u64>,
 }
 
 #[cfg(feature = "torch")] // used when a training handle opens its folder
-/// Whether process `pid` is alive (or cannot be checked, which counts as alive).
-fn process_alive(pid: u32) -> bool {
+/// The maker and target name of a temporary file
+/// (`.modelio-tmp-<pid>[.<start>]-<uuid>-<target>`), or `None` when `name`
+/// is not one.
+pub(crate) fn parse_temp(name: &str) -> Option<(TempOwner, &str)> {
+    let rest = name.strip_prefix(TEMP_PREFIX)?;
+    let (owner, rest) = rest.split_once('-')?;
+    let (_uuid, base) = rest.split_once('-')?;
+    let owner = match owner.split_once('.') {
+        Some((pid, start)) => TempOwner { pid: pid.parse().ok()?, start: Some(start.parse().ok()?) },
+        None => TempOwner { pid: owner.parse().ok()?, start: None },
+    };
+    Some((owner, base))
+}
+
+#[cfg(feature = "torch")] // used when a training handle opens its folder
+/// Whether the process that made a temporary may still be writing it.
+///
+/// Pid 0 is never a writer (it names no process; `kill(0, 0)` would ask
+/// about our own process group). When the name records the maker's start
+/// time, the process is alive only if a process with that pid exists and
+/// started then: a pid reused by an unrelated process starts later. Without
+/// a recorded start time (or without `/proc`), any process with that pid
+/// counts as alive, as does one that cannot be checked.
+fn maker_alive(owner: TempOwner) -> bool {
+    if owner.pid == 0 {
+        return false;
+    }
+    if let Some(start) = owner.start {
+        if let Some(now) = start_time(owner.pid) {
+            return now == start;
+        }
+        if std::path::Path::new("/proc/self/stat").exists() {
+            // `/proc` works and has no such process: it is gone.
+            return false;
+        }
+    }
+    pid_exists(owner.pid)
+}
+
+#[cfg(feature = "torch")] // used when a training handle opens its folder
+/// Whether some process has id `pid` (or it cannot be checked, which counts as yes).
+fn pid_exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
     // SAFETY: signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
@@ -321,30 +418,32 @@ fn process_alive(pid: u32) -> bool {
 
 #[cfg(feature = "torch")] // used when a training handle opens its folder
 /// Remove the temporary files and folders in `dir` that an interrupted run
-/// left for a target `owned` accepts and that are provably stale: made by this
-/// process or by one that no longer exists. Returns how many were removed.
+/// left for a target `owned` accepts and that are provably stale: made by
+/// this process or by one that no longer exists. `owned` is given the
+/// target's name and whether the temporary is a folder (a symlink counts as
+/// neither and is never followed). Returns how many were removed.
 ///
 /// # Errors
 /// [`Error::Io`] when `dir` cannot be listed.
-pub(crate) fn remove_stale_temps(dir: &Path, owned: impl Fn(&str) -> bool) -> Result<usize> {
+pub(crate) fn remove_stale_temps(dir: &Path, owned: impl Fn(&str, bool) -> bool) -> Result<usize> {
     let mut removed = 0;
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(Error::io("list", dir, e)),
     };
+    let me = TempOwner { pid: std::process::id(), start: own_start_time() };
     for entry in entries {
         let entry = entry.at("list", dir)?;
         let name = entry.file_name();
-        let Some((pid, base)) = name.to_str().and_then(parse_temp) else { continue };
-        if !owned(base) || (pid != std::process::id() && process_alive(pid)) {
+        let Some((owner, base)) = name.to_str().and_then(parse_temp) else { continue };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let mine = owner.pid == me.pid && (owner.start.is_none() || owner.start == me.start);
+        if !owned(base, is_dir) || (!mine && maker_alive(owner)) {
             continue;
         }
         let path = entry.path();
-        let ok = match entry.file_type() {
-            Ok(t) if t.is_dir() => fs::remove_dir_all(&path).is_ok(),
-            _ => fs::remove_file(&path).is_ok(),
-        };
+        let ok = if is_dir { fs::remove_dir_all(&path).is_ok() } else { fs::remove_file(&path).is_ok() };
         if ok {
             removed += 1;
         }
@@ -424,7 +523,7 @@ mod tests {
             commit_dir(&built, &target).unwrap();
         }
         assert_eq!(fs::read_to_string(target.join("f")).unwrap(), "second");
-        assert_eq!(remove_stale_temps(dir.path(), |_| true).unwrap(), 0);
+        assert_eq!(remove_stale_temps(dir.path(), |_, _| true).unwrap(), 0);
     }
 
     #[test]
@@ -455,8 +554,98 @@ mod tests {
         fs::write(dir.path().join(format!("{TEMP_PREFIX}{me}-z-other.mio")), b"busy").unwrap();
         fs::write(dir.path().join(format!("{TEMP_PREFIX}1-w-m.mio")), b"busy").unwrap();
         fs::write(dir.path().join("m.mio"), b"keep").unwrap();
-        assert_eq!(remove_stale_temps(dir.path(), |base| base.starts_with("m")).unwrap(), 2);
+        assert_eq!(remove_stale_temps(dir.path(), |base, _| base.starts_with("m")).unwrap(), 2);
         assert!(dir.path().join("m.mio").exists());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+    #[test]
+    fn only_a_folder_is_replaced_by_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("m_snapshot_3_iters");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"mine").unwrap();
+        for (occupant, kind) in [("file", "a file"), ("symlink", "a symlink")] {
+            match occupant {
+                "file" => fs::write(&target, b"user data").unwrap(),
+                _ => std::os::unix::fs::symlink(&victim, &target).unwrap(),
+            }
+            let built = temp_path(dir.path(), &target);
+            fs::create_dir(&built).unwrap();
+            let err = commit_dir(&built, &target).unwrap_err();
+            assert!(matches!(&err, Error::NotASnapshot { path, kind: k } if *path == target && *k == kind), "{err:?}");
+            assert!(err.to_string().contains(&target.display().to_string()) && err.to_string().contains("move or rename it"), "{err}");
+            let meta = fs::symlink_metadata(&target).unwrap();
+            assert_eq!(meta.file_type().is_symlink(), occupant == "symlink", "left where it was");
+            assert!(built.is_dir(), "the built folder stays the caller's to remove");
+            fs::remove_dir(&built).unwrap();
+            fs::remove_file(&target).unwrap();
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"mine");
+    }
+
+    #[test]
+    fn start_time_is_field_22_even_after_an_odd_command_name() {
+        let fields: Vec<String> = (3..=30).map(|i| if i == 22 { "987654".into() } else { i.to_string() }).collect();
+        let line = format!("42 (a) b (c)) {}\n", fields.join(" "));
+        assert_eq!(parse_start_time(&line), Some(987654));
+        assert_eq!(parse_start_time("42 (x) S 1"), None);
+        if Path::new("/proc/self/stat").exists() {
+            assert!(own_start_time().is_some());
+            assert_eq!(start_time(std::process::id()), own_start_time());
+        }
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn temp_names_record_their_maker_and_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = temp_path(dir.path(), &dir.path().join("m-1.mio"));
+        let name = tmp.file_name().unwrap().to_str().unwrap().to_string();
+        let (owner, base) = parse_temp(&name).unwrap();
+        assert_eq!((owner.pid, owner.start, base), (std::process::id(), own_start_time(), "m-1.mio"));
+        let (old, base) = parse_temp(".modelio-tmp-77-abc-m.mio").unwrap();
+        assert_eq!((old, base), (TempOwner { pid: 77, start: None }, "m.mio"));
+        assert!(parse_temp(".modelio-tmp-77.x-abc-m.mio").is_none());
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn temps_of_pid_0_or_of_a_reused_pid_are_stale() {
+        if !Path::new("/proc/self/stat").exists() {
+            return; // start times come from /proc
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // A live process that is not this one.
+        let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        let pid = child.id();
+        let start = start_time(pid).unwrap();
+        let temp = |owner: &str, base: &str| dir.path().join(format!("{TEMP_PREFIX}{owner}-0123abcd-{base}"));
+        let stale = [temp("0", "a.mio"), temp(&format!("0.{start}"), "b.mio"), temp(&format!("{pid}.{}", start + 1), "c.mio")];
+        let live = [temp(&format!("{pid}.{start}"), "d.mio"), temp(&pid.to_string(), "e.mio")];
+        for path in stale.iter().chain(&live) {
+            fs::write(path, b"x").unwrap();
+        }
+        let removed = remove_stale_temps(dir.path(), |_, _| true);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(removed.unwrap(), stale.len());
+        for path in &stale {
+            assert!(!path.exists(), "{} kept", path.display());
+        }
+        for path in &live {
+            assert!(path.exists(), "{} removed while its maker runs", path.display());
+        }
+        // Its maker gone, the temporary is stale, with or without a start time.
+        assert_eq!(remove_stale_temps(dir.path(), |_, _| true).unwrap(), live.len());
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn a_file_is_not_taken_for_a_folder_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(format!("{TEMP_PREFIX}0-0123abcd-m_snapshot_3_iters"));
+        fs::write(&file, b"x").unwrap();
+        assert_eq!(remove_stale_temps(dir.path(), |_, is_dir| is_dir).unwrap(), 0);
+        assert!(file.exists());
     }
 }

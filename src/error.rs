@@ -296,6 +296,15 @@ pub enum Error {
     /// A snapshot requested of a sharded step was not made.
     #[error("no snapshot of sharded step {iterations}: {reason}; the snapshots already made are kept, and the next request may succeed")]
     ShardSnapshot { iterations: u64, reason: String },
+
+    /// Something other than a snapshot modelio made is where a snapshot
+    /// goes: it is left as it is and the snapshot is not taken.
+    #[error(
+        "{} is {kind}, not a snapshot modelio made; modelio never replaces it: move or rename it, \
+         then take the snapshot again",
+        path.display()
+    )]
+    NotASnapshot { path: PathBuf, kind: &'static str },
 }
 
 /// `, CODE` for a store's error code, nothing when there is none.

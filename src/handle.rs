@@ -1162,13 +1162,14 @@ fn file_name(path: &Path) -> String {
 
 /// Remove what an interrupted run left: every temporary file in the model
 /// folder (the caller holds its lock), and beside it only this folder's own
-/// snapshot temporaries (other folders' may be in use by their trainers).
+/// snapshot temporaries (other folders' may be in use by their trainers),
+/// which are always folders: a file there is not modelio's.
 fn remove_stale_temps(paths: &ModelPaths) -> Result<()> {
     let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
     let prefix = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
-    let removed = crate::durable::remove_stale_temps(&paths.dir, |_| true)?
-        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base| {
-            !prefix.is_empty() && base.starts_with(prefix)
+    let removed = crate::durable::remove_stale_temps(&paths.dir, |_, _| true)?
+        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base, is_dir| {
+            is_dir && !prefix.is_empty() && base.starts_with(prefix)
         })?;
     if removed > 0 {
         tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");

@@ -30,35 +30,28 @@ pub struct Restored {
 /// where the filesystem offers one), never as hard links: damage to the
 /// restored file must not reach its backup.
 ///
-/// Takes the folder's lock first: a restore under a running trainer would
-/// be overwritten by its next save.
+/// Takes the folder's lock once it has found a backup: a restore under a
+/// running trainer would be overwritten by its next save. A folder without
+/// backups is left exactly as it was (no lock file is created or written),
+/// and a trainer at work in it is still reported.
 ///
 /// # Errors
 /// [`Error::Locked`] when a trainer holds the folder; [`Error::NoBackup`]
 /// (nothing changed) when there is no `.bk`; [`Error::Io`] naming the file otherwise.
 pub fn restore(paths: &ModelPaths) -> Result<Restored> {
     let dir = &paths.dir;
-    let _lock = crate::lock::acquire(dir)?;
-    let mut backups = Vec::new();
-    let mut current = Vec::new();
-    let archived_prefix = format!("{}_archived_", paths.name);
-    for entry in fs::read_dir(dir).at("list", dir)? {
-        let entry = entry.at("list", dir)?;
-        let Ok(name) = entry.file_name().into_string() else { continue };
-        if !name.starts_with(&paths.name) || is_temp(&name) || name.starts_with(&archived_prefix) {
-            continue;
-        }
-        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
-        if !is_file {
-            continue;
-        }
-        match name.strip_suffix(".bk") {
-            Some(original) => backups.push((entry.path(), dir.join(original))),
-            None => current.push(entry.path()),
-        }
+    let no_backup = || Error::NoBackup { dir: dir.clone(), name: paths.name.clone() };
+    if scan(paths)?.backups.is_empty() {
+        // Say first that a trainer is at work, as with backups, but without
+        // creating or writing the lock file: nothing is changed.
+        crate::lock::check_free(dir)?;
+        return Err(no_backup());
     }
+    let _lock = crate::lock::acquire(dir)?;
+    // Listed again under the lock: a trainer may have changed the folder.
+    let Found { backups, current } = scan(paths)?;
     if backups.is_empty() {
-        return Err(Error::NoBackup { dir: dir.clone(), name: paths.name.clone() });
+        return Err(no_backup());
     }
     // Check the backups before touching anything.
     let state_bk = ModelPaths::backup_of(&paths.state());
@@ -69,6 +62,7 @@ pub fn restore(paths: &ModelPaths) -> Result<Restored> {
         crate::archive::ArchiveReader::open(&archive_bk)?;
     }
 
+    let archived_prefix = format!("{}_archived_", paths.name);
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
     let archived = dir.join(format!("{archived_prefix}{stamp}"));
     fs::create_dir(&archived).at("create", &archived)?;
@@ -90,6 +84,39 @@ pub fn restore(paths: &ModelPaths) -> Result<Restored> {
     }
     restored.sort();
     Ok(Restored { archived, restored, moved_logs })
+}
+
+/// A model's files as a restore sees them.
+struct Found {
+    /// Backups as (`<file>.bk`, `<file>`).
+    backups: Vec<(PathBuf, PathBuf)>,
+    /// The other current files, which a restore moves aside.
+    current: Vec<PathBuf>,
+}
+
+/// The model's backups and current files. Folders, temporaries and earlier
+/// archived folders are not listed.
+fn scan(paths: &ModelPaths) -> Result<Found> {
+    let dir = &paths.dir;
+    let mut backups = Vec::new();
+    let mut current = Vec::new();
+    let archived_prefix = format!("{}_archived_", paths.name);
+    for entry in fs::read_dir(dir).at("list", dir)? {
+        let entry = entry.at("list", dir)?;
+        let Ok(name) = entry.file_name().into_string() else { continue };
+        if !name.starts_with(&paths.name) || is_temp(&name) || name.starts_with(&archived_prefix) {
+            continue;
+        }
+        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if !is_file {
+            continue;
+        }
+        match name.strip_suffix(".bk") {
+            Some(original) => backups.push((entry.path(), dir.join(original))),
+            None => current.push(entry.path()),
+        }
+    }
+    Ok(Found { backups, current })
 }
 
 /// Whether a folder name is a session id: a UUID in the form

@@ -7,11 +7,12 @@
 //! that damage to the live archive does not reach it; other files (logs,
 //! which their writers modify in place) are copied. Symlinks are never followed.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::durable::{self, commit, commit_dir, is_temp, Source};
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::folder::ModelPaths;
 
 /// The folder of snapshot `n`.
@@ -38,6 +39,43 @@ pub fn list(model_dir: &Path) -> Vec<(u64, PathBuf)> {
         .collect()
 }
 
+/// One snapshot as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The iteration it holds.
+    pub iterations: u64,
+    /// Its folder.
+    pub path: PathBuf,
+    /// The size of the files directly in it.
+    pub bytes: u64,
+    /// Whether its archive opens and every checksum holds.
+    pub verifies: bool,
+}
+
+/// The snapshots of a model folder, oldest first, each with its size and
+/// whether its archive (`archive`, the file name of the model's archive)
+/// verifies. Snapshots that a trainer retires while they are listed are
+/// left out (see [`examine`]), never reported as damaged.
+pub fn survey(model_dir: &Path, archive: &OsStr) -> Vec<Listed> {
+    let mut found = list(model_dir);
+    found.sort_by_key(|(n, _)| *n);
+    found.into_iter().filter_map(|(n, dir)| examine(n, &dir, archive)).collect()
+}
+
+/// Size and health of snapshot `n` in `dir`; `None` when the folder is gone.
+///
+/// A trainer's retention retires a snapshot by renaming its folder away and
+/// then deleting it, so a snapshot listed a moment ago may vanish before or
+/// while it is read: its archive is then missing, which is not damage. The
+/// folder is looked for again after the checks; a snapshot whose folder is
+/// gone is no longer one to report, whatever the checks found.
+pub fn examine(n: u64, dir: &Path, archive: &OsStr) -> Option<Listed> {
+    let bytes = fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+    let verifies = crate::archive::ArchiveReader::open(&dir.join(archive)).is_ok_and(|r| r.verify().is_empty());
+    let gone = matches!(fs::symlink_metadata(dir), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    (!gone).then(|| Listed { iterations: n, path: dir.to_path_buf(), bytes, verifies })
+}
+
 /// A file pinned at a save: `pin`, a temporary link (or copy) beside it,
 /// holds what `target` held then, whatever later saves do to `target`.
 /// Backups and snapshots are made from pins.
@@ -60,10 +98,13 @@ impl Pinned {
 /// `hard_links`. Returns the snapshot's folder.
 ///
 /// # Errors
+/// [`crate::Error::NotASnapshot`] when something other than a snapshot of
+/// this model is at the snapshot's name (it is left as it is);
 /// [`crate::Error::Io`] naming the file that failed; the snapshot is then absent
 /// (or the previous snapshot `n` is intact).
 pub fn build(paths: &ModelPaths, n: u64, pinned: &[Pinned], hard_links: bool) -> Result<PathBuf> {
     let target = snapshot_dir(&paths.dir, n);
+    check_replaceable(&target, &paths.name)?;
     let parent = durable::parent_of(&target);
     let built = durable::temp_path(&parent, &target);
     fs::create_dir(&built).at("create snapshot folder", &built)?;
@@ -72,6 +113,28 @@ pub fn build(paths: &ModelPaths, n: u64, pinned: &[Pinned], hard_links: bool) ->
         let _ = fs::remove_dir_all(&built);
     }
     result.map(|()| target)
+}
+
+/// Whether a snapshot may be built at `target`: nothing is there, or a
+/// folder that only holds files of model `name` (as every snapshot of it
+/// does). A file, a symlink or a folder holding anything else was not made
+/// by modelio and is never replaced.
+fn check_replaceable(target: &Path, name: &str) -> Result<()> {
+    let meta = match fs::symlink_metadata(target) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("inspect", target, e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::NotASnapshot { path: target.to_path_buf(), kind: durable::kind_of(&meta) });
+    }
+    for entry in fs::read_dir(target).at("list", target)? {
+        let entry = entry.at("list", target)?;
+        if !entry.file_name().to_string_lossy().starts_with(name) {
+            return Err(Error::NotASnapshot { path: target.to_path_buf(), kind: "a folder holding other files" });
+        }
+    }
+    Ok(())
 }
 
 fn fill(paths: &ModelPaths, pinned: &[Pinned], built: &Path, hard_links: bool) -> Result<()> {
@@ -123,12 +186,16 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
     dst.sync_all().map_err(|e| crate::Error::io("fsync", to, e).no_space(to, len))
 }
 
-/// Remove the snapshots beyond the newest `keep`; returns the removed folders.
+/// Remove the snapshots of model `paths` beyond the newest `keep`; returns
+/// the removed folders. A folder named like a snapshot that holds files of
+/// another name was not made by modelio: it is neither counted nor removed.
 ///
 /// # Errors
 /// [`crate::Error::Io`] naming the folder that could not be removed.
-pub fn apply_retention(model_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
-    let remove = crate::retention::to_remove(&list(model_dir), keep);
+pub fn apply_retention(paths: &ModelPaths, keep: usize) -> Result<Vec<PathBuf>> {
+    let snapshots: Vec<(u64, PathBuf)> =
+        list(&paths.dir).into_iter().filter(|(_, dir)| check_replaceable(dir, &paths.name).is_ok()).collect();
+    let remove = crate::retention::to_remove(&snapshots, keep);
     for dir in &remove {
         // Rename first so a crash mid-delete leaves a temp folder, not a partial snapshot.
         let doomed = durable::temp_path(&durable::parent_of(dir), dir);
@@ -136,4 +203,68 @@ pub fn apply_retention(model_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         fs::remove_dir_all(&doomed).at("remove", &doomed)?;
     }
     Ok(remove)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_retired_while_listed_is_left_out_not_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m");
+        fs::create_dir(&model).unwrap();
+        for n in [1, 2] {
+            fs::create_dir(snapshot_dir(&model, n)).unwrap();
+            fs::write(snapshot_dir(&model, n).join("m.mio"), b"not an archive").unwrap();
+        }
+        let mut found = list(&model);
+        found.sort();
+        assert_eq!(found.len(), 2);
+        // A trainer's retention retires snapshot 2 between the listing and its check.
+        let doomed = durable::temp_path(tmp.path(), &found[1].1);
+        fs::rename(&found[1].1, &doomed).unwrap();
+        fs::remove_dir_all(&doomed).unwrap();
+        let archive = OsStr::new("m.mio");
+        let damaged = examine(1, &found[0].1, archive).unwrap();
+        assert_eq!((damaged.iterations, damaged.verifies, damaged.bytes), (1, false, 14));
+        assert_eq!(examine(2, &found[1].1, archive), None);
+        assert_eq!(survey(&model, archive), [damaged]);
+    }
+
+    #[test]
+    fn only_a_snapshot_of_this_model_is_replaceable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("m_snapshot_5_iters");
+        check_replaceable(&target, "m").unwrap();
+        fs::create_dir(&target).unwrap();
+        check_replaceable(&target, "m").unwrap();
+        fs::write(target.join("m.mio"), b"x").unwrap();
+        fs::create_dir(target.join("m_logs")).unwrap();
+        check_replaceable(&target, "m").unwrap();
+        fs::write(target.join("notes.txt"), b"mine").unwrap();
+        let err = check_replaceable(&target, "m").unwrap_err();
+        assert!(matches!(&err, Error::NotASnapshot { path, .. } if *path == target), "{err:?}");
+        fs::remove_dir_all(&target).unwrap();
+        fs::write(&target, b"a file").unwrap();
+        let err = check_replaceable(&target, "m").unwrap_err();
+        assert!(matches!(&err, Error::NotASnapshot { kind: "a file", .. }), "{err:?}");
+    }
+
+    #[test]
+    fn retention_never_removes_a_folder_modelio_did_not_make() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = ModelPaths::new(tmp.path().join("m"), "m");
+        fs::create_dir(&paths.dir).unwrap();
+        let foreign = snapshot_dir(&paths.dir, 1);
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("notes.txt"), b"mine").unwrap();
+        for n in [2, 3] {
+            fs::create_dir(snapshot_dir(&paths.dir, n)).unwrap();
+            fs::write(snapshot_dir(&paths.dir, n).join("m.mio"), b"x").unwrap();
+        }
+        assert_eq!(apply_retention(&paths, 1).unwrap(), [snapshot_dir(&paths.dir, 2)]);
+        assert_eq!(fs::read(foreign.join("notes.txt")).unwrap(), b"mine");
+        assert!(snapshot_dir(&paths.dir, 3).is_dir());
+    }
 }

@@ -237,6 +237,39 @@ fn several_models_or_none_need_a_name() {
 
 // ---- restore -------------------------------------------------------------------
 
+#[test]
+fn restore_without_backups_changes_nothing_not_even_the_lock_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    archive(&dir.join("m.mio"), "m", 4, 3, 1);
+    state(&dir.join("m_state.json"), "m", 4, &[]);
+    let listing = |dir: &Path| {
+        // Each file's name, size and first bytes (the lock file's pid).
+        let mut names: Vec<(String, usize, String)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                let head = String::from_utf8_lossy(&bytes[..bytes.len().min(16)]).into_owned();
+                (p.file_name().unwrap().to_string_lossy().into_owned(), bytes.len(), head)
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    // Without a lock file, then with one an earlier trainer (pid 12345) left.
+    for lock in [None, Some("12345")] {
+        if let Some(pid) = lock {
+            std::fs::write(dir.join(".modelio.lock"), pid).unwrap();
+        }
+        let before = listing(&dir);
+        let out = cli().arg("restore").arg(&dir).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+        assert!(text(&out.stderr).contains("nothing was changed"), "{}", printed(&out));
+        assert_eq!(listing(&dir), before, "the folder changed although the command says nothing was changed");
+    }
+}
+
 const KNOWN: &str = "0b6a3c4e-7f1d-4a8e-9c2b-5d7e8f901234";
 const UNKNOWN: &str = "9f8e7d6c-5b4a-4392-8172-6a5b4c3d2e1f";
 

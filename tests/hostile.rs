@@ -57,16 +57,14 @@ fn a_fifo_named_like_the_archive_is_refused_without_hanging() {
     let config = common::config(&dir, "m");
     let err = within(Duration::from_secs(20), move || ModelIo::open(config).err()).expect("refused");
     assert!(matches!(err, Error::NotRegular { .. }) && err.to_string().contains("FIFO"), "{err:?}");
+    // Built before the clock starts: a build is not a hang.
+    let cli = common::cli();
     for args in
         [vec!["verify".as_ref(), fifo.as_os_str()], vec!["inspect".as_ref(), fifo.as_os_str()], vec!["verify".as_ref(), dir.as_os_str()]]
     {
         let start = Instant::now();
-        let mut child = Command::new(common::cli())
-            .args(&args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child =
+            Command::new(&cli).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
@@ -114,6 +112,31 @@ fn a_damaged_state_file_is_called_a_state_file() {
     assert!(matches!(err, Error::DamagedState { .. }), "{err:?}");
     assert!(msg.starts_with(&format!("state file {} is damaged", state.display())), "{msg}");
     assert!(!msg.contains("load.fallback"), "fallback cannot help a state file: {msg}");
+}
+
+#[test]
+fn a_file_at_a_snapshots_name_is_refused_and_never_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let mut io = common::open(&dir, "m");
+    let (vs, _n) = common::seeded_store(0);
+    io.record(1.0);
+    io.save(&vs, None).unwrap().wait_blocking().unwrap();
+    let target = modelio::snapshot::snapshot_dir(&dir, io.iterations());
+    std::fs::write(&target, b"the user's own file").unwrap();
+    io.snapshot().unwrap();
+    let err = io.flush_blocking().expect_err("the snapshot is refused");
+    let report = err.report().to_string();
+    assert!(err.is_background() && report.contains(&target.display().to_string()), "{report}");
+    assert!(report.contains("not a snapshot modelio made") && report.contains("move or rename it"), "{report}");
+    io.shutdown_blocking().unwrap();
+    // Later runs clean up what interrupted runs left, and never this file.
+    for _ in 0..2 {
+        common::open(&dir, "m").shutdown_blocking().unwrap();
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"the user's own file");
+    let beside: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(beside.len(), 2, "only the model folder and the file: {beside:?}");
 }
 
 #[test]

@@ -128,7 +128,11 @@ fn stale_temp_files_are_ignored_and_removed() {
     let mut io = common::open(dir.path(), "m");
     io.save(&vs, None).unwrap().wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
-    let torn = dir.path().join(".modelio-tmp-99-abc-m.mio");
+    // A temporary of a process that has surely ended: a child, waited for.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let torn = dir.path().join(format!(".modelio-tmp-{dead}-abc-m.mio"));
     std::fs::write(&torn, b"PK\x03\x04 torn").unwrap();
     assert_eq!(modelio::folder::archive_names(dir.path()), ["m"]);
     let mut io = common::open(dir.path(), "m");

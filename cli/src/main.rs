@@ -463,17 +463,11 @@ fn only_name(dir: &Path, mut names: Vec<String>) -> Result<String, CliError> {
 
 fn snapshots(dir: &Path, name: Option<String>, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
     let name = any_model_name(dir, name)?;
-    let mut list = snapshot::list(dir);
-    list.sort_by_key(|(n, _)| *n);
     let archive_name = ModelPaths::new(dir, &name).archive().file_name().map(|n| n.to_owned()).unwrap_or_default();
-    let rows: Vec<serde_json::Value> = list
-        .iter()
-        .map(|(n, path)| {
-            let size: u64 =
-                std::fs::read_dir(path).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-            let verifies = ArchiveReader::open(&path.join(&archive_name)).map(|r| r.verify().is_empty()).unwrap_or(false);
-            serde_json::json!({"iterations": n, "path": path, "bytes": size, "verifies": verifies})
-        })
+    // Snapshots a running trainer retires meanwhile are left out, not DAMAGED.
+    let rows: Vec<serde_json::Value> = snapshot::survey(dir, &archive_name)
+        .into_iter()
+        .map(|s| serde_json::json!({"iterations": s.iterations, "path": s.path, "bytes": s.bytes, "verifies": s.verifies}))
         .collect();
     let sharded_rows = sharded::snapshot_rows(dir, &name);
     if json {

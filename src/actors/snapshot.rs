@@ -23,7 +23,7 @@ impl Handler<BuildSnapshot> for SnapshotActor {
         let settings = self.shared.settings;
         let built = guarded("snapshot", || {
             crate::snapshot::build(paths, iterations, &pinned, settings.hard_links)
-                .and_then(|dir| crate::snapshot::apply_retention(&paths.dir, settings.snapshot_keep).map(|removed| (dir, removed)))
+                .and_then(|dir| crate::snapshot::apply_retention(paths, settings.snapshot_keep).map(|removed| (dir, removed)))
         });
         for p in &pinned {
             let _ = std::fs::remove_file(&p.pin);
