@@ -292,7 +292,8 @@ fn remote_list_and_verify_sharded_checkpoints() {
     assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
-    let kinds: Vec<_> = rows.iter().map(|r| (r["kind"].as_str().unwrap(), r["iterations"].as_u64().unwrap(), r["latest"] == true)).collect();
+    let kinds: Vec<_> =
+        rows.iter().map(|r| (r["kind"].as_str().unwrap(), r["iterations"].as_u64().unwrap(), r["latest"] == true)).collect();
     assert_eq!(kinds, [("step", 1, false), ("step", 2, false), ("step", 3, true), ("backup", 2, false), ("snapshot", 2, false)]);
     assert!(rows.iter().all(|r| r["world_size"] == 2 && r["bytes"].as_u64().is_some_and(|b| b > 0)), "{rows:?}");
 
