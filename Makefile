@@ -1,7 +1,9 @@
-# Set-up from nothing: a repo-local virtualenv with the PyPI torch wheel that
-# provides libtorch (and safetensors + numpy for the interop tests), the
-# `.venv/torch` link that `.cargo/config.toml` points LIBTORCH at, and the
-# S3-protocol server that the remote tier's tests run against on loopback.
+# Set-up from nothing, in two parts: `venv`, a repo-local virtualenv with the
+# PyPI torch wheel that provides libtorch (and safetensors + numpy for the
+# interop tests) and the `.venv/torch` link that `.cargo/config.toml` points
+# LIBTORCH at (all that the demo needs); and `s3s-fs`, the S3-protocol server
+# that the remote tier's tests and the bench run against on loopback.
+# `setup` is both.
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,12 +15,13 @@ TORCH_VERSION := 2.11.0
 TOOLS := .tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
 S3S_FS_VERSION := 0.14.1
-# The `modelio` command is a package of its own (cli/), built without libtorch.
-CLI_BUILD := cargo build --release --manifest-path cli/Cargo.toml --target-dir target/cli
+.PHONY: setup venv s3s-fs test demo build cli soak bench gpu-bundle clean-venv
 
-.PHONY: setup test demo build soak bench gpu-bundle clean-venv
+setup: venv s3s-fs
 
-setup: $(READY) $(S3S_FS)
+venv: $(READY)
+
+s3s-fs: $(S3S_FS)
 
 $(READY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,18 +33,23 @@ $(READY):
 $(S3S_FS):
 	cargo install s3s-fs@$(S3S_FS_VERSION) --features binary --locked --root $(TOOLS)
 
-build: setup
+build: venv
 	cargo build --release --all-targets
 
+# The `modelio` command, a package of its own (cli/) built without libtorch:
+# target/cli/release/modelio (`cargo modelio ...` runs it; `cargo install
+# --path cli` puts it on PATH).
+cli:
+	cargo build --release --manifest-path cli/Cargo.toml --target-dir target/cli
+
 # Every test: unit, integration, property, Python interop, CLI (the tests
-# build the `modelio` command from cli/ themselves); then the release CLI,
-# target/cli/release/modelio (also `cargo modelio ...`).
+# build the `modelio` command from cli/ themselves, in debug) and the
+# downstream crate (built into target/, reusing the tests' dependencies).
 test: setup
 	cargo test
-	$(CLI_BUILD)
 
 # The main job: the demo trainer (saves, snapshots, resumes when run again).
-demo: setup
+demo: venv
 	cargo run --release --example train -- $(ARGS)
 
 # Benchmarks side by side (SIZE_MIB=1024 by default, DEVICE=cpu|cuda): the
@@ -55,14 +63,14 @@ bench: setup
 
 # Everything the GPU checks need on a machine without Rust, in .dev/gpu/:
 # copy that folder there and run .dev/gpu/gpu_check.sh.
-gpu-bundle: setup
+gpu-bundle: venv
 	cargo build --release --example bench
 	mkdir -p .dev/gpu
 	cp target/release/examples/bench bench/peers.py bench/gpu_check.sh .dev/gpu/
 	cp "$$(cargo test --release --test gpu --no-run --message-format=json | $(PY) -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "gpu"][-1])')" .dev/gpu/gpu-test
 
 # 200 crash trials (SIGKILL at random moments); prints the count.
-soak: setup
+soak: venv
 	cargo build --examples
 	MODELIO_CRASH_TRIALS=200 cargo test --test crash -- --nocapture
 

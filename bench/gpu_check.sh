@@ -5,9 +5,10 @@
 #
 #   .dev/gpu/gpu_check.sh            # SIZE_MIB=3072 REPS=3 by default
 #
-# 1. tests/gpu.rs: `save` only queues the device-to-host copies (stall under
-#    1 ms per GiB) and the archive holds the values at the call.
-# 2. the bench (examples/bench) with `--device cuda`, and the Python peers on the same state.
+# 1. tests/gpu.rs: the archive holds the values at the call although training
+#    changes them right after `save` returns (it prints the stall).
+# 2. the bench (examples/bench) with `--device cuda`, and the Python peers on
+#    the same state; its table checks the stall (under 1 ms per GiB).
 # Logs and JSON go to $OUT (or .dev/gpu/out).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

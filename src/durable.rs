@@ -2,16 +2,18 @@
 //! folder, fsync it, rename it over the target, fsync the folder.
 //!
 //! A reader therefore sees either the previous file or the new one, never a
-//! torn one, even after a crash or SIGKILL. Temporary files all start with
-//! `TEMP_PREFIX`, so readers skip them and `remove_stale_temps` clears what a
-//! crash left behind. Because a committed file is never modified in place, a
-//! backup or snapshot of it may be a hard link (`Source::Link`).
+//! torn one, even after a crash or SIGKILL. A temporary file or folder is
+//! named `.modelio-tmp-<pid>-<random id>-<target's name>`, after the process
+//! that writes it: readers skip such names ([`is_temp`]), and a training
+//! handle opening its folder removes those of its model left behind by
+//! processes that are no longer running. Because a committed file is never
+//! modified in place, a backup or snapshot of it may be a hard link to it.
 //!
-//! Written bytes stream to disk while the file is being written
-//! (`StreamingFile`): writeback starts behind the writer and written pages
-//! leave the page cache once on disk, so the final fsync has little left to
-//! do and a large commit neither fills memory with dirty pages nor allocates
-//! a fresh page cache as large as the file.
+//! Written bytes stream to disk while the file is being written: writeback
+//! starts behind the writer and written pages leave the page cache once on
+//! disk, so the final fsync has little left to do and a large commit neither
+//! fills memory with dirty pages nor allocates a fresh page cache as large as
+//! the file.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};

@@ -83,12 +83,17 @@ mod tests {
         let fence = Fence::default();
         assert_eq!(fence.wait(), Duration::ZERO);
         let guard = fence.arm();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(30));
-            drop(guard);
-        });
-        let waited = fence.wait();
-        assert!(waited >= Duration::from_millis(20), "{waited:?}");
+        let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = {
+            let released = released.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                released.store(true, std::sync::atomic::Ordering::SeqCst);
+                drop(guard);
+            })
+        };
+        fence.wait();
+        assert!(released.load(std::sync::atomic::Ordering::SeqCst), "wait returned before the copy in flight was released");
         assert_eq!(fence.waited().1, 1);
         t.join().unwrap();
     }

@@ -108,6 +108,34 @@ fn list_shows_every_checkpoint_oldest_first_and_marks_the_latest() {
 }
 
 #[test]
+fn list_json_gives_every_checkpoint_oldest_first_with_the_latest_marked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = uploaded(tmp.path(), 3);
+    let all = checkpoints(&url);
+
+    let out = remote(&["list", "--json"], &url);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", printed(&out)));
+    assert_eq!(rows.len(), 3, "{}", printed(&out));
+    for (i, (row, m)) in rows.iter().zip(&all).enumerate() {
+        assert_eq!(row["id"], m.id().as_str());
+        assert_eq!(row["iterations"], m.iterations);
+        assert_eq!(row["kind"], "save");
+        assert_eq!(row["created"], m.created.as_str());
+        assert_eq!(row["bytes"], m.bytes());
+        assert!(m.bytes() > 0);
+        assert_eq!(row["with_optimizer"], false);
+        assert_eq!(row["upload"], m.upload.as_str());
+        assert_eq!(row["latest"], i == 2, "only the newest is the latest: {row}");
+    }
+
+    // Nothing there: an empty array, exit 0.
+    let out = cli().args(["remote", "list", "--json", "--url", &url, "--name", "other"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]), "{}", printed(&out));
+}
+
+#[test]
 fn pull_fills_an_empty_folder_with_a_checkpoint_that_verifies() {
     let tmp = tempfile::tempdir().unwrap();
     let url = uploaded(tmp.path(), 3);

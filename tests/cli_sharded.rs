@@ -289,6 +289,14 @@ fn remote_list_and_verify_sharded_checkpoints() {
     assert!(lines[2].starts_with("* step") && lines[2].contains("3 iterations") && lines[2].contains("2 ranks"), "{all}");
     assert!(lines[3].contains("backup") && lines[3].contains("2 iterations"), "{all}");
     assert!(lines[4].contains("snapshot") && lines[4].contains("2 iterations"), "{all}");
+    let out = cli().args(["remote", "list", "--sharded", "--json", "--url", &url, "--name", "m"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    let kinds: Vec<_> =
+        rows.iter().map(|r| (r["kind"].as_str().unwrap(), r["iterations"].as_u64().unwrap(), r["latest"] == true)).collect();
+    assert_eq!(kinds, [("step", 1, false), ("step", 2, false), ("step", 3, true), ("backup", 2, false), ("snapshot", 2, false)]);
+    assert!(rows.iter().all(|r| r["world_size"] == 2 && r["bytes"].as_u64().is_some_and(|b| b > 0)), "{rows:?}");
 
     let (code, all) = remote(&["verify", "--sharded"]);
     assert_eq!(code, Some(0), "{all}");

@@ -5,9 +5,18 @@
 //! commands run there as written, with one stand-in: instead of
 //! `pip install torch==2.11.0` the new virtualenv gets a `.pth` file that
 //! finds this repo's torch. The folder lies outside this repo, so that this
-//! repo's `.cargo/config.toml` cannot fill in for the crate's own. Its build
-//! cache is `target/downstream/`: the first run builds tch and libtorch's
-//! bindings there (minutes on 2 cores), later runs only the crate.
+//! repo's `.cargo/config.toml` cannot fill in for the crate's own.
+//!
+//! The crate builds into the target folder of the build that runs this test,
+//! so it reuses the dependencies that build just compiled (the crate's
+//! profile and features match this package's: only modelio, the crate and
+//! `tracing-subscriber`, which the tests use with more features, compile).
+//! For that the user's shell exports this repo's `LIBTORCH`, the README's
+//! other way to give it: torch-sys's build script reruns whenever its value
+//! changes, and with the crate's own value (`<crate>/.venv/torch`) the two
+//! builds would take turns rebuilding libtorch's bindings (minutes each). The
+//! crate's `.cargo/config.toml` is checked to name the torch the README's
+//! link command made.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -96,9 +105,23 @@ fn user_command(program: &str, dir: &Path) -> Command {
     c
 }
 
+/// The target folder of the build that runs this test (its `tmp/` is
+/// `CARGO_TARGET_TMPDIR`).
+fn target_dir() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("CARGO_TARGET_TMPDIR is <target>/tmp")
+}
+
+/// The `LIBTORCH` this test's own build saw (the value torch-sys's build
+/// script ran with), exported in the user's shell so that the crate's build
+/// shares this build's compiled dependencies.
+fn shared_libtorch() -> String {
+    std::env::var("LIBTORCH").expect("cargo sets LIBTORCH for the tests (this repo's .cargo/config.toml)")
+}
+
 /// Run a README command line with `sh` in the crate: the cargo that runs this
-/// test first on PATH, the build cache under this repo's target/, and the
-/// crates already downloaded for this repo (the same Cargo.lock) used offline.
+/// test first on PATH, this test's target folder as the build cache (with
+/// the `LIBTORCH` it was built with), and the crates already downloaded for
+/// this repo (the same Cargo.lock) used offline.
 fn shell(line: &str, dir: &Path) -> Output {
     let cargo = PathBuf::from(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     let mut path = cargo.parent().map(|p| vec![p.to_path_buf()]).unwrap_or_default();
@@ -106,10 +129,22 @@ fn shell(line: &str, dir: &Path) -> Output {
     user_command("sh", dir)
         .args(["-c", line])
         .env("PATH", std::env::join_paths(path).unwrap())
-        .env("CARGO_TARGET_DIR", repo().join("target/downstream"))
+        .env("CARGO_TARGET_DIR", target_dir())
+        .env("LIBTORCH", shared_libtorch())
         .env("CARGO_NET_OFFLINE", "true")
         .output()
         .unwrap()
+}
+
+/// The folder the crate's `.cargo/config.toml` points `LIBTORCH` at.
+fn configured_libtorch(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(dir.join(".cargo/config.toml")).unwrap();
+    let config: toml::Table = text.parse().unwrap();
+    let entry = &config["env"]["LIBTORCH"];
+    let value = entry["value"].as_str().expect("env.LIBTORCH.value");
+    assert_eq!(entry.get("relative").and_then(toml::Value::as_bool), Some(true), "LIBTORCH is relative to the crate's folder");
+    // `relative`: to the folder holding `.cargo/`.
+    dir.join(value)
 }
 
 /// Standard output of a command that must succeed; everything it said if not.
@@ -147,7 +182,7 @@ fn builds_and_resumes_as_the_readme_says() {
     assert!(venv.contains(PIP), "the README's set-up no longer runs `{PIP}`: update this test's stand-in");
 
     // The user's folder: the crate and a checkout of modelio side by side.
-    // Always the same path (LIBTORCH's value is part of the build cache's key),
+    // Always the same path (a path dependency's build is cached by its path),
     // outside any folder with a .cargo/config.toml.
     let name = format!("modelio-downstream{}", repo().display().to_string().replace(['/', '\\', ' ', ':'], "-"));
     let work = std::env::temp_dir().join(name);
@@ -170,11 +205,16 @@ fn builds_and_resumes_as_the_readme_says() {
     for line in [venv.replace(PIP, &pth).as_str(), link] {
         succeeded(line, &shell(line, &dir));
     }
+    // The crate's own LIBTORCH (used when none is exported) is the torch
+    // the README's link points at.
+    let configured = configured_libtorch(&dir);
+    assert_eq!(std::fs::canonicalize(&configured).unwrap(), torch, "{} is this repo's torch", configured.display());
+    assert_eq!(configured, dir.join(".venv/torch"), "the README's `{EXPORT}` names the same folder");
     let first = succeeded(run, &shell(run, &dir));
     let built = started.elapsed();
 
     // The binary again, straight (not under `cargo run`) and with no LD_LIBRARY_PATH.
-    let bin = repo().join("target/downstream/debug/downstream");
+    let bin = target_dir().join("debug/downstream");
     let second = succeeded("second run", &user_command(bin.to_str().unwrap(), &dir).arg("models/model").output().unwrap());
 
     assert_eq!(line_after(&first, "new model at iteration "), "0");
@@ -187,11 +227,6 @@ fn builds_and_resumes_as_the_readme_says() {
     assert_eq!(saves(&second), [50, 60, 70, 80, 80], "{second}");
     let state = State::read(&dir.join("models/model/model_state.json")).unwrap();
     assert_eq!((state.total_iterations, state.sessions.len()), (80, 2));
-
-    // LIBTORCH exported instead, as the README offers: the build stays good
-    // (and fresh: torch-sys sees the same value).
-    std::fs::remove_file(dir.join(".cargo/config.toml")).unwrap();
-    succeeded("cargo build with LIBTORCH exported", &shell(&format!("{EXPORT} && cargo build"), &dir));
 
     // --no-as-needed kept libtorch_cuda, which nothing names by symbol.
     if torch.join("lib/libtorch_cuda.so").exists() {

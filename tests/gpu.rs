@@ -43,8 +43,8 @@ fn gpu_save_is_a_queue_and_captures_the_moment_of_the_call() {
     ticket.wait_blocking().unwrap();
     io.shutdown_blocking().unwrap();
     let ms_per_gib = stall.as_secs_f64() * 1e3 / gib;
+    // A figure, not a check: `make bench DEVICE=cuda` reports it against its target.
     println!("gpu save stall: {:.3} ms for {gib:.2} GiB ({ms_per_gib:.3} ms/GiB)", stall.as_secs_f64() * 1e3);
-    assert!(ms_per_gib < 1.0, "stall {ms_per_gib:.3} ms/GiB");
 
     let r = ArchiveReader::open(&tmp.path().join("model/gpu.mio")).unwrap();
     for (name, want) in expected {

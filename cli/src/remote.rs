@@ -25,6 +25,9 @@ pub enum RemoteCommand {
         /// steps, the global backup and the snapshots.
         #[arg(long)]
         sharded: bool,
+        /// Print JSON instead of text: an array, oldest first (`[]` when empty).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         at: Where,
     },
@@ -150,8 +153,8 @@ impl Where {
 
 pub fn run(command: RemoteCommand, out: &mut Out) -> Result<ExitCode, CliError> {
     match command {
-        RemoteCommand::List { sharded: true, at } => crate::sharded::remote_list(&at.reachable()?, out),
-        RemoteCommand::List { sharded: false, at } => list(&at, out),
+        RemoteCommand::List { sharded: true, json, at } => crate::sharded::remote_list(&at.reachable()?, json, out),
+        RemoteCommand::List { sharded: false, json, at } => list(&at, json, out),
         RemoteCommand::Pull { checkpoint, dir, at } => pull(&at, checkpoint.as_deref(), &dir, out),
         RemoteCommand::Verify { checkpoint, all, sharded: true, at } => {
             crate::sharded::remote_verify(&at.reachable()?, checkpoint.as_deref(), all, out)
@@ -183,9 +186,30 @@ fn choose(remote: &Remote, which: Option<&str>) -> Result<RemoteManifest, CliErr
     }
 }
 
-fn list(at: &Where, out: &mut Out) -> Result<ExitCode, CliError> {
+fn list(at: &Where, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
     let (remote, _) = at.connect()?;
     let all = remote.list()?;
+    if json {
+        let latest = if all.is_empty() { None } else { remote.latest()?.map(|m| m.id()) };
+        let rows: Vec<serde_json::Value> = all
+            .iter()
+            .map(|m| {
+                let id = m.id();
+                serde_json::json!({
+                    "id": id,
+                    "iterations": m.iterations,
+                    "kind": m.kind,
+                    "created": m.created,
+                    "bytes": m.bytes(),
+                    "with_optimizer": m.with_optimizer,
+                    "upload": m.upload,
+                    "latest": latest.as_deref() == Some(id.as_str()),
+                })
+            })
+            .collect();
+        say!(out, "{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
     if all.is_empty() {
         say!(out, "no checkpoints at {}", remote.location());
         return Ok(ExitCode::SUCCESS);

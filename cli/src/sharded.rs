@@ -598,16 +598,35 @@ pub fn print_snapshot_rows(dir: &Path, name: &str, rows: &[serde_json::Value], o
 }
 
 /// `modelio remote list --sharded`.
-pub fn remote_list(config: &Config, out: &mut Out) -> Result<ExitCode, CliError> {
+pub fn remote_list(config: &Config, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
     let location = store_location(config);
     let io = open_store(config)?;
     let entries = store_entries(&io, &location)?;
+    let latest = entries.iter().filter(|e| e.role == Role::Step).filter_map(|e| e.manifest.as_ref().ok()).map(|m| m.iterations).max();
+    if json {
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .filter_map(|e| {
+                let m = e.manifest.as_ref().ok()?;
+                Some(serde_json::json!({
+                    "kind": e.role.word(),
+                    "iterations": m.iterations,
+                    "world_size": m.world_size,
+                    "created": m.created,
+                    "bytes": m.shards.iter().map(|s| s.size).sum::<u64>(),
+                    "loss": m.loss,
+                    "latest": e.role == Role::Step && Some(m.iterations) == latest,
+                }))
+            })
+            .collect();
+        say!(out, "{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
     if entries.is_empty() {
         say!(out, "no sharded checkpoints at {location}");
         return Ok(ExitCode::SUCCESS);
     }
     let steps = entries.iter().filter(|e| e.role == Role::Step).count();
-    let latest = entries.iter().filter(|e| e.role == Role::Step).filter_map(|e| e.manifest.as_ref().ok()).map(|m| m.iterations).max();
     say!(out, "{steps} sharded steps at {location}, oldest first (* = latest), then the backup and the snapshots:");
     for e in &entries {
         let Ok(m) = &e.manifest else { continue };

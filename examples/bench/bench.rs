@@ -233,6 +233,56 @@ fn train_rate(device: Device, steps: u64, save_every: u64, io: Option<&mut Model
     Ok(rate)
 }
 
+/// Saves in the runtime's worst-tick-gap figure.
+const TICK_GAP_SAVES: u64 = 40;
+
+/// The longest gap between ticks of a task that sleeps 1 ms, on a
+/// `current_thread` runtime whose loop saves a small state (4 MiB) every
+/// step with `save_async` and one staging buffer, so that most saves wait
+/// for the one before: how long saving ever holds up the runtime's other
+/// tasks (tests/async_loop.rs checks that it does not block them at all).
+fn runtime_tick_gap_ms(dir: &Path, device: Device) -> Result<f64> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().at("start a runtime for", dir)?;
+    rt.block_on(async {
+        let mut c = Config::default();
+        c.model.dir = dir.to_path_buf();
+        c.model.name = "ticks".into();
+        c.staging.max_inflight = 1;
+        let mut io = ModelIo::open_async(c).await?;
+        let (vs, _opt) = synthetic_state(4 << 20, device)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let worst_us = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let (stop, worst_us) = (stop.clone(), worst_us.clone());
+            tokio::spawn(async move {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    worst_us.fetch_max(last.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    last = Instant::now();
+                }
+            })
+        };
+        let mut result = Ok(());
+        for _ in 0..TICK_GAP_SAVES {
+            io.record(1.0);
+            if let Err(e) = io.save_async(&vs, None).await {
+                result = Err(e);
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let flushed = io.flush().await;
+        stop.store(true, Ordering::Relaxed);
+        let _ = ticker.await;
+        let shut = io.shutdown().await;
+        result.and(flushed).and(shut)?;
+        Ok(worst_us.load(Ordering::Relaxed) as f64 / 1e3)
+    })
+}
+
 /// Run every measurement.
 ///
 /// # Errors
@@ -482,6 +532,8 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     io.shutdown_blocking()?;
     r.insert("steps_per_s_plain".into(), median(plain));
     r.insert("steps_per_s_saving".into(), median(saving));
+    let gaps = (0..reps).map(|rep| runtime_tick_gap_ms(&work.join(format!("ticks-{rep}")), opts.device)).collect::<Result<Vec<_>>>()?;
+    r.insert("runtime_worst_tick_gap_ms".into(), median(gaps));
     if let Some(rio) = remote_io {
         #[cfg(feature = "remote")]
         if let Some(s) = rio.remote_stats() {
@@ -568,6 +620,12 @@ pub fn table(r: &Report) -> Vec<[String; 6]> {
         let di = ratio(get("dcp_async_stall_ms"), stall);
         row("  DCP async_save stall ms / immediate stall", get("dcp_async_stall_ms"), stall, di, "-", None);
     }
+    if !cpu {
+        let per_gib = stall.zip(get("state_bytes")).map(|(ms, b)| ms / (b / (1u64 << 30) as f64));
+        row("stall ms per GiB (GPU state)", per_gib, None, None, "< 1.0", per_gib.map(|x| x < 1.0));
+    }
+    let gap = get("runtime_worst_tick_gap_ms");
+    row("runtime's worst tick gap, saving every step, ms", gap, None, None, "< 10", gap.map(|x| x < 10.0));
     if let Some(g) = get("staging_gbps") {
         let p = ratio(Some(g), get("pinned_d2h_gbps"));
         row("staging GB/s vs torch pinned D2H", Some(g), get("pinned_d2h_gbps"), p, ">= 0.85", p.map(|x| x >= 0.85));
