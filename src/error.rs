@@ -293,6 +293,13 @@ pub enum Error {
     )]
     RunIdMissing { world_size: usize },
 
+    /// A sharded job's coordinator opened with the run id of an earlier launch.
+    #[error(
+        "run id `{run_id}` was used by an earlier launch of this sharded job ({key}): its leftover shards could be \
+         committed with this run's; give every launch a new id (`shard.run_id` or MODELIO_RUN_ID, the same on every rank)"
+    )]
+    RunIdReused { run_id: String, key: String },
+
     /// A snapshot requested of a sharded step was not made.
     #[error("no snapshot of sharded step {iterations}: {reason}; the snapshots already made are kept, and the next request may succeed")]
     ShardSnapshot { iterations: u64, reason: String },
@@ -371,7 +378,8 @@ impl Error {
     }
 
     /// True when training can go on and a later save may succeed: a full
-    /// disk, a filesystem error, a snapshot that had no save to hold, too
+    /// disk, a filesystem error, a snapshot that had no save to hold or
+    /// whose name something else holds (moved away, the next one works), too
     /// many requests at once, a panic in an actor (which goes on). False
     /// for errors that need a change first (config, damaged archive, a
     /// mismatched model, stopped actors, predict mode).
@@ -380,6 +388,7 @@ impl Error {
             Error::Io { .. }
             | Error::NoSpace { .. }
             | Error::SnapshotWithoutSave { .. }
+            | Error::NotASnapshot { .. }
             | Error::Overloaded { .. }
             | Error::Internal { .. }
             | Error::Remote { .. }
@@ -458,6 +467,13 @@ mod tests {
     fn restore_hint_names_a_folder_for_a_bare_file_name() {
         let e = Error::damaged("m.mio", "m", "tensor `w`", "checksum");
         assert!(e.to_string().contains("`modelio restore . --name m`"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_name_held_by_something_else_does_not_stop_training() {
+        let e = Error::NotASnapshot { path: "m_snapshot_200_iters".into(), kind: "a folder of other files" };
+        assert!(e.is_retryable());
+        assert!(Error::Background { what: "snapshot", source: std::sync::Arc::new(e) }.is_retryable());
     }
 
     #[test]

@@ -292,6 +292,10 @@ impl Layout {
     fn latest(&self) -> Key {
         self.root.clone().join("LATEST")
     }
+    /// The record a coordinator makes of its run id when it opens.
+    fn run(&self, run_id: &str) -> Key {
+        self.root.clone().join("runs").join(format!("{run_id}.json"))
+    }
     fn backup(&self) -> Key {
         self.root.clone().join("BACKUP")
     }
@@ -510,6 +514,11 @@ impl ShardedIo {
             run_id,
             rt,
         });
+        // A coordinator claims its run id: a launch that reuses an earlier
+        // launch's id could commit that run's leftover shards with its own.
+        if rank.rank == 0 && rank.world_size > 1 {
+            shared.run(shared.claim_run())?;
+        }
         let mut threads = Vec::new();
         let s = shared.clone();
         threads.push(
@@ -804,6 +813,23 @@ impl Shared {
         F::Output: Send,
     {
         self.rt.run(fut)
+    }
+
+    /// Record this run's id, create-if-absent: refused when an earlier
+    /// launch's coordinator used it.
+    async fn claim_run(&self) -> Result<()> {
+        let key = self.layout.run(&self.run_id);
+        let record = serde_json::json!({
+            "run": self.run_id,
+            "world_size": self.rank.world_size,
+            "created": chrono::Utc::now().to_rfc3339(),
+        });
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| json_err(&key, e))?;
+        match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::RunIdReused { run_id: self.run_id.clone(), key: key.to_string() }),
+            Err(e) => Err(remote_err("record the run id", &key, e)),
+        }
     }
 
     /// Keep a background failure for the next `flush` (it was logged

@@ -277,17 +277,23 @@ fn racing_coordinators_commit_a_step_once() {
         let other = open_rank(tmp.path(), &url, 1, 2);
         other.save(7, &[Part::rows("w", &w.narrow(0, 2, 2), 2, 4)]).unwrap();
         assert!(other.flush(Duration::from_secs(10)).unwrap());
-        // Several coordinators (a restarted job, twice over) save rank 0's
-        // part and race to commit, in the background and by hand.
-        let coordinators: Vec<ShardedIo> = (0..4).map(|_| open_rank(tmp.path(), &url, 0, 2)).collect();
-        let barrier = Arc::new(Barrier::new(coordinators.len()));
+        // The coordinator's background commit races with commits by hand
+        // from several threads.
+        let coordinator = open_rank(tmp.path(), &url, 0, 2);
+        coordinator.save(7, &[Part::rows("w", &w.narrow(0, 0, 2), 0, 4)]).unwrap();
+        use std::sync::atomic::Ordering::Relaxed;
+        // Its shard is written: its background commit starts now, as do the others.
+        let waited = Instant::now();
+        while coordinator.stats().written.load(Relaxed) == 0 {
+            assert!(waited.elapsed() < Duration::from_secs(120), "{url}: the coordinator's shard was never written");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let barrier = Arc::new(Barrier::new(4));
         let created: usize = std::thread::scope(|s| {
-            let handles: Vec<_> = coordinators
-                .iter()
-                .map(|io| {
-                    let (barrier, w) = (barrier.clone(), w.shallow_clone());
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let (barrier, io) = (barrier.clone(), &coordinator);
                     s.spawn(move || {
-                        io.save(7, &[Part::rows("w", &w.narrow(0, 0, 2), 0, 4)]).unwrap();
                         barrier.wait();
                         usize::from(io.commit(7).unwrap_or(false))
                     })
@@ -295,22 +301,13 @@ fn racing_coordinators_commit_a_step_once() {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for io in &coordinators {
-            // A coordinator whose own rank-0 shard lost the race is told so.
-            match io.flush(deadline.saturating_duration_since(Instant::now())) {
-                Ok(done) => assert!(done, "{url}"),
-                Err(modelio::Error::StepCommitted { iterations: 7, .. }) => {}
-                Err(e) => panic!("{url}: {}", e.report()),
-            }
-        }
-        use std::sync::atomic::Ordering::Relaxed;
-        let background: u64 = coordinators.iter().map(|io| io.stats().committed.load(Relaxed)).sum();
+        assert!(coordinator.flush(Duration::from_secs(20)).unwrap(), "{url}");
+        let background = coordinator.stats().committed.load(Relaxed);
         assert_eq!(created as u64 + background, 1, "{url}: exactly one commit created the manifest");
-        let all = coordinators[0].list().unwrap();
+        let all = coordinator.list().unwrap();
         assert_eq!(all.len(), 1, "{url}");
-        assert!(coordinators[0].verify(&all[0]).unwrap().is_empty(), "{url}");
-        let got = coordinators[0].load(&all[0], &[Want::whole("w")]).unwrap();
+        assert!(coordinator.verify(&all[0]).unwrap().is_empty(), "{url}");
+        let got = coordinator.load(&all[0], &[Want::whole("w")]).unwrap();
         assert_eq!(Vec::<f32>::try_from(got[0].reshape([-1])).unwrap(), (0..8).map(|x| x as f32).collect::<Vec<_>>());
     }
 }
@@ -433,6 +430,18 @@ fn a_restarted_job_never_commits_a_dead_runs_shard_nor_saves_silently_over_a_com
     let e = coordinator.flush(Duration::from_secs(10)).unwrap_err();
     assert!(matches!(&e, modelio::Error::StepCommitted { iterations: 3, .. }), "{e:?}");
     assert!(e.to_string().contains("resume from the newest step"), "{e}");
+    drop((coordinator, other));
+    // A launch that reuses an earlier launch's id is refused: run b's
+    // leftovers could otherwise complete its steps.
+    let mut c = Config::default();
+    c.model.dir = tmp.path().to_path_buf();
+    c.model.name = "m".into();
+    c.remote.url = url.clone();
+    c.shard.rank = Some(0);
+    c.shard.world_size = Some(2);
+    c.shard.run_id = "b".into();
+    let e = ShardedIo::open(&c).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("run id `b` was used by an earlier launch") && e.contains("MODELIO_RUN_ID"), "{e}");
 }
 
 #[test]
