@@ -300,6 +300,16 @@ pub enum Error {
     )]
     RunIdReused { run_id: String, key: String },
 
+    /// The folder's lock file is a hard link shared with other folders (a
+    /// `cp -al` copy), and a process holds it.
+    #[error(
+        "model folder {}'s lock file is a hard link shared by {links} folders (a `cp -al` copy?), and process {pid} \
+         holds it, training in one of them; stop that process, or delete {}/.modelio.lock (this folder's link only) \
+         and open again",
+        dir.display(), dir.display()
+    )]
+    LockShared { dir: PathBuf, pid: String, links: u64 },
+
     /// A snapshot requested of a sharded step was not made.
     #[error("no snapshot of sharded step {iterations}: {reason}; the snapshots already made are kept, and the next request may succeed")]
     ShardSnapshot { iterations: u64, reason: String },

@@ -140,7 +140,10 @@ fn locked(dir: &Path, file: &mut File) -> Error {
 /// if `path` still names it, so two processes never both replace it and a
 /// held lock is never replaced. The shared file itself is not written.
 fn unshare(dir: &Path, path: &Path, file: &mut File, meta: &std::fs::Metadata) -> Result<()> {
-    try_flock(dir, path, file)?;
+    try_flock(dir, path, file).map_err(|e| match e {
+        Error::Locked { dir, pid } => Error::LockShared { dir, pid, links: meta.nlink() },
+        other => other,
+    })?;
     if same_file(path, meta) {
         crate::durable::commit_bytes(path, b"")?;
     }
@@ -228,7 +231,8 @@ mod tests {
         std::fs::hard_link(original.join(LOCK_FILE), copy.join(LOCK_FILE)).unwrap();
         for folder in [&copy, &original] {
             let err = acquire(folder).unwrap_err();
-            assert!(matches!(&err, Error::Locked { pid, .. } if *pid == std::process::id().to_string()), "{err:?}");
+            assert!(matches!(&err, Error::LockShared { pid, links: 2, .. } if *pid == std::process::id().to_string()), "{err:?}");
+            assert!(err.to_string().contains("hard link"), "{err}");
         }
         assert_eq!(links(&original.join(LOCK_FILE)), 2);
         drop(held);

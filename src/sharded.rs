@@ -1073,6 +1073,10 @@ impl Shared {
                 {
                     shards.push(d)
                 }
+                // Another run's record (a dead launch's) is not this run's shard.
+                Some((d, _)) if d.run != self.run_id => {
+                    return Err(Error::ShardMissing { iterations, rank: r, key: format!("{key} is run `{}`'s, not this run's", d.run) })
+                }
                 _ => return Err(Error::ShardMissing { iterations, rank: r, key: key.to_string() }),
             }
         }
