@@ -3,10 +3,11 @@
 //!
 //! A reader therefore sees either the previous file or the new one, never a
 //! torn one, even after a crash or SIGKILL. A temporary file or folder is
-//! named `.modelio-tmp-<pid>-<random id>-<target's name>`, after the process
-//! that writes it: readers skip such names ([`is_temp`]), and a training
-//! handle opening its folder removes those of its model left behind by
-//! processes that are no longer running. Because a committed file is never
+//! named `.modelio-tmp-<pid>.<start>-<random id>-<target's name>`, after the
+//! process that writes it and when that process started: readers skip such
+//! names ([`is_temp`]), and a training handle opening its folder removes
+//! those of its model left behind by processes that are no longer running
+//! (a pid reused by another process has another start time). Because a committed file is never
 //! modified in place, a backup or snapshot of it may be a hard link to it.
 //!
 //! Written bytes stream to disk while the file is being written: writeback
