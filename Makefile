@@ -15,7 +15,7 @@ TORCH_VERSION := 2.11.0
 TOOLS := .tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
 S3S_FS_VERSION := 0.14.1
-.PHONY: setup venv s3s-fs test demo build cli soak bench gpu-bundle clean-venv
+.PHONY: setup venv s3s-fs test demo build cli soak bench gpu-bundle mutants clean-venv
 
 setup: venv s3s-fs
 
@@ -73,6 +73,47 @@ gpu-bundle: venv
 soak: venv
 	cargo build --examples
 	MODELIO_CRASH_TRIALS=200 cargo test --test crash -- --nocapture
+
+# Mutation testing, not part of `make test` (hours on 2 cores; needs
+# `cargo install cargo-mutants@27.1.0 --locked`): cargo-mutants changes the
+# code of the files below one mutation at a time, in its own copy of a copy of
+# the working tree (target/mutants-work; the tree itself is never changed),
+# and runs the library's unit tests against each mutant, for the archive
+# format also the test binaries that exercise it. Prints each file's score,
+# (caught + timeout) / viable mutants; the survivors are listed in
+# target/mutants/*/mutants.out/missed.txt.
+MUTANTS_LIB := src/retention.rs src/actors/order.rs src/state.rs src/schedule.rs src/durable.rs
+MUTANTS_FORMAT := src/zipread.rs src/format.rs src/archive.rs
+MUTANTS_WORK := target/mutants-work
+MUTANTS_OUT := target/mutants
+# Target selection goes to every cargo command (--cargo-arg), so that the
+# build of each mutant compiles only the test binaries that run.
+MUTANTS_RUN = cargo mutants --dir $(MUTANTS_WORK) --jobs 1 --cargo-arg=--target-dir=$(CURDIR)/$(MUTANTS_OUT)/target --cargo-arg=--lib
+define MUTANTS_SCORE
+import collections, json, sys
+for out in sys.argv[1:]:
+    counts = collections.defaultdict(collections.Counter)
+    for o in json.load(open(out + "/mutants.out/outcomes.json"))["outcomes"]:
+        if isinstance(o["scenario"], dict):
+            counts[o["scenario"]["Mutant"]["file"]][o["summary"]] += 1
+    for file, c in sorted(counts.items()):
+        killed, viable = c["CaughtMutant"] + c["Timeout"], c["CaughtMutant"] + c["Timeout"] + c["MissedMutant"]
+        print(f"{file}: {killed}/{viable} = {100 * killed / max(viable, 1):.1f}% ({c['MissedMutant']} missed, {c['Unviable']} unviable)")
+endef
+export MUTANTS_SCORE
+mutants: venv
+	@command -v cargo-mutants >/dev/null || { echo "cargo-mutants missing: cargo install cargo-mutants@27.1.0 --locked"; exit 1; }
+	rm -rf $(MUTANTS_WORK) $(MUTANTS_OUT)/lib $(MUTANTS_OUT)/format
+	mkdir -p $(MUTANTS_WORK) $(MUTANTS_OUT)
+	git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(MUTANTS_WORK)
+	ln -s $(CURDIR)/$(VENV) $(MUTANTS_WORK)/$(VENV)
+	export LIBTORCH="$${LIBTORCH:-$(CURDIR)/$(VENV)/torch}"; status=0; \
+	$(MUTANTS_RUN) --output $(MUTANTS_OUT)/lib $(addprefix --file ,$(MUTANTS_LIB)) \
+	    || case $$? in 2|3) ;; *) status=1 ;; esac; \
+	$(MUTANTS_RUN) --output $(MUTANTS_OUT)/format $(addprefix --file ,$(MUTANTS_FORMAT)) \
+	    --cargo-arg=--test=mutants --cargo-arg=--test=integrity --cargo-arg=--test=damaged \
+	    || case $$? in 2|3) ;; *) status=1 ;; esac; \
+	$(PY) -c "$$MUTANTS_SCORE" $(MUTANTS_OUT)/lib $(MUTANTS_OUT)/format; exit $$status
 
 clean-venv:
 	rm -rf $(VENV)

@@ -150,6 +150,9 @@ pub(crate) struct StreamingFile {
     dropped: u64,
     /// Cleared when the filesystem does not support `sync_file_range`.
     streaming: bool,
+    /// Tests: the next `sync_file_range` fails with this errno.
+    #[cfg(test)]
+    fail_next_sync: Option<i32>,
 }
 
 /// Writeback is started for every this many bytes written.
@@ -159,7 +162,15 @@ pub(crate) const STREAM_WINDOW: u64 = 64 << 20;
 
 impl StreamingFile {
     fn new(file: File) -> StreamingFile {
-        StreamingFile { file, written: 0, started: 0, dropped: 0, streaming: true }
+        StreamingFile {
+            file,
+            written: 0,
+            started: 0,
+            dropped: 0,
+            streaming: true,
+            #[cfg(test)]
+            fail_next_sync: None,
+        }
     }
 
     /// `sync_file_range` on `len` bytes at `offset`; `false` when the
@@ -169,13 +180,19 @@ impl StreamingFile {
             return Ok(false);
         };
         // SAFETY: plain syscall on a descriptor we own; no memory is passed.
-        if unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) } == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
-            _ => Err(e),
+        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) };
+        let result = if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+        #[cfg(test)]
+        let result = match self.fail_next_sync.take() {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => result,
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+                _ => Err(e),
+            },
         }
     }
 
@@ -650,5 +667,197 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         assert_eq!(remove_stale_temps(dir.path(), |_, is_dir| is_dir).unwrap(), 0);
         assert!(file.exists());
+    }
+
+    /// Bytes that differ at every offset a copy could get wrong (not all zeros).
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn same_file(a: &Path, b: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (fs::metadata(a).unwrap(), fs::metadata(b).unwrap());
+        (a.dev(), a.ino()) == (b.dev(), b.ino())
+    }
+
+    #[test]
+    fn a_copy_has_the_sources_bytes_and_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.mio");
+        let data = pattern(300_000);
+        write_bytes(&src, &data).unwrap();
+        let target = dir.path().join("m.mio.bk");
+        commit(&target, Source::Copy(&src)).unwrap();
+        assert!(!same_file(&src, &target), "a copy, not a link");
+        assert_eq!(fs::metadata(&target).unwrap().len(), data.len() as u64);
+        assert!(fs::read(&target).unwrap() == data, "the copy holds the source's bytes");
+        // Replacing the source leaves the copy as it was.
+        write_bytes(&src, b"new").unwrap();
+        assert!(fs::read(&target).unwrap() == data);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary left");
+    }
+
+    #[test]
+    fn a_link_that_fails_across_filesystems_falls_back_to_a_copy() {
+        use std::os::unix::fs::MetadataExt;
+        // /dev/shm is a tmpfs, the temporary folder usually a disk: a hard
+        // link between them fails (EXDEV), and tmpfs has no reflinks, so the
+        // copy goes through `io::copy`.
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        if fs::metadata(other.path()).unwrap().dev() == fs::metadata(dir.path()).unwrap().dev() {
+            eprintln!("skipped: /dev/shm and {} are one filesystem", dir.path().display());
+            return;
+        }
+        let src = other.path().join("m.mio");
+        let data = pattern(200_000);
+        write_bytes(&src, &data).unwrap();
+        assert!(fs::hard_link(&src, dir.path().join("probe")).is_err(), "a link across filesystems fails");
+        let target = dir.path().join("m.mio.bk");
+        commit(&target, Source::Link(&src)).unwrap();
+        assert_eq!(fs::metadata(&target).unwrap().len(), data.len() as u64);
+        assert!(fs::read(&target).unwrap() == data, "the fall-back copy holds the source's bytes");
+        // The other direction: a copy into the tmpfs.
+        let back = other.path().join("back.mio");
+        commit(&back, Source::Copy(&target)).unwrap();
+        assert!(fs::read(&back).unwrap() == data);
+    }
+
+    #[test]
+    fn a_link_that_cannot_be_made_names_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.mio");
+        write_bytes(&src, b"x").unwrap();
+        let missing_dir = dir.path().join("gone");
+        match commit(&missing_dir.join("m.mio.bk"), Source::Link(&src)) {
+            Err(Error::Io { path, .. }) => assert_eq!(path, missing_dir),
+            other => panic!("{other:?}"),
+        }
+        let missing_src = dir.path().join("nothing.mio");
+        match commit(&dir.path().join("x.bk"), Source::Link(&missing_src)) {
+            Err(Error::Io { path, .. }) => assert_eq!(path, missing_src),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "nothing left behind");
+    }
+
+    #[test]
+    fn temporaries_are_made_in_the_targets_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        let target = sub.join("m.mio");
+        let tmp = temp_path(&sub, &target);
+        assert_eq!(tmp.parent(), Some(sub.as_path()));
+        let name = tmp.file_name().unwrap().to_str().unwrap();
+        assert!(is_temp(name) && name.ends_with("-m.mio"), "{name}");
+        assert_ne!(temp_path(&sub, &target), tmp, "each temporary is new");
+        assert_eq!(parent_of(&target), sub);
+        assert_eq!(parent_of(Path::new("m.mio")), Path::new("."));
+        // While a commit writes, its temporary sits beside the target (a
+        // rename is atomic only within one folder and filesystem).
+        let mut seen = Vec::new();
+        let mut write = |out: &mut BufWriter<StreamingFile>| {
+            seen = fs::read_dir(&sub).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            out.write_all(b"x").map_err(|e| Error::io("write", "x", e))
+        };
+        commit(&target, Source::Write { size_hint: 1, write: &mut write }).unwrap();
+        assert!(matches!(&seen[..], [name] if is_temp(name) && name.ends_with("-m.mio")), "{seen:?}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "nothing outside the target's folder");
+    }
+
+    #[test]
+    fn read_regular_reads_back_what_was_committed_and_refuses_a_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let data = pattern(70_000);
+        write_bytes(&path, &data).unwrap();
+        assert!(read_regular(&path).unwrap() == data);
+        write_bytes(&path, b"").unwrap();
+        assert!(read_regular(&path).unwrap().is_empty());
+        let fifo = dir.path().join("fifo.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(read_regular(&fifo), Err(Error::NotRegular { kind: "a FIFO", .. })));
+        assert!(matches!(read_regular(&dir.path().join("none")), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn syncing_a_missing_folder_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        sync_dir(dir.path()).unwrap();
+        let gone = dir.path().join("gone");
+        assert!(matches!(sync_dir(&gone), Err(Error::Io { path, .. }) if path == gone));
+    }
+
+    /// A `StreamingFile` in `dir` whose next `sync_file_range` fails with `errno`.
+    fn failing_sync(dir: &Path, errno: i32) -> (PathBuf, StreamingFile) {
+        let path = dir.join("f");
+        let mut file = StreamingFile::new(create_new(&path).unwrap());
+        file.fail_next_sync = Some(errno);
+        (path, file)
+    }
+
+    #[test]
+    fn a_writeback_error_fails_the_write() {
+        // Once `sync_file_range` reported EIO, the final fsync would not.
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut file) = failing_sync(dir.path(), libc::EIO);
+        let err = file.write_all(&vec![1; STREAM_CHUNK as usize]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    }
+
+    #[test]
+    fn an_interrupted_writeback_writes_each_byte_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut file) = failing_sync(dir.path(), libc::EINTR);
+        let data = pattern(STREAM_CHUNK as usize + 10);
+        file.write_all(&data).unwrap();
+        assert!(fs::read(&path).unwrap() == data, "the bytes before the EINTR were not written again");
+    }
+
+    #[test]
+    fn a_filesystem_without_sync_file_range_still_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut file) = failing_sync(dir.path(), libc::EOPNOTSUPP);
+        let data = pattern(2 * STREAM_CHUNK as usize + 10);
+        file.write_all(&data).unwrap();
+        assert!(!file.streaming, "streaming stops");
+        assert!(fs::read(&path).unwrap() == data);
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn stale_temps_of_a_dead_maker_are_removed_and_of_a_live_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        let mut live = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        let temp = |owner: String, base: &str| dir.path().join(format!("{TEMP_PREFIX}{owner}-0123abcd-{base}"));
+        let stale = temp(dead_pid.to_string(), "a.mio");
+        let kept = temp(live.id().to_string(), "b.mio");
+        fs::write(&stale, b"x").unwrap();
+        fs::write(&kept, b"x").unwrap();
+        let removed = remove_stale_temps(dir.path(), |_, _| true);
+        let _ = live.kill();
+        let _ = live.wait();
+        assert_eq!(removed.unwrap(), 1);
+        assert!(!stale.exists(), "its maker is gone");
+        assert!(kept.exists(), "its maker was running");
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn cleaning_a_missing_folder_is_ok_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        assert_eq!(remove_stale_temps(&gone, |_, _| true).unwrap(), 0);
+        assert!(!gone.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

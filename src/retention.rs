@@ -27,6 +27,23 @@ mod tests {
         assert_eq!(removed, [PathBuf::from("m_snapshot_800_iters"), PathBuf::from("m_snapshot_900_iters")]);
     }
 
+    fn iterations(removed: &[PathBuf]) -> Vec<u64> {
+        let snaps = snaps(&[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        removed.iter().map(|p| snaps.iter().find(|(_, q)| q == p).unwrap().0).collect()
+    }
+
+    #[test]
+    fn removes_all_but_the_newest_keep() {
+        // Counts where removing n-keep differs from removing n/keep or n%keep.
+        assert_eq!(iterations(&to_remove(&snaps(&[5, 3, 1, 4, 2]), 1)), [1, 2, 3, 4]);
+        assert_eq!(iterations(&to_remove(&snaps(&[5, 3, 1, 4, 2]), 2)), [1, 2, 3]);
+        assert_eq!(iterations(&to_remove(&snaps(&[2, 4, 1, 3]), 3)), [1]);
+        assert_eq!(iterations(&to_remove(&snaps(&[9, 8, 7, 6, 5, 4, 3]), 4)), [3, 4, 5]);
+        assert!(to_remove(&snaps(&[1, 2, 3, 4, 5]), 5).is_empty());
+        assert!(to_remove(&snaps(&[1, 2, 3, 4, 5]), 6).is_empty());
+        assert!(to_remove(&snaps(&[1, 2, 3, 4, 5]), 0).is_empty(), "0 keeps all");
+    }
+
     #[test]
     fn zero_keeps_all_and_small_sets_untouched() {
         assert!(to_remove(&snaps(&[1, 2, 3]), 0).is_empty());

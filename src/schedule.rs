@@ -36,7 +36,7 @@ impl Schedule {
     /// whose iteration is a multiple of `snapshot_interval`; the snapshot is
     /// built from that save once it is committed.
     pub fn snapshot_at(&self, iteration: u64) -> bool {
-        self.snapshot_interval > 0 && self.save_at(iteration) && iteration.is_multiple_of(self.snapshot_interval)
+        self.snapshot_interval != 0 && self.save_at(iteration) && iteration.is_multiple_of(self.snapshot_interval)
     }
 }
 

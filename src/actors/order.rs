@@ -130,6 +130,17 @@ mod tests {
     }
 
     #[test]
+    fn a_request_is_refused_when_its_save_committed_other_iterations() {
+        // Never snapshot another save under the requested iterations' name.
+        let mut o = SnapshotOrder::default();
+        assert!(o.request(request(Some(20), 1)).is_none());
+        let due = dues(o.handed_over(Some(19)));
+        assert!(matches!(&due[..], [(1, Due::Refused(Error::SnapshotWithoutSave { iterations: 20, .. }))]), "{due:?}");
+        assert!(matches!(o.request(request(Some(20), 1)), Some((_, Due::Refused(_)))));
+        assert!(matches!(o.request(request(Some(19), 1)), Some((_, Due::Save(19)))));
+    }
+
+    #[test]
     fn a_request_before_any_save_snapshots_the_archive_on_disk() {
         let mut o = SnapshotOrder::default();
         assert!(matches!(o.request(request(None, 0)), Some((_, Due::OnDisk))));
