@@ -572,4 +572,397 @@ mod tests {
         let d = read(bytes).unwrap();
         d.end_offset - d.central_offset
     }
+
+    // Hand-built archives: each record written field by field, so that the
+    // zip64 records (which the writer only uses past 4 GiB), extra fields and
+    // comments (which it never writes in the central directory) are exercised
+    // with a few bytes of data.
+
+    /// One entry of a hand-built archive. The default is what the writer
+    /// writes for small data: stored, sizes in a data descriptor.
+    #[derive(Clone)]
+    struct Spec {
+        name: &'static str,
+        data: Vec<u8>,
+        version_needed: u16,
+        flags: u16,
+        /// The local header's flags and method, when they differ from the central record's.
+        local_flags: Option<u16>,
+        local_method: u16,
+        /// Which of size, compressed size and header offset hold all ones in
+        /// the central record, their values in a zip64 extra field.
+        sentinels: [bool; 3],
+        /// The central record's extra field; `None`: the zip64 field the sentinels call for.
+        central_extra: Option<Vec<u8>>,
+        local_extra: Vec<u8>,
+        comment: Vec<u8>,
+        disk: u16,
+    }
+
+    impl Default for Spec {
+        fn default() -> Self {
+            Spec {
+                name: "entry",
+                data: b"some data".to_vec(),
+                version_needed: 20,
+                flags: FLAG_DESCRIPTOR,
+                local_flags: None,
+                local_method: 0,
+                sentinels: [false; 3],
+                central_extra: None,
+                local_extra: Vec::new(),
+                comment: Vec::new(),
+                disk: 0,
+            }
+        }
+    }
+
+    fn zip64_spec(name: &'static str, data: &[u8]) -> Spec {
+        Spec { name, data: data.to_vec(), version_needed: 45, sentinels: [true; 3], ..Spec::default() }
+    }
+
+    fn put16(out: &mut Vec<u8>, v: u16) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn put32(out: &mut Vec<u8>, v: u32) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn put64(out: &mut Vec<u8>, v: u64) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// An extra field record: id, length, data.
+    fn extra_field(id: u16, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        put16(&mut out, id);
+        put16(&mut out, data.len() as u16);
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn zip64_extra(values: &[u64]) -> Vec<u8> {
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        extra_field(ZIP64_EXTRA_ID, &data)
+    }
+
+    /// The archive of `specs`, with the zip64 end record and locator when `zip64_end`.
+    fn build(specs: &[Spec], zip64_end: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut central = Vec::new();
+        for s in specs {
+            let offset = out.len() as u64;
+            let size = s.data.len() as u64;
+            let crc = crc32fast::hash(&s.data);
+            let descriptor = s.flags & FLAG_DESCRIPTOR != 0;
+            put32(&mut out, LOCAL_SIG);
+            put16(&mut out, s.version_needed);
+            put16(&mut out, s.local_flags.unwrap_or(s.flags));
+            put16(&mut out, s.local_method);
+            put32(&mut out, 0); // time, date
+            for v in if descriptor { [0; 3] } else { [crc, size as u32, size as u32] } {
+                put32(&mut out, v);
+            }
+            put16(&mut out, s.name.len() as u16);
+            put16(&mut out, s.local_extra.len() as u16);
+            out.extend_from_slice(s.name.as_bytes());
+            out.extend_from_slice(&s.local_extra);
+            out.extend_from_slice(&s.data);
+            if descriptor {
+                for v in [DESCRIPTOR_SIG, crc, size as u32, size as u32] {
+                    put32(&mut out, v);
+                }
+            }
+            let values = [size, size, offset];
+            let wide: Vec<u64> = (0..3).filter(|&i| s.sentinels[i]).map(|i| values[i]).collect();
+            let extra = s.central_extra.clone().unwrap_or_else(|| if wide.is_empty() { Vec::new() } else { zip64_extra(&wide) });
+            let small = |i: usize| if s.sentinels[i] { SENTINEL32 as u32 } else { values[i] as u32 };
+            put32(&mut central, CENTRAL_SIG);
+            put16(&mut central, 0x0300 | s.version_needed); // made by: unix
+            put16(&mut central, s.version_needed);
+            put16(&mut central, s.flags);
+            put16(&mut central, 0); // stored
+            put32(&mut central, 0); // time, date
+            put32(&mut central, crc);
+            put32(&mut central, small(1));
+            put32(&mut central, small(0));
+            put16(&mut central, s.name.len() as u16);
+            put16(&mut central, extra.len() as u16);
+            put16(&mut central, s.comment.len() as u16);
+            put16(&mut central, s.disk);
+            put16(&mut central, 0); // internal attributes
+            put32(&mut central, 0); // external attributes
+            put32(&mut central, small(2));
+            central.extend_from_slice(s.name.as_bytes());
+            central.extend_from_slice(&extra);
+            central.extend_from_slice(&s.comment);
+        }
+        let cd_offset = out.len() as u64;
+        let cd_size = central.len() as u64;
+        out.extend_from_slice(&central);
+        let n = specs.len() as u64;
+        if zip64_end {
+            let z = out.len() as u64;
+            put32(&mut out, ZIP64_EOCD_SIG);
+            put64(&mut out, ZIP64_EOCD_LEN - 12);
+            put16(&mut out, 45); // made by
+            put16(&mut out, 45); // needed
+            put32(&mut out, 0); // this disk
+            put32(&mut out, 0); // disk of the central directory
+            for v in [n, n, cd_size, cd_offset] {
+                put64(&mut out, v);
+            }
+            put32(&mut out, ZIP64_LOCATOR_SIG);
+            put32(&mut out, 0); // disk of the zip64 end record
+            put64(&mut out, z);
+            put32(&mut out, 1); // disks in all
+        }
+        put32(&mut out, EOCD_SIG);
+        put32(&mut out, 0); // this disk, disk of the central directory
+        put16(&mut out, n as u16);
+        put16(&mut out, n as u16);
+        put32(&mut out, cd_size as u32);
+        put32(&mut out, cd_offset as u32);
+        put16(&mut out, 0); // comment length
+        out
+    }
+
+    /// `bytes` with the little-endian `value` written at `at`.
+    fn patched<const N: usize>(bytes: &[u8], at: usize, value: [u8; N]) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        out[at..at + N].copy_from_slice(&value);
+        out
+    }
+
+    /// Every entry's data as `read` finds it, checked against its CRC-32.
+    fn contents(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let dir = read(bytes).unwrap();
+        dir.entries
+            .iter()
+            .map(|e| {
+                let data = bytes[e.data_offset as usize..(e.data_offset + e.size) as usize].to_vec();
+                assert_eq!(crc32fast::hash(&data), e.crc32, "{}", e.name);
+                (e.name.clone(), data)
+            })
+            .collect()
+    }
+
+    fn assert_refused(bytes: &[u8], expect: &str) {
+        let err = read(bytes).unwrap_err();
+        assert!(err.contains(expect), "expected {expect:?}, got {err:?}");
+    }
+
+    #[test]
+    fn the_hand_built_archive_is_what_the_writer_writes() {
+        // The builder agrees with the writer where both apply, so the
+        // archives below differ from real ones only where a test says so.
+        let spec = |name| Spec { name, data: name.as_bytes().to_vec(), ..Spec::default() };
+        let ours = read(&build(&[spec("a.json"), spec("dir/b.bin")], false)).unwrap();
+        let theirs = read(&archive(&["a.json", "dir/b.bin"])).unwrap();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn zip64_archives_are_read() {
+        let specs = [zip64_spec("a", b"first"), zip64_spec("dir/b", b"second entry")];
+        let bytes = build(&specs, true);
+        let dir = read(&bytes).unwrap();
+        let len = bytes.len() as u64;
+        assert_eq!(dir.end_offset, len - EOCD_LEN);
+        assert_eq!(dir.zip64_end_offset, Some(len - EOCD_LEN - ZIP64_LOCATOR_LEN - ZIP64_EOCD_LEN));
+        assert_eq!(dir.central_offset + 2 * (CENTRAL_LEN + 28) + 1 + 5, dir.zip64_end_offset.unwrap());
+        let b = dir.get("dir/b").unwrap();
+        assert_eq!(b.header_offset, dir.entries[0].end);
+        assert_eq!(b.size, 12);
+        assert_eq!(b.descriptor_offset, Some(b.data_offset + 12));
+        assert_eq!(b.end, dir.central_offset);
+        assert_eq!(contents(&bytes), [("a".to_string(), b"first".to_vec()), ("dir/b".to_string(), b"second entry".to_vec())]);
+        for (name, data) in [("a", &b"first"[..]), ("dir/b", b"second entry")] {
+            assert_eq!(ranged(&bytes, name).0.unwrap(), data, "{name}");
+        }
+    }
+
+    #[test]
+    fn zip64_extra_fields_replace_only_the_fields_of_all_ones() {
+        // Each subset of (size, compressed size, header offset), on the
+        // second entry so that its offset differs from its size.
+        for mask in 1..8 {
+            let sentinels = [mask & 1 != 0, mask & 2 != 0, mask & 4 != 0];
+            let specs = [
+                Spec { name: "first", ..Spec::default() },
+                Spec { name: "second", data: b"0123456789abcdef".to_vec(), sentinels, ..Spec::default() },
+            ];
+            let bytes = build(&specs, false);
+            let e = read(&bytes).unwrap().entries[1].clone();
+            assert_eq!((e.header_offset, e.size), (read(&bytes).unwrap().entries[0].end, 16), "{sentinels:?}");
+            assert_eq!(contents(&bytes)[1].1, b"0123456789abcdef", "{sentinels:?}");
+            assert_eq!(ranged(&bytes, "second").0.unwrap(), b"0123456789abcdef", "{sentinels:?}");
+        }
+    }
+
+    #[test]
+    fn zip64_extra_fields_are_checked() {
+        let two = [zip64_spec("a", b"first"), zip64_spec("b", b"second")];
+        let with_extra = |extra: Vec<u8>| {
+            let mut specs = two.clone();
+            specs[1].central_extra = Some(extra);
+            build(&specs, true)
+        };
+        let offset = read(&build(&two, true)).unwrap().entries[1].header_offset;
+        assert!(read(&with_extra(zip64_extra(&[6, 6, offset]))).is_ok());
+        let twice = [zip64_extra(&[6, 6, offset]), zip64_extra(&[6, 6, offset])].concat();
+        assert_refused(&with_extra(twice), "two zip64 extra fields");
+        assert_refused(&with_extra(zip64_extra(&[6, 6])), "zip64 extra field too short");
+        let ragged = extra_field(ZIP64_EXTRA_ID, &[zip64_extra(&[6, 6])[4..].to_vec(), vec![0; 4]].concat());
+        assert_refused(&with_extra(ragged), "zip64 extra field too short");
+        assert_refused(&with_extra(zip64_extra(&[6, 6, offset, 0])), "longer than its values");
+        assert_refused(&with_extra(extra_field(0xCAFE, &[0; 24])), "no zip64 extra field");
+        assert_refused(&with_extra(zip64_extra(&[6, 7, offset])), "compressed size 7 differs from its size 6");
+        assert_refused(&with_extra(zip64_extra(&[6, 6, offset + 1])), "no local header");
+        // The ranged reader takes the same values.
+        assert!(ranged(&with_extra(zip64_extra(&[6, 6, offset + 1])), "b").0.is_err());
+        assert!(ranged(&with_extra(zip64_extra(&[6, 6])), "b").0.unwrap_err().contains("too short"));
+        assert!(ranged(&with_extra(zip64_extra(&[5, 5, offset])), "b").0.unwrap_err().contains("CRC-32 or size"));
+    }
+
+    /// Offsets of the end records of a zip64 archive of `len` bytes: (zip64 end record, locator, end record).
+    fn end_records(len: usize) -> (usize, usize, usize) {
+        let end = len - EOCD_LEN as usize;
+        let loc = end - ZIP64_LOCATOR_LEN as usize;
+        (loc - ZIP64_EOCD_LEN as usize, loc, end)
+    }
+
+    #[test]
+    fn zip64_end_records_are_checked() {
+        let bytes = build(&[zip64_spec("a", b"first"), zip64_spec("b", b"second")], true);
+        let (z, loc, end) = end_records(bytes.len());
+        let elsewhere = format!("points at {}", z - 1);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (patched(&bytes, loc + 4, 1u32.to_le_bytes()), "locator names another disk"),
+            (patched(&bytes, loc + 16, 2u32.to_le_bytes()), "locator names another disk"),
+            (patched(&bytes, loc + 8, (z as u64 - 1).to_le_bytes()), &elsewhere),
+            (patched(&bytes, z, 0x0606_4b51u32.to_le_bytes()), "missing or has extensible data"),
+            (patched(&bytes, z + 4, 45u64.to_le_bytes()), "missing or has extensible data"),
+            (patched(&bytes, z + 14, 46u16.to_le_bytes()), "needs a newer zip version"),
+            (patched(&bytes, z + 16, 1u32.to_le_bytes()), "zip64 end record names another disk"),
+            (patched(&bytes, z + 20, 1u32.to_le_bytes()), "zip64 end record names another disk"),
+            (patched(&bytes, z + 32, 3u64.to_le_bytes()), "two entry counts differ"),
+            (patched(&patched(&bytes, z + 24, 3u64.to_le_bytes()), z + 32, 3u64.to_le_bytes()), "disagrees with the zip64"),
+            (patched(&patched(&bytes, end + 8, 3u16.to_le_bytes()), end + 10, 3u16.to_le_bytes()), "disagrees with the zip64"),
+            (patched(&bytes, end + 12, 1u32.to_le_bytes()), "disagrees with the zip64"),
+            (patched(&bytes, end + 16, 1u32.to_le_bytes()), "disagrees with the zip64"),
+            (patched(&bytes, z + 40, 1u64.to_le_bytes()), "disagrees with the zip64"),
+            (patched(&bytes, z + 48, 1u64.to_le_bytes()), "disagrees with the zip64"),
+        ];
+        for (bad, expect) in &cases {
+            assert_refused(bad, expect);
+        }
+        // The zip64 record's counts and places are the ones used: both
+        // records agreeing on a wrong value is still refused.
+        let count = patched(&patched(&patched(&bytes, z + 24, 3u64.to_le_bytes()), z + 32, 3u64.to_le_bytes()), end + 8, [3, 0, 3, 0]);
+        assert_refused(&count, "counts 3 entries");
+        let cd = u64::from_le_bytes(bytes[z + 48..z + 56].try_into().unwrap());
+        let moved = patched(&patched(&bytes, z + 48, (cd + 1).to_le_bytes()), end + 16, ((cd + 1) as u32).to_le_bytes());
+        assert_refused(&moved, "places the central directory");
+        // The ranged reader finds the central directory through the zip64 records too.
+        assert!(ranged(&patched(&bytes, z, 0x0606_4b51u32.to_le_bytes()), "a").0.unwrap_err().contains("zip64 end"));
+        assert!(ranged(&patched(&bytes, z + 48, (cd + 1).to_le_bytes()), "a").0.is_err());
+        assert!(ranged(&patched(&bytes, z + 40, 1u64.to_le_bytes()), "a").0.is_err());
+    }
+
+    #[test]
+    fn extra_fields_and_entry_comments_as_other_tools_write_them() {
+        // Python's `zipfile` (extra fields in both headers, a comment in the
+        // central record), Info-ZIP (a timestamp field) and zipalign (local
+        // padding) all write these; the data is still found, whole and ranged.
+        let spec = |name, data: &[u8], central: Vec<u8>, local: Vec<u8>, comment: &[u8]| Spec {
+            name,
+            data: data.to_vec(),
+            flags: 0,
+            central_extra: Some(central),
+            local_extra: local,
+            comment: comment.to_vec(),
+            ..Spec::default()
+        };
+        let timestamp = extra_field(0x5455, &[3, 1, 2, 3, 4]);
+        let specs = [
+            spec("first", b"one", timestamp.clone(), timestamp.clone(), b"a comment"),
+            spec("second", b"two!", Vec::new(), extra_field(0xD935, &[0; 7]), b""),
+            spec("third", b"three", [timestamp.clone(), extra_field(0xCAFE, b"xyz")].concat(), timestamp, b"another comment"),
+        ];
+        let bytes = build(&specs, false);
+        let want: Vec<(String, Vec<u8>)> = specs.iter().map(|s| (s.name.to_string(), s.data.clone())).collect();
+        assert_eq!(contents(&bytes), want);
+        for (name, data) in &want {
+            assert_eq!(&ranged(&bytes, name).0.unwrap(), data, "{name}");
+        }
+        // With zip64 values after another field, and zip64 end records.
+        let mut z = zip64_spec("z", b"zip64 data");
+        z.central_extra = Some([extra_field(0xCAFE, b"xyz"), zip64_extra(&[10, 10, 0])].concat());
+        z.local_extra = extra_field(0xD935, &[0; 3]);
+        z.comment = b"zip64 and a comment".to_vec();
+        let last = Spec { name: "last", data: b"last data".to_vec(), comment: b"c".to_vec(), ..Spec::default() };
+        let bytes = build(&[z, last], true);
+        assert_eq!(contents(&bytes)[0].1, b"zip64 data");
+        assert_eq!(ranged(&bytes, "z").0.unwrap(), b"zip64 data");
+        assert_eq!(ranged(&bytes, "last").0.unwrap(), b"last data");
+    }
+
+    #[test]
+    fn the_utf8_name_flag_is_accepted_and_other_flags_are_refused() {
+        let with_flags = |flags| build(&[Spec { flags, ..Spec::default() }], false);
+        for flags in [0, FLAG_DESCRIPTOR, FLAG_UTF8, FLAG_UTF8 | FLAG_DESCRIPTOR] {
+            assert_eq!(contents(&with_flags(flags))[0].1, b"some data", "{flags:#x}");
+        }
+        for bit in [0, 1, 2, 4, 5, 6, 13] {
+            assert_refused(&with_flags(FLAG_DESCRIPTOR | (1 << bit)), "encrypted or otherwise unsupported");
+        }
+    }
+
+    #[test]
+    fn the_local_header_must_repeat_the_flags_and_method() {
+        let local_flags = Spec { local_flags: Some(FLAG_DESCRIPTOR | FLAG_UTF8), ..Spec::default() };
+        assert_refused(&build(&[local_flags], false), "flags or method differ");
+        let local_method = Spec { local_method: 8, ..Spec::default() };
+        assert_refused(&build(&[local_method], false), "flags or method differ");
+    }
+
+    #[test]
+    fn zip_version_4_5_is_the_newest_accepted() {
+        assert!(read(&build(&[Spec { version_needed: 45, ..Spec::default() }], false)).is_ok());
+        assert_refused(&build(&[Spec { version_needed: 46, ..Spec::default() }], false), "needs zip version 4.6");
+        assert_refused(&build(&[Spec { version_needed: 63, ..Spec::default() }], false), "needs zip version 6.3");
+    }
+
+    #[test]
+    fn other_disks_are_refused_in_every_field() {
+        let bytes = build(&[Spec::default()], false);
+        let end = bytes.len() - EOCD_LEN as usize;
+        assert!(read(&bytes).is_ok());
+        assert_refused(&patched(&bytes, end + 4, 1u16.to_le_bytes()), "another disk");
+        assert_refused(&patched(&bytes, end + 6, 1u16.to_le_bytes()), "another disk");
+        assert_refused(&build(&[Spec { disk: 1, ..Spec::default() }], false), "starts on another disk");
+    }
+
+    #[test]
+    fn a_bad_central_directory_signature_is_refused() {
+        let bytes = build(&[Spec { name: "a", ..Spec::default() }, Spec { name: "b", ..Spec::default() }], false);
+        for e in read(&bytes).unwrap().entries {
+            let at = e.central_offset as usize;
+            let bad = patched(&bytes, at, (CENTRAL_SIG ^ (1 << 24)).to_le_bytes());
+            assert_refused(&bad, &format!("no central directory record at {at}"));
+            assert!(ranged(&bad, "b").0.unwrap_err().contains("no central directory record"));
+        }
+    }
+
+    #[test]
+    fn an_archive_comment_is_refused() {
+        let mut bytes = build(&[Spec::default()], false);
+        let end = bytes.len() - EOCD_LEN as usize;
+        bytes[end + 20] = 2;
+        bytes.extend_from_slice(b"hi");
+        assert_refused(&bytes, "no end-of-central-directory record");
+        // Where the comment length is read: the end record at its usual place, a comment length.
+        let bytes = build(&[Spec::default()], false);
+        assert_refused(&patched(&bytes, end + 20, 1u16.to_le_bytes()), "has a comment");
+    }
 }
