@@ -153,6 +153,9 @@ pub(crate) struct StreamingFile {
     /// Tests: the next `sync_file_range` fails with this errno.
     #[cfg(test)]
     fail_next_sync: Option<i32>,
+    /// Tests: every `sync_file_range` asked for, as `(offset, len, flags)`.
+    #[cfg(test)]
+    syncs: Vec<(u64, u64, libc::c_uint)>,
 }
 
 /// Writeback is started for every this many bytes written.
@@ -170,6 +173,8 @@ impl StreamingFile {
             streaming: true,
             #[cfg(test)]
             fail_next_sync: None,
+            #[cfg(test)]
+            syncs: Vec::new(),
         }
     }
 
@@ -182,6 +187,8 @@ impl StreamingFile {
         // SAFETY: plain syscall on a descriptor we own; no memory is passed.
         let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) };
         let result = if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+        #[cfg(test)]
+        self.syncs.push((offset as u64, len as u64, flags));
         #[cfg(test)]
         let result = match self.fail_next_sync.take() {
             Some(errno) => Err(io::Error::from_raw_os_error(errno)),
@@ -800,6 +807,130 @@ mod tests {
         let mut file = StreamingFile::new(create_new(&path).unwrap());
         file.fail_next_sync = Some(errno);
         (path, file)
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn this_process_s_own_temporaries_are_stale_with_its_start_time_in_their_name() {
+        // Made by an earlier handle of this process (a folder reopened).
+        let dir = tempfile::tempdir().unwrap();
+        let ours = temp_path(dir.path(), &dir.path().join("m.mio"));
+        fs::write(&ours, b"torn").unwrap();
+        assert_eq!(remove_stale_temps(dir.path(), |_, _| true).unwrap(), 1);
+        assert!(!ours.exists());
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn a_folder_that_cannot_be_listed_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(remove_stale_temps(&file, |_, _| true), Err(Error::Io { op: "list", .. })));
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn a_live_process_is_found_after_a_dead_one() {
+        // `kill(pid, 0)` succeeding leaves errno as the last failure set it.
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        assert!(!pid_exists(dead_pid));
+        assert!(pid_exists(std::process::id()));
+    }
+
+    #[test]
+    fn a_folder_commit_refuses_a_target_it_cannot_inspect() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        let built = temp_path(dir.path(), &dir.path().join("t"));
+        fs::create_dir(&built).unwrap();
+        // Under a file: the target cannot exist, and is not created.
+        let e = commit_dir(&built, &file.join("t")).unwrap_err();
+        assert!(matches!(&e, Error::Io { op: "inspect", .. }), "{e:?}");
+        assert!(built.is_dir(), "the built folder is left for cleanup");
+    }
+
+    #[test]
+    fn devices_fifos_and_links_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("p");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink("p", dir.path().join("l")).unwrap();
+        let kind = |p: &Path| kind_of(&fs::symlink_metadata(p).unwrap());
+        assert_eq!(kind(Path::new("/dev/null")), "a device");
+        assert_eq!(kind(&fifo), "a FIFO");
+        assert_eq!(kind(&dir.path().join("l")), "a symlink");
+        assert_eq!(kind(dir.path()), "a folder");
+    }
+
+    #[test]
+    fn free_bytes_reads_the_filesystem_of_the_nearest_existing_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = free_bytes(dir.path()).unwrap();
+        let below = free_bytes(&dir.path().join("not/yet/made.mio")).unwrap();
+        // SAFETY: a valid path and out-pointer.
+        let (available, total) = unsafe {
+            let c = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+            let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+            assert_eq!(libc::statvfs(c.as_ptr(), st.as_mut_ptr()), 0);
+            let st = st.assume_init();
+            (st.f_bavail as u64 * st.f_frsize as u64, st.f_blocks as u64 * st.f_frsize as u64)
+        };
+        // Other programs write meanwhile: the same figure within half of it.
+        for free in [here, below] {
+            assert!(free <= total && free.abs_diff(available) <= available / 2, "{free}, statvfs says {available} of {total}");
+        }
+    }
+
+    #[test]
+    fn open_regular_gives_a_blocking_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"x").unwrap();
+        let file = open_regular(&path).unwrap();
+        // SAFETY: fcntl on a descriptor the test owns.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        assert!(
+            flags >= 0 && flags & libc::O_NONBLOCK == 0,
+            "flags {flags:#x}: O_NONBLOCK is cleared once the file is known to be regular"
+        );
+    }
+
+    #[test]
+    fn writes_stop_at_chunk_boundaries() {
+        // So that writeback of each chunk starts as soon as it is written.
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = StreamingFile::new(create_new(&dir.path().join("f")).unwrap());
+        let chunk = STREAM_CHUNK as usize;
+        assert_eq!(file.write(&vec![1; 2 * chunk]).unwrap(), chunk);
+        assert_eq!(file.write(&[2; 10]).unwrap(), 10);
+        assert_eq!(file.write(&vec![3; chunk]).unwrap(), chunk - 10);
+        assert_eq!(file.written, 2 * STREAM_CHUNK);
+    }
+
+    #[test]
+    fn writeback_starts_per_chunk_and_pages_are_dropped_only_once_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut file = StreamingFile::new(create_new(&path).unwrap());
+        let data = pattern((STREAM_WINDOW + 3 * STREAM_CHUNK) as usize);
+        file.write_all(&data).unwrap();
+        let (chunk, chunks) = (STREAM_CHUNK, (STREAM_WINDOW + 3 * STREAM_CHUNK) / STREAM_CHUNK);
+        let waited = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let started: Vec<_> = file.syncs.iter().filter(|s| s.2 == libc::SYNC_FILE_RANGE_WRITE).copied().collect();
+        let dropped: Vec<_> = file.syncs.iter().filter(|s| s.2 == waited).copied().collect();
+        assert_eq!(started, (0..chunks).map(|k| (k * chunk, chunk, libc::SYNC_FILE_RANGE_WRITE)).collect::<Vec<_>>());
+        // Only what lies more than the window behind the writer, each chunk
+        // waited for (written and on disk) before its pages are dropped.
+        assert_eq!(dropped, (0..3).map(|k| (k * chunk, chunk, waited)).collect::<Vec<_>>());
+        assert_eq!(file.syncs.len(), started.len() + dropped.len());
+        assert_eq!((file.started, file.dropped), (chunks * chunk, 3 * chunk));
+        assert!(fs::read(&path).unwrap() == data);
     }
 
     #[test]
