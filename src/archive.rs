@@ -823,6 +823,41 @@ mod tests {
     }
 
     #[test]
+    fn the_size_a_full_disk_reports_is_the_archive_s_size() {
+        let a = [1u8; 300];
+        let tensors = [t("a", DType::F32, &[75], &a)];
+        let path = Path::new("m.mio");
+        let bytes = write_archive(Vec::new(), path, "m", 3, &tensors, None, Some(b"{}")).unwrap();
+        let counted = write_archive(Counter(0), path, "m", 3, &tensors, None, Some(b"{}")).unwrap();
+        assert_eq!(counted.0, bytes.len() as u64);
+    }
+
+    #[test]
+    fn a_tensor_may_have_max_rank_dimensions_and_no_more() {
+        let a = [0u8; 4];
+        let ok = [1usize; MAX_RANK];
+        let too_many = [1usize; MAX_RANK + 1];
+        let path = Path::new("m.mio");
+        assert!(write_archive(Vec::new(), path, "m", 1, &[t("a", DType::F32, &ok, &a)], None, None).is_ok());
+        let e = write_archive(Vec::new(), path, "m", 1, &[t("a", DType::F32, &too_many, &a)], None, None).unwrap_err();
+        assert!(matches!(e, Error::TooManyDims { rank, .. } if rank == MAX_RANK + 1), "{e:?}");
+    }
+
+    #[test]
+    fn safetensors_headers_are_padded_to_the_next_alignment_only() {
+        for n in [1usize, 2, 5, 17] {
+            let names: Vec<String> = (0..n).map(|i| format!("tensor.{i}")).collect();
+            let data = [0u8; 8];
+            let tensors: Vec<TensorRef<'_>> = names.iter().map(|name| t(name, DType::F64, &[1], &data)).collect();
+            let order = layout_order(&tensors);
+            let header = safetensors_header(&order);
+            let json = header.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+            assert_eq!((8 + header.len() as u64) % ALIGN, 0, "{n} tensors");
+            assert!(((header.len() - json) as u64) < ALIGN, "{n} tensors: {} bytes of padding", header.len() - json);
+        }
+    }
+
+    #[test]
     fn layout_aligns_every_tensor_to_its_element_size() {
         let a = [1u8; 3];
         let b = [2u8; 8];
