@@ -833,6 +833,20 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_gives_back_the_archive_s_bytes() {
+        let a = [7u8; 40];
+        let tensors = [t("a", DType::F32, &[10], &a)];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        let bytes = write_archive(Vec::new(), &path, "m", 3, &tensors, None, None).unwrap();
+        let owned = ArchiveReader::from_bytes(&path, bytes.clone()).unwrap();
+        assert!(format!("{owned:?}").contains("m.mio"));
+        assert!(owned.into_bytes() == bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(ArchiveReader::open(&path).unwrap().into_bytes() == bytes, "a mapped file");
+    }
+
+    #[test]
     fn a_tensor_may_have_max_rank_dimensions_and_no_more() {
         let a = [0u8; 4];
         let ok = [1usize; MAX_RANK];
