@@ -833,6 +833,23 @@ mod tests {
     }
 
     #[test]
+    fn tensors_larger_than_a_read_chunk_are_read_whole() {
+        let len = 2 * READ_CHUNK + 1000;
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let shape = [len / 4];
+        let tensors = [t("big", DType::F32, &shape, &data)];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        let bytes = write_archive(Vec::new(), &path, "m", 1, &tensors, None, None).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        for reader in [ArchiveReader::open(&path).unwrap(), ArchiveReader::from_bytes(&path, bytes.clone()).unwrap()] {
+            let mut out = vec![0u8; len];
+            reader.read_checked_into(&reader.model[0], &mut out).unwrap();
+            assert!(out == data);
+        }
+    }
+
+    #[test]
     fn a_reader_gives_back_the_archive_s_bytes() {
         let a = [7u8; 40];
         let tensors = [t("a", DType::F32, &[10], &a)];
