@@ -850,6 +850,33 @@ mod tests {
     }
 
     #[test]
+    fn a_tensor_whose_crc32c_differs_from_the_manifest_is_damaged_even_when_its_entry_checks() {
+        // The manifest's CRC-32C is wrong, the zip's CRC-32 right.
+        let a = [5u8; 64];
+        let mut bad = t("a", DType::F32, &[16], &a);
+        bad.crc32c = Some(crc32c::crc32c(&a) ^ 1);
+        let path = Path::new("m.mio");
+        let bytes = write_archive(Vec::new(), path, "m", 1, &[bad], None, None).unwrap();
+        let r = ArchiveReader::from_bytes(path, bytes).unwrap();
+        let mut out = vec![0u8; 64];
+        let e = r.read_checked_into(&r.model[0], &mut out).unwrap_err();
+        assert!(matches!(&e, Error::Damaged { what, .. } if what.contains("tensor `a`")), "{e:?}");
+        assert_eq!(r.verify().len(), 1);
+    }
+
+    #[test]
+    fn tensor_bytes_counts_the_model_and_the_optimizer() {
+        let (a, b) = ([1u8; 12], [2u8; 20]);
+        let model = [t("a", DType::F32, &[3], &a)];
+        let opt = [t("a.m", DType::F32, &[5], &b)];
+        let json = serde_json::json!({});
+        let optimizer = OptimizerRef { kind: "adam", json: &json, tensors: &opt };
+        let path = Path::new("m.mio");
+        let bytes = write_archive(Vec::new(), path, "m", 1, &model, Some(optimizer), None).unwrap();
+        assert_eq!(ArchiveReader::from_bytes(path, bytes).unwrap().tensor_bytes(), 32);
+    }
+
+    #[test]
     fn a_reader_gives_back_the_archive_s_bytes() {
         let a = [7u8; 40];
         let tensors = [t("a", DType::F32, &[10], &a)];
