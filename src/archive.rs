@@ -877,6 +877,38 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_of_another_format_or_version_is_refused_first() {
+        let a = [1u8; 4];
+        let bytes = write_archive(Vec::new(), Path::new("m.mio"), "m", 1, &[t("a", DType::F32, &[1], &a)], None, None).unwrap();
+        let manifest = ArchiveReader::from_bytes(Path::new("m.mio"), bytes).unwrap().manifest;
+        let mut other = manifest.clone();
+        other.format = "zip".into();
+        let e = parse_manifest(&serde_json::to_vec(&other).unwrap()).unwrap_err();
+        assert!(e.starts_with("format zip version"), "{e}");
+        let mut newer = manifest;
+        newer.format_version = FORMAT_VERSION + 1;
+        let e = parse_manifest(&serde_json::to_vec(&newer).unwrap()).unwrap_err();
+        assert!(e.starts_with("format ") && e.contains(&format!("version {}", FORMAT_VERSION + 1)), "{e}");
+    }
+
+    #[test]
+    fn an_embedded_state_of_other_iterations_is_damage() {
+        let a = [1u8; 4];
+        let tensors = [t("a", DType::F32, &[1], &a)];
+        let mut state = crate::state::State::new("m");
+        state.total_iterations = 1000;
+        let json = serde_json::to_vec(&state).unwrap();
+        let path = Path::new("m.mio");
+        let bytes = write_archive(Vec::new(), path, "m", 7, &tensors, None, Some(&json)).unwrap();
+        let e = ArchiveReader::from_bytes(path, bytes).unwrap_err();
+        assert!(matches!(&e, Error::Damaged { detail, .. } if detail.contains("1000 iterations")), "{e:?}");
+        state.total_iterations = 7;
+        let json = serde_json::to_vec(&state).unwrap();
+        let bytes = write_archive(Vec::new(), path, "m", 7, &tensors, None, Some(&json)).unwrap();
+        assert!(ArchiveReader::from_bytes(path, bytes).is_ok());
+    }
+
+    #[test]
     fn a_reader_gives_back_the_archive_s_bytes() {
         let a = [7u8; 40];
         let tensors = [t("a", DType::F32, &[10], &a)];
