@@ -909,6 +909,18 @@ mod tests {
     }
 
     #[test]
+    fn a_tensor_entry_shorter_than_a_safetensors_header_is_refused() {
+        for len in [0usize, 5, 7] {
+            let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
+            write_entry(&mut zip, MODEL_ENTRY, &[(&[b'{'; 8][..len], None)]).unwrap();
+            let bytes = zip.finish().unwrap();
+            let dir = crate::zipread::read(&bytes).unwrap();
+            let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
+            assert_eq!(e, "shorter than a safetensors header", "{len} bytes");
+        }
+    }
+
+    #[test]
     fn a_reader_gives_back_the_archive_s_bytes() {
         let a = [7u8; 40];
         let tensors = [t("a", DType::F32, &[10], &a)];
