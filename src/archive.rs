@@ -909,7 +909,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tensor_entry_shorter_than_a_safetensors_header_is_refused() {
+    fn a_tensor_entry_too_short_for_its_safetensors_header_is_refused() {
         for len in [0usize, 5, 7] {
             let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
             write_entry(&mut zip, MODEL_ENTRY, &[(&[b'{'; 8][..len], None)]).unwrap();
@@ -918,6 +918,15 @@ mod tests {
             let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
             assert_eq!(e, "shorter than a safetensors header", "{len} bytes");
         }
+        // A header length past the end of the entry.
+        let mut data = 1000u64.to_le_bytes().to_vec();
+        data.extend_from_slice(b"{}      ");
+        let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
+        write_entry(&mut zip, MODEL_ENTRY, &[(&data, None)]).unwrap();
+        let bytes = zip.finish().unwrap();
+        let dir = crate::zipread::read(&bytes).unwrap();
+        let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
+        assert_eq!(e, "safetensors header length 1000 does not fit the entry");
     }
 
     #[test]
