@@ -929,6 +929,45 @@ mod tests {
         assert_eq!(e, "safetensors header length 1000 does not fit the entry");
     }
 
+    /// `locate` on a model entry of a header length `n` (which may differ
+    /// from the header's own), a safetensors `header`, then `data` zero
+    /// bytes, against the manifest's `metas`.
+    fn locate_in(header: &str, n: usize, data: usize, metas: &[TensorMeta]) -> std::result::Result<usize, String> {
+        let mut blob = (n as u64).to_le_bytes().to_vec();
+        blob.extend_from_slice(header.as_bytes());
+        blob.resize(blob.len() + data, 0);
+        let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
+        write_entry(&mut zip, MODEL_ENTRY, &[(&blob, None)]).unwrap();
+        let bytes = zip.finish().unwrap();
+        let dir = crate::zipread::read(&bytes).unwrap();
+        locate(&bytes, &dir, MODEL_ENTRY, metas, Part::Model).map(|(located, _)| located.len())
+    }
+
+    fn meta(name: &str, dtype: DType, shape: &[usize]) -> TensorMeta {
+        TensorMeta { name: name.into(), dtype, shape: shape.to_vec(), crc32c: 0 }
+    }
+
+    #[test]
+    fn safetensors_headers_must_agree_with_the_manifest() {
+        let w = [meta("w", DType::F32, &[2])];
+        let ok = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert_eq!(locate_in(ok, ok.len(), 8, &w), Ok(1));
+        // A header that fills the entry: no tensors, no data.
+        assert_eq!(locate_in("{}      ", 8, 0, &[]), Ok(0));
+        // A header length a little past the entry's end.
+        assert!(locate_in("{}      ", 12, 0, &[]).is_err_and(|e| e.contains("does not fit")));
+        let shape = r#"{"w":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]}}"#;
+        assert!(locate_in(shape, shape.len(), 8, &w).is_err_and(|e| e.contains("header says")), "same dtype, other shape");
+        let dtype = r#"{"w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert!(locate_in(dtype, dtype.len(), 8, &w).is_err_and(|e| e.contains("header says")), "same shape, other dtype");
+        let short = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
+        assert!(locate_in(short, short.len(), 8, &w).is_err_and(|e| e.contains("do not fit")), "offsets of fewer bytes");
+        let past = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        assert!(locate_in(past, past.len(), 8, &w).is_err_and(|e| e.contains("do not fit")), "offsets past the data");
+        let reversed = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#;
+        assert!(locate_in(reversed, reversed.len(), 8, &w).is_err_and(|e| e.contains("do not fit")), "offsets reversed");
+    }
+
     #[test]
     fn a_reader_gives_back_the_archive_s_bytes() {
         let a = [7u8; 40];
