@@ -751,6 +751,151 @@ mod tests {
         assert!(err.contains(expect), "expected {expect:?}, got {err:?}");
     }
 
+    /// An archive whose first entry, `big.bin`, holds `SENTINEL32 + 7` zero
+    /// bytes (a hole of a sparse file), with a 64-bit data descriptor, and
+    /// whose second, `small.json`, starts past 4 GiB: both need zip64 fields,
+    /// as a checkpoint over 4 GiB does. Returns the file and the big entry's CRC-32.
+    fn sparse_zip64(dir: &std::path::Path) -> (std::path::PathBuf, u32) {
+        use std::io::{Seek, SeekFrom, Write};
+        let big = SENTINEL32 + 7;
+        let mut crc = crc32fast::Hasher::new();
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = big;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            crc.update(&zeros[..n]);
+            left -= n as u64;
+        }
+        let big_crc = crc.finalize();
+        let local = |name: &str, flags: u16, crc: u32, size: u32| {
+            let mut out = Vec::new();
+            put32(&mut out, LOCAL_SIG);
+            put16(&mut out, 45);
+            put16(&mut out, flags);
+            put16(&mut out, 0);
+            put32(&mut out, 0);
+            for v in [crc, size, size] {
+                put32(&mut out, v);
+            }
+            put16(&mut out, name.len() as u16);
+            put16(&mut out, 0);
+            out.extend_from_slice(name.as_bytes());
+            out
+        };
+        let central = |out: &mut Vec<u8>, name: &str, flags: u16, crc: u32, size: u64, offset: u64| {
+            let wide: Vec<u64> =
+                [(size, true), (size, true), (offset, false)].iter().filter(|(v, _)| *v >= SENTINEL32).map(|(v, _)| *v).collect();
+            let small = |v: u64| if v >= SENTINEL32 { SENTINEL32 as u32 } else { v as u32 };
+            let extra = if wide.is_empty() { Vec::new() } else { zip64_extra(&wide) };
+            put32(out, CENTRAL_SIG);
+            put16(out, 0x0300 | 45);
+            put16(out, 45);
+            put16(out, flags);
+            put16(out, 0);
+            put32(out, 0);
+            put32(out, crc);
+            put32(out, small(size));
+            put32(out, small(size));
+            put16(out, name.len() as u16);
+            put16(out, extra.len() as u16);
+            put16(out, 0);
+            put16(out, 0);
+            put16(out, 0);
+            put32(out, 0);
+            put32(out, small(offset));
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&extra);
+        };
+        let path = dir.join("big.zip");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let head = local("big.bin", FLAG_DESCRIPTOR, 0, 0);
+        file.write_all(&head).unwrap();
+        let data_end = head.len() as u64 + big;
+        file.seek(SeekFrom::Start(data_end)).unwrap();
+        let mut tail = Vec::new();
+        put32(&mut tail, DESCRIPTOR_SIG);
+        put32(&mut tail, big_crc);
+        put64(&mut tail, big);
+        put64(&mut tail, big);
+        let small_at = data_end + tail.len() as u64;
+        let small_data = b"{\"small\": true}";
+        let small_crc = crc32fast::hash(small_data);
+        tail.extend_from_slice(&local("small.json", 0, small_crc, small_data.len() as u32));
+        tail.extend_from_slice(small_data);
+        let cd_offset = data_end + tail.len() as u64;
+        let mut cd = Vec::new();
+        central(&mut cd, "big.bin", FLAG_DESCRIPTOR, big_crc, big, 0);
+        central(&mut cd, "small.json", 0, small_crc, small_data.len() as u64, small_at);
+        let cd_size = cd.len() as u64;
+        tail.extend_from_slice(&cd);
+        let z = cd_offset + cd_size;
+        put32(&mut tail, ZIP64_EOCD_SIG);
+        put64(&mut tail, ZIP64_EOCD_LEN - 12);
+        put16(&mut tail, 45);
+        put16(&mut tail, 45);
+        put32(&mut tail, 0);
+        put32(&mut tail, 0);
+        for v in [2, 2, cd_size, cd_offset] {
+            put64(&mut tail, v);
+        }
+        put32(&mut tail, ZIP64_LOCATOR_SIG);
+        put32(&mut tail, 0);
+        put64(&mut tail, z);
+        put32(&mut tail, 1);
+        put32(&mut tail, EOCD_SIG);
+        put32(&mut tail, 0);
+        // The 16- and 32-bit fields hold the value where it fits, as writers do.
+        put16(&mut tail, 2);
+        put16(&mut tail, 2);
+        put32(&mut tail, cd_size as u32);
+        put32(&mut tail, SENTINEL32 as u32);
+        put16(&mut tail, 0);
+        file.write_all(&tail).unwrap();
+        (path, big_crc)
+    }
+
+    #[test]
+    fn an_entry_of_4_gib_or_more_and_one_past_4_gib_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, big_crc) = sparse_zip64(dir.path());
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: the test's own file, not changed while mapped; only its
+        // records are read (the big entry's data is a hole, never touched).
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let d = read(&map).unwrap();
+        let big = d.get("big.bin").unwrap();
+        assert_eq!((big.header_offset, big.data_offset, big.size, big.crc32), (0, 37, SENTINEL32 + 7, big_crc));
+        assert_eq!(big.descriptor_offset, Some(37 + SENTINEL32 + 7));
+        assert_eq!(big.end, 37 + SENTINEL32 + 7 + 24, "a 64-bit data descriptor is 24 bytes");
+        let small = d.get("small.json").unwrap();
+        assert_eq!(small.header_offset, big.end);
+        assert_eq!(&map[small.data_offset as usize..small.end as usize], b"{\"small\": true}");
+        // The ranged reader finds the entry past 4 GiB through the zip64 records.
+        let read_at = |r: std::ops::Range<u64>| std::future::ready(Ok(map[r.start as usize..r.end as usize].to_vec()));
+        let got = futures::executor::block_on(read_entry_ranged(map.len() as u64, "small.json", read_at)).unwrap();
+        assert_eq!(got, b"{\"small\": true}");
+        // The descriptor's 64-bit sizes and CRC are checked.
+        let d_at = big.descriptor_offset.unwrap();
+        drop(map);
+        for (at, value) in [(4, 1u64), (8, SENTINEL32 + 8), (16, 7)] {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(SeekFrom::Start(d_at + at)).unwrap();
+            let old = if at == 4 { u64::from(big_crc) } else { SENTINEL32 + 7 };
+            let width = if at == 4 { 4 } else { 8 };
+            f.write_all(&value.to_le_bytes()[..width]).unwrap();
+            drop(f);
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: as above.
+            let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+            assert!(read(&map).unwrap_err().contains("data descriptor disagrees"), "descriptor field at +{at}");
+            drop(map);
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(SeekFrom::Start(d_at + at)).unwrap();
+            f.write_all(&old.to_le_bytes()[..width]).unwrap();
+        }
+    }
+
     #[test]
     fn the_hand_built_archive_is_what_the_writer_writes() {
         // The builder agrees with the writer where both apply, so the
