@@ -879,7 +879,7 @@ mod tests {
             let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
             assert_eq!(libc::statvfs(c.as_ptr(), st.as_mut_ptr()), 0);
             let st = st.assume_init();
-            (st.f_bavail as u64 * st.f_frsize as u64, st.f_blocks as u64 * st.f_frsize as u64)
+            (st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
         };
         // Other programs write meanwhile: the same figure within half of it.
         for free in [here, below] {
