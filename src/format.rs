@@ -267,6 +267,17 @@ mod tests {
     }
 
     #[test]
+    fn whitespace_around_the_checksum_s_colon_is_json_too() {
+        // As other JSON writers may put it: `"checksum" : N`, with tabs or newlines.
+        for sep in [" : ", "\t:\n", ":"] {
+            let zeroed = format!("{{\"a\": 1, \"checksum\"{sep}0 }}");
+            let crc = crc32c::crc32c(zeroed.as_bytes());
+            let raw = format!("{{\"a\": 1, \"checksum\"{sep}{crc} }}");
+            assert_eq!(manifest_checksum(raw.as_bytes()), Ok((crc, crc)), "{sep:?}");
+        }
+    }
+
+    #[test]
     fn rank_is_limited_to_what_readers_accept() {
         assert!(check_rank("w", &[1; MAX_RANK]).is_ok());
         assert!(check_rank("w", &[]).is_ok());
