@@ -270,11 +270,22 @@ mod tests {
     fn whitespace_around_the_checksum_s_colon_is_json_too() {
         // As other JSON writers may put it: `"checksum" : N`, with tabs or newlines.
         for sep in [" : ", "\t:\n", ":"] {
-            let zeroed = format!("{{\"a\": 1, \"checksum\"{sep}0 }}");
+            let zeroed = format!("{{\"a\": 1, \"checksum\"{sep}0 }}\n\t ");
             let crc = crc32c::crc32c(zeroed.as_bytes());
-            let raw = format!("{{\"a\": 1, \"checksum\"{sep}{crc} }}");
+            let raw = format!("{{\"a\": 1, \"checksum\"{sep}{crc} }}\n\t ");
             assert_eq!(manifest_checksum(raw.as_bytes()), Ok((crc, crc)), "{sep:?}");
         }
+        // Something other than a colon between the name and the number.
+        assert!(manifest_checksum(b"{\"checksum\"x5}").is_err());
+        assert!(manifest_checksum(b"{\"checksum\" 5}").is_err());
+    }
+
+    #[test]
+    fn dtypes_print_as_their_safetensors_names() {
+        for d in DType::ALL {
+            assert_eq!(d.to_string(), d.name());
+        }
+        assert_eq!(DType::F32.to_string(), "F32");
     }
 
     #[test]
