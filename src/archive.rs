@@ -968,6 +968,47 @@ mod tests {
         assert!(locate_in(reversed, reversed.len(), 8, &w).is_err_and(|e| e.contains("do not fit")), "offsets reversed");
     }
 
+    /// The archive `bytes` written again entry by entry, without the entries
+    /// in `drop` and with `manifest` (its checksum made right) as its manifest.
+    fn rebuilt(bytes: &[u8], manifest: &Manifest, drop: &[&str]) -> Vec<u8> {
+        let mut m = manifest.clone();
+        m.checksum = Some(0);
+        m.checksum = Some(crc32c::crc32c(&serde_json::to_vec(&m).unwrap()));
+        let manifest_json = serde_json::to_vec(&m).unwrap();
+        let dir = crate::zipread::read(bytes).unwrap();
+        let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
+        for e in dir.entries.iter().filter(|e| !drop.contains(&e.name.as_str())) {
+            let data = if e.name == MANIFEST_ENTRY {
+                &manifest_json[..]
+            } else {
+                &bytes[e.data_offset as usize..(e.data_offset + e.size) as usize]
+            };
+            write_entry(&mut zip, &e.name, &[(data, None)]).unwrap();
+        }
+        zip.finish().unwrap()
+    }
+
+    #[test]
+    fn small_entries_and_the_manifest_s_list_of_them_must_agree() {
+        let a = [1u8; 4];
+        let tensors = [t("a", DType::F32, &[1], &a)];
+        let mut state = crate::state::State::new("m");
+        state.total_iterations = 7;
+        let json = serde_json::to_vec(&state).unwrap();
+        let path = Path::new("m.mio");
+        let bytes = write_archive(Vec::new(), path, "m", 7, &tensors, None, Some(&json)).unwrap();
+        let manifest = ArchiveReader::from_bytes(path, bytes.clone()).unwrap().manifest;
+        assert!(ArchiveReader::from_bytes(path, rebuilt(&bytes, &manifest, &[])).is_ok(), "rebuilt unchanged");
+        // Listed in the manifest, but not in the archive.
+        let e = ArchiveReader::from_bytes(path, rebuilt(&bytes, &manifest, &[STATE_ENTRY])).unwrap_err();
+        assert!(matches!(&e, Error::Damaged { detail, .. } if detail.contains("listed in the manifest but missing")), "{e:?}");
+        // In the archive, but a version 2 manifest lists no checksum for it.
+        let mut unlisted = manifest.clone();
+        unlisted.state_crc32c = None;
+        let e = ArchiveReader::from_bytes(path, rebuilt(&bytes, &unlisted, &[])).unwrap_err();
+        assert!(matches!(&e, Error::Damaged { detail, .. } if detail.contains("lists no checksum")), "{e:?}");
+    }
+
     #[test]
     fn a_reader_gives_back_the_archive_s_bytes() {
         let a = [7u8; 40];
