@@ -918,6 +918,13 @@ mod tests {
             let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
             assert_eq!(e, "shorter than a safetensors header", "{len} bytes");
         }
+        // Exactly the length's 8 bytes: a header length, however wrong.
+        let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
+        write_entry(&mut zip, MODEL_ENTRY, &[(&[b'{'; 8][..], None)]).unwrap();
+        let bytes = zip.finish().unwrap();
+        let dir = crate::zipread::read(&bytes).unwrap();
+        let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
+        assert!(e.contains("does not fit the entry"), "{e}");
         // A header length past the end of the entry.
         let mut data = 1000u64.to_le_bytes().to_vec();
         data.extend_from_slice(b"{}      ");
