@@ -32,9 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::PutMode;
 use serde::{Deserialize, Serialize};
 #[cfg(feature = "torch")]
 use tch::Tensor;
@@ -267,43 +266,100 @@ pub struct ShardStats {
     pub snapshots_failed: AtomicU64,
 }
 
-/// The keys of one model's sharded checkpoints.
+/// The keys of one model's sharded checkpoints, under
+/// `<prefix>/<model>/sharded/` of their store (the model folder, or
+/// `[remote]`'s URL): `steps/<n>/rank-<r>-<upload>.mio` and `done-<r>.json`
+/// (a step's shards and their records), `manifests/<n>.json` (committed
+/// steps), `snapshots/<n>.json`, `BACKUP`, `LATEST` and `runs/<id>.json`;
+/// `<n>` is the iteration count, 20 digits wide so that keys sort by it.
+/// The commands read a sharded folder through it too.
 #[derive(Debug, Clone)]
-struct Layout {
+pub struct Layout {
     root: Key,
 }
 
 impl Layout {
-    fn step(&self, iterations: u64) -> Key {
-        self.root.clone().join("steps").join(format!("{iterations:020}"))
+    /// The folder of a model's sharded checkpoints, inside the model's own.
+    pub const FOLDER: &'static str = "sharded";
+    pub const MANIFESTS: &'static str = "manifests";
+    pub const STEPS: &'static str = "steps";
+    pub const SNAPSHOTS: &'static str = "snapshots";
+    pub const BACKUP: &'static str = "BACKUP";
+    pub const LATEST: &'static str = "LATEST";
+    /// What a sharded folder holds: any of these marks one.
+    pub const MARKS: [&'static str; 5] = [Self::MANIFESTS, Self::STEPS, Self::SNAPSHOTS, Self::BACKUP, Self::LATEST];
+
+    /// Model `model`'s sharded checkpoints under `prefix` (the store's root
+    /// path; empty for a model folder).
+    pub fn new(prefix: &Key, model: &str) -> Layout {
+        Layout { root: prefix.clone().join(model).join(Self::FOLDER) }
     }
-    fn shard(&self, iterations: u64, rank: usize, upload: &str) -> Key {
+
+    /// Keys relative to the sharded folder itself, for reading one as files.
+    pub fn relative() -> Layout {
+        Layout { root: Key::default() }
+    }
+
+    /// `<prefix>/<model>/sharded`.
+    pub fn root(&self) -> &Key {
+        &self.root
+    }
+
+    pub fn steps(&self) -> Key {
+        self.root.clone().join(Self::STEPS)
+    }
+
+    pub fn step(&self, iterations: u64) -> Key {
+        self.steps().join(format!("{iterations:020}"))
+    }
+
+    /// A rank's shard of a step; `upload` makes each write's key its own.
+    pub fn shard(&self, iterations: u64, rank: usize, upload: &str) -> Key {
         self.step(iterations).join(format!("rank-{rank}-{upload}.mio"))
     }
-    fn done(&self, iterations: u64, rank: usize) -> Key {
+
+    /// A rank's done-record of a step, written after its shard.
+    pub fn done(&self, iterations: u64, rank: usize) -> Key {
         self.step(iterations).join(format!("done-{rank}.json"))
     }
-    fn manifests(&self) -> Key {
-        self.root.clone().join("manifests")
+
+    pub fn manifests(&self) -> Key {
+        self.root.clone().join(Self::MANIFESTS)
     }
-    fn manifest(&self, iterations: u64) -> Key {
+
+    /// The global manifest that commits a step.
+    pub fn manifest(&self, iterations: u64) -> Key {
         self.manifests().join(format!("{iterations:020}.json"))
     }
-    fn latest(&self) -> Key {
-        self.root.clone().join("LATEST")
+
+    pub fn latest(&self) -> Key {
+        self.root.clone().join(Self::LATEST)
     }
+
     /// The record a coordinator makes of its run id when it opens.
-    fn run(&self, run_id: &str) -> Key {
+    pub fn run(&self, run_id: &str) -> Key {
         self.root.clone().join("runs").join(format!("{run_id}.json"))
     }
-    fn backup(&self) -> Key {
-        self.root.clone().join("BACKUP")
+
+    pub fn backup(&self) -> Key {
+        self.root.clone().join(Self::BACKUP)
     }
-    fn snapshots(&self) -> Key {
-        self.root.clone().join("snapshots")
+
+    pub fn snapshots(&self) -> Key {
+        self.root.clone().join(Self::SNAPSHOTS)
     }
-    fn snapshot(&self, iterations: u64) -> Key {
+
+    pub fn snapshot(&self, iterations: u64) -> Key {
         self.snapshots().join(format!("{iterations:020}.json"))
+    }
+
+    /// The sharded folder's part of shard key `key` (`<prefix>/<model>/sharded`
+    /// of `<prefix>/<model>/sharded/steps/...`); `None` when it is not one.
+    pub fn root_of_shard_key(key: &str) -> Option<&str> {
+        let parts: Vec<&str> = key.split('/').collect();
+        let at = parts.windows(2).position(|w| w == [Self::FOLDER, Self::STEPS])?;
+        let len = parts.iter().take(at + 1).map(|p| p.len() + 1).sum::<usize>() - 1;
+        key.get(..len)
     }
 }
 
@@ -350,7 +406,7 @@ struct Queue {
 }
 
 struct Shared {
-    store: Arc<dyn ObjectStore>,
+    objects: Objects,
     layout: Layout,
     rank: Rank,
     model: String,
@@ -382,7 +438,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-use crate::remote::remote_err;
+use crate::remote::objects::{to_json, unsupported, Objects, Put};
 
 /// This run's id: the same on every rank of one launch, new at each launch,
 /// so that a step never mixes shards of two runs (a dead run's shard of a
@@ -454,20 +510,6 @@ fn inconsistency(shards: &[DoneRecord]) -> Option<String> {
     None
 }
 
-/// A key stored as text in a record, as written (not escaped again).
-fn stored_key(text: &str) -> Result<Key> {
-    Key::parse(text).map_err(|e| Error::RemoteDamaged {
-        location: text.to_string(),
-        checkpoint: String::new(),
-        object: "key".into(),
-        detail: e.to_string(),
-    })
-}
-
-fn json_err(what: impl std::fmt::Display, e: serde_json::Error) -> Error {
-    Error::RemoteDamaged { location: what.to_string(), checkpoint: String::new(), object: "json".into(), detail: e.to_string() }
-}
-
 /// One rank's sharded checkpoints of one model.
 pub struct ShardedIo {
     shared: Arc<Shared>,
@@ -497,9 +539,10 @@ impl ShardedIo {
         let rc = store_config(config);
         let built = crate::remote::store::build(&rc)?;
         let rt = crate::remote::blocking::Blocking::new("modelio-shard", || {}, &rc.url)?;
+        let location = format!("{}/{}/{}", rc.url.trim_end_matches('/'), config.model.name, Layout::FOLDER);
         let shared = Arc::new(Shared {
-            store: built.store,
-            layout: Layout { root: built.prefix.join(config.model.name.as_str()).join("sharded") },
+            objects: Objects::new(built.store, &rc, location),
+            layout: Layout::new(&built.prefix, &config.model.name),
             rank,
             model: config.model.name.clone(),
             deadline: Duration::from_secs(config.shard.commit_deadline_secs),
@@ -541,6 +584,16 @@ impl ShardedIo {
 
     pub fn rank(&self) -> Rank {
         self.shared.rank
+    }
+
+    /// Where these checkpoints are, in words: `<url>/<model>/sharded`.
+    pub fn location(&self) -> &str {
+        self.shared.objects.location()
+    }
+
+    /// Their keys in the store.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
     }
 
     pub fn stats(&self) -> &ShardStats {
@@ -764,7 +817,7 @@ impl ShardedIo {
     /// [`Error::Remote`] when the store cannot be read.
     pub fn backup(&self) -> Result<Option<GlobalManifest>> {
         let s = self.shared.clone();
-        s.run(async { Ok(s.get_json::<GlobalManifest>(&s.layout.backup()).await?.map(|(m, _)| m)) })
+        s.run(async { Ok(s.objects.get_json::<GlobalManifest>(&s.layout.backup()).await?.map(|(m, _)| m)) })
     }
 
     /// The global snapshots, oldest first.
@@ -774,11 +827,10 @@ impl ShardedIo {
     pub fn snapshots(&self) -> Result<Vec<GlobalManifest>> {
         let s = self.shared.clone();
         s.run(async {
-            let mut keys = s.list_keys(&s.layout.snapshots()).await?;
-            keys.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+            let keys = s.objects.list_keys(&s.layout.snapshots()).await?;
             let mut out = Vec::new();
             for k in keys {
-                if let Some((m, _)) = s.get_json::<GlobalManifest>(&k).await? {
+                if let Some((m, _)) = s.objects.get_json::<GlobalManifest>(&k).await? {
                     out.push(m);
                 }
             }
@@ -824,11 +876,11 @@ impl Shared {
             "world_size": self.rank.world_size,
             "created": chrono::Utc::now().to_rfc3339(),
         });
-        let json = serde_json::to_vec_pretty(&record).map_err(|e| json_err(&key, e))?;
-        match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::RunIdReused { run_id: self.run_id.clone(), key: key.to_string() }),
-            Err(e) => Err(remote_err("record the run id", &key, e)),
+        let json = to_json(&key, &record, true)?;
+        match self.objects.put_if("record the run id", &key, json, PutMode::Create).await? {
+            Put::Written => Ok(()),
+            Put::Lost => Err(Error::RunIdReused { run_id: self.run_id.clone(), key: key.to_string() }),
+            Put::Unsupported => Err(unsupported("record the run id", &key)),
         }
     }
 
@@ -858,7 +910,7 @@ impl Shared {
     /// not committed or the snapshot could not be written (both reported).
     fn snapshot_committed(&self, n: u64) -> bool {
         let made = self.run(async {
-            match self.get_json::<GlobalManifest>(&self.layout.manifest(n)).await? {
+            match self.objects.get_json::<GlobalManifest>(&self.layout.manifest(n)).await? {
                 Some((m, _)) => self.write_snapshot(&m).await.map(|()| true),
                 None => Ok(false),
             }
@@ -1025,7 +1077,7 @@ impl Shared {
             });
         }
         let bytes = reader.into_bytes();
-        self.store.put(&key, PutPayload::from(bytes)).await.map_err(|e| remote_err("write shard", &key, e))?;
+        self.objects.put("write shard", &key, bytes).await?;
         let done = DoneRecord {
             format: SHARDED_FORMAT,
             run: self.run_id.clone(),
@@ -1038,26 +1090,8 @@ impl Shared {
             pieces,
         };
         let done_key = self.layout.done(iterations, self.rank.rank);
-        let json = serde_json::to_vec(&done).map_err(|e| json_err(&done_key, e))?;
-        self.store.put(&done_key, PutPayload::from(json)).await.map_err(|e| remote_err("write done-record", &done_key, e))?;
+        self.objects.put("write done-record", &done_key, to_json(&done_key, &done, false)?).await?;
         Ok(())
-    }
-
-    /// A small object's bytes and version, `None` when absent.
-    async fn get_raw(&self, key: &Key) -> Result<Option<(Vec<u8>, object_store::UpdateVersion)>> {
-        let got = match self.store.get(key).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(remote_err("read", key, e)),
-        };
-        let version = object_store::UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
-        let bytes = got.bytes().await.map_err(|e| remote_err("read", key, e))?;
-        Ok(Some((bytes.to_vec(), version)))
-    }
-
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, object_store::UpdateVersion)>> {
-        let Some((bytes, version)) = self.get_raw(key).await? else { return Ok(None) };
-        Ok(Some((serde_json::from_slice(&bytes).map_err(|e| json_err(key, e))?, version)))
     }
 
     /// Commit `iterations` if every rank's done-record is there.
@@ -1067,7 +1101,7 @@ impl Shared {
         let mut shards = Vec::with_capacity(self.rank.world_size);
         for r in 0..self.rank.world_size {
             let key = self.layout.done(iterations, r);
-            match self.get_json::<DoneRecord>(&key).await? {
+            match self.objects.get_json::<DoneRecord>(&key).await? {
                 Some((d, _))
                     if d.iterations == iterations && d.world_size == self.rank.world_size && d.rank == r && d.run == self.run_id =>
                 {
@@ -1082,13 +1116,9 @@ impl Shared {
         }
         // Each shard named must exist with its size: the done-record follows its shard.
         for d in &shards {
-            let key = stored_key(&d.key)?;
-            match self.store.head(&key).await {
-                Ok(meta) if meta.size == d.size => {}
-                Ok(_) | Err(object_store::Error::NotFound { .. }) => {
-                    return Err(Error::ShardMissing { iterations, rank: d.rank, key: d.key.clone() });
-                }
-                Err(e) => return Err(remote_err("look for", &key, e)),
+            let key = self.objects.stored_key(&d.key)?;
+            if self.objects.head(&key).await?.is_none_or(|meta| meta.size != d.size) {
+                return Err(Error::ShardMissing { iterations, rank: d.rank, key: d.key.clone() });
             }
         }
         if let Some(problem) = inconsistency(&shards) {
@@ -1107,38 +1137,33 @@ impl Shared {
             lowest: decision.map_or(lowest, |d| d.lowest),
         };
         let key = self.layout.manifest(iterations);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| json_err(&key, e))?;
-        match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
-            Ok(_) => {}
+        let json = to_json(&key, &manifest, true)?;
+        match self.objects.put_if("commit global manifest", &key, json, PutMode::Create).await? {
+            Put::Written => {}
             // Committed already: by a racing coordinator of this run (the
             // same shards), or by another run (a job resumed from an older
             // step saving over a committed one), which must not pass silently.
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let existing = self.get_json::<GlobalManifest>(&key).await?.map(|(m, _)| m);
+            Put::Lost => {
+                let existing = self.objects.get_json::<GlobalManifest>(&key).await?.map(|(m, _)| m);
                 let ours = |e: &GlobalManifest| e.shards.iter().map(|d| &d.key).eq(manifest.shards.iter().map(|d| &d.key));
                 return match existing {
                     Some(e) if ours(&e) => Ok(None),
                     _ => Err(Error::StepCommitted { iterations, key: key.to_string() }),
                 };
             }
-            Err(e) => return Err(remote_err("commit global manifest", &key, e)),
+            Put::Unsupported => return Err(unsupported("commit global manifest", &key)),
         }
         *lock(&self.lowest) = Some(manifest.lowest);
         // The step exists now; `LATEST` is a hint (readers list manifests).
-        if let Err(e) = self.advance_latest(&key, iterations).await {
+        if let Err(e) = self.objects.advance_latest(&self.layout.latest(), &self.layout.manifests(), &key, iterations).await {
             tracing::warn!(target: "modelio", "sharded step {iterations}: {}", e.report());
         }
         // The step is committed whatever happens to its backup.
         if decision.is_some_and(|d| d.backup) {
             let backup = self.layout.backup();
-            let written = match serde_json::to_vec_pretty(&manifest) {
-                Ok(json) => self
-                    .store
-                    .put(&backup, PutPayload::from(json))
-                    .await
-                    .map(drop)
-                    .map_err(|e| remote_err("write global backup", &backup, e)),
-                Err(e) => Err(json_err(&backup, e)),
+            let written = match to_json(&backup, &manifest, true) {
+                Ok(json) => self.objects.put("write global backup", &backup, json).await,
+                Err(e) => Err(e),
             };
             match written {
                 Ok(()) => self.stats.backups.fetch_add(1, Ordering::Relaxed),
@@ -1191,80 +1216,40 @@ impl Shared {
 
     async fn write_snapshot(&self, m: &GlobalManifest) -> Result<()> {
         let key = self.layout.snapshot(m.iterations);
-        let json = serde_json::to_vec_pretty(m).map_err(|e| json_err(&key, e))?;
-        match self.store.put_opts(&key, PutPayload::from(json), PutOptions::from(PutMode::Create)).await {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-            Err(e) => return Err(remote_err("write global snapshot", &key, e)),
+        match self.objects.put_if("write global snapshot", &key, to_json(&key, m, true)?, PutMode::Create).await? {
+            Put::Written | Put::Lost => {}
+            Put::Unsupported => return Err(unsupported("write global snapshot", &key)),
         }
         if self.snapshot_keep > 0 {
-            let mut keys = self.list_keys(&self.layout.snapshots()).await?;
-            keys.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+            let keys = self.objects.list_keys(&self.layout.snapshots()).await?;
             let excess = keys.len().saturating_sub(self.snapshot_keep);
             for k in keys.into_iter().take(excess) {
-                let _ = self.store.delete(&k).await;
+                let _ = self.objects.delete(&k).await;
             }
         }
         Ok(())
     }
 
-    async fn list_keys(&self, prefix: &Key) -> Result<Vec<Key>> {
-        let mut out = Vec::new();
-        let mut listing = self.store.list(Some(prefix));
-        while let Some(meta) = listing.next().await {
-            out.push(meta.map_err(|e| remote_err("list", prefix, e))?.location);
-        }
-        Ok(out)
-    }
-
     /// Steps that a backup or snapshot holds (retention keeps their shards).
     async fn protected(&self) -> Result<Vec<u64>> {
         let mut steps: Vec<u64> = self
+            .objects
             .list_keys(&self.layout.snapshots())
             .await?
             .iter()
             .filter_map(|k| k.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse().ok()))
             .collect();
-        if let Some((b, _)) = self.get_json::<GlobalManifest>(&self.layout.backup()).await? {
+        if let Some((b, _)) = self.objects.get_json::<GlobalManifest>(&self.layout.backup()).await? {
             steps.push(b.iterations);
         }
         Ok(steps)
     }
 
-    async fn advance_latest(&self, manifest: &Key, iterations: u64) -> Result<()> {
-        let latest = self.layout.latest();
-        let body =
-            serde_json::to_vec(&crate::remote::Latest { manifest: manifest.to_string(), iterations }).map_err(|e| json_err(&latest, e))?;
-        for _ in 0..16 {
-            let mode = match self.get_raw(&latest).await? {
-                None => PutMode::Create,
-                Some((bytes, v)) => match serde_json::from_slice::<crate::remote::Latest>(&bytes) {
-                    Ok(l) if l.iterations > iterations => return Ok(()),
-                    // Older, or unreadable: replace it, conditionally.
-                    _ => PutMode::Update(v),
-                },
-            };
-            match self.store.put_opts(&latest, PutPayload::from(body.clone()), PutOptions::from(mode)).await {
-                Ok(_) => return Ok(()),
-                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => continue,
-                Err(object_store::Error::NotImplemented { .. }) => {
-                    return self.store.put(&latest, PutPayload::from(body)).await.map(drop).map_err(|e| remote_err("update", &latest, e));
-                }
-                Err(e) => return Err(remote_err("update", &latest, e)),
-            }
-        }
-        Err(Error::Remote { op: "update", target: latest.to_string(), detail: "still contended after 16 tries".into() })
-    }
-
     async fn list(&self) -> Result<Vec<GlobalManifest>> {
-        let mut keys = Vec::new();
-        let mut listing = self.store.list(Some(&self.layout.manifests()));
-        while let Some(meta) = listing.next().await {
-            keys.push(meta.map_err(|e| remote_err("list", self.layout.manifests(), e))?.location);
-        }
-        keys.sort();
+        let keys = self.objects.list_keys(&self.layout.manifests()).await?;
         let mut out = Vec::new();
         for key in keys {
-            match self.get_json::<GlobalManifest>(&key).await {
+            match self.objects.get_json::<GlobalManifest>(&key).await {
                 Ok(Some((m, _))) => out.push(m),
                 Ok(None) => {}
                 // One unreadable manifest does not hide the others.
@@ -1278,17 +1263,9 @@ impl Shared {
     /// The newest manifest by its key (`LATEST` is for other readers; a
     /// listing of manifest keys is as cheap and never stale).
     async fn latest(&self) -> Result<Option<GlobalManifest>> {
-        let mut newest: Option<Key> = None;
-        let mut listing = self.store.list(Some(&self.layout.manifests()));
-        while let Some(meta) = listing.next().await {
-            let key = meta.map_err(|e| remote_err("list", self.layout.manifests(), e))?.location;
-            if newest.as_ref().is_none_or(|n| key.as_ref() > n.as_ref()) {
-                newest = Some(key);
-            }
-        }
-        match newest {
+        match self.objects.list_keys(&self.layout.manifests()).await?.pop() {
             None => Ok(None),
-            Some(key) => match self.get_json::<GlobalManifest>(&key).await {
+            Some(key) => match self.objects.get_json::<GlobalManifest>(&key).await {
                 Ok(Some((m, _))) => Ok(Some(m)),
                 // Deleted since the listing, or unreadable: the newest readable one.
                 Ok(None) | Err(Error::RemoteDamaged { .. }) => Ok(self.list().await?.pop()),
@@ -1361,19 +1338,15 @@ impl Shared {
 
     /// One piece's bytes, by a ranged read of its shard, checked.
     async fn read_piece(&self, m: &GlobalManifest, key: &str, p: &Piece) -> Result<Vec<u8>> {
-        let k = stored_key(key)?;
+        let k = self.objects.stored_key(key)?;
         let bytes = if p.data_len == 0 {
             Vec::new()
         } else {
-            self.store.get_range(&k, p.data_offset..p.data_offset + p.data_len).await.map_err(|e| remote_err("read", &k, e))?.to_vec()
+            self.objects.get_range(&k, p.data_offset..p.data_offset + p.data_len).await?.to_vec()
         };
         if bytes.len() as u64 != p.data_len || crc32c::crc32c(&bytes) != p.crc32c {
-            return Err(Error::RemoteDamaged {
-                location: key.to_string(),
-                checkpoint: format!("sharded step {}", m.iterations),
-                object: p.name.clone(),
-                detail: "the piece's bytes fail their CRC-32C".into(),
-            });
+            let detail = format!("its bytes in {key} fail their CRC-32C");
+            return Err(self.objects.damaged(format!("sharded step {}", m.iterations), &format!("tensor `{}`", p.name), detail));
         }
         Ok(bytes)
     }
@@ -1381,20 +1354,16 @@ impl Shared {
     async fn verify(&self, m: &GlobalManifest) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         for d in &m.shards {
-            let k = stored_key(&d.key)?;
-            let bytes = match self.store.get(&k).await {
-                Ok(g) => g.bytes().await.map_err(|e| remote_err("read", &k, e))?,
-                Err(object_store::Error::NotFound { .. }) => {
-                    problems.push(format!("rank {}: shard {} is missing", d.rank, d.key));
-                    continue;
-                }
-                Err(e) => return Err(remote_err("read", &k, e)),
+            let k = self.objects.stored_key(&d.key)?;
+            let Some((bytes, _)) = self.objects.get_raw(&k).await? else {
+                problems.push(format!("rank {}: shard {} is missing", d.rank, d.key));
+                continue;
             };
             if bytes.len() as u64 != d.size || crc32c::crc32c(&bytes) != d.crc32c {
                 problems.push(format!("rank {}: shard {} differs from its done-record (size or CRC-32C)", d.rank, d.key));
                 continue;
             }
-            match ArchiveReader::from_bytes(std::path::Path::new(&d.key), bytes.to_vec()) {
+            match ArchiveReader::from_bytes(std::path::Path::new(&d.key), bytes) {
                 Ok(r) => problems.extend(r.verify().into_iter().map(|p| format!("rank {}: {p}", d.rank))),
                 Err(e) => problems.push(format!("rank {}: {}", d.rank, e.report())),
             }
@@ -1426,11 +1395,9 @@ impl Shared {
     /// newest committed one that never got a manifest.
     async fn retain(&self) -> Result<()> {
         let mut committed = BTreeMap::new();
-        let mut listing = self.store.list(Some(&self.layout.manifests()));
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| remote_err("list", self.layout.manifests(), e))?;
-            if let Some(n) = meta.location.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse::<u64>().ok()) {
-                committed.insert(n, meta.location);
+        for key in self.objects.list_keys(&self.layout.manifests()).await? {
+            if let Some(n) = key.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse::<u64>().ok()) {
+                committed.insert(n, key);
             }
         }
         let Some(&newest) = committed.keys().next_back() else { return Ok(()) };
@@ -1440,15 +1407,13 @@ impl Shared {
         let doomed: Vec<u64> = committed.keys().take(excess).copied().collect();
         for n in &doomed {
             if let Some(key) = committed.get(n) {
-                let _ = self.store.delete(key).await;
+                let _ = self.objects.delete(key).await;
             }
         }
         // Step folders: doomed ones, and uncommitted ones older than the newest.
-        let steps = self.layout.root.clone().join("steps");
-        let mut listing = self.store.list(Some(&steps));
+        let steps = self.layout.steps();
         let mut stale = Vec::new();
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| remote_err("list", &steps, e))?;
+        for meta in self.objects.list(&steps).await? {
             let Some(n) = meta.location.prefix_match(&steps).and_then(|mut p| p.next()).and_then(|p| p.as_ref().parse::<u64>().ok()) else {
                 continue;
             };
@@ -1458,7 +1423,7 @@ impl Shared {
             }
         }
         for key in stale {
-            let _ = self.store.delete(&key).await;
+            let _ = self.objects.delete(&key).await;
         }
         Ok(())
     }
@@ -1515,6 +1480,21 @@ mod tests {
         c.shard.world_size = Some(0);
         c.shard.rank = Some(0);
         assert!(Rank::from_config(&c).is_err());
+    }
+
+    #[test]
+    fn keys_sort_by_step_and_name_their_sharded_folder() {
+        let l = Layout::new(&Key::from("runs/a"), "m");
+        assert_eq!(l.shard(7, 2, "u").as_ref(), "runs/a/m/sharded/steps/00000000000000000007/rank-2-u.mio");
+        assert_eq!(l.done(7, 2).as_ref(), "runs/a/m/sharded/steps/00000000000000000007/done-2.json");
+        assert_eq!(l.manifest(10).as_ref(), "runs/a/m/sharded/manifests/00000000000000000010.json");
+        assert!(l.manifest(9).as_ref() < l.manifest(10).as_ref());
+        assert_eq!(Layout::relative().snapshot(3).as_ref(), "snapshots/00000000000000000003.json");
+        assert_eq!(Layout::relative().backup().as_ref(), "BACKUP");
+        assert_eq!(Layout::root_of_shard_key(l.shard(7, 2, "u").as_ref()), Some("runs/a/m/sharded"));
+        assert_eq!(Layout::root_of_shard_key("sharded/steps/1/x.mio"), Some("sharded"));
+        assert_eq!(Layout::root_of_shard_key("a/sharded/x/steps/1"), None);
+        assert_eq!(Layout::root_of_shard_key("a/notsharded/steps/1"), None);
     }
 
     #[test]
