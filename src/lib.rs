@@ -75,6 +75,8 @@
 #[cfg(feature = "torch")]
 pub(crate) mod actors;
 pub mod archive;
+#[cfg(any(feature = "torch", feature = "remote"))]
+mod background;
 pub mod config;
 #[cfg(feature = "torch")]
 pub(crate) mod cuda;

@@ -27,7 +27,7 @@
 //! a rank wants is read with ranged reads of exactly the stored tensors that
 //! overlap it (checked against their CRC-32C) and reassembled.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -422,22 +422,14 @@ struct Shared {
     wake: Condvar,
     stats: ShardStats,
     /// Background failures (shards not written, steps not committed,
-    /// snapshots not made) not yet reported by `flush`, oldest first: the
-    /// first [`MAX_PENDING_FAILURES`]; later ones are only logged.
-    failures: Mutex<VecDeque<Error>>,
+    /// snapshots not made) not yet reported by `flush`.
+    failures: Inbox,
     /// This run's id: a done-record of another run is never committed.
     run_id: String,
     rt: crate::remote::blocking::Blocking,
 }
 
-/// Background failures kept for `flush`; beyond this many, newer ones are
-/// only logged (and counted), so `flush` always names the oldest.
-const MAX_PENDING_FAILURES: usize = 16;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
+use crate::background::{lock, Inbox};
 use crate::remote::objects::{to_json, unsupported, Objects, Put};
 
 /// This run's id: the same on every rank of one launch, new at each launch,
@@ -553,7 +545,7 @@ impl ShardedIo {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             stats: ShardStats::default(),
-            failures: Mutex::new(VecDeque::new()),
+            failures: Inbox::default(),
             run_id,
             rt,
         });
@@ -719,7 +711,7 @@ impl ShardedIo {
         if done {
             self.shared.settle_snapshots();
         }
-        match lock(&self.shared.failures).pop_front() {
+        match self.shared.failures.take() {
             Some(e) => Err(e),
             None => Ok(done),
         }
@@ -885,16 +877,9 @@ impl Shared {
     }
 
     /// Keep a background failure for the next `flush` (it was logged
-    /// where it happened); past [`MAX_PENDING_FAILURES`] unreported ones, the
-    /// oldest are kept and this one is only logged.
+    /// where it happened).
     fn report_later(&self, e: Error) {
-        let mut f = lock(&self.failures);
-        if f.len() < MAX_PENDING_FAILURES {
-            f.push_back(e);
-        } else {
-            drop(f);
-            tracing::error!(target: "modelio", "not kept for `flush` ({MAX_PENDING_FAILURES} older failures wait): {}", e.report());
-        }
+        self.failures.keep(e);
     }
 
     /// The snapshot requested of step `n` was not made: counted, logged, and

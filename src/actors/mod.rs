@@ -23,19 +23,18 @@ mod saver;
 mod snapshot;
 mod stager;
 
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::SendError;
 use actix::{Addr, SyncArbiter};
 use tokio::sync::oneshot;
 
+use crate::background::Inbox;
 use crate::error::{Error, Result};
 use crate::folder::ModelPaths;
-use crate::staging::lock;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
 #[cfg(feature = "remote")]
@@ -68,18 +67,12 @@ pub(crate) struct Settings {
     pub hard_links: bool,
 }
 
-/// Failures waiting for the trainer's next call; beyond this many, newer
-/// ones are only logged (as every failure is when it happens) and counted,
-/// so the next call always hears of the oldest.
-const MAX_PENDING_FAILURES: usize = 16;
-
 /// What the actors and the handle share.
 pub(crate) struct Shared {
     pub paths: ModelPaths,
     pub settings: Settings,
-    /// Background failures that no ticket took, oldest first: each is
-    /// reported once, to one later call of the trainer.
-    failures: Mutex<VecDeque<Error>>,
+    /// Background failures that no ticket took.
+    failures: Inbox,
     pub stats: Stats,
     /// The remote tier, when `[remote]` is configured.
     #[cfg(feature = "remote")]
@@ -96,7 +89,7 @@ impl Shared {
         Shared {
             paths,
             settings,
-            failures: Mutex::new(VecDeque::new()),
+            failures: Inbox::default(),
             stats: Stats::default(),
             #[cfg(feature = "remote")]
             remote: None,
@@ -126,23 +119,18 @@ impl Shared {
 
     /// Keep a failure for the trainer's next call.
     pub fn report_later(&self, e: Error) {
-        let mut q = lock(&self.failures);
-        if q.len() < MAX_PENDING_FAILURES {
-            q.push_back(e);
-        }
+        self.failures.keep(e);
     }
 
     /// Give back a failure taken with [`Shared::take_failure`] that could not
     /// be reported after all: it stays the oldest.
     pub fn put_back(&self, e: Error) {
-        let mut q = lock(&self.failures);
-        q.push_front(e);
-        q.truncate(MAX_PENDING_FAILURES);
+        self.failures.put_back(e);
     }
 
     /// The oldest failure not yet reported, if any.
     pub fn take_failure(&self) -> Option<Error> {
-        lock(&self.failures).pop_front()
+        self.failures.take()
     }
 
     pub fn write_delay(&self) -> Duration {

@@ -23,6 +23,7 @@ use actix::{Handler, Message, SyncContext};
 use serde::{Deserialize, Serialize};
 
 use super::{Reason, Remote};
+use crate::background::lock;
 use crate::config::{RemoteConfig, UploadPolicy};
 use crate::durable;
 use crate::error::{Error, Result};
@@ -92,10 +93,6 @@ pub(crate) struct Tier {
     woken: AtomicBool,
     /// Test hook: an artificial delay before each upload (ms).
     delay_ms: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Tier {
