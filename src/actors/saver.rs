@@ -100,12 +100,8 @@ pub(crate) fn pin(shared: &Shared) -> Result<Vec<Pinned>> {
     for target in [paths.archive(), paths.state()] {
         let pin = durable::temp_path(&paths.dir, &target);
         let pinned = std::fs::hard_link(&target, &pin).at("pin", &target).or_else(|_| copy_new(&target, &pin));
-        if let Err(e) = pinned {
-            for p in &pins {
-                let _ = std::fs::remove_file(&p.pin);
-            }
-            return Err(e);
-        }
+        // On failure, the pins made so far are removed as `pins` is dropped.
+        pinned?;
         pins.push(Pinned { pin, target });
     }
     Ok(pins)

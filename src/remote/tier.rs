@@ -37,14 +37,6 @@ pub(crate) struct Upload {
     pub reason: Reason,
 }
 
-impl Drop for Upload {
-    fn drop(&mut self) {
-        for p in &self.pinned {
-            let _ = std::fs::remove_file(&p.pin);
-        }
-    }
-}
-
 /// The remote tier's counters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RemoteStats {
