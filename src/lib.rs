@@ -88,6 +88,7 @@ mod background;
 pub mod config;
 #[cfg(feature = "torch")]
 pub(crate) mod cuda;
+mod disk;
 pub mod durable;
 pub mod error;
 #[cfg(feature = "torch")]
