@@ -1,15 +1,42 @@
 //! What every background worker shares: a lock that survives a panicked
-//! holder, and the inbox where failures wait for the caller's next call.
+//! holder, work whose panic becomes an error, and the inbox where failures
+//! wait for the caller's next call.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Lock a mutex, recovering the data if a thread panicked while holding it
 /// (every value guarded with it stays consistent between statements).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Run the work of a handler, turning a panic into [`Error::Internal`] so
+/// that the worker answers the request it was handling and goes on serving
+/// later ones (the actors' handlers and the uploader run their work in it).
+///
+/// Why `catch_unwind` rather than actix supervision: supervision restarts
+/// only async (`Context`) actors; a `SyncArbiter` thread that panics is gone
+/// for good, and with it the request in hand, whose ticket would read
+/// "stopped" instead of what happened. Handlers keep their own state (the
+/// saver's `SnapshotOrder`) outside the guarded work, so nothing
+/// half-updated is seen afterwards (hence `AssertUnwindSafe`); what the work
+/// owned is dropped while unwinding (a lease returns to the pool, a fence
+/// guard releases the fence), and a temporary file it left is removed at the
+/// next open. This needs `panic = "unwind"`, Rust's default.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
+pub(crate) fn guarded<T>(what: &'static str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+        let message = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+            (Some(s), _) => (*s).to_string(),
+            (_, Some(s)) => s.clone(),
+            _ => "a panic without a message".to_string(),
+        };
+        Err(Error::Internal { what, message })
+    })
 }
 
 /// Failures of background work (a save, a backup, a snapshot, a shard, a
@@ -66,6 +93,14 @@ mod tests {
             Some(Error::Overloaded { capacity, .. }) => Some(capacity),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_panic_becomes_an_internal_error_naming_it() {
+        let e = guarded::<()>("save", || panic!("disk on fire: {}", 7)).unwrap_err();
+        assert!(matches!(&e, Error::Internal { what: "save", message } if message == "disk on fire: 7"), "{e:?}");
+        let e = guarded::<()>("save", || std::panic::panic_any(7u8)).unwrap_err();
+        assert!(e.to_string().contains("a panic without a message"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,6 @@ mod saver;
 mod snapshot;
 mod stager;
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,29 +150,7 @@ impl Shared {
     }
 }
 
-/// Run the work of a handler, turning a panic into [`Error::Internal`] so
-/// that the handler answers the request it was handling and its actor goes on
-/// serving later ones.
-///
-/// Why `catch_unwind` rather than actix supervision: supervision restarts
-/// only async (`Context`) actors; a `SyncArbiter` thread that panics is gone
-/// for good, and with it the request in hand, whose ticket would read
-/// "stopped" instead of what happened. Handlers keep their own state (the
-/// saver's [`order::SnapshotOrder`]) outside the guarded work, so nothing
-/// half-updated is seen afterwards (hence `AssertUnwindSafe`); what the work
-/// owned is dropped while unwinding (a lease returns to the pool, a fence
-/// guard releases the fence), and a temporary file it left is removed at the
-/// next open. This needs `panic = "unwind"`, Rust's default.
-pub(crate) fn guarded<T>(what: &'static str, work: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
-        let message = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
-            (Some(s), _) => (*s).to_string(),
-            (_, Some(s)) => s.clone(),
-            _ => "a panic without a message".to_string(),
-        };
-        Err(Error::Internal { what, message })
-    })
-}
+pub(crate) use crate::background::guarded;
 
 /// Lower the calling thread's scheduling priority (nice 10), so background
 /// checksumming and writing run in the time training leaves idle.
@@ -439,13 +416,5 @@ mod tests {
         assert!(matches!(handed_over(full, "saves", 2), Err(Error::Overloaded { what: "saves", capacity: 2 })));
         let closed: std::result::Result<(), SendError<()>> = Err(SendError::Closed(()));
         assert!(matches!(handed_over(closed, "saves", 2), Err(Error::Stopped)));
-    }
-
-    #[test]
-    fn a_panic_becomes_an_internal_error_naming_it() {
-        let e = guarded::<()>("save", || panic!("disk on fire: {}", 7)).unwrap_err();
-        assert!(matches!(&e, Error::Internal { what: "save", message } if message == "disk on fire: 7"), "{e:?}");
-        let e = guarded::<()>("save", || std::panic::panic_any(7u8)).unwrap_err();
-        assert!(e.to_string().contains("a panic without a message"), "{e}");
     }
 }

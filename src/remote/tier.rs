@@ -342,7 +342,7 @@ impl Handler<Wake> for Uploader {
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         while let Some(upload) = self.tier.take() {
             let tier = &self.tier;
-            if let Err(e) = crate::actors::guarded("upload", || {
+            if let Err(e) = crate::background::guarded("upload", || {
                 tier.upload(upload);
                 Ok(())
             }) {
