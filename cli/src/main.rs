@@ -174,6 +174,7 @@ macro_rules! say {
 // Declared after `say!`, which they use.
 mod remote;
 mod sharded;
+mod show;
 
 impl Out {
     fn line(&mut self, args: fmt::Arguments<'_>) {

@@ -15,6 +15,7 @@ use modelio::folder::ModelPaths;
 use modelio::remote::{Remote, RemoteManifest};
 use modelio::{Config, Error};
 
+use crate::show::{mib, short_time};
 use crate::{CliError, Out};
 
 #[derive(Subcommand)]
@@ -161,20 +162,6 @@ pub fn run(command: RemoteCommand, out: &mut Out) -> Result<ExitCode, CliError> 
         }
         RemoteCommand::Verify { checkpoint, all, sharded: false, at } => verify(&at, checkpoint.as_deref(), all, out),
         RemoteCommand::Status { dir, name } => status(&dir, name, out),
-    }
-}
-
-pub(crate) fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// An RFC 3339 time in UTC without its fraction of a second
-/// (`2024-05-01T12:00:00Z`); any other text as it is.
-pub(crate) fn short_time(t: &str) -> String {
-    let utc = t.ends_with("+00:00") || t.ends_with('Z');
-    match t.get(..19) {
-        Some(seconds) if utc && t.as_bytes().get(10) == Some(&b'T') => format!("{seconds}Z"),
-        _ => t.to_string(),
     }
 }
 

@@ -21,7 +21,7 @@ use modelio::config::RemoteConfig;
 use modelio::sharded::{GlobalManifest, Layout, ShardedIo};
 use modelio::{Config, Error};
 
-use crate::remote::{mib, short_time};
+use crate::show::{mib, short_time};
 use crate::{CliError, Out};
 
 /// Whether `path` is a model's `sharded/` folder.

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::error::Error;
 use crate::format::DType;
-use crate::handle::Committed;
+use crate::handle::outcome::Committed;
 use crate::snapshot::Pinned;
 use crate::staging::{FenceGuard, Lease};
 

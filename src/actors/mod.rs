@@ -327,7 +327,7 @@ mod tests {
 
     use super::messages::SaveJob;
     use super::*;
-    use crate::handle::Committed;
+    use crate::handle::outcome::Committed;
     use crate::staging::{Fence, Pool};
 
     fn actors(dir: &std::path::Path) -> (Arc<Shared>, Actors) {

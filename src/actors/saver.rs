@@ -16,7 +16,7 @@ use super::{guarded, Shared};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{OptimizerRef, TensorRef};
-use crate::handle::Committed;
+use crate::handle::outcome::Committed;
 use crate::snapshot::Pinned;
 
 pub(crate) struct Saver {

@@ -1,12 +1,9 @@
 //! [`ModelIo`]: the handle a training loop holds.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tch::nn::VarStore;
@@ -23,206 +20,11 @@ use crate::staging::{Fence, Lease, Pool};
 use crate::state::{backup_rule, State};
 use crate::tensors::{checked_shape, dtype_of, read_tensor};
 
-/// What a committed save reports on its ticket.
-#[derive(Debug, Clone)]
-pub struct Committed {
-    /// Iteration count stored in the archive.
-    pub iterations: u64,
-    /// The archive written.
-    pub path: PathBuf,
-    /// Tensor bytes written.
-    pub bytes: u64,
-    /// Mean loss since the previous save.
-    pub average_loss: f64,
-    /// Whether `.bk` copies of this save were made (they exist once the
-    /// ticket answers).
-    pub backed_up: bool,
-    /// Whether the optimizer state went in.
-    pub with_optimizer: bool,
-    /// True when the save was skipped because every staging buffer was busy.
-    pub skipped: bool,
-    /// Time the trainer spent in `save`.
-    pub stall: Duration,
-    /// Time copying tensors into host buffers.
-    pub copy: Duration,
-    /// Time writing and committing the files.
-    pub write: Duration,
-}
+pub(crate) mod outcome;
+mod ticket;
 
-/// The outcome of one save: await it (it is a `Future`), poll it with
-/// [`Ticket::try_result`], or drop it.
-///
-/// A failure is reported once: to whoever reads the ticket, or, when the
-/// ticket is dropped without being read, to the handle's next call.
-#[must_use = "a ticket carries the save's outcome; dropped unread, a failure is reported by the next call instead"]
-pub struct Ticket {
-    inner: TicketInner,
-    /// Where an unread failure goes when the ticket is dropped.
-    shared: Option<Arc<Shared>>,
-}
-
-enum TicketInner {
-    Pending(oneshot::Receiver<Result<Committed, Error>>),
-    Ready(Committed),
-    Taken,
-}
-
-impl Ticket {
-    fn ready(c: Committed) -> Ticket {
-        Ticket { inner: TicketInner::Ready(c), shared: None }
-    }
-
-    /// Wait for the save to be committed (archive, state file and, when this
-    /// save improved the loss, its `.bk` backups). Does not block the
-    /// runtime: the same as `ticket.await`.
-    ///
-    /// # Errors
-    /// [`Error::Background`] when the save failed, [`Error::Stopped`] when the
-    /// actors died before answering.
-    pub async fn wait(self) -> Result<Committed> {
-        self.await
-    }
-
-    /// [`Ticket::wait`] for synchronous code. Blocks the calling thread (never
-    /// panics, also not inside a tokio runtime; there it stalls that
-    /// runtime's thread until the commit, so prefer `.await` in async code).
-    ///
-    /// # Errors
-    /// As [`Ticket::wait`].
-    pub fn wait_blocking(self) -> Result<Committed> {
-        futures::executor::block_on(self)
-    }
-
-    /// The outcome if it is known, without waiting: `None` while the save
-    /// is still in flight. Once it returned `Some`, the ticket is spent.
-    pub fn try_result(&mut self) -> Option<Result<Committed>> {
-        match std::mem::replace(&mut self.inner, TicketInner::Taken) {
-            TicketInner::Ready(c) => Some(Ok(c)),
-            TicketInner::Taken => Some(Err(Error::Stopped)),
-            TicketInner::Pending(mut rx) => match rx.try_recv() {
-                Ok(r) => Some(r),
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    self.inner = TicketInner::Pending(rx);
-                    None
-                }
-                Err(oneshot::error::TryRecvError::Closed) => Some(Err(Error::Stopped)),
-            },
-        }
-    }
-}
-
-impl std::fmt::Debug for Ticket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.inner {
-            TicketInner::Pending(_) => "pending",
-            TicketInner::Ready(_) => "ready",
-            TicketInner::Taken => "taken",
-        };
-        f.debug_struct("Ticket").field("state", &state).finish()
-    }
-}
-
-impl Future for Ticket {
-    type Output = Result<Committed>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        match &mut this.inner {
-            TicketInner::Pending(rx) => match Pin::new(rx).poll(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(r) => {
-                    this.inner = TicketInner::Taken;
-                    Poll::Ready(r.unwrap_or(Err(Error::Stopped)))
-                }
-            },
-            TicketInner::Ready(_) => match std::mem::replace(&mut this.inner, TicketInner::Taken) {
-                TicketInner::Ready(c) => Poll::Ready(Ok(c)),
-                _ => Poll::Ready(Err(Error::Stopped)),
-            },
-            TicketInner::Taken => Poll::Ready(Err(Error::Stopped)),
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        // A failure that already arrived and was never read goes to the next
-        // call; one that arrives later finds the receiver gone and goes there too.
-        if let (TicketInner::Pending(rx), Some(shared)) = (&mut self.inner, &self.shared) {
-            // Close first: an answer sent after this fails to arrive and goes
-            // to the next call; one that arrived before is taken here.
-            rx.close();
-            if let Ok(Err(e)) = rx.try_recv() {
-                shared.report_later(e);
-            }
-        }
-    }
-}
-
-/// Which archive a load used, and why.
-#[derive(Debug, Clone)]
-pub struct Loaded {
-    pub path: PathBuf,
-    /// The iteration count of the save loaded; the handle continues from it.
-    pub iterations: u64,
-    /// True when the live archive was damaged or missing and a backup or
-    /// snapshot was loaded instead.
-    pub fallback: bool,
-    /// Why the live archive was not used, when `fallback` is true.
-    pub reason: Option<String>,
-    /// Whether the archive loaded holds optimizer state.
-    pub has_optimizer: bool,
-}
-
-/// What [`ModelIo::resume`] did.
-#[derive(Debug, Clone)]
-pub struct Resumed {
-    /// The archive loaded, or `None` for a new model (nothing to resume).
-    pub loaded: Option<Loaded>,
-    /// What became of the optimizer.
-    pub optimizer: OptimizerResume,
-}
-
-/// Whether the optimizer's state was restored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OptimizerResume {
-    /// Its state was loaded from the archive.
-    Restored,
-    /// The archive holds none, for the reason given: the optimizer starts afresh.
-    Missing(String),
-    /// No optimizer was given, or the model is new.
-    NotApplicable,
-}
-
-/// What [`ModelIo::finish`] did: the exit save, the handle's counters at
-/// the end, and the background failures not reported before (failed backups
-/// or snapshots) — each reported here, once.
-///
-/// A failed backup or snapshot at the end of a run reaches the caller only
-/// here: report `unreported` (and, where it matters, fail the run).
-#[derive(Debug)]
-#[must_use = "failed backups and snapshots of the run's end are in `unreported`: report them"]
-pub struct Finished {
-    pub exit_save: Committed,
-    pub stats: SaveStats,
-    pub unreported: Vec<Error>,
-}
-
-/// Save counters of a handle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SaveStats {
-    pub requested: u64,
-    pub skipped: u64,
-    /// Saves that had to wait for a free staging buffer.
-    pub waited: u64,
-    pub committed: u64,
-    /// Saves that failed in the background (each reported once).
-    pub failed: u64,
-    /// Backups and snapshots that failed in the background.
-    pub failed_other: u64,
-    /// Times a staging buffer had to grow (reallocate).
-    pub buffer_growths: u64,
-}
+pub use outcome::{Committed, Finished, Loaded, OptimizerResume, Resumed, SaveStats};
+pub use ticket::Ticket;
 
 /// A save's copies once started: the CPU tensors left for the stager to copy
 /// (`"deferred"` mode; empty otherwise), and one event per GPU marking the
@@ -779,7 +581,7 @@ impl ModelIo {
         self.history.clear();
         self.loaded = None;
         self.last_save = Some(LastSave::Queued(self.state.total_iterations));
-        Ok(Ticket { inner: TicketInner::Pending(rx), shared: Some(self.shared.clone()) })
+        Ok(Ticket::pending(rx, self.shared.clone()))
     }
 
     /// Whether a save finding every staging buffer busy is skipped
