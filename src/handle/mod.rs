@@ -918,7 +918,7 @@ fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Re
         Err(e) => Some(e),
     };
     if fallback {
-        for candidate in fallback_candidates(paths) {
+        for candidate in crate::restore::fallback_candidates(paths) {
             if let Ok(read) = read_archive(&candidate, with_optimizer) {
                 let reason = match &first {
                     Some(e) => e.report().to_string(),
@@ -977,17 +977,6 @@ fn remove_stale_temps(paths: &ModelPaths) -> Result<()> {
         tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
     }
     Ok(())
-}
-
-/// The archives `load.fallback` tries, in order: `.bk`, then snapshots by
-/// iteration, newest first.
-fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
-    let live = paths.archive();
-    let mut candidates = vec![ModelPaths::backup_of(&live)];
-    let mut snaps = crate::snapshot::list(&paths.dir);
-    snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-    candidates.extend(snaps.into_iter().map(|(_, dir)| dir.join(file_name(&live))));
-    candidates
 }
 
 /// Stop the remote tier's uploads unless it drained (`idle`), reporting the
@@ -1066,7 +1055,7 @@ fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
             }
         }
     }
-    let candidates = fallback_candidates(paths);
+    let candidates = crate::restore::fallback_candidates(paths);
     let (backup, snapshots) = candidates.split_at(1);
     found.extend(backup.iter().filter(|bk| bk.exists()).map(|bk| file_name(bk)));
     let snapshots: Vec<&PathBuf> = snapshots.iter().filter(|p| p.exists()).collect();
