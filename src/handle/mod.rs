@@ -792,7 +792,7 @@ impl ModelIo {
 
     /// The remote tier's counters (`None` without `[remote]`, or in predict mode).
     #[cfg(feature = "remote")]
-    pub fn remote_stats(&self) -> Option<crate::remote::tier::RemoteStats> {
+    pub fn remote_stats(&self) -> Option<crate::remote::status::RemoteStats> {
         self.shared.remote.as_ref().map(|t| t.stats())
     }
 

@@ -19,6 +19,7 @@
 pub(crate) mod blocking;
 pub mod manifest;
 pub(crate) mod objects;
+pub mod status;
 pub(crate) mod store;
 #[cfg(feature = "torch")]
 pub(crate) mod tier;

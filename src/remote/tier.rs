@@ -20,8 +20,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::{Handler, Message, SyncContext};
-use serde::{Deserialize, Serialize};
 
+use super::status::{status_path, RemoteStats};
 use super::{Reason, Remote};
 use crate::background::lock;
 use crate::config::{RemoteConfig, UploadPolicy};
@@ -35,30 +35,6 @@ pub(crate) struct Upload {
     pub pinned: Vec<Pinned>,
     pub iterations: u64,
     pub reason: Reason,
-}
-
-/// The remote tier's counters.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RemoteStats {
-    /// `<url>/<model>`.
-    pub location: String,
-    /// Checkpoints uploaded (manifest committed).
-    pub uploaded: u64,
-    /// Saves not uploaded because a newer one replaced them while waiting.
-    pub skipped: u64,
-    /// Upload attempts that failed (each is retried or replaced).
-    pub failed_attempts: u64,
-    /// Iterations of the newest checkpoint uploaded by this run.
-    pub last_uploaded: Option<u64>,
-    /// The id (`<iterations:020>-<upload>`) of the newest checkpoint uploaded by this run.
-    pub last_checkpoint: Option<String>,
-    /// The last failure, and when (RFC 3339).
-    pub last_error: Option<String>,
-    pub last_error_at: Option<String>,
-    /// Iterations of the save being uploaded or waiting, if any.
-    pub pending: Option<u64>,
-    /// Uploads given up at shutdown (left for the next run's catch-up).
-    pub abandoned: u64,
 }
 
 #[derive(Default)]
@@ -311,11 +287,6 @@ impl Tier {
         let m = self.remote.upload(&archive.pin, &state.pin, upload.reason, &stop)?;
         Ok(Some(m.id()))
     }
-}
-
-/// Where the uploader publishes its counters: `<dir>/<name>_remote.json`.
-pub fn status_path(paths: &ModelPaths) -> std::path::PathBuf {
-    paths.dir.join(format!("{}_remote.json", paths.name))
 }
 
 /// The uploader actor: a thread of its own, since an upload may take minutes.
