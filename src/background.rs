@@ -39,6 +39,16 @@ pub(crate) fn guarded<T>(what: &'static str, work: impl FnOnce() -> Result<T>) -
     })
 }
 
+/// Lower the calling thread's scheduling priority (nice 10), so background
+/// checksumming, writing and uploading run in the time training leaves idle.
+pub(crate) fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// Failures of background work (a save, a backup, a snapshot, a shard, a
 /// commit) that no caller has heard of yet, oldest first: each is reported
 /// once, to one later call. Every failure is logged where it happens; past

@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 use crate::background::Inbox;
 use crate::error::{Error, Result};
 use crate::folder::ModelPaths;
+use crate::snapshot::Pinned;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
 #[cfg(feature = "remote")]
@@ -57,6 +58,23 @@ pub struct Stats {
     pub failed_other: AtomicU64,
 }
 
+/// What rides on the pipeline after it commits (the remote tier's
+/// uploads): started and stopped with the actors, and told of each commit,
+/// with a way to pin the committed files. The pipeline meets it only here;
+/// what it does with a commit (whether to upload it, and why) is its own
+/// policy.
+pub(crate) trait Rider: Send + Sync {
+    /// Start its own worker; called once, on the actors' system thread.
+    fn start(self: Arc<Self>);
+    /// Save `iterations` committed; `backup`: its loss was the lowest so far;
+    /// `exit`: the exit save. `pin` pins the committed files.
+    fn saved(&self, iterations: u64, backup: bool, exit: bool, pin: &dyn Fn() -> Result<Vec<Pinned>>);
+    /// A snapshot was requested of save `iterations`, committed by this run.
+    fn snapshotted(&self, iterations: u64, pin: &dyn Fn() -> Result<Vec<Pinned>>);
+    /// The actors stop: work under way is abandoned.
+    fn stop(&self);
+}
+
 /// Settings the actors act on, from the config.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
@@ -73,9 +91,8 @@ pub(crate) struct Shared {
     /// Background failures that no ticket took.
     failures: Inbox,
     pub stats: Stats,
-    /// The remote tier, when `[remote]` is configured.
-    #[cfg(feature = "remote")]
-    pub remote: Option<Arc<crate::remote::tier::Tier>>,
+    /// What rides on the pipeline (the remote tier, when `[remote]` is configured).
+    pub rider: Option<Arc<dyn Rider>>,
     /// Test hook: an artificial delay before each write (ms).
     write_delay_ms: AtomicU64,
     /// Test hook: the next write panics. Set by the handle, taken (swapped
@@ -90,8 +107,7 @@ impl Shared {
             settings,
             failures: Inbox::default(),
             stats: Stats::default(),
-            #[cfg(feature = "remote")]
-            remote: None,
+            rider: None,
             write_delay_ms: AtomicU64::new(0),
             panic_next_write: AtomicBool::new(false),
         }
@@ -151,16 +167,7 @@ impl Shared {
 }
 
 pub(crate) use crate::background::guarded;
-
-/// Lower the calling thread's scheduling priority (nice 10), so background
-/// checksumming and writing run in the time training leaves idle.
-fn yield_cpu() {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
-}
+use crate::background::lower_priority;
 
 /// The running actor system.
 pub(crate) struct Actors {
@@ -174,17 +181,15 @@ pub(crate) struct Actors {
     snapshots: Arc<AtomicUsize>,
     system: actix::System,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Stopped with the actors: an upload still under way is abandoned
-    /// (the next run's catch-up uploads the newest save).
-    #[cfg(feature = "remote")]
-    remote: Option<Arc<crate::remote::tier::Tier>>,
+    /// Stopped with the actors (an upload still under way is abandoned;
+    /// the next run's catch-up uploads the newest save).
+    rider: Option<Arc<dyn Rider>>,
 }
 
 impl Actors {
     /// Start the system thread and the four actors.
     pub fn start(shared: Arc<Shared>) -> Result<Actors> {
-        #[cfg(feature = "remote")]
-        let remote = shared.remote.clone();
+        let rider = shared.rider.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("modelio-actors".into())
@@ -196,27 +201,20 @@ impl Actors {
                     // since optimizer steps wait for its copies.
                     let s = shared.clone();
                     let backup = SyncArbiter::start(1, move || {
-                        yield_cpu();
+                        lower_priority();
                         backup::BackupActor { shared: s.clone() }
                     });
                     let s = shared.clone();
                     let snapshot = SyncArbiter::start(1, move || {
-                        yield_cpu();
+                        lower_priority();
                         snapshot::SnapshotActor { shared: s.clone() }
                     });
-                    #[cfg(feature = "remote")]
-                    if let Some(tier) = &shared.remote {
-                        let t = tier.clone();
-                        let uploader = SyncArbiter::start(1, move || {
-                            yield_cpu();
-                            crate::remote::tier::Uploader { tier: t.clone() }
-                        });
-                        uploader.do_send(crate::remote::tier::Clean);
-                        tier.set_uploader(uploader);
+                    if let Some(rider) = &shared.rider {
+                        rider.clone().start();
                     }
                     let s = shared.clone();
                     let saver = SyncArbiter::start(1, move || {
-                        yield_cpu();
+                        lower_priority();
                         saver::Saver {
                             shared: s.clone(),
                             backup: backup.clone(),
@@ -240,8 +238,7 @@ impl Actors {
             snapshots: Arc::new(AtomicUsize::new(0)),
             system,
             thread: Some(thread),
-            #[cfg(feature = "remote")]
-            remote,
+            rider,
         })
     }
 
@@ -290,9 +287,8 @@ impl Actors {
 
     /// Stop the system and join its thread (call after a flush).
     pub fn stop(&mut self) {
-        #[cfg(feature = "remote")]
-        if let Some(tier) = &self.remote {
-            tier.stop();
+        if let Some(rider) = &self.rider {
+            rider.stop();
         }
         self.system.stop();
         if let Some(t) = self.thread.take() {

@@ -153,16 +153,8 @@ impl Handler<Write> for Saver {
             copy,
             write,
         };
-        #[cfg(feature = "remote")]
-        if self.shared.remote.as_ref().is_some_and(|t| t.wants(job.backup, job.exit)) {
-            let reason = if job.exit {
-                crate::remote::Reason::Exit
-            } else if job.backup {
-                crate::remote::Reason::Backup
-            } else {
-                crate::remote::Reason::Save
-            };
-            self.offer_upload(job.iterations, reason);
+        if let Some(rider) = &self.shared.rider {
+            rider.saved(job.iterations, job.backup, job.exit, &|| pin(&self.shared));
         }
         if job.backup {
             // The backup actor answers the ticket once the `.bk` files exist.
@@ -208,7 +200,6 @@ impl Saver {
 
     /// Pin the files a due snapshot is built from and pass them on.
     fn take_snapshot(&self, s: Snapshot, due: Due) {
-        #[cfg(feature = "remote")]
         let of_save = matches!(due, Due::Save(_));
         let iterations = match due {
             Due::Save(n) => n,
@@ -219,27 +210,14 @@ impl Saver {
                 Err(e) => return self.shared.fail("snapshot", e, None),
             },
         };
-        #[cfg(feature = "remote")]
-        if of_save && self.shared.remote.as_ref().is_some_and(|t| t.wants_snapshots()) {
-            self.offer_upload(iterations, crate::remote::Reason::Snapshot);
+        if let (true, Some(rider)) = (of_save, &self.shared.rider) {
+            rider.snapshotted(iterations, &|| pin(&self.shared));
         }
         match guarded("snapshot", || pin(&self.shared)) {
             Ok(pinned) => {
                 self.snapshot.do_send(BuildSnapshot { iterations, pinned, permit: s.permit });
             }
             Err(e) => self.shared.fail("snapshot", e, None),
-        }
-    }
-}
-
-#[cfg(feature = "remote")]
-impl Saver {
-    /// Pin the committed save (`iterations`) and offer it to the uploader.
-    fn offer_upload(&self, iterations: u64, reason: crate::remote::Reason) {
-        let Some(tier) = &self.shared.remote else { return };
-        match guarded("upload", || pin(&self.shared)) {
-            Ok(pinned) => tier.offer(crate::remote::tier::Upload { pinned, iterations, reason }),
-            Err(e) => tracing::warn!(target: "modelio", "remote: could not pin iteration {iterations} for upload: {}", e.report()),
         }
     }
 }

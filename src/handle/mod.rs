@@ -92,6 +92,11 @@ pub struct ModelIo {
     /// `load.fallback` is on: saving before a load would overwrite it.
     unloaded_history: Option<String>,
     last_save: Option<LastSave>,
+    /// The remote tier, when `[remote]` is configured (it rides on the
+    /// pipeline as `shared.rider`; the handle asks it for counters and waits
+    /// on its uploads).
+    #[cfg(feature = "remote")]
+    tier: Option<Arc<crate::remote::tier::Tier>>,
 }
 
 impl ModelIo {
@@ -148,10 +153,13 @@ impl ModelIo {
             }
         }
         #[cfg(feature = "remote")]
-        if !config.model.predict {
-            if let Some(remote) = remote {
-                shared.remote = Some(Arc::new(crate::remote::tier::Tier::new(remote, config.remote.clone(), paths.clone())));
-            }
+        let tier = match (config.model.predict, remote) {
+            (false, Some(remote)) => Some(Arc::new(crate::remote::tier::Tier::new(remote, config.remote.clone(), paths.clone()))),
+            _ => None,
+        };
+        #[cfg(feature = "remote")]
+        if let Some(t) = &tier {
+            shared.rider = Some(t.clone());
         }
         let shared = Arc::new(shared);
         let actors = match lock {
@@ -178,7 +186,7 @@ impl ModelIo {
         // stopped before uploading it) goes up first. One just restored from
         // the remote is there already: it is not offered (nor shown pending).
         #[cfg(feature = "remote")]
-        if let (Some(_), Some(tier), true, false) = (&actors, &shared.remote, paths.archive().is_file(), restored) {
+        if let (Some(_), Some(tier), true, false) = (&actors, &tier, paths.archive().is_file(), restored) {
             // No save is queued yet, so the files pinned are the committed ones.
             match crate::actors::pin(&shared) {
                 Ok(pinned) => tier.offer(crate::remote::tier::Upload {
@@ -208,6 +216,8 @@ impl ModelIo {
             loaded: None,
             unloaded_history,
             last_save: None,
+            #[cfg(feature = "remote")]
+            tier,
         })
     }
 
@@ -793,7 +803,7 @@ impl ModelIo {
     /// The remote tier's counters (`None` without `[remote]`, or in predict mode).
     #[cfg(feature = "remote")]
     pub fn remote_stats(&self) -> Option<crate::remote::status::RemoteStats> {
-        self.shared.remote.as_ref().map(|t| t.stats())
+        self.tier.as_ref().map(|t| t.stats())
     }
 
     /// Wait until the remote tier has uploaded every committed save offered
@@ -801,14 +811,14 @@ impl ModelIo {
     /// Blocks the calling thread.
     #[cfg(feature = "remote")]
     pub fn wait_remote_blocking(&self, timeout: Duration) -> bool {
-        self.shared.remote.as_ref().is_none_or(|t| t.wait_idle(timeout))
+        self.tier.as_ref().is_none_or(|t| t.wait_idle(timeout))
     }
 
     /// After the actors drained: give uploads `remote.drain_secs` to
     /// finish, then stop them. An upload still under way is reported.
     async fn drain_remote(&self) -> Option<Error> {
         #[cfg(feature = "remote")]
-        if let Some(tier) = self.shared.remote.clone() {
+        if let Some(tier) = self.tier.clone() {
             let t = tier.clone();
             let idle = tokio::task::spawn_blocking(move || t.wait_idle(Duration::from_secs(t.config.drain_secs))).await.unwrap_or(false);
             return remote_behind(&tier, idle);
@@ -819,7 +829,7 @@ impl ModelIo {
     /// [`ModelIo::drain_remote`], blocking the calling thread.
     fn drain_remote_blocking(&self) -> Option<Error> {
         #[cfg(feature = "remote")]
-        if let Some(tier) = &self.shared.remote {
+        if let Some(tier) = &self.tier {
             let idle = tier.wait_idle(Duration::from_secs(tier.config.drain_secs));
             return remote_behind(tier, idle);
         }
@@ -830,7 +840,7 @@ impl ModelIo {
     #[cfg(feature = "remote")]
     #[doc(hidden)]
     pub fn set_upload_delay(&self, delay: Duration) {
-        if let Some(t) = &self.shared.remote {
+        if let Some(t) = &self.tier {
             t.set_delay(delay);
         }
     }

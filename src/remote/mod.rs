@@ -103,7 +103,7 @@ impl Remote {
     pub fn connect(config: &RemoteConfig, name: &str) -> Result<Remote> {
         let built = store::build(config)?;
         // Uploads run in the time training leaves idle, as the saver does.
-        let rt = blocking::Blocking::new("modelio-remote", lower_priority, &config.url)?;
+        let rt = blocking::Blocking::new("modelio-remote", crate::background::lower_priority, &config.url)?;
         let location = format!("{}/{name}", config.url.trim_end_matches('/'));
         let inner = Inner {
             objects: Objects::new(built.store, config, location),
@@ -628,15 +628,6 @@ impl Inner {
             cleaned += 1;
         }
         Ok(cleaned)
-    }
-}
-
-/// Lower the calling thread's scheduling priority (nice 10).
-fn lower_priority() {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 

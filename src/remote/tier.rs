@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use actix::{Handler, Message, SyncContext};
+use actix::{Handler, Message, SyncArbiter, SyncContext};
 
 use super::status::{status_path, RemoteStats};
 use super::{Reason, Remote};
-use crate::background::lock;
+use crate::actors::Rider;
+use crate::background::{guarded, lock, lower_priority};
 use crate::config::{RemoteConfig, UploadPolicy};
 use crate::durable;
 use crate::error::{Error, Result};
@@ -81,7 +82,7 @@ impl Tier {
     }
 
     /// Whether a save with these properties is uploaded.
-    pub fn wants(&self, backup: bool, exit: bool) -> bool {
+    fn wants(&self, backup: bool, exit: bool) -> bool {
         match self.config.upload {
             UploadPolicy::Every => true,
             UploadPolicy::Milestones => backup || exit,
@@ -90,12 +91,8 @@ impl Tier {
 
     /// Whether snapshotted saves are uploaded separately (they are already
     /// uploaded when every save is).
-    pub fn wants_snapshots(&self) -> bool {
+    fn wants_snapshots(&self) -> bool {
         self.config.upload == UploadPolicy::Milestones
-    }
-
-    pub fn set_uploader(&self, addr: actix::Addr<Uploader>) {
-        let _ = self.addr.set(addr);
     }
 
     /// Queue `upload`, replacing (and counting as skipped) one still
@@ -289,6 +286,54 @@ impl Tier {
     }
 }
 
+/// The tier rides on the pipeline: it hears of each commit and decides
+/// what goes up, and why (`remote.upload`).
+impl Rider for Tier {
+    fn start(self: Arc<Self>) {
+        let tier = self.clone();
+        let uploader = SyncArbiter::start(1, move || {
+            lower_priority();
+            Uploader { tier: tier.clone() }
+        });
+        uploader.do_send(Clean);
+        let _ = self.addr.set(uploader);
+    }
+
+    fn saved(&self, iterations: u64, backup: bool, exit: bool, pin: &dyn Fn() -> Result<Vec<Pinned>>) {
+        if !self.wants(backup, exit) {
+            return;
+        }
+        let reason = if exit {
+            Reason::Exit
+        } else if backup {
+            Reason::Backup
+        } else {
+            Reason::Save
+        };
+        self.offer_pinned(iterations, reason, pin);
+    }
+
+    fn snapshotted(&self, iterations: u64, pin: &dyn Fn() -> Result<Vec<Pinned>>) {
+        if self.wants_snapshots() {
+            self.offer_pinned(iterations, Reason::Snapshot, pin);
+        }
+    }
+
+    fn stop(&self) {
+        Tier::stop(self);
+    }
+}
+
+impl Tier {
+    /// Pin the committed save (`iterations`) and offer it for upload.
+    fn offer_pinned(&self, iterations: u64, reason: Reason, pin: &dyn Fn() -> Result<Vec<Pinned>>) {
+        match guarded("upload", pin) {
+            Ok(pinned) => self.offer(Upload { pinned, iterations, reason }),
+            Err(e) => tracing::warn!(target: "modelio", "remote: could not pin iteration {iterations} for upload: {}", e.report()),
+        }
+    }
+}
+
 /// The uploader actor: a thread of its own, since an upload may take minutes.
 pub(crate) struct Uploader {
     pub tier: Arc<Tier>,
@@ -313,7 +358,7 @@ impl Handler<Wake> for Uploader {
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         while let Some(upload) = self.tier.take() {
             let tier = &self.tier;
-            if let Err(e) = crate::background::guarded("upload", || {
+            if let Err(e) = guarded("upload", || {
                 tier.upload(upload);
                 Ok(())
             }) {
