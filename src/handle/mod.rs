@@ -1,6 +1,5 @@
 //! [`ModelIo`]: the handle a training loop holds.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,16 +11,25 @@ use tokio::sync::oneshot;
 use crate::actors::messages::{Desc, SaveJob, Stage};
 use crate::actors::{Actors, Settings, Shared};
 use crate::archive::ArchiveReader;
-use crate::config::{Config, CpuCopy, OnBusy, OptimizerPolicy};
+use crate::config::{Config, CpuCopy, OnBusy};
 use crate::error::{Error, IoContext, Result};
 use crate::folder::{self, ModelPaths};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::staging::{Fence, Lease, Pool};
 use crate::state::{backup_rule, State};
-use crate::tensors::{checked_shape, dtype_of, read_tensor};
+use crate::tensors::{checked_shape, dtype_of};
 
+mod load;
 pub(crate) mod outcome;
+mod recover;
+#[cfg(feature = "remote")]
+mod remote;
 mod ticket;
+
+use load::{missing_optimizer_reason, read_for_load, read_optimizer, Read};
+use recover::{file_name, history_without_archive, reconcile_state, remove_stale_temps};
+#[cfg(feature = "remote")]
+use remote::{remote_behind, restore_from_remote};
 
 pub use outcome::{Committed, Finished, Loaded, OptimizerResume, Resumed, SaveStats};
 pub use ticket::Ticket;
@@ -886,227 +894,6 @@ fn describe(
         None => None,
     };
     Ok((model, optimizer, tensors))
-}
-
-/// An archive read whole: every model tensor (and the optimizer's state
-/// when asked for), each checked against its checksum.
-struct Read {
-    reader: ArchiveReader,
-    model: BTreeMap<String, tch::Tensor>,
-    optimizer: Option<OptimizerState>,
-}
-
-fn read_archive(path: &Path, with_optimizer: bool) -> Result<Read> {
-    let reader = ArchiveReader::open(path)?;
-    let mut model = BTreeMap::new();
-    for t in &reader.model {
-        model.insert(t.meta.name.clone(), read_tensor(&reader, t)?);
-    }
-    let optimizer = if with_optimizer { read_optimizer(&reader)? } else { None };
-    Ok(Read { reader, model, optimizer })
-}
-
-fn read_optimizer(reader: &ArchiveReader) -> Result<Option<OptimizerState>> {
-    let Some((located, json)) = &reader.optimizer else { return Ok(None) };
-    let kind = reader.manifest.optimizer.as_ref().map(|o| o.kind.clone()).unwrap_or_default();
-    let mut tensors = BTreeMap::new();
-    for t in located {
-        tensors.insert(t.meta.name.clone(), read_tensor(reader, t)?);
-    }
-    Ok(Some(OptimizerState { kind, json: json.clone(), tensors }))
-}
-
-/// Read the live archive, or with `fallback` the newest that reads whole
-/// and checks (`.bk`, then snapshots by iteration). Returns what was read
-/// and, for a fallback, why the live archive was not used. Each archive is
-/// read and checked once.
-fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Result<(Read, Option<String>)> {
-    let live = paths.archive();
-    let first = match read_archive(&live, with_optimizer) {
-        Ok(read) => return Ok((read, None)),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => Some(e),
-    };
-    if fallback {
-        for candidate in crate::restore::fallback_candidates(paths) {
-            if let Ok(read) = read_archive(&candidate, with_optimizer) {
-                let reason = match &first {
-                    Some(e) => e.report().to_string(),
-                    None => format!("archive {} is missing", live.display()),
-                };
-                tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
-                return Ok((read, Some(reason)));
-            }
-        }
-    }
-    // Told only now, when no fallback loaded: whether history makes a
-    // missing archive a lost one.
-    Err(first.unwrap_or_else(|| missing_archive(paths, fallback)))
-}
-
-/// The error of a load that found no archive: a new model has none, but
-/// beside the model's history (a state file, backups, snapshots) the archive
-/// was lost, and "train a model first" would be wrong advice.
-fn missing_archive(paths: &ModelPaths, fallback: bool) -> Error {
-    let (dir, name, file) = (paths.dir.clone(), paths.name.clone(), file_name(&paths.archive()));
-    match history_without_archive(paths) {
-        Ok(None) => Error::ModelNotFound { dir, name, file },
-        Ok(Some(found)) if fallback => Error::ArchiveLost { dir, name, file, found },
-        Ok(Some(found)) => Error::ArchiveMissing { dir, name, file, found },
-        Err(e) => e,
-    }
-}
-
-/// Why an archive holds no optimizer state, from the policy that wrote it.
-fn missing_optimizer_reason(policy: OptimizerPolicy) -> String {
-    match policy {
-        OptimizerPolicy::Never => "`save.optimizer = \"never\"` does not store it".into(),
-        OptimizerPolicy::Exit => "`save.optimizer = \"exit\"` stores it only with the exit save, and the last run did not end with one \
-             (killed, or stopped without an exit save); set `save.optimizer = \"always\"` to store it with every save"
-            .into(),
-        OptimizerPolicy::Always => "the archive was saved without it (by an earlier policy, or with no optimizer given)".into(),
-    }
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// Remove what an interrupted run left: every temporary file in the model
-/// folder (the caller holds its lock), and beside it only this folder's own
-/// snapshot temporaries (other folders' may be in use by their trainers),
-/// which are always folders: a file there is not modelio's.
-fn remove_stale_temps(paths: &ModelPaths) -> Result<()> {
-    let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
-    let prefix = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
-    let removed = crate::durable::remove_stale_temps(&paths.dir, |_, _| true)?
-        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base, is_dir| {
-            is_dir && !prefix.is_empty() && base.starts_with(prefix)
-        })?;
-    if removed > 0 {
-        tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
-    }
-    Ok(())
-}
-
-/// Stop the remote tier's uploads unless it drained (`idle`), reporting the
-/// upload left behind and its last failure.
-#[cfg(feature = "remote")]
-fn remote_behind(tier: &crate::remote::tier::Tier, idle: bool) -> Option<Error> {
-    if idle {
-        return None;
-    }
-    let stats = tier.stats();
-    tier.stop();
-    Some(Error::RemoteBehind {
-        location: stats.location,
-        iterations: stats.pending.unwrap_or_default(),
-        waited_secs: tier.config.drain_secs,
-        last_error: stats.last_error.unwrap_or_else(|| "none; it was still uploading".into()),
-    })
-}
-
-/// Pull the newest remote checkpoint that verifies into the empty model
-/// folder `paths`; a damaged one is skipped for the one before it. Returns
-/// whether one was pulled (false: the remote holds none).
-#[cfg(feature = "remote")]
-fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Result<bool> {
-    // Only the store's failures are "could not be read"; a full disk, a
-    // local error, refused credentials and a missing bucket are reported as
-    // themselves (each names its cause and what to do).
-    let unreadable = |e: Error| match e {
-        Error::Remote { .. } => {
-            Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(e) }
-        }
-        other => other,
-    };
-    let mut all = remote.list().map_err(unreadable)?;
-    let mut damaged = Vec::new();
-    while let Some(m) = all.pop() {
-        match remote.pull(&m, paths) {
-            Ok(()) => {
-                tracing::info!(target: "modelio", "restored iteration {} from {} ({})", m.iterations, remote.location(), m.id());
-                for (id, e) in &damaged {
-                    tracing::warn!(target: "modelio", "skipped remote checkpoint {id}, which does not verify: {}", Error::report(e));
-                }
-                return Ok(true);
-            }
-            Err(e @ (Error::RemoteDamaged { .. } | Error::Damaged { .. })) => damaged.push((m.id(), e)),
-            Err(e) => return Err(unreadable(e)),
-        }
-    }
-    // Checkpoints exist but none verifies: starting from scratch would be
-    // silent data loss, so refuse (remote.restore = false starts afresh).
-    match damaged.into_iter().next() {
-        Some((_, newest)) => {
-            Err(Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(newest) })
-        }
-        None => Ok(false),
-    }
-}
-
-/// When the archive is missing but the folder holds the model's history (a
-/// state file that counted iterations, a backup, a snapshot), what is there.
-fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
-    match std::fs::symlink_metadata(paths.archive()) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        _ => return Ok(None),
-    }
-    let mut found = Vec::new();
-    let state = paths.state();
-    let mut damaged_state = None;
-    if state.exists() {
-        match State::read(&state) {
-            Ok(s) if s.total_iterations == 0 => {}
-            Ok(s) => found.push(format!("{} ({} iterations)", file_name(&state), s.total_iterations)),
-            Err(e) => {
-                found.push(format!("{} (damaged)", file_name(&state)));
-                damaged_state = Some(e);
-            }
-        }
-    }
-    let candidates = crate::restore::fallback_candidates(paths);
-    let (backup, snapshots) = candidates.split_at(1);
-    found.extend(backup.iter().filter(|bk| bk.exists()).map(|bk| file_name(bk)));
-    let snapshots: Vec<&PathBuf> = snapshots.iter().filter(|p| p.exists()).collect();
-    if let Some(newest) = snapshots.first() {
-        let dir = newest.parent().map(file_name).unwrap_or_default();
-        found.push(format!("{} snapshot(s), the newest {dir}", snapshots.len()));
-    }
-    // A damaged state file alone: that is the problem to report (no
-    // fallback can help it).
-    if let (Some(e), 1) = (damaged_state, found.len()) {
-        return Err(e);
-    }
-    Ok(if found.is_empty() { None } else { Some(found.join(", ")) })
-}
-
-/// The state to continue from. The archive carries a copy of the state file
-/// as of its save, so when a crash fell between committing the archive and
-/// the state file (or the state file is damaged), the archive's copy wins and,
-/// in training mode, is written back.
-fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State> {
-    let state_path = paths.state();
-    let from_file = if state_path.exists() { Some(State::read(&state_path)) } else { None };
-    let from_archive: Option<State> = match ArchiveReader::open(&paths.archive()) {
-        Ok(r) => r.state.and_then(|bytes| serde_json::from_slice(&bytes).ok()),
-        // A FIFO or device under the archive's name: refuse, never block on it.
-        Err(e @ Error::NotRegular { .. }) => return Err(e),
-        // Missing or damaged: a load reports it.
-        Err(_) => None,
-    };
-    match (from_file, from_archive) {
-        (Some(Ok(f)), Some(a)) if f.total_iterations == a.total_iterations => Ok(f),
-        (_, Some(a)) => {
-            if !predict {
-                tracing::warn!(target: "modelio", "state file {} did not match the archive; restored it from the archive", state_path.display());
-                crate::durable::commit_bytes(&state_path, &a.to_json())?;
-            }
-            Ok(a)
-        }
-        (Some(f), None) => f,
-        (None, None) => Ok(State::new(&paths.name)),
-    }
 }
 
 /// Queue a non-blocking copy of a GPU tensor into pinned buffer `i` of the lease.
