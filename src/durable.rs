@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
+pub use crate::disk::free_bytes;
+pub(crate) use crate::disk::parent_of;
+
 /// Every temporary file or folder modelio creates starts with this.
 pub(crate) const TEMP_PREFIX: &str = ".modelio-tmp-";
 
@@ -305,14 +308,6 @@ pub fn is_temp(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
-/// The folder holding `path` ("." for a bare file name).
-pub(crate) fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// fsync a folder so a rename inside it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at("fsync folder", dir)
@@ -476,28 +471,6 @@ pub(crate) fn remove_stale_temps(dir: &Path, owned: impl Fn(&str, bool) -> bool)
         }
     }
     Ok(removed)
-}
-
-/// Free bytes on the filesystem holding `path` (or its nearest existing parent).
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut p = path.to_path_buf();
-    while !p.exists() {
-        p = p.parent()?.to_path_buf();
-        if p.as_os_str().is_empty() {
-            p = PathBuf::from(".");
-        }
-    }
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid path and `st` is a valid out-pointer.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    Some(st.f_bavail * st.f_frsize)
 }
 
 #[cfg(test)]

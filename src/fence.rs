@@ -3,14 +3,10 @@
 //! arms it, and waiting on it returns at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
 
-/// Lock a mutex, recovering the data if a thread panicked while holding it
-/// (every value guarded with it stays consistent between statements).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::background::lock;
+use std::time::{Duration, Instant};
 
 /// Blocks parameter updates while a save is still copying them.
 ///

@@ -70,14 +70,25 @@
 //!   restoring backups, and when to save.
 //! - [`optim`]: SGD, Adam and AdamW whose state can be saved, behind [`Optimizer`].
 //! - [`lock`]: one training process per model folder.
+//! - [`signals`]: the first Ctrl-C or SIGTERM as a cancellation token, for the exit save.
+//! - [`tensors`]: tensors to and from the archive's bytes, dtypes and shapes.
+//! - [`remote`]: the remote tier (object storage): uploads after commits, pulls,
+//!   verification and retention there; `remote/objects.rs` (internal) is the one
+//!   object-store layer, which sharded checkpoints use too.
+//! - [`sharded`]: checkpoints saved by several ranks, each its shard, committed by
+//!   rank 0 as one step, loaded on any number of ranks.
+//! - `background` (internal): the lock helper and failure inbox every worker shares.
 //! - [`config`]: the TOML configuration; [`error`]: the one error type.
 
 #[cfg(feature = "torch")]
 pub(crate) mod actors;
 pub mod archive;
+#[cfg(any(feature = "torch", feature = "remote"))]
+mod background;
 pub mod config;
 #[cfg(feature = "torch")]
 pub(crate) mod cuda;
+mod disk;
 pub mod durable;
 pub mod error;
 #[cfg(feature = "torch")]

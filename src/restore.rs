@@ -8,6 +8,21 @@ use crate::error::{Error, IoContext, Result};
 use crate::folder::ModelPaths;
 use crate::state::State;
 
+/// The archives a `load.fallback = true` load tries, in order, when the live
+/// one is missing or damaged: `<name>.mio.bk`, then the snapshots' copies by
+/// iteration, newest first. The loader takes the first that verifies; the
+/// commands that say what it would load ask here too.
+pub fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
+    let live = paths.archive();
+    let mut candidates = vec![ModelPaths::backup_of(&live)];
+    let mut snaps = crate::snapshot::list(&paths.dir);
+    snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    if let Some(file) = live.file_name() {
+        candidates.extend(snaps.into_iter().map(|(_, dir)| dir.join(file)));
+    }
+    candidates
+}
+
 /// What a restore did.
 #[derive(Debug, Clone)]
 pub struct Restored {
@@ -153,6 +168,20 @@ mod tests {
 
     const KNOWN: &str = "0b6a3c4e-7f1d-4a8e-9c2b-5d7e8f901234";
     const UNKNOWN: &str = "9f8e7d6c-5b4a-4392-8172-6a5b4c3d2e1f";
+
+    #[test]
+    fn fallback_tries_the_backup_then_snapshots_newest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = ModelPaths::new(tmp.path().join("model"), "m");
+        for n in [20, 100, 3] {
+            fs::create_dir_all(crate::snapshot::snapshot_dir(&paths.dir, n)).unwrap();
+        }
+        // Another model folder's snapshots are not this one's.
+        fs::create_dir_all(crate::snapshot::snapshot_dir(&tmp.path().join("model2"), 500)).unwrap();
+        let got = fallback_candidates(&paths);
+        let snap = |n| crate::snapshot::snapshot_dir(&paths.dir, n).join("m.mio");
+        assert_eq!(got, vec![paths.dir.join("m.mio.bk"), snap(100), snap(20), snap(3)]);
+    }
 
     #[test]
     fn session_ids_are_uuids_as_start_session_writes_them() {

@@ -78,11 +78,19 @@ pub fn examine(n: u64, dir: &Path, archive: &OsStr) -> Option<Listed> {
 
 /// A file pinned at a save: `pin`, a temporary link (or copy) beside it,
 /// holds what `target` held then, whatever later saves do to `target`.
-/// Backups and snapshots are made from pins.
-#[derive(Debug, Clone)]
+/// Backups and snapshots are made from pins. A `Pinned` owns its pin: it is
+/// removed when the `Pinned` is dropped (used, refused, or never delivered),
+/// and a backup or snapshot made from it holds its own link or copy.
+#[derive(Debug)]
 pub struct Pinned {
     pub pin: PathBuf,
     pub target: PathBuf,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.pin);
+    }
 }
 
 impl Pinned {
@@ -208,6 +216,22 @@ pub fn apply_retention(paths: &ModelPaths, keep: usize) -> Result<Vec<PathBuf>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_is_removed_with_its_pinned_and_what_was_made_from_it_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("m.mio");
+        fs::write(&target, b"saved").unwrap();
+        let pin = durable::temp_path(dir.path(), &target);
+        fs::hard_link(&target, &pin).unwrap();
+        let pinned = Pinned { pin: pin.clone(), target: target.clone() };
+        let made = dir.path().join("m.mio.bk");
+        fs::hard_link(&pinned.pin, &made).unwrap();
+        drop(pinned);
+        assert!(!pin.exists());
+        assert_eq!(fs::read(&made).unwrap(), b"saved");
+        assert_eq!(fs::read(&target).unwrap(), b"saved");
+    }
 
     #[test]
     fn a_snapshot_retired_while_listed_is_left_out_not_damaged() {

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-pub(crate) use crate::fence::lock;
+use crate::background::lock;
 pub use crate::fence::{Fence, FenceGuard};
 
 /// Most threads an immediate staging copy uses (the caller's included).

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{printed, text};
+
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -16,15 +18,6 @@ use modelio::state::{Session, State};
 
 fn cli() -> Command {
     Command::new(common::cli())
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Everything the command printed, stdout then stderr.
-fn printed(out: &Output) -> String {
-    format!("{}{}", text(&out.stdout), text(&out.stderr))
 }
 
 /// Commit an archive of model `name` at `iterations` holding `n` small f32

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{printed, text};
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -17,15 +19,6 @@ use modelio::{Config, ModelIo};
 
 fn cli() -> Command {
     Command::new(common::cli())
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Everything the command printed, stdout then stderr.
-fn printed(out: &Output) -> String {
-    format!("{}{}", text(&out.stdout), text(&out.stderr))
 }
 
 /// Model `m` in `dir`, saving every iteration, uploading every save to `url`

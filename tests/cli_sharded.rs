@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{printed, text};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -18,15 +20,6 @@ fn cli() -> Command {
     let mut c = Command::new(common::cli());
     c.env("RANK", "5").env("WORLD_SIZE", "2");
     c
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Everything the command printed, stdout then stderr.
-fn printed(out: &Output) -> String {
-    format!("{}{}", text(&out.stdout), text(&out.stderr))
 }
 
 fn run(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, Output) {

@@ -30,12 +30,7 @@ fn run_demo(dir: &Path, iterations: u64) {
 }
 
 fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let r = ArchiveReader::open(path).unwrap();
-    let opt = r.optimizer.iter().flat_map(|(t, _)| t.iter());
-    let mut all: Vec<(String, Vec<u8>)> =
-        r.model.iter().chain(opt).map(|t| (t.meta.name.clone(), r.checked_data(t).unwrap().to_vec())).collect();
-    all.sort();
-    all
+    common::archive_tensors(path)
 }
 
 #[test]

@@ -134,13 +134,8 @@ fn run_demo(server: &S3Server, config: &Path, dir: &Path, iterations: u64) -> St
 
 /// Every tensor of an archive (model and optimizer), by name, with its bytes.
 fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let r = ArchiveReader::open(path).unwrap();
-    assert!(r.optimizer.is_some(), "{} holds no optimizer state", path.display());
-    let opt = r.optimizer.iter().flat_map(|(t, _)| t.iter());
-    let mut all: Vec<(String, Vec<u8>)> =
-        r.model.iter().chain(opt).map(|t| (t.meta.name.clone(), r.checked_data(t).unwrap().to_vec())).collect();
-    all.sort();
-    all
+    assert!(ArchiveReader::open(path).unwrap().optimizer.is_some(), "{} holds no optimizer state", path.display());
+    common::archive_tensors(path)
 }
 
 #[test]

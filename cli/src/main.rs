@@ -174,6 +174,7 @@ macro_rules! say {
 // Declared after `say!`, which they use.
 mod remote;
 mod sharded;
+mod show;
 
 impl Out {
     fn line(&mut self, args: fmt::Arguments<'_>) {
@@ -409,13 +410,7 @@ fn verify(path: &Path, out: &mut Out) -> Result<ExitCode, CliError> {
 /// the newest that verifies of `<name>.mio.bk`, then the snapshots by
 /// iteration, newest first. Archives already checked are not read again.
 fn fallback(dir: &Path, name: &str, checked: &BTreeMap<PathBuf, Result<u64, Error>>) -> Option<(PathBuf, u64)> {
-    let live = ModelPaths::new(dir, name).archive();
-    let file_name = live.file_name()?.to_owned();
-    let mut candidates = vec![ModelPaths::backup_of(&live)];
-    let mut snaps = snapshot::list(dir);
-    snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-    candidates.extend(snaps.into_iter().map(|(_, snap)| snap.join(&file_name)));
-    candidates.into_iter().find_map(|file| {
+    modelio::restore::fallback_candidates(&ModelPaths::new(dir, name)).into_iter().find_map(|file| {
         let iterations = match checked.get(&file) {
             Some(result) => result.as_ref().ok().copied(),
             None => check(&file).ok(),

@@ -12,9 +12,11 @@ use std::time::SystemTime;
 
 use clap::{Args, Subcommand};
 use modelio::folder::ModelPaths;
+use modelio::remote::status::{RemoteStats, STATUS_SUFFIX};
 use modelio::remote::{Remote, RemoteManifest};
 use modelio::{Config, Error};
 
+use crate::show::{mib, short_time};
 use crate::{CliError, Out};
 
 #[derive(Subcommand)]
@@ -164,20 +166,6 @@ pub fn run(command: RemoteCommand, out: &mut Out) -> Result<ExitCode, CliError> 
     }
 }
 
-pub(crate) fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// An RFC 3339 time in UTC without its fraction of a second
-/// (`2024-05-01T12:00:00Z`); any other text as it is.
-pub(crate) fn short_time(t: &str) -> String {
-    let utc = t.ends_with("+00:00") || t.ends_with('Z');
-    match t.get(..19) {
-        Some(seconds) if utc && t.as_bytes().get(10) == Some(&b'T') => format!("{seconds}Z"),
-        _ => t.to_string(),
-    }
-}
-
 /// The checkpoint `which` names, or the latest.
 fn choose(remote: &Remote, which: Option<&str>) -> Result<RemoteManifest, CliError> {
     match which {
@@ -289,7 +277,7 @@ fn verify(at: &Where, which: Option<&str>, all: bool, out: &mut Out) -> Result<E
 
 /// The uploader's status file of model `name` in `dir`.
 fn status_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}_remote.json"))
+    modelio::remote::status::status_path(&ModelPaths::new(dir, name))
 }
 
 /// The model `--name` names, or the only model in `dir` (a model folder's
@@ -305,7 +293,7 @@ fn status_model(dir: &Path, name: Option<String>) -> Result<String, CliError> {
         if modelio::durable::is_temp(&file) {
             continue;
         }
-        if let Some(n) = file.strip_suffix("_remote.json").filter(|n| !n.is_empty()) {
+        if let Some(n) = file.strip_suffix(STATUS_SUFFIX).filter(|n| !n.is_empty()) {
             names.push(n.to_string());
         }
     }
@@ -342,33 +330,26 @@ fn status(dir: &Path, name: Option<String>, out: &mut Out) -> Result<ExitCode, C
         }
         Err(e) => return Err(Error::Io { op: "read", path, source: e }.into()),
     };
-    let s: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| CliError::StatusFile { path: path.clone(), detail: e.to_string() })?;
-    if !s.is_object() {
-        return Err(CliError::StatusFile { path, detail: "not a JSON object".into() });
-    }
-    let count = |key: &str| s[key].as_u64().unwrap_or(0);
-    let text = |key: &str| s[key].as_str().map(str::to_string);
+    // A field the file lacks (an older uploader's) reads as zero or none.
+    let s: RemoteStats = serde_json::from_slice(&bytes).map_err(|e| CliError::StatusFile { path: path.clone(), detail: e.to_string() })?;
     let updated = std::fs::metadata(&path).and_then(|m| m.modified()).map(ago).unwrap_or_else(|_| "at an unknown time".into());
     say!(out, "remote tier of `{name}` in {} (updated {updated}):", dir.display());
-    say!(out, "  location:        {}", text("location").unwrap_or_else(|| "unknown".into()));
-    say!(out, "  uploaded:        {}", count("uploaded"));
-    match s["last_uploaded"].as_u64() {
-        Some(n) => match text("last_checkpoint") {
-            Some(id) => say!(out, "  last uploaded:   iteration {n} ({id})"),
-            None => say!(out, "  last uploaded:   iteration {n}"),
-        },
-        None => say!(out, "  last uploaded:   none by this run"),
+    say!(out, "  location:        {}", if s.location.is_empty() { "unknown" } else { &s.location });
+    say!(out, "  uploaded:        {}", s.uploaded);
+    match (s.last_uploaded, &s.last_checkpoint) {
+        (Some(n), Some(id)) => say!(out, "  last uploaded:   iteration {n} ({id})"),
+        (Some(n), None) => say!(out, "  last uploaded:   iteration {n}"),
+        (None, _) => say!(out, "  last uploaded:   none by this run"),
     }
-    match s["pending"].as_u64() {
+    match s.pending {
         Some(n) => say!(out, "  pending:         iteration {n}"),
         None => say!(out, "  pending:         none"),
     }
-    say!(out, "  skipped:         {} (replaced by a newer save while waiting)", count("skipped"));
-    say!(out, "  failed attempts: {}", count("failed_attempts"));
-    say!(out, "  abandoned:       {} (left for the next run to upload)", count("abandoned"));
-    match (text("last_error"), text("last_error_at")) {
-        (Some(error), Some(at)) => say!(out, "  last error:      {error} (at {})", short_time(&at)),
+    say!(out, "  skipped:         {} (replaced by a newer save while waiting)", s.skipped);
+    say!(out, "  failed attempts: {}", s.failed_attempts);
+    say!(out, "  abandoned:       {} (left for the next run to upload)", s.abandoned);
+    match (&s.last_error, &s.last_error_at) {
+        (Some(error), Some(at)) => say!(out, "  last error:      {error} (at {})", short_time(at)),
         (Some(error), None) => say!(out, "  last error:      {error}"),
         _ => say!(out, "  last error:      none"),
     }

@@ -18,23 +18,20 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use modelio::config::RemoteConfig;
-use modelio::sharded::{GlobalManifest, ShardedIo};
+use modelio::sharded::{GlobalManifest, Layout, ShardedIo};
 use modelio::{Config, Error};
 
-use crate::remote::{mib, short_time};
+use crate::show::{mib, short_time};
 use crate::{CliError, Out};
-
-/// What a model's `sharded/` folder holds: any of these marks one.
-const MARKS: [&str; 5] = ["manifests", "steps", "snapshots", "BACKUP", "LATEST"];
 
 /// Whether `path` is a model's `sharded/` folder.
 pub fn is_sharded_folder(path: &Path) -> bool {
-    path.is_dir() && MARKS.iter().any(|m| path.join(m).exists())
+    path.is_dir() && Layout::MARKS.iter().any(|m| path.join(m).exists())
 }
 
 /// Where model `name`'s sharded checkpoints are in model folder `dir`.
 pub fn folder_of(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name).join("sharded")
+    dir.join(name).join(Layout::FOLDER)
 }
 
 /// The models of `dir` with sharded checkpoints (`DIR/<name>/sharded/`), sorted.
@@ -48,7 +45,7 @@ pub fn models(dir: &Path) -> Result<Vec<String>, Error> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let usable = !name.starts_with('.') && !modelio::durable::is_temp(&name);
-            (usable && is_sharded_folder(&e.path().join("sharded"))).then_some(name)
+            (usable && is_sharded_folder(&e.path().join(Layout::FOLDER))).then_some(name)
         })
         .collect();
     names.sort();
@@ -60,10 +57,10 @@ pub fn models(dir: &Path) -> Result<Vec<String>, Error> {
 pub fn folder_named(path: &Path) -> Option<PathBuf> {
     // Resolved, so that `.` or `..` has its folder's name.
     let path = std::fs::canonicalize(path).ok()?;
-    if path.file_name().is_some_and(|n| n == "sharded") && is_sharded_folder(&path) {
+    if path.file_name().is_some_and(|n| n == Layout::FOLDER) && is_sharded_folder(&path) {
         return Some(path);
     }
-    let inner = path.join("sharded");
+    let inner = path.join(Layout::FOLDER);
     is_sharded_folder(&inner).then_some(inner)
 }
 
@@ -107,11 +104,6 @@ fn open_folder(dir: &Path, name: &str) -> Result<ShardedIo, CliError> {
 /// by the caller: an existing folder, not a memory store).
 pub fn open_store(config: &Config) -> Result<ShardedIo, CliError> {
     reader(config.clone())
-}
-
-/// Where `config`'s model's sharded checkpoints are on its remote store, in words.
-pub fn store_location(config: &Config) -> String {
-    format!("{}/{}/sharded", config.remote.url.trim_end_matches('/'), config.model.name)
 }
 
 /// What a global manifest is to its model.
@@ -193,25 +185,24 @@ fn read_entry(role: Role, path: &Path) -> Entry {
 /// The global manifests of a sharded folder: the committed steps oldest
 /// first, the backup, then the snapshots oldest first.
 pub fn folder_entries(folder: &Path) -> Vec<Entry> {
-    let mut entries: Vec<Entry> = numbered(&folder.join("manifests")).iter().map(|p| read_entry(Role::Step, p)).collect();
-    let backup = folder.join("BACKUP");
+    let mut entries: Vec<Entry> = numbered(&folder.join(Layout::MANIFESTS)).iter().map(|p| read_entry(Role::Step, p)).collect();
+    let backup = folder.join(Layout::BACKUP);
     if backup.exists() {
         entries.push(read_entry(Role::Backup, &backup));
     }
-    entries.extend(numbered(&folder.join("snapshots")).iter().map(|p| read_entry(Role::Snapshot, p)));
+    entries.extend(numbered(&folder.join(Layout::SNAPSHOTS)).iter().map(|p| read_entry(Role::Snapshot, p)));
     entries
 }
 
 /// The global manifests of a remote store, in the order of [`folder_entries`].
-fn store_entries(io: &ShardedIo, location: &str) -> Result<Vec<Entry>, CliError> {
-    let entry = |role, source: String, m: GlobalManifest| Entry { role, source, manifest: Ok(m) };
-    let mut entries: Vec<Entry> =
-        io.list()?.into_iter().map(|m| entry(Role::Step, format!("{location}/manifests/{:020}.json", m.iterations), m)).collect();
+fn store_entries(io: &ShardedIo) -> Result<Vec<Entry>, CliError> {
+    let (location, keys) = (io.location(), Layout::relative());
+    let entry = |role, key: String, m: GlobalManifest| Entry { role, source: format!("{location}/{key}"), manifest: Ok(m) };
+    let mut entries: Vec<Entry> = io.list()?.into_iter().map(|m| entry(Role::Step, keys.manifest(m.iterations).to_string(), m)).collect();
     if let Some(m) = io.backup()? {
-        entries.push(entry(Role::Backup, format!("{location}/BACKUP"), m));
+        entries.push(entry(Role::Backup, keys.backup().to_string(), m));
     }
-    entries
-        .extend(io.snapshots()?.into_iter().map(|m| entry(Role::Snapshot, format!("{location}/snapshots/{:020}.json", m.iterations), m)));
+    entries.extend(io.snapshots()?.into_iter().map(|m| entry(Role::Snapshot, keys.snapshot(m.iterations).to_string(), m)));
     Ok(entries)
 }
 
@@ -300,7 +291,7 @@ pub fn verify_model(dir: &Path, name: &str, out: &mut Out) -> bool {
     let entries = folder_entries(&folder);
     let mut all_ok = true;
     if !entries.iter().any(|e| e.role == Role::Step) {
-        say!(out, "MISSING sharded `{name}`: no committed step in {}", folder.join("manifests").display());
+        say!(out, "MISSING sharded `{name}`: no committed step in {}", folder.join(Layout::MANIFESTS).display());
         all_ok = false;
     }
     if entries.is_empty() {
@@ -344,9 +335,9 @@ pub fn is_json(file: &Path) -> bool {
 /// What the folders around a manifest file say it is.
 fn role_of(file: &Path) -> Role {
     let parent = file.parent().and_then(Path::file_name);
-    if file.file_name().is_some_and(|n| n == "BACKUP") {
+    if file.file_name().is_some_and(|n| n == Layout::BACKUP) {
         Role::Backup
-    } else if parent.is_some_and(|p| p == "snapshots") {
+    } else if parent.is_some_and(|p| p == Layout::SNAPSHOTS) {
         Role::Snapshot
     } else {
         Role::Step
@@ -363,7 +354,7 @@ fn read_manifest_file(file: &Path) -> Result<(PathBuf, GlobalManifest), CliError
         Err(detail) => {
             // `LATEST` names the newest manifest when it was written.
             if let (Ok(latest), Some(folder)) = (serde_json::from_slice::<modelio::remote::Latest>(&bytes), file.parent()) {
-                let named = folder.join("manifests").join(format!("{:020}.json", latest.iterations));
+                let named = folder.join(Layout::relative().manifest(latest.iterations).as_ref());
                 let bytes = std::fs::read(&named).map_err(|e| Error::Io { op: "read", path: named.clone(), source: e })?;
                 let m = parse(&bytes).map_err(|detail| CliError::NotAManifest { path: named.clone(), detail })?;
                 return Ok((named, m));
@@ -383,14 +374,13 @@ fn store_root(file: &Path, m: &GlobalManifest) -> Result<(PathBuf, String), CliE
         .ancestors()
         .skip(1)
         .take(2)
-        .find(|a| a.file_name().is_some_and(|n| n == "sharded"))
+        .find(|a| a.file_name().is_some_and(|n| n == Layout::FOLDER))
         .ok_or_else(|| not_found("it is not in a model's `<name>/sharded/` folder (or its manifests/ or snapshots/)".into()))?;
     let Some(first) = m.shards.first() else { return split(sharded) };
-    let parts: Vec<&str> = first.key.split('/').collect();
-    let Some(at) = parts.windows(2).position(|w| w == ["sharded", "steps"]) else {
+    let Some(leading) = Layout::root_of_shard_key(&first.key) else {
         return Err(not_found(format!("its shard key {} is not under `<name>/sharded/steps/`", first.key)));
     };
-    let leading = parts.get(..=at).unwrap_or_default();
+    let leading: Vec<&str> = leading.split('/').collect();
     let mut root = sharded.to_path_buf();
     for part in leading.iter().rev() {
         if root.file_name().is_none_or(|n| n != *part) || !root.pop() {
@@ -400,7 +390,7 @@ fn store_root(file: &Path, m: &GlobalManifest) -> Result<(PathBuf, String), CliE
             )));
         }
     }
-    let name = at.checked_sub(1).and_then(|i| parts.get(i)).map_or_else(|| m.model.clone(), |n| n.to_string());
+    let name = leading.len().checked_sub(2).and_then(|i| leading.get(i)).map_or_else(|| m.model.clone(), |n| n.to_string());
     Ok((root, name))
 }
 
@@ -409,9 +399,9 @@ fn store_root(file: &Path, m: &GlobalManifest) -> Result<(PathBuf, String), CliE
 pub fn inspect(path: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
     let (file, m) = match folder_named(path) {
         Some(folder) if path.is_dir() => {
-            let newest = numbered(&folder.join("manifests")).pop();
+            let newest = numbered(&folder.join(Layout::MANIFESTS)).pop();
             let Some(file) = newest else {
-                return Err(CliError::NoCheckpoints { location: folder.join("manifests").display().to_string() });
+                return Err(CliError::NoCheckpoints { location: folder.join(Layout::MANIFESTS).display().to_string() });
             };
             read_manifest_file(&file)?
         }
@@ -599,9 +589,9 @@ pub fn print_snapshot_rows(dir: &Path, name: &str, rows: &[serde_json::Value], o
 
 /// `modelio remote list --sharded`.
 pub fn remote_list(config: &Config, json: bool, out: &mut Out) -> Result<ExitCode, CliError> {
-    let location = store_location(config);
     let io = open_store(config)?;
-    let entries = store_entries(&io, &location)?;
+    let location = io.location();
+    let entries = store_entries(&io)?;
     let latest = entries.iter().filter(|e| e.role == Role::Step).filter_map(|e| e.manifest.as_ref().ok()).map(|m| m.iterations).max();
     if json {
         let rows: Vec<serde_json::Value> = entries
@@ -649,9 +639,9 @@ pub fn remote_list(config: &Config, json: bool, out: &mut Out) -> Result<ExitCod
 /// committed step by default; a step, the backup or a snapshot by its
 /// iterations; or every one.
 pub fn remote_verify(config: &Config, which: Option<&str>, all: bool, out: &mut Out) -> Result<ExitCode, CliError> {
-    let location = store_location(config);
     let io = open_store(config)?;
-    let mut entries = store_entries(&io, &location)?;
+    let location = io.location().to_string();
+    let mut entries = store_entries(&io)?;
     if entries.is_empty() {
         return Err(CliError::NoCheckpoints { location });
     }

@@ -22,22 +22,18 @@ impl actix::Actor for BackupActor {
 /// Replace each `<target>.bk` by a copy of the pinned file (a reflink where
 /// the filesystem offers one), or a hard link of it with `hard_links`; the
 /// old `.bk` stays until the new one is in place. The pins are removed afterwards.
-pub(crate) fn make_backups(pinned: &[Pinned], hard_links: bool) -> Result<()> {
-    let result = pinned.iter().try_for_each(|Pinned { pin, target }| {
+pub(crate) fn make_backups(pinned: Vec<Pinned>, hard_links: bool) -> Result<()> {
+    pinned.iter().try_for_each(|Pinned { pin, target }| {
         let source = if hard_links { Source::Link(pin) } else { Source::Copy(pin) };
         commit(&ModelPaths::backup_of(target), source)
-    });
-    for Pinned { pin, .. } in pinned {
-        let _ = std::fs::remove_file(pin);
-    }
-    result
+    })
 }
 
 impl Handler<Backup> for BackupActor {
     type Result = ();
     fn handle(&mut self, msg: Backup, _: &mut Self::Context) {
         let Backup { pinned, mut committed, reply } = msg;
-        match guarded("backup", || make_backups(&pinned, self.shared.settings.hard_links)) {
+        match guarded("backup", || make_backups(pinned, self.shared.settings.hard_links)) {
             Ok(()) => committed.backed_up = true,
             // The save itself is committed: its ticket says so, without a
             // backup; the failure goes to the trainer's next call.

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::error::Error;
 use crate::format::DType;
-use crate::handle::Committed;
+use crate::handle::outcome::Committed;
 use crate::snapshot::Pinned;
 use crate::staging::{FenceGuard, Lease};
 
@@ -40,7 +40,6 @@ pub(crate) struct SaveJob {
     /// Whether the save had to wait for a free staging buffer.
     pub waited: bool,
     /// The exit save (uploaded under every `remote.upload` policy).
-    #[cfg_attr(not(feature = "remote"), allow(dead_code))]
     pub exit: bool,
     pub reply: Reply,
 }

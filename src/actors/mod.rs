@@ -23,19 +23,18 @@ mod saver;
 mod snapshot;
 mod stager;
 
-use std::collections::VecDeque;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::SendError;
 use actix::{Addr, SyncArbiter};
 use tokio::sync::oneshot;
 
+use crate::background::Inbox;
 use crate::error::{Error, Result};
 use crate::folder::ModelPaths;
-use crate::staging::lock;
+use crate::snapshot::Pinned;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
 #[cfg(feature = "remote")]
@@ -59,6 +58,23 @@ pub struct Stats {
     pub failed_other: AtomicU64,
 }
 
+/// What rides on the pipeline after it commits (the remote tier's
+/// uploads): started and stopped with the actors, and told of each commit,
+/// with a way to pin the committed files. The pipeline meets it only here;
+/// what it does with a commit (whether to upload it, and why) is its own
+/// policy.
+pub(crate) trait Rider: Send + Sync {
+    /// Start its own worker; called once, on the actors' system thread.
+    fn start(self: Arc<Self>);
+    /// Save `iterations` committed; `backup`: its loss was the lowest so far;
+    /// `exit`: the exit save. `pin` pins the committed files.
+    fn saved(&self, iterations: u64, backup: bool, exit: bool, pin: &dyn Fn() -> Result<Vec<Pinned>>);
+    /// A snapshot was requested of save `iterations`, committed by this run.
+    fn snapshotted(&self, iterations: u64, pin: &dyn Fn() -> Result<Vec<Pinned>>);
+    /// The actors stop: work under way is abandoned.
+    fn stop(&self);
+}
+
 /// Settings the actors act on, from the config.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
@@ -68,22 +84,15 @@ pub(crate) struct Settings {
     pub hard_links: bool,
 }
 
-/// Failures waiting for the trainer's next call; beyond this many, newer
-/// ones are only logged (as every failure is when it happens) and counted,
-/// so the next call always hears of the oldest.
-const MAX_PENDING_FAILURES: usize = 16;
-
 /// What the actors and the handle share.
 pub(crate) struct Shared {
     pub paths: ModelPaths,
     pub settings: Settings,
-    /// Background failures that no ticket took, oldest first: each is
-    /// reported once, to one later call of the trainer.
-    failures: Mutex<VecDeque<Error>>,
+    /// Background failures that no ticket took.
+    failures: Inbox,
     pub stats: Stats,
-    /// The remote tier, when `[remote]` is configured.
-    #[cfg(feature = "remote")]
-    pub remote: Option<Arc<crate::remote::tier::Tier>>,
+    /// What rides on the pipeline (the remote tier, when `[remote]` is configured).
+    pub rider: Option<Arc<dyn Rider>>,
     /// Test hook: an artificial delay before each write (ms).
     write_delay_ms: AtomicU64,
     /// Test hook: the next write panics. Set by the handle, taken (swapped
@@ -96,10 +105,9 @@ impl Shared {
         Shared {
             paths,
             settings,
-            failures: Mutex::new(VecDeque::new()),
+            failures: Inbox::default(),
             stats: Stats::default(),
-            #[cfg(feature = "remote")]
-            remote: None,
+            rider: None,
             write_delay_ms: AtomicU64::new(0),
             panic_next_write: AtomicBool::new(false),
         }
@@ -126,23 +134,18 @@ impl Shared {
 
     /// Keep a failure for the trainer's next call.
     pub fn report_later(&self, e: Error) {
-        let mut q = lock(&self.failures);
-        if q.len() < MAX_PENDING_FAILURES {
-            q.push_back(e);
-        }
+        self.failures.keep(e);
     }
 
     /// Give back a failure taken with [`Shared::take_failure`] that could not
     /// be reported after all: it stays the oldest.
     pub fn put_back(&self, e: Error) {
-        let mut q = lock(&self.failures);
-        q.push_front(e);
-        q.truncate(MAX_PENDING_FAILURES);
+        self.failures.put_back(e);
     }
 
     /// The oldest failure not yet reported, if any.
     pub fn take_failure(&self) -> Option<Error> {
-        lock(&self.failures).pop_front()
+        self.failures.take()
     }
 
     pub fn write_delay(&self) -> Duration {
@@ -163,39 +166,8 @@ impl Shared {
     }
 }
 
-/// Run the work of a handler, turning a panic into [`Error::Internal`] so
-/// that the handler answers the request it was handling and its actor goes on
-/// serving later ones.
-///
-/// Why `catch_unwind` rather than actix supervision: supervision restarts
-/// only async (`Context`) actors; a `SyncArbiter` thread that panics is gone
-/// for good, and with it the request in hand, whose ticket would read
-/// "stopped" instead of what happened. Handlers keep their own state (the
-/// saver's [`order::SnapshotOrder`]) outside the guarded work, so nothing
-/// half-updated is seen afterwards (hence `AssertUnwindSafe`); what the work
-/// owned is dropped while unwinding (a lease returns to the pool, a fence
-/// guard releases the fence), and a temporary file it left is removed at the
-/// next open. This needs `panic = "unwind"`, Rust's default.
-pub(crate) fn guarded<T>(what: &'static str, work: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
-        let message = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
-            (Some(s), _) => (*s).to_string(),
-            (_, Some(s)) => s.clone(),
-            _ => "a panic without a message".to_string(),
-        };
-        Err(Error::Internal { what, message })
-    })
-}
-
-/// Lower the calling thread's scheduling priority (nice 10), so background
-/// checksumming and writing run in the time training leaves idle.
-fn yield_cpu() {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
-}
+pub(crate) use crate::background::guarded;
+use crate::background::lower_priority;
 
 /// The running actor system.
 pub(crate) struct Actors {
@@ -209,17 +181,15 @@ pub(crate) struct Actors {
     snapshots: Arc<AtomicUsize>,
     system: actix::System,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Stopped with the actors: an upload still under way is abandoned
-    /// (the next run's catch-up uploads the newest save).
-    #[cfg(feature = "remote")]
-    remote: Option<Arc<crate::remote::tier::Tier>>,
+    /// Stopped with the actors (an upload still under way is abandoned;
+    /// the next run's catch-up uploads the newest save).
+    rider: Option<Arc<dyn Rider>>,
 }
 
 impl Actors {
     /// Start the system thread and the four actors.
     pub fn start(shared: Arc<Shared>) -> Result<Actors> {
-        #[cfg(feature = "remote")]
-        let remote = shared.remote.clone();
+        let rider = shared.rider.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("modelio-actors".into())
@@ -231,27 +201,20 @@ impl Actors {
                     // since optimizer steps wait for its copies.
                     let s = shared.clone();
                     let backup = SyncArbiter::start(1, move || {
-                        yield_cpu();
+                        lower_priority();
                         backup::BackupActor { shared: s.clone() }
                     });
                     let s = shared.clone();
                     let snapshot = SyncArbiter::start(1, move || {
-                        yield_cpu();
+                        lower_priority();
                         snapshot::SnapshotActor { shared: s.clone() }
                     });
-                    #[cfg(feature = "remote")]
-                    if let Some(tier) = &shared.remote {
-                        let t = tier.clone();
-                        let uploader = SyncArbiter::start(1, move || {
-                            yield_cpu();
-                            crate::remote::tier::Uploader { tier: t.clone() }
-                        });
-                        uploader.do_send(crate::remote::tier::Clean);
-                        tier.set_uploader(uploader);
+                    if let Some(rider) = &shared.rider {
+                        rider.clone().start();
                     }
                     let s = shared.clone();
                     let saver = SyncArbiter::start(1, move || {
-                        yield_cpu();
+                        lower_priority();
                         saver::Saver {
                             shared: s.clone(),
                             backup: backup.clone(),
@@ -275,8 +238,7 @@ impl Actors {
             snapshots: Arc::new(AtomicUsize::new(0)),
             system,
             thread: Some(thread),
-            #[cfg(feature = "remote")]
-            remote,
+            rider,
         })
     }
 
@@ -325,9 +287,8 @@ impl Actors {
 
     /// Stop the system and join its thread (call after a flush).
     pub fn stop(&mut self) {
-        #[cfg(feature = "remote")]
-        if let Some(tier) = &self.remote {
-            tier.stop();
+        if let Some(rider) = &self.rider {
+            rider.stop();
         }
         self.system.stop();
         if let Some(t) = self.thread.take() {
@@ -362,7 +323,7 @@ mod tests {
 
     use super::messages::SaveJob;
     use super::*;
-    use crate::handle::Committed;
+    use crate::handle::outcome::Committed;
     use crate::staging::{Fence, Pool};
 
     fn actors(dir: &std::path::Path) -> (Arc<Shared>, Actors) {
@@ -451,13 +412,5 @@ mod tests {
         assert!(matches!(handed_over(full, "saves", 2), Err(Error::Overloaded { what: "saves", capacity: 2 })));
         let closed: std::result::Result<(), SendError<()>> = Err(SendError::Closed(()));
         assert!(matches!(handed_over(closed, "saves", 2), Err(Error::Stopped)));
-    }
-
-    #[test]
-    fn a_panic_becomes_an_internal_error_naming_it() {
-        let e = guarded::<()>("save", || panic!("disk on fire: {}", 7)).unwrap_err();
-        assert!(matches!(&e, Error::Internal { what: "save", message } if message == "disk on fire: 7"), "{e:?}");
-        let e = guarded::<()>("save", || std::panic::panic_any(7u8)).unwrap_err();
-        assert!(e.to_string().contains("a panic without a message"), "{e}");
     }
 }

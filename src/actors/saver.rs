@@ -16,7 +16,7 @@ use super::{guarded, Shared};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{OptimizerRef, TensorRef};
-use crate::handle::Committed;
+use crate::handle::outcome::Committed;
 use crate::snapshot::Pinned;
 
 pub(crate) struct Saver {
@@ -100,12 +100,8 @@ pub(crate) fn pin(shared: &Shared) -> Result<Vec<Pinned>> {
     for target in [paths.archive(), paths.state()] {
         let pin = durable::temp_path(&paths.dir, &target);
         let pinned = std::fs::hard_link(&target, &pin).at("pin", &target).or_else(|_| copy_new(&target, &pin));
-        if let Err(e) = pinned {
-            for p in &pins {
-                let _ = std::fs::remove_file(&p.pin);
-            }
-            return Err(e);
-        }
+        // On failure, the pins made so far are removed as `pins` is dropped.
+        pinned?;
         pins.push(Pinned { pin, target });
     }
     Ok(pins)
@@ -157,16 +153,8 @@ impl Handler<Write> for Saver {
             copy,
             write,
         };
-        #[cfg(feature = "remote")]
-        if self.shared.remote.as_ref().is_some_and(|t| t.wants(job.backup, job.exit)) {
-            let reason = if job.exit {
-                crate::remote::Reason::Exit
-            } else if job.backup {
-                crate::remote::Reason::Backup
-            } else {
-                crate::remote::Reason::Save
-            };
-            self.offer_upload(job.iterations, reason);
+        if let Some(rider) = &self.shared.rider {
+            rider.saved(job.iterations, job.backup, job.exit, &|| pin(&self.shared));
         }
         if job.backup {
             // The backup actor answers the ticket once the `.bk` files exist.
@@ -212,7 +200,6 @@ impl Saver {
 
     /// Pin the files a due snapshot is built from and pass them on.
     fn take_snapshot(&self, s: Snapshot, due: Due) {
-        #[cfg(feature = "remote")]
         let of_save = matches!(due, Due::Save(_));
         let iterations = match due {
             Due::Save(n) => n,
@@ -223,27 +210,14 @@ impl Saver {
                 Err(e) => return self.shared.fail("snapshot", e, None),
             },
         };
-        #[cfg(feature = "remote")]
-        if of_save && self.shared.remote.as_ref().is_some_and(|t| t.wants_snapshots()) {
-            self.offer_upload(iterations, crate::remote::Reason::Snapshot);
+        if let (true, Some(rider)) = (of_save, &self.shared.rider) {
+            rider.snapshotted(iterations, &|| pin(&self.shared));
         }
         match guarded("snapshot", || pin(&self.shared)) {
             Ok(pinned) => {
                 self.snapshot.do_send(BuildSnapshot { iterations, pinned, permit: s.permit });
             }
             Err(e) => self.shared.fail("snapshot", e, None),
-        }
-    }
-}
-
-#[cfg(feature = "remote")]
-impl Saver {
-    /// Pin the committed save (`iterations`) and offer it to the uploader.
-    fn offer_upload(&self, iterations: u64, reason: crate::remote::Reason) {
-        let Some(tier) = &self.shared.remote else { return };
-        match guarded("upload", || pin(&self.shared)) {
-            Ok(pinned) => tier.offer(crate::remote::tier::Upload { pinned, iterations, reason }),
-            Err(e) => tracing::warn!(target: "modelio", "remote: could not pin iteration {iterations} for upload: {}", e.report()),
         }
     }
 }

@@ -25,10 +25,8 @@ impl Handler<BuildSnapshot> for SnapshotActor {
             crate::snapshot::build(paths, iterations, &pinned, settings.hard_links)
                 .and_then(|dir| crate::snapshot::apply_retention(paths, settings.snapshot_keep).map(|removed| (dir, removed)))
         });
-        for p in &pinned {
-            let _ = std::fs::remove_file(&p.pin);
-        }
         // Built (or failed) and its pins gone: the request is no longer in flight.
+        drop(pinned);
         drop(permit);
         match built {
             Ok((dir, removed)) => {

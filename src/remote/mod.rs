@@ -18,6 +18,8 @@
 
 pub(crate) mod blocking;
 pub mod manifest;
+pub(crate) mod objects;
+pub mod status;
 pub(crate) mod store;
 #[cfg(feature = "torch")]
 pub(crate) mod tier;
@@ -33,7 +35,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart};
+use object_store::{ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 
 use crate::archive::ArchiveReader;
 use crate::config::RemoteConfig;
@@ -42,6 +44,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::folder::ModelPaths;
 use manifest::{checkpoint_id, iterations_of, Intent, Layout, ARCHIVE_OBJECT, MANIFEST_FORMAT, STATE_OBJECT};
 pub use manifest::{Latest, ObjectEntry, RemoteManifest, TensorSum};
+use objects::remote_err;
+use objects::{Objects, Put};
 
 /// Why a checkpoint is uploaded (recorded in its manifest).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,103 +77,20 @@ pub struct Remote {
 }
 
 struct Inner {
-    store: Arc<dyn ObjectStore>,
+    objects: Objects,
     /// The same store's multipart API where it has one (S3, GCS, Azure,
     /// memory): its upload ids let a later run abort an upload this one
     /// could not finish.
     multipart: Option<Arc<dyn MultipartStore>>,
     layout: Layout,
-    /// `<url>/<model>`, for messages.
-    location: String,
-    /// Where requests go and what they need, for messages that name the
-    /// cause of a refused request (see [`Access`]).
-    access: Access,
     part_size: usize,
     parts_in_flight: usize,
 }
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote").field("location", &self.inner.location).finish()
+        f.debug_struct("Remote").field("location", &self.inner.objects.location()).finish()
     }
-}
-
-/// An object-store failure on `what`, naming it. The store's message
-/// already holds its causes' (as text), so they are not chained again.
-pub(crate) fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
-    Error::Remote { op, target: what.to_string(), detail: e.to_string() }
-}
-
-/// Where a store's requests go, its bucket, and the variables that hold its
-/// credentials: what a refused request's message names.
-#[derive(Debug, Clone)]
-struct Access {
-    endpoint: String,
-    bucket: String,
-    variables: &'static str,
-}
-
-impl Access {
-    fn of(config: &RemoteConfig) -> Access {
-        let url = config.url.as_str();
-        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-        let bucket = rest.split('/').next().unwrap_or_default().to_string();
-        let (default_endpoint, variables) = match scheme {
-            "s3" => ("AWS S3", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
-            "gs" => ("Google Cloud Storage", "GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT*)"),
-            "az" | "abfs" => ("Azure Blob Storage", "AZURE_STORAGE_ACCOUNT_NAME and its key"),
-            _ => ("", "the store's credentials"),
-        };
-        let endpoint = if config.endpoint.is_empty() { default_endpoint.to_string() } else { config.endpoint.clone() };
-        Access { endpoint, bucket, variables }
-    }
-
-    /// A store failure on `what`: refused credentials and a missing bucket
-    /// are named as such (the store's own message is long and puts the
-    /// cause last); anything else is an [`Error::Remote`].
-    fn err(&self, location: &str, op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
-        let detail = e.to_string();
-        match http_failure(&detail) {
-            Some((status @ (401 | 403), code)) => Error::RemoteDenied {
-                location: location.to_string(),
-                endpoint: self.endpoint.clone(),
-                status,
-                code,
-                variables: self.variables,
-                detail: detail.into_boxed_str(),
-            },
-            // A listing finds nothing rather than failing when only the
-            // prefix is empty: its 404 is the bucket's.
-            Some((404, code)) if op == "list" || BUCKET_MISSING.contains(&code.as_str()) => Error::RemoteNoBucket {
-                location: location.to_string(),
-                endpoint: self.endpoint.clone(),
-                bucket: self.bucket.clone(),
-                code,
-                detail: detail.into_boxed_str(),
-            },
-            _ => Error::Remote { op, target: what.to_string(), detail },
-        }
-    }
-}
-
-/// Error codes of S3 and Azure for a missing bucket (container).
-const BUCKET_MISSING: [&str; 2] = ["NoSuchBucket", "ContainerNotFound"];
-
-/// The HTTP status of a failed request and the store's error code (`<Code>`
-/// of an S3 or Azure error body; empty when there is none), from the
-/// object-store client's message: the client keeps its status type private,
-/// and writes `status code: 403 Forbidden: <body>`.
-fn http_failure(message: &str) -> Option<(u16, String)> {
-    let after = &message[message.find("status code: ")? + "status code: ".len()..];
-    let status = after.get(..3).filter(|d| d.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()?;
-    let code = after
-        .split_once("<Code>")
-        .and_then(|(_, rest)| rest.split_once("</Code>"))
-        .map(|(code, _)| code.trim())
-        .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
-        .unwrap_or_default()
-        .to_string();
-    Some((status, code))
 }
 
 impl Remote {
@@ -182,13 +103,12 @@ impl Remote {
     pub fn connect(config: &RemoteConfig, name: &str) -> Result<Remote> {
         let built = store::build(config)?;
         // Uploads run in the time training leaves idle, as the saver does.
-        let rt = blocking::Blocking::new("modelio-remote", lower_priority, &config.url)?;
+        let rt = blocking::Blocking::new("modelio-remote", crate::background::lower_priority, &config.url)?;
+        let location = format!("{}/{name}", config.url.trim_end_matches('/'));
         let inner = Inner {
-            store: built.store,
+            objects: Objects::new(built.store, config, location),
             multipart: built.multipart,
             layout: Layout::new(&built.prefix, name),
-            location: format!("{}/{name}", config.url.trim_end_matches('/')),
-            access: Access::of(config),
             part_size: config.part_size_mib << 20,
             parts_in_flight: config.parts_in_flight,
         };
@@ -197,7 +117,7 @@ impl Remote {
 
     /// Where this model's checkpoints are: `<url>/<model>`.
     pub fn location(&self) -> &str {
-        &self.inner.location
+        self.inner.objects.location()
     }
 
     /// Run `fut` on the remote runtime and wait for it (see [`blocking::Blocking::run`]).
@@ -233,7 +153,7 @@ impl Remote {
     pub fn find(&self, which: &str) -> Result<RemoteManifest> {
         let all = self.list()?;
         let found = all.into_iter().rev().find(|m| m.id() == which || m.upload == which || m.iterations.to_string() == which);
-        found.ok_or_else(|| Error::RemoteNotFound { location: self.inner.location.clone(), which: which.to_string() })
+        found.ok_or_else(|| Error::RemoteNotFound { location: self.inner.objects.location().to_string(), which: which.to_string() })
     }
 
     /// Upload the committed archive and state file at `archive` and `state`
@@ -378,7 +298,7 @@ impl Remote {
     }
 
     fn damaged(&self, m: &RemoteManifest, file: &str, detail: String) -> Error {
-        Error::RemoteDamaged { location: self.inner.location.clone(), checkpoint: m.id(), object: file.to_string(), detail }
+        self.inner.objects.damaged(m.id(), file, detail)
     }
 }
 
@@ -395,61 +315,12 @@ fn tensor_sums(reader: &ArchiveReader) -> Vec<TensorSum> {
 /// `remote.orphan_grace_secs` well above it).
 const INTENT_REFRESH: Duration = Duration::from_secs(300);
 
-/// Retries of a conditional update of `LATEST` that lost a race.
-const LATEST_RETRIES: usize = 16;
-
 impl Inner {
-    /// A small object's bytes and version, `None` when absent.
-    async fn get_raw(&self, key: &Key) -> Result<Option<(Vec<u8>, UpdateVersion)>> {
-        let got = match self.store.get(key).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.access.err(&self.location, "read", key, e)),
-        };
-        let version = UpdateVersion { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
-        let bytes = got.bytes().await.map_err(|e| remote_err("read", key, e))?;
-        Ok(Some((bytes.to_vec(), version)))
-    }
-
-    /// A key stored as text in a manifest or `LATEST`, as written (not escaped again).
-    fn stored_key(&self, text: &str) -> Result<Key> {
-        Key::parse(text).map_err(|e| Error::RemoteDamaged {
-            location: self.location.clone(),
-            checkpoint: text.to_string(),
-            object: "key".into(),
-            detail: e.to_string(),
-        })
-    }
-
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<(T, UpdateVersion)>> {
-        let Some((bytes, version)) = self.get_raw(key).await? else { return Ok(None) };
-        let value = serde_json::from_slice(&bytes).map_err(|e| Error::RemoteDamaged {
-            location: self.location.clone(),
-            checkpoint: key.to_string(),
-            object: "json".into(),
-            detail: e.to_string(),
-        })?;
-        Ok(Some((value, version)))
-    }
-
-    async fn put(&self, key: &Key, bytes: Vec<u8>, mode: PutMode) -> object_store::Result<object_store::PutResult> {
-        self.store.put_opts(key, PutPayload::from(bytes), PutOptions::from(mode)).await
-    }
-
-    async fn list_keys(&self, prefix: &Key) -> Result<Vec<object_store::ObjectMeta>> {
-        let mut out = Vec::new();
-        let mut listing = self.store.list(Some(prefix));
-        while let Some(meta) = listing.next().await {
-            out.push(meta.map_err(|e| self.access.err(&self.location, "list", prefix, e))?);
-        }
-        Ok(out)
-    }
-
     async fn list(&self) -> Result<Vec<RemoteManifest>> {
         let mut found = Vec::new();
-        for meta in self.list_keys(&self.layout.manifests()).await? {
+        for meta in self.objects.list(&self.layout.manifests()).await? {
             // A manifest deleted between the listing and the read is skipped.
-            match self.get_json::<RemoteManifest>(&meta.location).await {
+            match self.objects.get_json::<RemoteManifest>(&meta.location).await {
                 Ok(Some((m, _))) => found.push(m),
                 Ok(None) => {}
                 Err(e @ Error::RemoteDamaged { .. }) => tracing::warn!(target: "modelio", "skipping {}: {}", meta.location, e.report()),
@@ -464,10 +335,9 @@ impl Inner {
     /// listing: never stale, unlike `LATEST` after a run killed between its
     /// manifest and moving `LATEST`.
     async fn latest(&self) -> Result<Option<RemoteManifest>> {
-        let newest =
-            self.list_keys(&self.layout.manifests()).await?.into_iter().map(|m| m.location).max_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        let newest = self.objects.list_keys(&self.layout.manifests()).await?.pop();
         if let Some(key) = newest {
-            if let Ok(Some((m, _))) = self.get_json::<RemoteManifest>(&key).await {
+            if let Ok(Some((m, _))) = self.objects.get_json::<RemoteManifest>(&key).await {
                 return Ok(Some(m));
             }
         }
@@ -494,7 +364,7 @@ impl Inner {
             size: state_bytes.len() as u64,
             crc32c: crc32c::crc32c(&state_bytes),
         };
-        self.put(&state_key, state_bytes, PutMode::Overwrite).await.map_err(|e| remote_err("upload", &state_key, e))?;
+        self.objects.put("upload", &state_key, state_bytes).await?;
         let archive_key = self.layout.data(&id, ARCHIVE_OBJECT);
         let (size, crc) = self.upload_file(archive, &archive_key, &mut intent, stop).await?;
         let archive_entry = ObjectEntry { file: "archive".into(), key: archive_key.to_string(), size, crc32c: crc };
@@ -511,34 +381,38 @@ impl Inner {
             tensors,
         };
         let key = self.layout.manifest(&id);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
-        match self.put(&key, json.clone(), PutMode::Create).await {
-            Ok(_) => {}
+        let json = objects::to_json(&key, &manifest, true)?;
+        match self.objects.put_if("commit manifest", &key, json.clone(), PutMode::Create).await? {
+            Put::Written => {}
             // A retried create whose first try went through: it is ours if it
             // holds what we wrote (the key is unique to this upload).
-            Err(object_store::Error::AlreadyExists { .. }) if self.get_raw(&key).await?.is_some_and(|(b, _)| b == json) => {}
+            Put::Lost if self.objects.get_raw(&key).await?.is_some_and(|(b, _)| b == json) => {}
+            Put::Lost => {
+                return Err(Error::Remote {
+                    op: "commit manifest",
+                    target: key.to_string(),
+                    detail: "another manifest is already at this upload's key".into(),
+                })
+            }
             // No create-if-absent on this store: the key is unique to this
             // upload, so an overwrite cannot replace another's manifest.
-            Err(object_store::Error::NotImplemented { .. }) => {
-                self.put(&key, json, PutMode::Overwrite).await.map_err(|e| remote_err("commit manifest", &key, e))?;
-            }
-            Err(e) => return Err(remote_err("commit manifest", &key, e)),
+            Put::Unsupported => self.objects.put("commit manifest", &key, json).await?,
         }
         // The checkpoint exists now; `LATEST` is a hint that readers check,
         // so failing to move it is logged, not a failed upload.
-        if let Err(e) = self.advance_latest(&key, iterations).await {
+        if let Err(e) = self.objects.advance_latest(&self.layout.latest(), &self.layout.manifests(), &key, iterations).await {
             tracing::warn!(target: "modelio", "remote: {} (readers find the checkpoint by listing)", e.report());
         }
         // The upload is complete: its record is no longer needed (a leftover
         // record of a manifested upload is removed by the next cleanup).
-        let _ = self.store.delete(&self.layout.intent(&upload)).await;
+        let _ = self.objects.delete(&self.layout.intent(&upload)).await;
         Ok(manifest)
     }
 
     async fn write_intent(&self, intent: &Intent) -> Result<()> {
         let key = self.layout.intent(&intent.upload);
-        let json = serde_json::to_vec(intent).map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
-        self.put(&key, json, PutMode::Overwrite).await.map_err(|e| remote_err("record upload", &key, e)).map(drop)
+        let json = objects::to_json(&key, intent, false)?;
+        self.objects.put("record upload", &key, json).await
     }
 
     /// Rewrite the upload record every [`INTENT_REFRESH`] during a long
@@ -562,13 +436,11 @@ impl Inner {
         let file = Arc::new(durable::open_regular(path)?);
         let size = file.metadata().at("inspect", path)?.len();
         let part = self.part_size as u64;
-        let abandoned = || {
-            remote_err("upload", key, object_store::Error::Generic { store: "modelio", source: "abandoned: the upload was stopped".into() })
-        };
+        let abandoned = || Error::Remote { op: "upload", target: key.to_string(), detail: "abandoned: the upload was stopped".into() };
         if size <= part {
             let bytes = read_part(&file, path, 0, size as usize).await?;
             let crc = crc32c::crc32c(&bytes);
-            self.store.put(key, PutPayload::from(bytes)).await.map_err(|e| remote_err("upload", key, e))?;
+            self.objects.put("upload", key, bytes).await?;
             return Ok((size, crc));
         }
         let mut crc = 0u32;
@@ -576,7 +448,7 @@ impl Inner {
         let mut refreshed = std::time::Instant::now();
         match &self.multipart {
             Some(mp) => {
-                let id = mp.create_multipart(key).await.map_err(|e| remote_err("start multipart upload of", key, e))?;
+                let id = mp.create_multipart(key).await.map_err(|e| self.objects.err("start multipart upload of", key, e))?;
                 intent.multipart.push((key.to_string(), id.clone()));
                 self.write_intent(intent).await?;
                 let mut in_flight = futures::stream::FuturesOrdered::new();
@@ -603,15 +475,16 @@ impl Inner {
                         Some(Ok(p)) => parts.push(p),
                         Some(Err(e)) => {
                             let _ = mp.abort_multipart(key, &id).await;
-                            return Err(remote_err("upload part of", key, e));
+                            return Err(self.objects.err("upload part of", key, e));
                         }
                         None => break,
                     }
                 }
-                mp.complete_multipart(key, &id, parts).await.map_err(|e| remote_err("complete multipart upload of", key, e))?;
+                mp.complete_multipart(key, &id, parts).await.map_err(|e| self.objects.err("complete multipart upload of", key, e))?;
             }
             None => {
-                let upload = self.store.put_multipart(key).await.map_err(|e| remote_err("start multipart upload of", key, e))?;
+                let upload =
+                    self.objects.store().put_multipart(key).await.map_err(|e| self.objects.err("start multipart upload of", key, e))?;
                 let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
                 while offset < size {
                     if stop() {
@@ -619,7 +492,7 @@ impl Inner {
                         return Err(abandoned());
                     }
                     if let Err(e) = writer.wait_for_capacity(self.parts_in_flight).await {
-                        return Err(remote_err("upload part of", key, e));
+                        return Err(self.objects.err("upload part of", key, e));
                     }
                     let len = part.min(size - offset) as usize;
                     let bytes = read_part(&file, path, offset, len).await?;
@@ -628,83 +501,25 @@ impl Inner {
                     offset += len as u64;
                     self.refresh_intent(intent, &mut refreshed).await;
                 }
-                writer.finish().await.map_err(|e| remote_err("complete multipart upload of", key, e))?;
+                writer.finish().await.map_err(|e| self.objects.err("complete multipart upload of", key, e))?;
             }
         }
         Ok((size, crc))
     }
 
-    /// Point `LATEST` at manifest `key` unless it already names a newer
-    /// checkpoint that exists: a conditional update (create when absent) that
-    /// retries when another writer moved it in between. Stores without
-    /// conditional updates (a local folder) get a plain atomic overwrite.
-    async fn advance_latest(&self, key: &Key, iterations: u64) -> Result<()> {
-        let latest_key = self.layout.latest();
-        let body = serde_json::to_vec(&Latest { manifest: key.to_string(), iterations })
-            .map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?;
-        for _ in 0..LATEST_RETRIES {
-            let mode = match self.get_raw(&latest_key).await? {
-                None => PutMode::Create,
-                Some((bytes, version)) => match serde_json::from_slice::<Latest>(&bytes) {
-                    Ok(latest) if latest.iterations > iterations => {
-                        let named = self.stored_key(&latest.manifest)?;
-                        if named.prefix_match(&self.layout.manifests()).is_some() && self.exists(&named).await? {
-                            return Ok(());
-                        }
-                        PutMode::Update(version)
-                    }
-                    // Older, or unreadable: replace it, conditionally.
-                    _ => PutMode::Update(version),
-                },
-            };
-            match self.put(&latest_key, body.clone(), mode).await {
-                Ok(_) => return Ok(()),
-                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => continue,
-                Err(object_store::Error::NotImplemented { .. }) => {
-                    return self
-                        .put(&latest_key, body, PutMode::Overwrite)
-                        .await
-                        .map(drop)
-                        .map_err(|e| remote_err("update", &latest_key, e))
-                }
-                Err(e) => return Err(remote_err("update", &latest_key, e)),
-            }
-        }
-        Err(remote_err(
-            "update",
-            &latest_key,
-            object_store::Error::Generic { store: "modelio", source: format!("still contended after {LATEST_RETRIES} tries").into() },
-        ))
-    }
-
-    async fn exists(&self, key: &Key) -> Result<bool> {
-        match self.store.head(key).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(remote_err("look for", key, e)),
-        }
-    }
-
     /// Stream object `o` through `sink`; its size and CRC-32C.
     async fn download(&self, o: &ObjectEntry, sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send)) -> Result<(u64, u32)> {
-        let key = self.stored_key(&o.key)?;
-        let got = match self.store.get(&key).await {
+        let key = self.objects.stored_key(&o.key)?;
+        let got = match self.objects.store().get(&key).await {
             Ok(g) => g,
             // An object its manifest names is gone: the checkpoint is incomplete.
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(Error::RemoteDamaged {
-                    location: self.location.clone(),
-                    checkpoint: key.to_string(),
-                    object: o.file.clone(),
-                    detail: "the object is missing".into(),
-                })
-            }
-            Err(e) => return Err(remote_err("download", &key, e)),
+            Err(object_store::Error::NotFound { .. }) => return Err(self.objects.damaged(&key, &o.file, "the object is missing")),
+            Err(e) => return Err(self.objects.err("download", &key, e)),
         };
         let mut stream = got.into_stream();
         let (mut size, mut crc) = (0u64, 0u32);
         while let Some(chunk) = stream.next().await {
-            let chunk: Bytes = chunk.map_err(|e| remote_err("download", &key, e))?;
+            let chunk: Bytes = chunk.map_err(|e| self.objects.err("download", &key, e))?;
             crc = crc32c::crc32c_append(crc, &chunk);
             size += chunk.len() as u64;
             sink(&chunk)?;
@@ -716,10 +531,10 @@ impl Inner {
     /// end records and central directory (a few small requests whatever the
     /// archive's size).
     async fn archive_manifest(&self, o: &ObjectEntry) -> Result<crate::format::Manifest> {
-        let key = self.stored_key(&o.key)?;
+        let key = self.objects.stored_key(&o.key)?;
         // A failed request is the store's failure, not damage: kept aside.
         let failed: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
-        let (store, k, f) = (self.store.clone(), key.clone(), failed.clone());
+        let (store, k, f) = (self.objects.store().clone(), key.clone(), failed.clone());
         let read = move |range: std::ops::Range<u64>| {
             let (store, k, f) = (store.clone(), k.clone(), f.clone());
             async move {
@@ -736,28 +551,8 @@ impl Inner {
         if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
-        let bytes = ranged.map_err(|detail| Error::RemoteDamaged {
-            location: self.location.clone(),
-            checkpoint: key.to_string(),
-            object: "archive".into(),
-            detail,
-        })?;
-        crate::archive::parse_manifest(&bytes).map_err(|detail| Error::RemoteDamaged {
-            location: self.location.clone(),
-            checkpoint: key.to_string(),
-            object: "archive".into(),
-            detail,
-        })
-    }
-
-    async fn delete_all(&self, prefix: &Key) -> Result<()> {
-        for meta in self.list_keys(prefix).await? {
-            match self.store.delete(&meta.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(remote_err("delete", &meta.location, e)),
-            }
-        }
-        Ok(())
+        let bytes = ranged.map_err(|detail| self.objects.damaged(&key, "archive", detail))?;
+        crate::archive::parse_manifest(&bytes).map_err(|detail| self.objects.damaged(&key, "archive", detail))
     }
 
     async fn apply_retention(&self, keep: usize, protect: Option<&str>) -> Result<usize> {
@@ -767,14 +562,15 @@ impl Inner {
         // Manifest keys sort by iteration (`<iterations:020>-<upload>.json`):
         // a listing is enough, no manifest is read.
         let mut ids: Vec<String> = self
+            .objects
             .list_keys(&self.layout.manifests())
             .await?
             .into_iter()
-            .filter_map(|m| m.location.filename().and_then(|f| f.strip_suffix(".json")).map(str::to_string))
+            .filter_map(|k| k.filename().and_then(|f| f.strip_suffix(".json")).map(str::to_string))
             .filter(|id| iterations_of(id).is_some())
             .collect();
         ids.sort();
-        let latest = self.get_json::<Latest>(&self.layout.latest()).await.ok().flatten().map(|(l, _)| l.manifest);
+        let latest = self.objects.get_json::<Latest>(&self.layout.latest()).await.ok().flatten().map(|(l, _)| l.manifest);
         let excess = ids.len().saturating_sub(keep);
         let mut deleted = 0;
         for id in ids.into_iter().take(excess) {
@@ -784,11 +580,8 @@ impl Inner {
             }
             // The manifest first: from then on the checkpoint does not exist
             // for readers, and its objects are orphans whatever happens next.
-            match self.store.delete(&key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(remote_err("delete", &key, e)),
-            }
-            self.delete_all(&self.layout.data_dir(&id)).await?;
+            self.objects.delete(&key).await?;
+            self.objects.delete_all(&self.layout.data_dir(&id)).await?;
             deleted += 1;
         }
         Ok(deleted)
@@ -800,8 +593,8 @@ impl Inner {
         let mut cleaned = 0;
         // Records of uploads: abort their multipart uploads once old enough.
         let mut live = std::collections::HashSet::new();
-        for meta in self.list_keys(&self.layout.uploads()).await? {
-            let Some((intent, _)) = self.get_json::<Intent>(&meta.location).await.ok().flatten() else { continue };
+        for meta in self.objects.list(&self.layout.uploads()).await? {
+            let Some((intent, _)) = self.objects.get_json::<Intent>(&meta.location).await.ok().flatten() else { continue };
             if !old(meta.last_modified) {
                 live.insert(intent.upload);
                 continue;
@@ -813,12 +606,12 @@ impl Inner {
                     }
                 }
             }
-            let _ = self.store.delete(&meta.location).await;
+            let _ = self.objects.delete(&meta.location).await;
         }
         // Data without a manifest, not under way, and old enough.
         let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
         let data_root = self.layout.data_root();
-        for meta in self.list_keys(&data_root).await? {
+        for meta in self.objects.list(&data_root).await? {
             let Some(id) = meta.location.prefix_match(&data_root).and_then(|mut p| p.next()).map(|p| p.as_ref().to_string()) else {
                 continue;
             };
@@ -827,22 +620,14 @@ impl Inner {
         }
         for (id, all_old) in dirs {
             let upload = id.split_once('-').map(|(_, u)| u.to_string()).unwrap_or_default();
-            if !all_old || live.contains(&upload) || iterations_of(&id).is_none() || self.exists(&self.layout.manifest(&id)).await? {
+            if !all_old || live.contains(&upload) || iterations_of(&id).is_none() || self.objects.exists(&self.layout.manifest(&id)).await?
+            {
                 continue;
             }
-            self.delete_all(&self.layout.data_dir(&id)).await?;
+            self.objects.delete_all(&self.layout.data_dir(&id)).await?;
             cleaned += 1;
         }
         Ok(cleaned)
-    }
-}
-
-/// Lower the calling thread's scheduling priority (nice 10).
-fn lower_priority() {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 
@@ -855,53 +640,4 @@ async fn read_part(file: &Arc<std::fs::File>, path: &Path, offset: u64, len: usi
     })
     .await
     .map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn access() -> Access {
-        Access::of(&RemoteConfig { url: "s3://ckpt/runs".into(), endpoint: "http://127.0.0.1:9000".into(), ..RemoteConfig::default() })
-    }
-
-    /// How the S3 client words a refused listing (its body shortened).
-    const DENIED: &str = "Generic S3 error: Error performing list request: Error performing GET http://127.0.0.1:9000/ckpt?list-type=2 \
-        in 3ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code>\
-        <Message>The request signature we calculated does not match</Message></Error>";
-
-    #[test]
-    fn status_and_code_are_read_from_the_clients_message() {
-        assert_eq!(http_failure(DENIED), Some((403, "SignatureDoesNotMatch".into())));
-        assert_eq!(http_failure("Server returned non-2xx status code: 404 Not Found: "), Some((404, String::new())));
-        assert_eq!(http_failure("connection refused"), None);
-        assert_eq!(http_failure("status code: 4x"), None);
-    }
-
-    #[test]
-    fn refused_credentials_and_a_missing_bucket_lead_with_the_cause() {
-        let generic = |m: &str| object_store::Error::Generic { store: "S3", source: m.to_string().into() };
-        let e = access().err("s3://ckpt/runs/m", "list", "runs/m/manifests", generic(DENIED));
-        assert!(matches!(&e, Error::RemoteDenied { status: 403, .. }), "{e:?}");
-        let text = e.to_string();
-        assert!(
-            text.starts_with("the remote tier at s3://ckpt/runs/m refused the credentials (HTTP 403, SignatureDoesNotMatch)"),
-            "{text}"
-        );
-        assert!(text.contains("http://127.0.0.1:9000") && text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
-        assert!(text.len() < 300 && !text.contains("<Message>"), "{} chars: {text}", text.len());
-
-        let missing = "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchBucket</Code></Error>";
-        let e = access().err("s3://ckpt/runs/m", "read", "runs/m/LATEST", generic(missing));
-        let text = e.to_string();
-        assert!(
-            text.starts_with("the bucket `ckpt` of the remote tier at s3://ckpt/runs/m does not exist on http://127.0.0.1:9000"),
-            "{text}"
-        );
-        // A missing object is not a missing bucket.
-        let e = access().err("s3://ckpt/runs/m", "read", "runs/m/x", generic("status code: 404 Not Found: <Code>NoSuchKey</Code>"));
-        assert!(matches!(e, Error::Remote { .. }), "{e:?}");
-        let e = access().err("s3://ckpt/runs/m", "list", "runs/m", generic("connection refused"));
-        assert!(matches!(e, Error::Remote { op: "list", .. }), "{e:?}");
-    }
 }

@@ -19,10 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use actix::{Handler, Message, SyncContext};
-use serde::{Deserialize, Serialize};
+use actix::{Handler, Message, SyncArbiter, SyncContext};
 
+use super::status::{status_path, RemoteStats};
 use super::{Reason, Remote};
+use crate::actors::Rider;
+use crate::background::{guarded, lock, lower_priority};
 use crate::config::{RemoteConfig, UploadPolicy};
 use crate::durable;
 use crate::error::{Error, Result};
@@ -34,38 +36,6 @@ pub(crate) struct Upload {
     pub pinned: Vec<Pinned>,
     pub iterations: u64,
     pub reason: Reason,
-}
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        for p in &self.pinned {
-            let _ = std::fs::remove_file(&p.pin);
-        }
-    }
-}
-
-/// The remote tier's counters.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RemoteStats {
-    /// `<url>/<model>`.
-    pub location: String,
-    /// Checkpoints uploaded (manifest committed).
-    pub uploaded: u64,
-    /// Saves not uploaded because a newer one replaced them while waiting.
-    pub skipped: u64,
-    /// Upload attempts that failed (each is retried or replaced).
-    pub failed_attempts: u64,
-    /// Iterations of the newest checkpoint uploaded by this run.
-    pub last_uploaded: Option<u64>,
-    /// The id (`<iterations:020>-<upload>`) of the newest checkpoint uploaded by this run.
-    pub last_checkpoint: Option<String>,
-    /// The last failure, and when (RFC 3339).
-    pub last_error: Option<String>,
-    pub last_error_at: Option<String>,
-    /// Iterations of the save being uploaded or waiting, if any.
-    pub pending: Option<u64>,
-    /// Uploads given up at shutdown (left for the next run's catch-up).
-    pub abandoned: u64,
 }
 
 #[derive(Default)]
@@ -94,10 +64,6 @@ pub(crate) struct Tier {
     delay_ms: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Tier {
     pub fn new(remote: Remote, config: RemoteConfig, paths: ModelPaths) -> Tier {
         let stats = RemoteStats { location: remote.location().to_string(), ..RemoteStats::default() };
@@ -116,7 +82,7 @@ impl Tier {
     }
 
     /// Whether a save with these properties is uploaded.
-    pub fn wants(&self, backup: bool, exit: bool) -> bool {
+    fn wants(&self, backup: bool, exit: bool) -> bool {
         match self.config.upload {
             UploadPolicy::Every => true,
             UploadPolicy::Milestones => backup || exit,
@@ -125,12 +91,8 @@ impl Tier {
 
     /// Whether snapshotted saves are uploaded separately (they are already
     /// uploaded when every save is).
-    pub fn wants_snapshots(&self) -> bool {
+    fn wants_snapshots(&self) -> bool {
         self.config.upload == UploadPolicy::Milestones
-    }
-
-    pub fn set_uploader(&self, addr: actix::Addr<Uploader>) {
-        let _ = self.addr.set(addr);
     }
 
     /// Queue `upload`, replacing (and counting as skipped) one still
@@ -324,9 +286,52 @@ impl Tier {
     }
 }
 
-/// Where the uploader publishes its counters: `<dir>/<name>_remote.json`.
-pub fn status_path(paths: &ModelPaths) -> std::path::PathBuf {
-    paths.dir.join(format!("{}_remote.json", paths.name))
+/// The tier rides on the pipeline: it hears of each commit and decides
+/// what goes up, and why (`remote.upload`).
+impl Rider for Tier {
+    fn start(self: Arc<Self>) {
+        let tier = self.clone();
+        let uploader = SyncArbiter::start(1, move || {
+            lower_priority();
+            Uploader { tier: tier.clone() }
+        });
+        uploader.do_send(Clean);
+        let _ = self.addr.set(uploader);
+    }
+
+    fn saved(&self, iterations: u64, backup: bool, exit: bool, pin: &dyn Fn() -> Result<Vec<Pinned>>) {
+        if !self.wants(backup, exit) {
+            return;
+        }
+        let reason = if exit {
+            Reason::Exit
+        } else if backup {
+            Reason::Backup
+        } else {
+            Reason::Save
+        };
+        self.offer_pinned(iterations, reason, pin);
+    }
+
+    fn snapshotted(&self, iterations: u64, pin: &dyn Fn() -> Result<Vec<Pinned>>) {
+        if self.wants_snapshots() {
+            self.offer_pinned(iterations, Reason::Snapshot, pin);
+        }
+    }
+
+    fn stop(&self) {
+        Tier::stop(self);
+    }
+}
+
+impl Tier {
+    /// Pin the committed save (`iterations`) and offer it for upload.
+    fn offer_pinned(&self, iterations: u64, reason: Reason, pin: &dyn Fn() -> Result<Vec<Pinned>>) {
+        match guarded("upload", pin) {
+            Ok(pinned) => self.offer(Upload { pinned, iterations, reason }),
+            Err(e) => tracing::warn!(target: "modelio", "remote: could not pin iteration {iterations} for upload: {}", e.report()),
+        }
+    }
 }
 
 /// The uploader actor: a thread of its own, since an upload may take minutes.
@@ -353,7 +358,7 @@ impl Handler<Wake> for Uploader {
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         while let Some(upload) = self.tier.take() {
             let tier = &self.tier;
-            if let Err(e) = crate::actors::guarded("upload", || {
+            if let Err(e) = guarded("upload", || {
                 tier.upload(upload);
                 Ok(())
             }) {

@@ -111,6 +111,27 @@ pub fn flip_byte(path: &Path, offset: usize) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// A command's output as text (lossy).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Everything a command printed, stdout then stderr.
+pub fn printed(out: &std::process::Output) -> String {
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+}
+
+/// Every tensor of an archive (model and optimizer), by name, with its
+/// bytes, each checked against its checksum.
+pub fn archive_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let r = modelio::archive::ArchiveReader::open(path).unwrap();
+    let opt = r.optimizer.iter().flat_map(|(t, _)| t.iter());
+    let mut all: Vec<(String, Vec<u8>)> =
+        r.model.iter().chain(opt).map(|t| (t.meta.name.clone(), r.checked_data(t).unwrap().to_vec())).collect();
+    all.sort();
+    all
+}
+
 /// A small deterministic generator (xorshift) for seeded kill moments and delays.
 pub struct Rng(pub u64);
 

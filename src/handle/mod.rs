@@ -1,12 +1,8 @@
 //! [`ModelIo`]: the handle a training loop holds.
 
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tch::nn::VarStore;
@@ -15,214 +11,28 @@ use tokio::sync::oneshot;
 use crate::actors::messages::{Desc, SaveJob, Stage};
 use crate::actors::{Actors, Settings, Shared};
 use crate::archive::ArchiveReader;
-use crate::config::{Config, CpuCopy, OnBusy, OptimizerPolicy};
+use crate::config::{Config, CpuCopy, OnBusy};
 use crate::error::{Error, IoContext, Result};
 use crate::folder::{self, ModelPaths};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::staging::{Fence, Lease, Pool};
 use crate::state::{backup_rule, State};
-use crate::tensors::{checked_shape, dtype_of, read_tensor};
+use crate::tensors::{checked_shape, dtype_of};
 
-/// What a committed save reports on its ticket.
-#[derive(Debug, Clone)]
-pub struct Committed {
-    /// Iteration count stored in the archive.
-    pub iterations: u64,
-    /// The archive written.
-    pub path: PathBuf,
-    /// Tensor bytes written.
-    pub bytes: u64,
-    /// Mean loss since the previous save.
-    pub average_loss: f64,
-    /// Whether `.bk` copies of this save were made (they exist once the
-    /// ticket answers).
-    pub backed_up: bool,
-    /// Whether the optimizer state went in.
-    pub with_optimizer: bool,
-    /// True when the save was skipped because every staging buffer was busy.
-    pub skipped: bool,
-    /// Time the trainer spent in `save`.
-    pub stall: Duration,
-    /// Time copying tensors into host buffers.
-    pub copy: Duration,
-    /// Time writing and committing the files.
-    pub write: Duration,
-}
+mod load;
+pub(crate) mod outcome;
+mod recover;
+#[cfg(feature = "remote")]
+mod remote;
+mod ticket;
 
-/// The outcome of one save: await it (it is a `Future`), poll it with
-/// [`Ticket::try_result`], or drop it.
-///
-/// A failure is reported once: to whoever reads the ticket, or, when the
-/// ticket is dropped without being read, to the handle's next call.
-#[must_use = "a ticket carries the save's outcome; dropped unread, a failure is reported by the next call instead"]
-pub struct Ticket {
-    inner: TicketInner,
-    /// Where an unread failure goes when the ticket is dropped.
-    shared: Option<Arc<Shared>>,
-}
+use load::{missing_optimizer_reason, read_for_load, read_optimizer, Read};
+use recover::{file_name, history_without_archive, reconcile_state, remove_stale_temps};
+#[cfg(feature = "remote")]
+use remote::{remote_behind, restore_from_remote};
 
-enum TicketInner {
-    Pending(oneshot::Receiver<Result<Committed, Error>>),
-    Ready(Committed),
-    Taken,
-}
-
-impl Ticket {
-    fn ready(c: Committed) -> Ticket {
-        Ticket { inner: TicketInner::Ready(c), shared: None }
-    }
-
-    /// Wait for the save to be committed (archive, state file and, when this
-    /// save improved the loss, its `.bk` backups). Does not block the
-    /// runtime: the same as `ticket.await`.
-    ///
-    /// # Errors
-    /// [`Error::Background`] when the save failed, [`Error::Stopped`] when the
-    /// actors died before answering.
-    pub async fn wait(self) -> Result<Committed> {
-        self.await
-    }
-
-    /// [`Ticket::wait`] for synchronous code. Blocks the calling thread (never
-    /// panics, also not inside a tokio runtime; there it stalls that
-    /// runtime's thread until the commit, so prefer `.await` in async code).
-    ///
-    /// # Errors
-    /// As [`Ticket::wait`].
-    pub fn wait_blocking(self) -> Result<Committed> {
-        futures::executor::block_on(self)
-    }
-
-    /// The outcome if it is known, without waiting: `None` while the save
-    /// is still in flight. Once it returned `Some`, the ticket is spent.
-    pub fn try_result(&mut self) -> Option<Result<Committed>> {
-        match std::mem::replace(&mut self.inner, TicketInner::Taken) {
-            TicketInner::Ready(c) => Some(Ok(c)),
-            TicketInner::Taken => Some(Err(Error::Stopped)),
-            TicketInner::Pending(mut rx) => match rx.try_recv() {
-                Ok(r) => Some(r),
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    self.inner = TicketInner::Pending(rx);
-                    None
-                }
-                Err(oneshot::error::TryRecvError::Closed) => Some(Err(Error::Stopped)),
-            },
-        }
-    }
-}
-
-impl std::fmt::Debug for Ticket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.inner {
-            TicketInner::Pending(_) => "pending",
-            TicketInner::Ready(_) => "ready",
-            TicketInner::Taken => "taken",
-        };
-        f.debug_struct("Ticket").field("state", &state).finish()
-    }
-}
-
-impl Future for Ticket {
-    type Output = Result<Committed>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        match &mut this.inner {
-            TicketInner::Pending(rx) => match Pin::new(rx).poll(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(r) => {
-                    this.inner = TicketInner::Taken;
-                    Poll::Ready(r.unwrap_or(Err(Error::Stopped)))
-                }
-            },
-            TicketInner::Ready(_) => match std::mem::replace(&mut this.inner, TicketInner::Taken) {
-                TicketInner::Ready(c) => Poll::Ready(Ok(c)),
-                _ => Poll::Ready(Err(Error::Stopped)),
-            },
-            TicketInner::Taken => Poll::Ready(Err(Error::Stopped)),
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        // A failure that already arrived and was never read goes to the next
-        // call; one that arrives later finds the receiver gone and goes there too.
-        if let (TicketInner::Pending(rx), Some(shared)) = (&mut self.inner, &self.shared) {
-            // Close first: an answer sent after this fails to arrive and goes
-            // to the next call; one that arrived before is taken here.
-            rx.close();
-            if let Ok(Err(e)) = rx.try_recv() {
-                shared.report_later(e);
-            }
-        }
-    }
-}
-
-/// Which archive a load used, and why.
-#[derive(Debug, Clone)]
-pub struct Loaded {
-    pub path: PathBuf,
-    /// The iteration count of the save loaded; the handle continues from it.
-    pub iterations: u64,
-    /// True when the live archive was damaged or missing and a backup or
-    /// snapshot was loaded instead.
-    pub fallback: bool,
-    /// Why the live archive was not used, when `fallback` is true.
-    pub reason: Option<String>,
-    /// Whether the archive loaded holds optimizer state.
-    pub has_optimizer: bool,
-}
-
-/// What [`ModelIo::resume`] did.
-#[derive(Debug, Clone)]
-pub struct Resumed {
-    /// The archive loaded, or `None` for a new model (nothing to resume).
-    pub loaded: Option<Loaded>,
-    /// What became of the optimizer.
-    pub optimizer: OptimizerResume,
-}
-
-/// Whether the optimizer's state was restored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OptimizerResume {
-    /// Its state was loaded from the archive.
-    Restored,
-    /// The archive holds none, for the reason given: the optimizer starts afresh.
-    Missing(String),
-    /// No optimizer was given, or the model is new.
-    NotApplicable,
-}
-
-/// What [`ModelIo::finish`] did: the exit save, the handle's counters at
-/// the end, and the background failures not reported before (failed backups
-/// or snapshots) — each reported here, once.
-///
-/// A failed backup or snapshot at the end of a run reaches the caller only
-/// here: report `unreported` (and, where it matters, fail the run).
-#[derive(Debug)]
-#[must_use = "failed backups and snapshots of the run's end are in `unreported`: report them"]
-pub struct Finished {
-    pub exit_save: Committed,
-    pub stats: SaveStats,
-    pub unreported: Vec<Error>,
-}
-
-/// Save counters of a handle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SaveStats {
-    pub requested: u64,
-    pub skipped: u64,
-    /// Saves that had to wait for a free staging buffer.
-    pub waited: u64,
-    pub committed: u64,
-    /// Saves that failed in the background (each reported once).
-    pub failed: u64,
-    /// Backups and snapshots that failed in the background.
-    pub failed_other: u64,
-    /// Times a staging buffer had to grow (reallocate).
-    pub buffer_growths: u64,
-}
+pub use outcome::{Committed, Finished, Loaded, OptimizerResume, Resumed, SaveStats};
+pub use ticket::Ticket;
 
 /// A save's copies once started: the CPU tensors left for the stager to copy
 /// (`"deferred"` mode; empty otherwise), and one event per GPU marking the
@@ -290,6 +100,11 @@ pub struct ModelIo {
     /// `load.fallback` is on: saving before a load would overwrite it.
     unloaded_history: Option<String>,
     last_save: Option<LastSave>,
+    /// The remote tier, when `[remote]` is configured (it rides on the
+    /// pipeline as `shared.rider`; the handle asks it for counters and waits
+    /// on its uploads).
+    #[cfg(feature = "remote")]
+    tier: Option<Arc<crate::remote::tier::Tier>>,
 }
 
 impl ModelIo {
@@ -346,10 +161,13 @@ impl ModelIo {
             }
         }
         #[cfg(feature = "remote")]
-        if !config.model.predict {
-            if let Some(remote) = remote {
-                shared.remote = Some(Arc::new(crate::remote::tier::Tier::new(remote, config.remote.clone(), paths.clone())));
-            }
+        let tier = match (config.model.predict, remote) {
+            (false, Some(remote)) => Some(Arc::new(crate::remote::tier::Tier::new(remote, config.remote.clone(), paths.clone()))),
+            _ => None,
+        };
+        #[cfg(feature = "remote")]
+        if let Some(t) = &tier {
+            shared.rider = Some(t.clone());
         }
         let shared = Arc::new(shared);
         let actors = match lock {
@@ -376,7 +194,7 @@ impl ModelIo {
         // stopped before uploading it) goes up first. One just restored from
         // the remote is there already: it is not offered (nor shown pending).
         #[cfg(feature = "remote")]
-        if let (Some(_), Some(tier), true, false) = (&actors, &shared.remote, paths.archive().is_file(), restored) {
+        if let (Some(_), Some(tier), true, false) = (&actors, &tier, paths.archive().is_file(), restored) {
             // No save is queued yet, so the files pinned are the committed ones.
             match crate::actors::pin(&shared) {
                 Ok(pinned) => tier.offer(crate::remote::tier::Upload {
@@ -406,6 +224,8 @@ impl ModelIo {
             loaded: None,
             unloaded_history,
             last_save: None,
+            #[cfg(feature = "remote")]
+            tier,
         })
     }
 
@@ -779,7 +599,7 @@ impl ModelIo {
         self.history.clear();
         self.loaded = None;
         self.last_save = Some(LastSave::Queued(self.state.total_iterations));
-        Ok(Ticket { inner: TicketInner::Pending(rx), shared: Some(self.shared.clone()) })
+        Ok(Ticket::pending(rx, self.shared.clone()))
     }
 
     /// Whether a save finding every staging buffer busy is skipped
@@ -990,8 +810,8 @@ impl ModelIo {
 
     /// The remote tier's counters (`None` without `[remote]`, or in predict mode).
     #[cfg(feature = "remote")]
-    pub fn remote_stats(&self) -> Option<crate::remote::tier::RemoteStats> {
-        self.shared.remote.as_ref().map(|t| t.stats())
+    pub fn remote_stats(&self) -> Option<crate::remote::status::RemoteStats> {
+        self.tier.as_ref().map(|t| t.stats())
     }
 
     /// Wait until the remote tier has uploaded every committed save offered
@@ -999,14 +819,14 @@ impl ModelIo {
     /// Blocks the calling thread.
     #[cfg(feature = "remote")]
     pub fn wait_remote_blocking(&self, timeout: Duration) -> bool {
-        self.shared.remote.as_ref().is_none_or(|t| t.wait_idle(timeout))
+        self.tier.as_ref().is_none_or(|t| t.wait_idle(timeout))
     }
 
     /// After the actors drained: give uploads `remote.drain_secs` to
     /// finish, then stop them. An upload still under way is reported.
     async fn drain_remote(&self) -> Option<Error> {
         #[cfg(feature = "remote")]
-        if let Some(tier) = self.shared.remote.clone() {
+        if let Some(tier) = self.tier.clone() {
             let t = tier.clone();
             let idle = tokio::task::spawn_blocking(move || t.wait_idle(Duration::from_secs(t.config.drain_secs))).await.unwrap_or(false);
             return remote_behind(&tier, idle);
@@ -1017,7 +837,7 @@ impl ModelIo {
     /// [`ModelIo::drain_remote`], blocking the calling thread.
     fn drain_remote_blocking(&self) -> Option<Error> {
         #[cfg(feature = "remote")]
-        if let Some(tier) = &self.shared.remote {
+        if let Some(tier) = &self.tier {
             let idle = tier.wait_idle(Duration::from_secs(tier.config.drain_secs));
             return remote_behind(tier, idle);
         }
@@ -1028,7 +848,7 @@ impl ModelIo {
     #[cfg(feature = "remote")]
     #[doc(hidden)]
     pub fn set_upload_delay(&self, delay: Duration) {
-        if let Some(t) = &self.shared.remote {
+        if let Some(t) = &self.tier {
             t.set_delay(delay);
         }
     }
@@ -1074,238 +894,6 @@ fn describe(
         None => None,
     };
     Ok((model, optimizer, tensors))
-}
-
-/// An archive read whole: every model tensor (and the optimizer's state
-/// when asked for), each checked against its checksum.
-struct Read {
-    reader: ArchiveReader,
-    model: BTreeMap<String, tch::Tensor>,
-    optimizer: Option<OptimizerState>,
-}
-
-fn read_archive(path: &Path, with_optimizer: bool) -> Result<Read> {
-    let reader = ArchiveReader::open(path)?;
-    let mut model = BTreeMap::new();
-    for t in &reader.model {
-        model.insert(t.meta.name.clone(), read_tensor(&reader, t)?);
-    }
-    let optimizer = if with_optimizer { read_optimizer(&reader)? } else { None };
-    Ok(Read { reader, model, optimizer })
-}
-
-fn read_optimizer(reader: &ArchiveReader) -> Result<Option<OptimizerState>> {
-    let Some((located, json)) = &reader.optimizer else { return Ok(None) };
-    let kind = reader.manifest.optimizer.as_ref().map(|o| o.kind.clone()).unwrap_or_default();
-    let mut tensors = BTreeMap::new();
-    for t in located {
-        tensors.insert(t.meta.name.clone(), read_tensor(reader, t)?);
-    }
-    Ok(Some(OptimizerState { kind, json: json.clone(), tensors }))
-}
-
-/// Read the live archive, or with `fallback` the newest that reads whole
-/// and checks (`.bk`, then snapshots by iteration). Returns what was read
-/// and, for a fallback, why the live archive was not used. Each archive is
-/// read and checked once.
-fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: bool) -> Result<(Read, Option<String>)> {
-    let live = paths.archive();
-    let first = match read_archive(&live, with_optimizer) {
-        Ok(read) => return Ok((read, None)),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => Some(e),
-    };
-    if fallback {
-        for candidate in fallback_candidates(paths) {
-            if let Ok(read) = read_archive(&candidate, with_optimizer) {
-                let reason = match &first {
-                    Some(e) => e.report().to_string(),
-                    None => format!("archive {} is missing", live.display()),
-                };
-                tracing::warn!(target: "modelio", "{reason}; loading {} instead", candidate.display());
-                return Ok((read, Some(reason)));
-            }
-        }
-    }
-    // Told only now, when no fallback loaded: whether history makes a
-    // missing archive a lost one.
-    Err(first.unwrap_or_else(|| missing_archive(paths, fallback)))
-}
-
-/// The error of a load that found no archive: a new model has none, but
-/// beside the model's history (a state file, backups, snapshots) the archive
-/// was lost, and "train a model first" would be wrong advice.
-fn missing_archive(paths: &ModelPaths, fallback: bool) -> Error {
-    let (dir, name, file) = (paths.dir.clone(), paths.name.clone(), file_name(&paths.archive()));
-    match history_without_archive(paths) {
-        Ok(None) => Error::ModelNotFound { dir, name, file },
-        Ok(Some(found)) if fallback => Error::ArchiveLost { dir, name, file, found },
-        Ok(Some(found)) => Error::ArchiveMissing { dir, name, file, found },
-        Err(e) => e,
-    }
-}
-
-/// Why an archive holds no optimizer state, from the policy that wrote it.
-fn missing_optimizer_reason(policy: OptimizerPolicy) -> String {
-    match policy {
-        OptimizerPolicy::Never => "`save.optimizer = \"never\"` does not store it".into(),
-        OptimizerPolicy::Exit => "`save.optimizer = \"exit\"` stores it only with the exit save, and the last run did not end with one \
-             (killed, or stopped without an exit save); set `save.optimizer = \"always\"` to store it with every save"
-            .into(),
-        OptimizerPolicy::Always => "the archive was saved without it (by an earlier policy, or with no optimizer given)".into(),
-    }
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// Remove what an interrupted run left: every temporary file in the model
-/// folder (the caller holds its lock), and beside it only this folder's own
-/// snapshot temporaries (other folders' may be in use by their trainers),
-/// which are always folders: a file there is not modelio's.
-fn remove_stale_temps(paths: &ModelPaths) -> Result<()> {
-    let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
-    let prefix = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
-    let removed = crate::durable::remove_stale_temps(&paths.dir, |_, _| true)?
-        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base, is_dir| {
-            is_dir && !prefix.is_empty() && base.starts_with(prefix)
-        })?;
-    if removed > 0 {
-        tracing::info!(target: "modelio", "removed {removed} temporary files left by an interrupted run");
-    }
-    Ok(())
-}
-
-/// The archives `load.fallback` tries, in order: `.bk`, then snapshots by
-/// iteration, newest first.
-fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
-    let live = paths.archive();
-    let mut candidates = vec![ModelPaths::backup_of(&live)];
-    let mut snaps = crate::snapshot::list(&paths.dir);
-    snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-    candidates.extend(snaps.into_iter().map(|(_, dir)| dir.join(file_name(&live))));
-    candidates
-}
-
-/// Stop the remote tier's uploads unless it drained (`idle`), reporting the
-/// upload left behind and its last failure.
-#[cfg(feature = "remote")]
-fn remote_behind(tier: &crate::remote::tier::Tier, idle: bool) -> Option<Error> {
-    if idle {
-        return None;
-    }
-    let stats = tier.stats();
-    tier.stop();
-    Some(Error::RemoteBehind {
-        location: stats.location,
-        iterations: stats.pending.unwrap_or_default(),
-        waited_secs: tier.config.drain_secs,
-        last_error: stats.last_error.unwrap_or_else(|| "none; it was still uploading".into()),
-    })
-}
-
-/// Pull the newest remote checkpoint that verifies into the empty model
-/// folder `paths`; a damaged one is skipped for the one before it. Returns
-/// whether one was pulled (false: the remote holds none).
-#[cfg(feature = "remote")]
-fn restore_from_remote(remote: &crate::remote::Remote, paths: &ModelPaths) -> Result<bool> {
-    // Only the store's failures are "could not be read"; a full disk, a
-    // local error, refused credentials and a missing bucket are reported as
-    // themselves (each names its cause and what to do).
-    let unreadable = |e: Error| match e {
-        Error::Remote { .. } => {
-            Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(e) }
-        }
-        other => other,
-    };
-    let mut all = remote.list().map_err(unreadable)?;
-    let mut damaged = Vec::new();
-    while let Some(m) = all.pop() {
-        match remote.pull(&m, paths) {
-            Ok(()) => {
-                tracing::info!(target: "modelio", "restored iteration {} from {} ({})", m.iterations, remote.location(), m.id());
-                for (id, e) in &damaged {
-                    tracing::warn!(target: "modelio", "skipped remote checkpoint {id}, which does not verify: {}", Error::report(e));
-                }
-                return Ok(true);
-            }
-            Err(e @ (Error::RemoteDamaged { .. } | Error::Damaged { .. })) => damaged.push((m.id(), e)),
-            Err(e) => return Err(unreadable(e)),
-        }
-    }
-    // Checkpoints exist but none verifies: starting from scratch would be
-    // silent data loss, so refuse (remote.restore = false starts afresh).
-    match damaged.into_iter().next() {
-        Some((_, newest)) => {
-            Err(Error::RemoteRestore { dir: paths.dir.clone(), location: remote.location().to_string(), source: Box::new(newest) })
-        }
-        None => Ok(false),
-    }
-}
-
-/// When the archive is missing but the folder holds the model's history (a
-/// state file that counted iterations, a backup, a snapshot), what is there.
-fn history_without_archive(paths: &ModelPaths) -> Result<Option<String>> {
-    match std::fs::symlink_metadata(paths.archive()) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        _ => return Ok(None),
-    }
-    let mut found = Vec::new();
-    let state = paths.state();
-    let mut damaged_state = None;
-    if state.exists() {
-        match State::read(&state) {
-            Ok(s) if s.total_iterations == 0 => {}
-            Ok(s) => found.push(format!("{} ({} iterations)", file_name(&state), s.total_iterations)),
-            Err(e) => {
-                found.push(format!("{} (damaged)", file_name(&state)));
-                damaged_state = Some(e);
-            }
-        }
-    }
-    let candidates = fallback_candidates(paths);
-    let (backup, snapshots) = candidates.split_at(1);
-    found.extend(backup.iter().filter(|bk| bk.exists()).map(|bk| file_name(bk)));
-    let snapshots: Vec<&PathBuf> = snapshots.iter().filter(|p| p.exists()).collect();
-    if let Some(newest) = snapshots.first() {
-        let dir = newest.parent().map(file_name).unwrap_or_default();
-        found.push(format!("{} snapshot(s), the newest {dir}", snapshots.len()));
-    }
-    // A damaged state file alone: that is the problem to report (no
-    // fallback can help it).
-    if let (Some(e), 1) = (damaged_state, found.len()) {
-        return Err(e);
-    }
-    Ok(if found.is_empty() { None } else { Some(found.join(", ")) })
-}
-
-/// The state to continue from. The archive carries a copy of the state file
-/// as of its save, so when a crash fell between committing the archive and
-/// the state file (or the state file is damaged), the archive's copy wins and,
-/// in training mode, is written back.
-fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State> {
-    let state_path = paths.state();
-    let from_file = if state_path.exists() { Some(State::read(&state_path)) } else { None };
-    let from_archive: Option<State> = match ArchiveReader::open(&paths.archive()) {
-        Ok(r) => r.state.and_then(|bytes| serde_json::from_slice(&bytes).ok()),
-        // A FIFO or device under the archive's name: refuse, never block on it.
-        Err(e @ Error::NotRegular { .. }) => return Err(e),
-        // Missing or damaged: a load reports it.
-        Err(_) => None,
-    };
-    match (from_file, from_archive) {
-        (Some(Ok(f)), Some(a)) if f.total_iterations == a.total_iterations => Ok(f),
-        (_, Some(a)) => {
-            if !predict {
-                tracing::warn!(target: "modelio", "state file {} did not match the archive; restored it from the archive", state_path.display());
-                crate::durable::commit_bytes(&state_path, &a.to_json())?;
-            }
-            Ok(a)
-        }
-        (Some(f), None) => f,
-        (None, None) => Ok(State::new(&paths.name)),
-    }
 }
 
 /// Queue a non-blocking copy of a GPU tensor into pinned buffer `i` of the lease.

@@ -1,0 +1,311 @@
+//! The coordinator (rank 0): commits a step once every rank's done-record
+//! is there, then its backup, snapshot and retention.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::PutMode;
+
+use super::records::inconsistency;
+use super::{lock, Commit, DoneRecord, GlobalManifest, Shared, SHARDED_FORMAT};
+use crate::error::{Error, Result};
+use crate::remote::objects::{to_json, unsupported, Put};
+
+impl Shared {
+    /// The coordinator's commit thread: steps in order, each waiting for
+    /// every done-record until its deadline (`shard.commit_deadline_secs`
+    /// after its own shard was written), so a dead rank costs one deadline,
+    /// not one per step queued behind it.
+    pub(super) fn commit_loop(self: Arc<Self>) {
+        loop {
+            let Commit { iterations, deadline: until, loss } = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if !q.commits.is_empty() {
+                        q.committing = true;
+                        break q.commits.remove(0);
+                    }
+                    if q.stop && q.waiting.is_none() && !q.busy {
+                        return;
+                    }
+                    q = self.wake.wait_timeout(q, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+                }
+            };
+            let outcome = loop {
+                // A missing done-record or a store failure is retried until
+                // the step's deadline, also while the handle is being dropped.
+                match self.run(self.commit_once(iterations, loss)) {
+                    Err(Error::ShardMissing { .. } | Error::Remote { .. }) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    other => break other,
+                }
+            };
+            match outcome {
+                Ok(Some(manifest)) => {
+                    self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(target: "modelio", "committed sharded step {iterations} ({} ranks)", self.rank.world_size);
+                    self.after_commit(&manifest);
+                }
+                Ok(None) => {
+                    self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
+                    // Committed by a racing coordinator of this run: its manifest is the step's.
+                    if lock(&self.queue).snapshots.remove(&iterations) {
+                        self.snapshot_committed(iterations);
+                    }
+                }
+                Err(e) => {
+                    self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
+                    self.report_later(e);
+                    if lock(&self.queue).snapshots.remove(&iterations) {
+                        self.snapshot_not_made(iterations, "the step was not committed");
+                    }
+                }
+            }
+            lock(&self.queue).committing = false;
+            self.settle_snapshots();
+            self.wake.notify_all();
+        }
+    }
+
+    /// Commit `iterations` if every rank's done-record is there.
+    /// Commit `iterations` if every rank's done-record is there: the new
+    /// manifest, or `None` when it already existed.
+    pub(super) async fn commit_once(&self, iterations: u64, loss: Option<f64>) -> Result<Option<GlobalManifest>> {
+        let mut shards = Vec::with_capacity(self.rank.world_size);
+        for r in 0..self.rank.world_size {
+            let key = self.layout.done(iterations, r);
+            match self.objects.get_json::<DoneRecord>(&key).await? {
+                Some((d, _))
+                    if d.iterations == iterations && d.world_size == self.rank.world_size && d.rank == r && d.run == self.run_id =>
+                {
+                    shards.push(d)
+                }
+                // Another run's record (a dead launch's) is not this run's shard.
+                Some((d, _)) if d.run != self.run_id => {
+                    return Err(Error::ShardMissing { iterations, rank: r, key: format!("{key} is run `{}`'s, not this run's", d.run) })
+                }
+                _ => return Err(Error::ShardMissing { iterations, rank: r, key: key.to_string() }),
+            }
+        }
+        // Each shard named must exist with its size: the done-record follows its shard.
+        for d in &shards {
+            let key = self.objects.stored_key(&d.key)?;
+            if self.objects.head(&key).await?.is_none_or(|meta| meta.size != d.size) {
+                return Err(Error::ShardMissing { iterations, rank: d.rank, key: d.key.clone() });
+            }
+        }
+        if let Some(problem) = inconsistency(&shards) {
+            return Err(Error::ShardInconsistent { iterations, detail: problem });
+        }
+        let lowest = self.lowest().await?;
+        let decision = loss.map(|l| crate::state::backup_rule(&[l], lowest));
+        let manifest = GlobalManifest {
+            format: SHARDED_FORMAT,
+            model: self.model.clone(),
+            iterations,
+            world_size: self.rank.world_size,
+            created: chrono::Utc::now().to_rfc3339(),
+            shards,
+            loss,
+            lowest: decision.map_or(lowest, |d| d.lowest),
+        };
+        let key = self.layout.manifest(iterations);
+        let json = to_json(&key, &manifest, true)?;
+        match self.objects.put_if("commit global manifest", &key, json, PutMode::Create).await? {
+            Put::Written => {}
+            // Committed already: by a racing coordinator of this run (the
+            // same shards), or by another run (a job resumed from an older
+            // step saving over a committed one), which must not pass silently.
+            Put::Lost => {
+                let existing = self.objects.get_json::<GlobalManifest>(&key).await?.map(|(m, _)| m);
+                let ours = |e: &GlobalManifest| e.shards.iter().map(|d| &d.key).eq(manifest.shards.iter().map(|d| &d.key));
+                return match existing {
+                    Some(e) if ours(&e) => Ok(None),
+                    _ => Err(Error::StepCommitted { iterations, key: key.to_string() }),
+                };
+            }
+            Put::Unsupported => return Err(unsupported("commit global manifest", &key)),
+        }
+        *lock(&self.lowest) = Some(manifest.lowest);
+        // The step exists now; `LATEST` is a hint (readers list manifests).
+        if let Err(e) = self.objects.advance_latest(&self.layout.latest(), &self.layout.manifests(), &key, iterations).await {
+            tracing::warn!(target: "modelio", "sharded step {iterations}: {}", e.report());
+        }
+        // The step is committed whatever happens to its backup.
+        if decision.is_some_and(|d| d.backup) {
+            let backup = self.layout.backup();
+            let written = match to_json(&backup, &manifest, true) {
+                Ok(json) => self.objects.put("write global backup", &backup, json).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => self.stats.backups.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::error!(target: "modelio", "sharded step {iterations} is committed but not backed up: {}", e.report());
+                    self.report_later(e);
+                    self.stats.backups_failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+        Ok(Some(manifest))
+    }
+
+    /// The lowest loss so far: from memory, else from the newest manifest.
+    pub(super) async fn lowest(&self) -> Result<f64> {
+        if let Some(l) = *lock(&self.lowest) {
+            return Ok(l);
+        }
+        let l = self.latest().await?.map_or(0.0, |m| m.lowest);
+        *lock(&self.lowest) = Some(l);
+        Ok(l)
+    }
+
+    /// After step `m` was committed: its snapshot when one was requested
+    /// (requests of older steps are over: those steps were not committed),
+    /// then retention.
+    pub(super) fn after_commit(&self, m: &GlobalManifest) {
+        let (older, wanted) = {
+            let mut q = lock(&self.queue);
+            let later = m.iterations.checked_add(1).map(|k| q.snapshots.split_off(&k)).unwrap_or_default();
+            let mut upto = std::mem::replace(&mut q.snapshots, later);
+            let wanted = upto.remove(&m.iterations);
+            (upto, wanted)
+        };
+        for n in older {
+            self.snapshot_not_made(n, "the step was not committed");
+        }
+        if wanted {
+            match self.run(self.write_snapshot(m)) {
+                Ok(()) => {
+                    self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => self.snapshot_not_made(m.iterations, &format!("{}", e.report())),
+            }
+        }
+        if let Err(e) = self.run(self.retain()) {
+            tracing::warn!(target: "modelio", "sharded retention: {}", e.report());
+        }
+    }
+
+    pub(super) async fn write_snapshot(&self, m: &GlobalManifest) -> Result<()> {
+        let key = self.layout.snapshot(m.iterations);
+        match self.objects.put_if("write global snapshot", &key, to_json(&key, m, true)?, PutMode::Create).await? {
+            Put::Written | Put::Lost => {}
+            Put::Unsupported => return Err(unsupported("write global snapshot", &key)),
+        }
+        if self.snapshot_keep > 0 {
+            let keys = self.objects.list_keys(&self.layout.snapshots()).await?;
+            let excess = keys.len().saturating_sub(self.snapshot_keep);
+            for k in keys.into_iter().take(excess) {
+                let _ = self.objects.delete(&k).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps that a backup or snapshot holds (retention keeps their shards).
+    pub(super) async fn protected(&self) -> Result<Vec<u64>> {
+        let mut steps: Vec<u64> = self
+            .objects
+            .list_keys(&self.layout.snapshots())
+            .await?
+            .iter()
+            .filter_map(|k| k.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse().ok()))
+            .collect();
+        if let Some((b, _)) = self.objects.get_json::<GlobalManifest>(&self.layout.backup()).await? {
+            steps.push(b.iterations);
+        }
+        Ok(steps)
+    }
+
+    /// Keep the newest `keep` committed steps (0 = all); delete a manifest
+    /// before its step's objects, and the objects of steps older than the
+    /// newest committed one that never got a manifest.
+    pub(super) async fn retain(&self) -> Result<()> {
+        let mut committed = BTreeMap::new();
+        for key in self.objects.list_keys(&self.layout.manifests()).await? {
+            if let Some(n) = key.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse::<u64>().ok()) {
+                committed.insert(n, key);
+            }
+        }
+        let Some(&newest) = committed.keys().next_back() else { return Ok(()) };
+        let pending: Vec<u64> = lock(&self.queue).commits.iter().map(|c| c.iterations).collect();
+        let protected = self.protected().await?;
+        let excess = if self.keep == 0 { 0 } else { committed.len().saturating_sub(self.keep) };
+        let doomed: Vec<u64> = committed.keys().take(excess).copied().collect();
+        for n in &doomed {
+            if let Some(key) = committed.get(n) {
+                let _ = self.objects.delete(key).await;
+            }
+        }
+        // Step folders: doomed ones, and uncommitted ones older than the newest.
+        let steps = self.layout.steps();
+        let mut stale = Vec::new();
+        for meta in self.objects.list(&steps).await? {
+            let Some(n) = meta.location.prefix_match(&steps).and_then(|mut p| p.next()).and_then(|p| p.as_ref().parse::<u64>().ok()) else {
+                continue;
+            };
+            let uncommitted_old = n < newest && !committed.contains_key(&n) && !pending.contains(&n);
+            if (doomed.contains(&n) || uncommitted_old) && !protected.contains(&n) {
+                stale.push(meta.location);
+            }
+        }
+        for key in stale {
+            let _ = self.objects.delete(&key).await;
+        }
+        Ok(())
+    }
+
+    /// The snapshot requested of step `n` was not made: counted, logged, and
+    /// reported by the next `flush`.
+    pub(super) fn snapshot_not_made(&self, n: u64, reason: &str) {
+        self.stats.snapshots_failed.fetch_add(1, Ordering::Relaxed);
+        let e = Error::ShardSnapshot { iterations: n, reason: reason.into() };
+        tracing::error!(target: "modelio", "{e}");
+        self.report_later(e);
+    }
+
+    /// Snapshot committed step `n` now, from its manifest; false when it was
+    /// not committed or the snapshot could not be written (both reported).
+    pub(super) fn snapshot_committed(&self, n: u64) -> bool {
+        let made = self.run(async {
+            match self.objects.get_json::<GlobalManifest>(&self.layout.manifest(n)).await? {
+                Some((m, _)) => self.write_snapshot(&m).await.map(|()| true),
+                None => Ok(false),
+            }
+        });
+        match made {
+            Ok(true) => {
+                self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Ok(false) => {
+                self.snapshot_not_made(n, "the step was not committed");
+                false
+            }
+            Err(e) => {
+                self.snapshot_not_made(n, &format!("{}", e.report()));
+                false
+            }
+        }
+    }
+
+    /// Requests left once nothing is being written or committed belong to
+    /// steps that will never commit: report them.
+    pub(super) fn settle_snapshots(&self) {
+        let left = {
+            let mut q = lock(&self.queue);
+            if q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
+                return;
+            }
+            std::mem::take(&mut q.snapshots)
+        };
+        for n in left {
+            self.snapshot_not_made(n, "the step was not committed");
+        }
+    }
+}

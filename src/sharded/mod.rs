@@ -1,0 +1,659 @@
+//! Sharded checkpoints: several processes (ranks) each save the part of the
+//! state they hold, and one global manifest commits the step once every
+//! part is durable. The storage is the arbiter: no coordination service.
+//!
+//! Layout under `<prefix>/<model>/sharded/` of the store (the `[remote]` URL,
+//! or the model folder itself, `file://<model.dir>`, a shared filesystem):
+//!
+//! ```text
+//! steps/<iterations:020>/rank-<r>-<upload>.mio   rank r's shard: an ordinary archive
+//! steps/<iterations:020>/done-<r>.json           rank r's done-record, written after its shard
+//! manifests/<iterations:020>.json                the global manifest, create-if-absent
+//! LATEST                                         names the newest global manifest
+//! ```
+//!
+//! A rank's `save` copies its tensors at the call and returns; a thread of
+//! its own writes the shard, then the done-record. The coordinator (rank 0)
+//! also commits: once every rank's done-record for the step exists (or a
+//! deadline passes, a counted failure), it writes the global manifest with a
+//! create-if-absent put, so two coordinators racing on one step (a restarted
+//! job) make one manifest, and moves `LATEST`. Until the manifest exists the
+//! step does not exist for readers; a rank that dies means no manifest, and
+//! the previous step stays the latest. On a filesystem the create is a hard
+//! link (atomic), through the same `object_store` code path as S3.
+//!
+//! A tensor is saved whole or as rows `[offset, offset + rows)` of its first
+//! dimension, with its global shape. Loading takes any partition: each piece
+//! a rank wants is read with ranged reads of exactly the stored tensors that
+//! overlap it (checked against their CRC-32C) and reassembled.
+//!
+//! Files: this one holds the rank's handle ([`ShardedIo`]) and the state its
+//! threads share; `records.rs` what is stored, `layout.rs` where, `run.rs`
+//! the run id, `writer.rs` each rank's writer thread, `commit.rs` the
+//! coordinator, `read.rs` listing and reading back.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+#[cfg(feature = "torch")]
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[cfg(feature = "torch")]
+use tch::Tensor;
+
+use crate::background::{lock, Inbox};
+use crate::config::{Config, RemoteConfig};
+use crate::error::{Error, Result};
+use crate::format::DType;
+use crate::remote::objects::Objects;
+#[cfg(feature = "torch")]
+use crate::tensors::{copy_bytes, dtype_of, shape_of, to_tensor};
+
+mod commit;
+mod layout;
+mod read;
+mod records;
+mod run;
+mod writer;
+
+pub use layout::Layout;
+pub use records::{DoneRecord, GlobalManifest, Piece, SHARDED_FORMAT};
+use run::run_id;
+
+/// What a rank saves of one tensor.
+#[cfg(feature = "torch")]
+pub struct Part<'a> {
+    pub name: &'a str,
+    pub tensor: &'a Tensor,
+    /// `Some((row_offset, global_rows))` for rows of a tensor split along its
+    /// first dimension; `None` for a whole tensor.
+    pub rows: Option<(usize, usize)>,
+}
+
+#[cfg(feature = "torch")]
+impl<'a> Part<'a> {
+    pub fn whole(name: &'a str, tensor: &'a Tensor) -> Part<'a> {
+        Part { name, tensor, rows: None }
+    }
+    pub fn rows(name: &'a str, tensor: &'a Tensor, row_offset: usize, global_rows: usize) -> Part<'a> {
+        Part { name, tensor, rows: Some((row_offset, global_rows)) }
+    }
+}
+
+/// The tensor name under which [`optimizer_json`] is saved.
+pub const OPTIMIZER_JSON: &str = "optimizer.json";
+
+/// An optimizer's kind and JSON (hyper-parameters, step count) as a `u8`
+/// tensor, to save whole (as [`OPTIMIZER_JSON`], by one rank) beside its
+/// state tensors. Those are [`Optimizer::state_tensors`](crate::optim::Optimizer::state_tensors) under their own
+/// names (`<param>.exp_avg`, ...), each saved with the rows of its parameter:
+///
+/// ```ignore
+/// let state = opt.state_tensors();
+/// let json = modelio::sharded::optimizer_json(&opt)?;
+/// let mut parts = vec![Part::rows("w", &w, lo, rows)];
+/// parts.extend(state.iter().map(|(name, t)| Part::rows(name, t, lo, rows)));
+/// if io.rank().rank == 0 {
+///     parts.push(Part::whole(modelio::sharded::OPTIMIZER_JSON, &json));
+/// }
+/// io.save(step, &parts)?;
+/// ```
+///
+/// # Errors
+/// [`Error::OptimizerJson`] when the JSON cannot be encoded.
+#[cfg(feature = "torch")]
+pub fn optimizer_json(opt: &dyn crate::optim::Optimizer) -> Result<Tensor> {
+    let doc = serde_json::json!({ "kind": opt.kind(), "state": opt.state_json() });
+    let bytes = serde_json::to_vec(&doc).map_err(|_| Error::OptimizerJson { field: "state" })?;
+    Ok(Tensor::from_slice(&bytes))
+}
+
+/// An optimizer's state read back from a sharded step, for
+/// [`Optimizer::load_state`](crate::optim::Optimizer::load_state): the [`OPTIMIZER_JSON`] tensor and the state
+/// tensors this rank loaded (its rows of each), by name.
+///
+/// # Errors
+/// [`Error::OptimizerJson`] when the JSON tensor is not what
+/// [`optimizer_json`] wrote; [`Error::Torch`].
+#[cfg(feature = "torch")]
+pub fn optimizer_state(json: &Tensor, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<crate::optim::OptimizerState> {
+    let mut bytes = Vec::new();
+    copy_bytes(json, &mut bytes)?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| Error::OptimizerJson { field: "kind" })?;
+    let kind = doc.get("kind").and_then(|k| k.as_str()).ok_or(Error::OptimizerJson { field: "kind" })?;
+    let state = doc.get("state").cloned().ok_or(Error::OptimizerJson { field: "state" })?;
+    Ok(crate::optim::OptimizerState { kind: kind.into(), json: state, tensors: tensors.into_iter().collect() })
+}
+
+/// What a rank loads of one tensor: all of it, or rows `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub name: String,
+    pub rows: Option<(usize, usize)>,
+}
+
+impl Want {
+    pub fn whole(name: &str) -> Want {
+        Want { name: name.into(), rows: None }
+    }
+    pub fn rows(name: &str, start: usize, end: usize) -> Want {
+        Want { name: name.into(), rows: Some((start, end)) }
+    }
+}
+
+/// This process's place among the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rank {
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Rank {
+    /// From `[shard]` in the config, else from `RANK` and `WORLD_SIZE`
+    /// (as torchrun and other launchers set them), else rank 0 of 1.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] when a value is not a number or the rank is
+    /// not below the world size.
+    pub fn from_config(config: &Config) -> Result<Rank> {
+        let env = |name: &str| -> Result<Option<usize>> {
+            match std::env::var(name) {
+                Ok(v) => v.trim().parse().map(Some).map_err(|_| Error::ConfigValue {
+                    key: name.into(),
+                    value: format!("{v:?}"),
+                    allowed: "a non-negative integer".into(),
+                }),
+                Err(_) => Ok(None),
+            }
+        };
+        let rank = match config.shard.rank {
+            Some(r) => r,
+            None => env("RANK")?.unwrap_or(0),
+        };
+        let world_size = match config.shard.world_size {
+            Some(w) => w,
+            None => env("WORLD_SIZE")?.unwrap_or(1),
+        };
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::ConfigValue {
+                key: "shard.rank".into(),
+                value: format!("{rank} (world size {world_size})"),
+                allowed: "a rank below a world size of at least 1".into(),
+            });
+        }
+        Ok(Rank { rank, world_size })
+    }
+}
+
+/// Counters of a rank's sharded saves.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Shards written (with their done-record).
+    pub written: AtomicU64,
+    /// Saves replaced by a newer one before they were written.
+    pub skipped: AtomicU64,
+    /// Shards that could not be written.
+    pub failed: AtomicU64,
+    /// Steps committed by this process (coordinator only).
+    pub committed: AtomicU64,
+    /// Steps whose commit found the manifest already there (another coordinator).
+    pub already_committed: AtomicU64,
+    /// Steps not committed: a done-record missing at the deadline, or a store failure.
+    pub commit_failed: AtomicU64,
+    /// Global backups made, and those that could not be written (coordinator only).
+    pub backups: AtomicU64,
+    pub backups_failed: AtomicU64,
+    /// Global snapshots made, and those that failed (their step was not committed).
+    pub snapshots: AtomicU64,
+    pub snapshots_failed: AtomicU64,
+}
+
+/// One tensor of a save, copied at the call.
+struct Staged {
+    name: String,
+    dtype: DType,
+    /// The piece's own shape, and the whole tensor's.
+    shape: Vec<usize>,
+    global: Vec<usize>,
+    row_offset: usize,
+    bytes: Vec<u8>,
+}
+
+/// A save copied at the call, waiting for the writer thread.
+struct Job {
+    iterations: u64,
+    tensors: Vec<Staged>,
+    loss: Option<f64>,
+}
+
+/// A step the coordinator is to commit.
+#[derive(Debug, Clone, Copy)]
+struct Commit {
+    iterations: u64,
+    /// `shard.commit_deadline_secs` after its own shard was written.
+    deadline: Instant,
+    loss: Option<f64>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Option<Job>,
+    busy: bool,
+    stop: bool,
+    /// Steps the coordinator still has to commit, oldest first.
+    commits: Vec<Commit>,
+    committing: bool,
+    /// The last step handed to `save`.
+    last_saved: Option<u64>,
+    /// Steps whose snapshot was requested before their commit was over:
+    /// each is made once its step commits, or reported as not made.
+    snapshots: BTreeSet<u64>,
+}
+
+struct Shared {
+    objects: Objects,
+    layout: Layout,
+    rank: Rank,
+    model: String,
+    deadline: Duration,
+    keep: usize,
+    snapshot_keep: usize,
+    /// `staging.on_busy = "wait"`: a save waits for the previous one to start writing.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    wait_when_busy: bool,
+    /// The lowest reported loss, read from the newest manifest on first use.
+    lowest: Mutex<Option<f64>>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    stats: ShardStats,
+    /// Background failures (shards not written, steps not committed,
+    /// snapshots not made) not yet reported by `flush`.
+    failures: Inbox,
+    /// This run's id: a done-record of another run is never committed.
+    run_id: String,
+    rt: crate::remote::blocking::Blocking,
+}
+
+/// One rank's sharded checkpoints of one model.
+pub struct ShardedIo {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The store sharded checkpoints go to: `[remote]` when set, else the model
+/// folder (which must then be on a filesystem every rank shares).
+fn store_config(config: &Config) -> RemoteConfig {
+    let mut r = config.remote.clone();
+    if !r.enabled() {
+        let dir = std::path::absolute(&config.model.dir).unwrap_or_else(|_| config.model.dir.clone());
+        r.url = format!("file://{}", dir.display());
+    }
+    r
+}
+
+impl ShardedIo {
+    /// Open this rank's view of the sharded checkpoints of `config`'s model.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] for a bad rank or store; [`Error::RemoteCredentials`].
+    pub fn open(config: &Config) -> Result<ShardedIo> {
+        config.validate()?;
+        let rank = Rank::from_config(config)?;
+        let run_id = run_id(config, rank, |name| std::env::var(name).ok())?;
+        let rc = store_config(config);
+        let built = crate::remote::store::build(&rc)?;
+        let rt = crate::remote::blocking::Blocking::new("modelio-shard", || {}, &rc.url)?;
+        let location = format!("{}/{}/{}", rc.url.trim_end_matches('/'), config.model.name, Layout::FOLDER);
+        let shared = Arc::new(Shared {
+            objects: Objects::new(built.store, &rc, location),
+            layout: Layout::new(&built.prefix, &config.model.name),
+            rank,
+            model: config.model.name.clone(),
+            deadline: Duration::from_secs(config.shard.commit_deadline_secs),
+            keep: config.shard.keep,
+            snapshot_keep: config.snapshot.keep,
+            wait_when_busy: config.staging.on_busy == crate::config::OnBusy::Wait,
+            lowest: Mutex::new(None),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            stats: ShardStats::default(),
+            failures: Inbox::default(),
+            run_id,
+            rt,
+        });
+        // A coordinator claims its run id: a launch that reuses an earlier
+        // launch's id could commit that run's leftover shards with its own.
+        if rank.rank == 0 && rank.world_size > 1 {
+            shared.run(shared.claim_run())?;
+        }
+        let mut threads = Vec::new();
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("modelio-shard-writer".into())
+                .spawn(move || s.write_loop())
+                .map_err(|e| Error::io("start the shard writer for", ".", e))?,
+        );
+        if rank.rank == 0 {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("modelio-shard-commit".into())
+                    .spawn(move || s.commit_loop())
+                    .map_err(|e| Error::io("start the shard coordinator for", ".", e))?,
+            );
+        }
+        Ok(ShardedIo { shared, threads })
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.shared.rank
+    }
+
+    /// Where these checkpoints are, in words: `<url>/<model>/sharded`.
+    pub fn location(&self) -> &str {
+        self.shared.objects.location()
+    }
+
+    /// Their keys in the store.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    pub fn stats(&self) -> &ShardStats {
+        &self.shared.stats
+    }
+
+    #[cfg(feature = "torch")]
+    /// Save this rank's `parts` as step `iterations`: the bytes are copied
+    /// before it returns (about one memcpy of the parts), and written in the
+    /// background. One save is written while the next waits; a third waits
+    /// for the writer to take the second (`staging.on_busy = "wait"`, the
+    /// default), or replaces it (`"skip"`, counted in `skipped`; a step that
+    /// some rank skipped is never committed). Never waits on another rank.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::ConfigValue`]
+    /// for rows outside the global shape, [`Error::Torch`].
+    pub fn save(&self, iterations: u64, parts: &[Part<'_>]) -> Result<()> {
+        self.save_inner(iterations, parts, None)
+    }
+
+    /// [`ShardedIo::save`] with the average loss since the last save. The
+    /// coordinator's loss decides the global backup (the rule of local
+    /// saves: the first loss sets the lowest, a strictly lower one makes
+    /// that step the backup); other ranks' losses are not used.
+    ///
+    /// # Errors
+    /// As [`ShardedIo::save`].
+    #[cfg(feature = "torch")]
+    pub fn save_with_loss(&self, iterations: u64, parts: &[Part<'_>], loss: f64) -> Result<()> {
+        self.save_inner(iterations, parts, Some(loss))
+    }
+
+    #[cfg(feature = "torch")]
+    fn save_inner(&self, iterations: u64, parts: &[Part<'_>], loss: Option<f64>) -> Result<()> {
+        // A NaN or infinite loss cannot be compared with the lowest: it is not used.
+        let loss = match loss {
+            Some(l) if !l.is_finite() => {
+                tracing::warn!(target: "modelio", "sharded step {iterations}: loss {l} ignored for the backup rule");
+                None
+            }
+            other => other,
+        };
+        let mut tensors = Vec::with_capacity(parts.len());
+        let mut names = std::collections::HashSet::new();
+        for p in parts {
+            if !names.insert(p.name) {
+                return Err(Error::DuplicateTensor { tensor: p.name.into() });
+            }
+            let dtype = dtype_of(p.name, p.tensor.kind())?;
+            let shape = shape_of(p.tensor);
+            let (row_offset, global) = match p.rows {
+                None => (0, shape.clone()),
+                Some((offset, global_rows)) => {
+                    let rows = shape.first().copied().unwrap_or(0);
+                    if shape.is_empty() || offset.checked_add(rows).is_none_or(|end| end > global_rows) {
+                        return Err(Error::ConfigValue {
+                            key: format!("rows of `{}`", p.name),
+                            value: format!("{offset}..{} of {global_rows}", offset.saturating_add(rows)),
+                            allowed: "rows inside the global first dimension".into(),
+                        });
+                    }
+                    let mut g = shape.clone();
+                    g[0] = global_rows;
+                    (offset, g)
+                }
+            };
+            let mut bytes = Vec::new();
+            copy_bytes(p.tensor, &mut bytes)?;
+            tensors.push(Staged { name: p.name.to_string(), dtype, shape, global, row_offset, bytes });
+        }
+        let replaced = {
+            let mut q = lock(&self.shared.queue);
+            // With `staging.on_busy = "wait"` (the default) a save waits for
+            // this rank's own previous one to start writing: ranks that each
+            // skipped different steps would never complete a step together.
+            while self.shared.wait_when_busy && q.waiting.is_some() && !q.stop {
+                q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            q.last_saved = Some(iterations);
+            let replaced = q.waiting.replace(Job { iterations, tensors, loss });
+            replaced.map(|job| (job.iterations, q.snapshots.remove(&job.iterations)))
+        };
+        if let Some((skipped, snapshot_wanted)) = replaced {
+            self.shared.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            if snapshot_wanted {
+                self.shared
+                    .snapshot_not_made(skipped, "its save was replaced by a newer one before it was written (staging.on_busy = \"skip\")");
+            }
+        }
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    /// Wait until every save handed over so far is written and (on the
+    /// coordinator) committed or failed, at most `timeout`: true when done,
+    /// false when the time ran out. Call it before dropping the handle at
+    /// the end of training (a drop also waits, up to each step's deadline).
+    ///
+    /// # Errors
+    /// The oldest background failure not reported yet: a shard not written,
+    /// a step not committed (a rank's shard missing at its deadline, the step
+    /// committed by another run, inconsistent shards), a backup not written.
+    pub fn flush(&self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now().checked_add(timeout).unwrap_or_else(Instant::now);
+        let mut done = true;
+        {
+            let mut q = lock(&self.shared.queue);
+            while q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    done = false;
+                    break;
+                }
+                q = self
+                    .shared
+                    .wake
+                    .wait_timeout(q, left.min(Duration::from_millis(50)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        if done {
+            self.shared.settle_snapshots();
+        }
+        match self.shared.failures.take() {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
+    }
+
+    /// The newest committed step's manifest, if any.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn latest(&self) -> Result<Option<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(s.latest())
+    }
+
+    /// Every committed step's manifest, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn list(&self) -> Result<Vec<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(s.list())
+    }
+
+    #[cfg(feature = "torch")]
+    /// Read `wants` from step `m`: each whole tensor or rows of one,
+    /// reassembled from the pieces that overlap it, every piece read checked
+    /// against its CRC-32C.
+    ///
+    /// # Errors
+    /// [`Error::Mismatch`] when a tensor or rows are not in the step;
+    /// [`Error::RemoteDamaged`] when a piece's checksum fails; [`Error::Remote`].
+    pub fn load(&self, m: &GlobalManifest, wants: &[Want]) -> Result<Vec<Tensor>> {
+        let s = self.shared.clone();
+        wants.iter().map(|w| s.run(s.read_want(m, w)).and_then(|(dtype, shape, bytes)| to_tensor(dtype, &shape, &bytes))).collect()
+    }
+
+    /// Check every shard of step `m`: size and CRC-32C of each shard object,
+    /// and each piece's bytes against its checksum. Returns the problems.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn verify(&self, m: &GlobalManifest) -> Result<Vec<String>> {
+        let s = self.shared.clone();
+        s.run(s.verify(m))
+    }
+
+    /// Commit step `iterations` now from the done-records present (what a
+    /// coordinator's background commit does; public for restarted jobs and
+    /// tests). Returns true when this call created the manifest, false when
+    /// it already existed.
+    ///
+    /// # Errors
+    /// [`Error::ShardMissing`] when a rank's done-record is missing;
+    /// [`Error::Remote`] on a store failure.
+    pub fn commit(&self, iterations: u64) -> Result<bool> {
+        let s = self.shared.clone();
+        s.run(s.commit_once(iterations, None)).map(|m| m.is_some())
+    }
+
+    /// Snapshot the step of the last `save`, once it is committed (a copy
+    /// of its global manifest under `snapshots/`; retention keeps its shards,
+    /// `snapshot.keep` the newest snapshots). Every request is kept until its
+    /// step's commit is over: the snapshot is made, or its failure (the step
+    /// not committed, its save skipped, the store) is counted in
+    /// `snapshots_failed` and reported by the next `flush`. Only the
+    /// coordinator's request counts: returns false on other ranks, and when
+    /// there was no save to snapshot or the snapshot failed at once.
+    ///
+    /// Blocks on the store only when the step's commit is already over.
+    pub fn snapshot(&self) -> bool {
+        if self.shared.rank.rank != 0 {
+            return false;
+        }
+        let already = {
+            let mut q = lock(&self.shared.queue);
+            let Some(n) = q.last_saved else { return false };
+            let pending = q.waiting.as_ref().is_some_and(|j| j.iterations == n)
+                || q.busy
+                || q.commits.iter().any(|c| c.iterations == n)
+                || q.committing;
+            if pending {
+                q.snapshots.insert(n);
+                return true;
+            }
+            n
+        };
+        // The step's commit is over: snapshot it now if it was committed.
+        self.shared.snapshot_committed(already)
+    }
+
+    /// The global backup: the last committed step whose reported loss was
+    /// the lowest so far.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn backup(&self) -> Result<Option<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(async { Ok(s.objects.get_json::<GlobalManifest>(&s.layout.backup()).await?.map(|(m, _)| m)) })
+    }
+
+    /// The global snapshots, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store cannot be read.
+    pub fn snapshots(&self) -> Result<Vec<GlobalManifest>> {
+        let s = self.shared.clone();
+        s.run(async {
+            let keys = s.objects.list_keys(&s.layout.snapshots()).await?;
+            let mut out = Vec::new();
+            for k in keys {
+                if let Some((m, _)) = s.objects.get_json::<GlobalManifest>(&k).await? {
+                    out.push(m);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The dtype, shape and bytes of `want` in step `m` (what
+    /// [`ShardedIo::load`] makes tensors of), for readers without libtorch.
+    ///
+    /// # Errors
+    /// As [`ShardedIo::load`].
+    pub fn read(&self, m: &GlobalManifest, want: &Want) -> Result<(DType, Vec<usize>, Vec<u8>)> {
+        let s = self.shared.clone();
+        s.run(s.read_want(m, want))
+    }
+}
+
+impl Drop for ShardedIo {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).stop = true;
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn run<F: std::future::Future + Send>(&self, fut: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        self.rt.run(fut)
+    }
+
+    /// Keep a background failure for the next `flush` (it was logged
+    /// where it happened).
+    fn report_later(&self, e: Error) {
+        self.failures.keep(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_and_world_size_come_from_the_config_first() {
+        let mut c = Config::default();
+        c.shard.rank = Some(2);
+        c.shard.world_size = Some(3);
+        assert_eq!(Rank::from_config(&c).unwrap(), Rank { rank: 2, world_size: 3 });
+        c.shard.rank = Some(3);
+        let e = Rank::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("shard.rank") && e.contains("world size 3"), "{e}");
+        c.shard.world_size = Some(0);
+        c.shard.rank = Some(0);
+        assert!(Rank::from_config(&c).is_err());
+    }
+}
