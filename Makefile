@@ -85,7 +85,7 @@ soak: venv
 # (caught + timeout) / viable mutants; the survivors are listed in
 # target/mutants/*/mutants.out/missed.txt. `make mutants
 # MUTANTS_FILES=src/retention.rs` tries one file (or several) in minutes.
-MUTANTS_LIB := src/retention.rs src/actors/order.rs src/state.rs src/schedule.rs src/durable.rs
+MUTANTS_LIB := src/retention.rs src/actors/order.rs src/state.rs src/schedule.rs src/durable.rs src/disk.rs
 MUTANTS_FORMAT := src/zipread.rs src/format.rs src/archive.rs
 MUTANTS_FILES ?= $(MUTANTS_LIB) $(MUTANTS_FORMAT)
 MUTANTS_WORK := target/mutants-work
