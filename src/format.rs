@@ -278,6 +278,10 @@ mod tests {
         // Something other than a colon between the name and the number.
         assert!(manifest_checksum(b"{\"checksum\"x5}").is_err());
         assert!(manifest_checksum(b"{\"checksum\" 5}").is_err());
+        // Nothing but whitespace, or a colon, before the number: refused, not read past the start.
+        for bad in [&b"  5}"[..], b":5}", b" : 5}", b"5}"] {
+            assert!(manifest_checksum(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
