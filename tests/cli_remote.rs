@@ -276,6 +276,16 @@ fn a_bad_or_missing_remote_is_named() {
     assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
     assert!(text(&out.stderr).contains("could not list") && text(&out.stderr).contains("no-store"), "{}", printed(&out));
 
+    // A status file that is not the uploader's: named, exit 1.
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir(&odd).unwrap();
+    for body in ["[]", "{\"uploaded\": \"many\"}", "not json"] {
+        std::fs::write(odd.join("m_remote.json"), body).unwrap();
+        let out = cli().args(["remote", "status", "--name", "m"]).arg(&odd).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{body}: {}", printed(&out));
+        assert!(text(&out.stderr).contains("not a status file of modelio's uploader"), "{body}: {}", printed(&out));
+    }
+
     // S3 without credentials names the variable.
     let out = cli()
         .args(["remote", "list", "--url", "s3://bucket/p"])

@@ -330,8 +330,13 @@ fn status(dir: &Path, name: Option<String>, out: &mut Out) -> Result<ExitCode, C
         }
         Err(e) => return Err(Error::Io { op: "read", path, source: e }.into()),
     };
-    // A field the file lacks (an older uploader's) reads as zero or none.
-    let s: RemoteStats = serde_json::from_slice(&bytes).map_err(|e| CliError::StatusFile { path: path.clone(), detail: e.to_string() })?;
+    // A JSON object; a field it lacks (an older uploader's) reads as zero or none.
+    let bad = |detail: String| CliError::StatusFile { path: path.clone(), detail };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    if !value.is_object() {
+        return Err(bad("not a JSON object".into()));
+    }
+    let s: RemoteStats = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
     let updated = std::fs::metadata(&path).and_then(|m| m.modified()).map(ago).unwrap_or_else(|_| "at an unknown time".into());
     say!(out, "remote tier of `{name}` in {} (updated {updated}):", dir.display());
     say!(out, "  location:        {}", if s.location.is_empty() { "unknown" } else { &s.location });

@@ -34,10 +34,14 @@ impl Shared {
                 }
             };
             let outcome = loop {
-                // A missing done-record or a store failure is retried until
-                // the step's deadline, also while the handle is being dropped.
+                // A missing done-record or a store failure (refused
+                // credentials and a missing bucket included: both may be
+                // fixed while training goes on) is retried until the step's
+                // deadline, also while the handle is being dropped.
                 match self.run(self.commit_once(iterations, loss)) {
-                    Err(Error::ShardMissing { .. } | Error::Remote { .. }) if Instant::now() < until => {
+                    Err(Error::ShardMissing { .. } | Error::Remote { .. } | Error::RemoteDenied { .. } | Error::RemoteNoBucket { .. })
+                        if Instant::now() < until =>
+                    {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     other => break other,
