@@ -102,11 +102,12 @@ for out in sys.argv[1:]:
     for o in json.load(open(out + "/mutants.out/outcomes.json"))["outcomes"]:
         if isinstance(o["scenario"], dict):
             counts[o["scenario"]["Mutant"]["file"]][o["summary"]] += 1
-    # Caught by an earlier stage (`--iterate`): counted as caught.
-    earlier = out + "/mutants.out/previously_caught.txt"
+    # Caught (or unviable) in the earlier stage (`--iterate` lists both).
+    earlier, unviable = out + "/mutants.out/previously_caught.txt", out + "/mutants.out.old/unviable.txt"
+    was_unviable = set(open(unviable).read().split("\n")) if os.path.exists(unviable) else set()
     for line in open(earlier) if os.path.exists(earlier) else []:
         if line.strip():
-            counts[line.split(":", 1)[0]]["CaughtMutant"] += 1
+            counts[line.split(":", 1)[0]]["Unviable" if line.strip() in was_unviable else "CaughtMutant"] += 1
     for file, c in sorted(counts.items()):
         killed, viable = c["CaughtMutant"] + c["Timeout"], c["CaughtMutant"] + c["Timeout"] + c["MissedMutant"]
         print(f"{file}: {killed}/{viable} = {100 * killed / max(viable, 1):.1f}% ({c['MissedMutant']} missed, {c['Unviable']} unviable)")
