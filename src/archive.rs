@@ -908,46 +908,35 @@ mod tests {
         assert!(ArchiveReader::from_bytes(path, bytes).is_ok());
     }
 
-    #[test]
-    fn a_tensor_entry_too_short_for_its_safetensors_header_is_refused() {
-        for len in [0usize, 5, 7] {
-            let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
-            write_entry(&mut zip, MODEL_ENTRY, &[(&[b'{'; 8][..len], None)]).unwrap();
-            let bytes = zip.finish().unwrap();
-            let dir = crate::zipread::read(&bytes).unwrap();
-            let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
-            assert_eq!(e, "shorter than a safetensors header", "{len} bytes");
-        }
-        // Exactly the length's 8 bytes: a header length, however wrong.
+    /// `locate` on a model entry holding `blob`, against the manifest's
+    /// `metas`: how many tensors it located.
+    fn locate_blob(blob: &[u8], metas: &[TensorMeta]) -> std::result::Result<usize, String> {
         let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
-        write_entry(&mut zip, MODEL_ENTRY, &[(&[b'{'; 8][..], None)]).unwrap();
+        write_entry(&mut zip, MODEL_ENTRY, &[(blob, None)]).unwrap();
         let bytes = zip.finish().unwrap();
         let dir = crate::zipread::read(&bytes).unwrap();
-        let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
-        assert!(e.contains("does not fit the entry"), "{e}");
-        // A header length past the end of the entry.
-        let mut data = 1000u64.to_le_bytes().to_vec();
-        data.extend_from_slice(b"{}      ");
-        let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
-        write_entry(&mut zip, MODEL_ENTRY, &[(&data, None)]).unwrap();
-        let bytes = zip.finish().unwrap();
-        let dir = crate::zipread::read(&bytes).unwrap();
-        let e = locate(&bytes, &dir, MODEL_ENTRY, &[], Part::Model).err().unwrap();
-        assert_eq!(e, "safetensors header length 1000 does not fit the entry");
+        locate(&bytes, &dir, MODEL_ENTRY, metas, Part::Model).map(|(located, _)| located.len())
     }
 
-    /// `locate` on a model entry of a header length `n` (which may differ
-    /// from the header's own), a safetensors `header`, then `data` zero
-    /// bytes, against the manifest's `metas`.
+    /// [`locate_blob`] of a header length `n` (which may differ from the
+    /// header's own), a safetensors `header`, then `data` zero bytes.
     fn locate_in(header: &str, n: usize, data: usize, metas: &[TensorMeta]) -> std::result::Result<usize, String> {
         let mut blob = (n as u64).to_le_bytes().to_vec();
         blob.extend_from_slice(header.as_bytes());
         blob.resize(blob.len() + data, 0);
-        let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
-        write_entry(&mut zip, MODEL_ENTRY, &[(&blob, None)]).unwrap();
-        let bytes = zip.finish().unwrap();
-        let dir = crate::zipread::read(&bytes).unwrap();
-        locate(&bytes, &dir, MODEL_ENTRY, metas, Part::Model).map(|(located, _)| located.len())
+        locate_blob(&blob, metas)
+    }
+
+    #[test]
+    fn a_tensor_entry_too_short_for_its_safetensors_header_is_refused() {
+        for len in [0usize, 5, 7] {
+            assert_eq!(locate_blob(&[b'{'; 8][..len], &[]), Err("shorter than a safetensors header".into()), "{len} bytes");
+        }
+        // Exactly the length's 8 bytes: a header length, however wrong.
+        let e = locate_blob(&[b'{'; 8], &[]).unwrap_err();
+        assert!(e.contains("does not fit the entry"), "{e}");
+        // A header length past the end of the entry.
+        assert_eq!(locate_in("{}      ", 1000, 0, &[]), Err("safetensors header length 1000 does not fit the entry".into()));
     }
 
     fn meta(name: &str, dtype: DType, shape: &[usize]) -> TensorMeta {
