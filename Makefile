@@ -84,9 +84,9 @@ soak: venv
 # (`--iterate`: only what the unit tests missed). Prints each file's score,
 # (caught + timeout) / viable mutants; the survivors are listed in
 # target/mutants/*/mutants.out/missed.txt. `make mutants
-# MUTANTS_FILES=src/retention.rs` tries one file (or several) in minutes.
-MUTANTS_LIB := src/retention.rs src/actors/order.rs src/state.rs src/schedule.rs src/durable.rs src/disk.rs
-MUTANTS_FORMAT := src/zipread.rs src/format.rs src/archive.rs
+# MUTANTS_FILES=src/policy/retention.rs` tries one file (or several) in minutes.
+MUTANTS_LIB := src/policy/retention.rs src/actors/order.rs src/policy/state.rs src/policy/schedule.rs src/folder/durable.rs src/folder/disk.rs
+MUTANTS_FORMAT := src/archive/zipread.rs src/archive/format.rs src/archive/mod.rs
 MUTANTS_FILES ?= $(MUTANTS_LIB) $(MUTANTS_FORMAT)
 MUTANTS_WORK := target/mutants-work
 MUTANTS_OUT := target/mutants

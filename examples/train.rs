@@ -360,7 +360,7 @@ fn shell_word(path: &Path) -> String {
 fn print_where(dir: &Path, name: &str, log: Option<&LogFile>) {
     let archive = dir.join(format!("{name}.mio"));
     let backup = dir.join(format!("{name}.mio.bk"));
-    let mut snapshots = modelio::snapshot::list(dir);
+    let mut snapshots = modelio::folder::snapshot::list(dir);
     snapshots.sort();
     println!("model: {} (state {}_state.json, logs {}_logs/)", archive.display(), name, name);
     if backup.exists() {

@@ -231,7 +231,7 @@ pub enum Error {
     },
 
     /// A tensor has more dimensions than an archive may hold (see
-    /// [`crate::format::MAX_RANK`]); nothing was written.
+    /// [`crate::archive::format::MAX_RANK`]); nothing was written.
     #[error(
         "cannot save tensor `{tensor}` to {}: it has {rank} dimensions, more than the {max} an archive may hold \
          (readers such as NumPy accept no more); nothing was written: reshape it to fewer dimensions",
@@ -335,7 +335,7 @@ fn code_suffix(code: &str) -> String {
 
 /// The folder named in restore hints: the file's parent, "." for a bare name.
 fn folder_of(path: &Path) -> PathBuf {
-    crate::disk::parent_of(path)
+    crate::folder::disk::parent_of(path)
 }
 
 fn space(needed: Option<u64>, free: Option<u64>) -> String {
@@ -353,7 +353,7 @@ impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
         if is_enospc(&source) {
-            let free = crate::disk::free_bytes(&path);
+            let free = crate::folder::disk::free_bytes(&path);
             return Error::NoSpace { path, needed: None, free };
         }
         Error::Io { op, path, source }

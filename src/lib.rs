@@ -55,29 +55,34 @@
 //! }
 //! ```
 //!
-//! Where things are:
-//! - [`handle`]: [`ModelIo`], the trainer's handle (save, load, snapshot, shutdown).
-//! - `actors` (internal): stager -> saver -> backup / snapshot, thin actix actors.
-//! - [`staging`]: the bounded pool of host buffers (internal) and, in `fence.rs`, the [`Fence`]
-//!   of deferred copies;
-//!   `cuda` (internal): the non-blocking device-to-host copy and per-save event
-//!   (a small C++ shim).
-//! - [`archive`] and [`format`](mod@format): archive format v2 (zip + safetensors), reader and writer;
-//!   [`zipread`]: the strict zip layer of the reader.
-//! - [`durable`]: the one atomic-commit helper every write goes through.
-//! - [`state`]: the state file and the backup rule; [`folder`]: names in a model folder.
-//! - [`snapshot`], [`retention`], [`restore`], [`schedule`]: snapshots, which to keep,
-//!   restoring backups, and when to save.
-//! - [`optim`]: SGD, Adam and AdamW whose state can be saved, behind [`Optimizer`].
-//! - [`lock`]: one training process per model folder.
-//! - [`signals`]: the first Ctrl-C or SIGTERM as a cancellation token, for the exit save.
-//! - [`tensors`]: tensors to and from the archive's bytes, dtypes and shapes.
+//! Where things are (each folder of `src/` holds one part):
+//! - [`handle`]: [`ModelIo`], the trainer's handle (save, load, snapshot,
+//!   shutdown), its [`Ticket`]s and outcomes, and the recovery of a folder at open.
+//! - `actors/` (internal): the workers, thin actix actors: stager -> saver ->
+//!   backup / snapshot, one file each.
+//! - [`staging`]: the bounded pool of host buffers, the [`Fence`] of deferred
+//!   copies, and `cuda` (internal): the non-blocking device-to-host copy and
+//!   per-save event (a small C++ shim). [`tensors`]: tensors to and from the
+//!   archive's bytes.
+//! - [`archive`]: archive format v2 (zip + safetensors), writer and reader;
+//!   [`archive::format`]: the manifest and names; [`archive::zipread`]: the strict
+//!   zip layer of the reader.
+//! - [`folder`]: the model folder on disk: its names, [`folder::durable`] (the
+//!   one atomic-commit helper every write goes through), [`folder::lock`] (one
+//!   training process per folder), [`folder::snapshot`] and [`folder::restore`]
+//!   (putting backups back).
+//! - [`policy`]: when to save ([`Schedule`]), when a save becomes the backup
+//!   ([`policy::state`], beside the state file), which snapshots to keep
+//!   ([`policy::retention`]).
 //! - [`remote`]: the remote tier (object storage): uploads after commits, pulls,
-//!   verification and retention there; `remote/objects.rs` (internal) is the one
+//!   verification and retention there; `remote/objects.rs` is the one
 //!   object-store layer, which sharded checkpoints use too.
 //! - [`sharded`]: checkpoints saved by several ranks, each its shard, committed by
 //!   rank 0 as one step, loaded on any number of ranks.
-//! - `background` (internal): the lock helper and failure inbox every worker shares.
+//! - [`optim`]: SGD, Adam and AdamW whose state can be saved, behind [`Optimizer`].
+//! - [`signals`]: the first Ctrl-C or SIGTERM as a cancellation token, for the exit save.
+//! - `background` (internal): what every worker shares: the lock helper, the
+//!   latest-wins slot, the failure inbox.
 //! - [`config`]: the TOML configuration; [`error`]: the one error type.
 
 #[cfg(feature = "torch")]
@@ -86,36 +91,23 @@ pub mod archive;
 #[cfg(any(feature = "torch", feature = "remote"))]
 mod background;
 pub mod config;
-#[cfg(feature = "torch")]
-pub(crate) mod cuda;
-mod disk;
-pub mod durable;
 pub mod error;
-#[cfg(feature = "torch")]
-mod fence;
 pub mod folder;
-pub mod format;
 #[cfg(feature = "torch")]
 pub mod handle;
-pub mod lock;
 #[cfg(feature = "torch")]
 pub mod optim;
+pub mod policy;
 #[cfg(feature = "remote")]
 pub mod remote;
-pub mod restore;
-pub mod retention;
-pub mod schedule;
 #[cfg(feature = "remote")]
 pub mod sharded;
 #[cfg(feature = "torch")]
 pub mod signals;
-pub mod snapshot;
 #[cfg(feature = "torch")]
 pub mod staging;
-pub mod state;
 #[cfg(feature = "torch")]
 pub mod tensors;
-pub mod zipread;
 
 pub use config::Config;
 pub use error::{Error, Report, Result};
@@ -123,7 +115,7 @@ pub use error::{Error, Report, Result};
 pub use handle::{Committed, Finished, Loaded, ModelIo, OptimizerResume, Resumed, SaveStats, Ticket};
 #[cfg(feature = "torch")]
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
-pub use schedule::Schedule;
+pub use policy::schedule::Schedule;
 #[cfg(feature = "torch")]
 pub use staging::Fence;
 /// The `tch` modelio is built with: a crate using modelio names `modelio::tch`

@@ -2,9 +2,9 @@
 
 use tch::{Kind, Tensor};
 
+use crate::archive::format::{DType, MAX_RANK};
 use crate::archive::{ArchiveReader, Located};
 use crate::error::{Error, Result};
-use crate::format::{DType, MAX_RANK};
 
 /// The archive dtype of a libtorch kind.
 ///

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use modelio::snapshot::snapshot_dir;
+use modelio::folder::snapshot::snapshot_dir;
 use modelio::Error;
 
 /// The error a background failure wraps.

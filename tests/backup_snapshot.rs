@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use modelio::archive::ArchiveReader;
-use modelio::snapshot::snapshot_dir;
-use modelio::state::State;
+use modelio::folder::snapshot::snapshot_dir;
+use modelio::policy::state::State;
 use modelio::ModelIo;
 use tch::nn::VarStore;
 
@@ -115,11 +115,14 @@ fn retention_across_900_1000_and_atomic_replace() {
     // Replace snapshot 1100 with another snapshot of the same save.
     io.snapshot().unwrap();
     io.shutdown_blocking().unwrap();
-    let mut kept: Vec<u64> = modelio::snapshot::list(&dir).into_iter().map(|(n, _)| n).collect();
+    let mut kept: Vec<u64> = modelio::folder::snapshot::list(&dir).into_iter().map(|(n, _)| n).collect();
     kept.sort();
     assert_eq!(kept, [1000, 1100]);
-    let leftovers: Vec<_> =
-        std::fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy())).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| modelio::folder::durable::is_temp(&e.file_name().to_string_lossy()))
+        .collect();
     assert!(leftovers.is_empty(), "no temporary folders left: {leftovers:?}");
     assert!(ArchiveReader::open(&snapshot_dir(&dir, 1100).join("m.mio")).unwrap().verify().is_empty());
 }

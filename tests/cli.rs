@@ -10,11 +10,11 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use modelio::archive::format::{DType, TensorRef};
 use modelio::archive::{commit_archive, ArchiveReader};
-use modelio::durable::commit_bytes;
-use modelio::format::{DType, TensorRef};
-use modelio::snapshot::snapshot_dir;
-use modelio::state::{Session, State};
+use modelio::folder::durable::commit_bytes;
+use modelio::folder::snapshot::snapshot_dir;
+use modelio::policy::state::{Session, State};
 
 fn cli() -> Command {
     Command::new(common::cli())

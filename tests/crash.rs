@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use modelio::archive::ArchiveReader;
-use modelio::state::State;
+use modelio::policy::state::State;
 use modelio::ModelIo;
 use tch::nn::VarStore;
 use tch::Device;
@@ -112,7 +112,7 @@ fn check_folder(dir: &Path) -> Result<u64, String> {
     let leftovers = std::fs::read_dir(dir)
         .map_err(|e| e.to_string())?
         .flatten()
-        .filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy()))
+        .filter(|e| modelio::folder::durable::is_temp(&e.file_name().to_string_lossy()))
         .count();
     if leftovers > 0 {
         return Err(format!("{leftovers} temporary files survive the next open"));
@@ -132,7 +132,7 @@ fn check_folder(dir: &Path) -> Result<u64, String> {
     if bk.exists() && check_archive(&bk)? > n {
         return Err("backup is newer than the archive".into());
     }
-    for (s, snap) in modelio::snapshot::list(dir) {
+    for (s, snap) in modelio::folder::snapshot::list(dir) {
         if check_archive(&snap.join("crash.mio"))? != s {
             return Err(format!("snapshot {s} holds another save"));
         }

@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
+use modelio::archive::format::{DType, TensorRef};
 use modelio::archive::{commit_archive, ArchiveReader};
-use modelio::format::{DType, TensorRef};
 use modelio::{Error, ModelIo};
 
 fn small_archive(path: &Path) -> Vec<(String, Vec<u8>)> {
@@ -21,7 +21,7 @@ fn small_archive(path: &Path) -> Vec<(String, Vec<u8>)> {
     ];
     let json = serde_json::json!({"step": 1});
     let opt = [TensorRef { name: "a.exp_avg", dtype: DType::F32, shape: &[4, 4], data: &a, crc32c: None, crc32: None }];
-    let optimizer = modelio::format::OptimizerRef { kind: "adam", json: &json, tensors: &opt };
+    let optimizer = modelio::archive::format::OptimizerRef { kind: "adam", json: &json, tensors: &opt };
     let state = br#"{"model_name":"m","total_iterations":3,"sessions":[],"lowest_average_loss":0.5,"config":null}"#;
     commit_archive(path, "m", 3, &tensors, Some(optimizer), Some(state)).unwrap();
     vec![("a".into(), a.clone()), ("b".into(), b), ("a.exp_avg".into(), a)]
@@ -167,7 +167,7 @@ fn fallback_loads_newest_good_copy_and_says_which() {
     std::fs::write(dir.join("m.mio.bk"), b"junk").unwrap();
     let mut lenient = io_with_fallback(&dir, true);
     let loaded = lenient.load(&target).unwrap();
-    assert_eq!(loaded.path, modelio::snapshot::snapshot_dir(&dir, 1).join("m.mio"));
+    assert_eq!(loaded.path, modelio::folder::snapshot::snapshot_dir(&dir, 1).join("m.mio"));
     let reason = loaded.reason.unwrap_or_default();
     assert!(reason.contains("m.mio is missing") && !reason.contains("train a model first"), "{reason}");
     assert!(common::stores_equal(&target, &v1));
@@ -223,8 +223,11 @@ fn rewrite_state(path: &Path, state: &[u8]) {
     }
     let model_refs = refs(&model);
     let opt_refs = optimizer.as_ref().map(|(_, _, ts)| refs(ts));
-    let opt =
-        optimizer.as_ref().zip(opt_refs.as_deref()).map(|((kind, json, _), tensors)| modelio::format::OptimizerRef { kind, json, tensors });
+    let opt = optimizer.as_ref().zip(opt_refs.as_deref()).map(|((kind, json, _), tensors)| modelio::archive::format::OptimizerRef {
+        kind,
+        json,
+        tensors,
+    });
     commit_archive(path, &name, iterations, &model_refs, opt, Some(state)).unwrap();
 }
 
@@ -241,7 +244,7 @@ fn an_embedded_state_that_disagrees_with_the_manifest_is_damage() {
     io.shutdown_blocking().unwrap();
     let live = dir.join("m.mio");
     let good = std::fs::read(&live).unwrap();
-    let mut ahead = modelio::state::State::read(&dir.join("m_state.json")).unwrap();
+    let mut ahead = modelio::policy::state::State::read(&dir.join("m_state.json")).unwrap();
     assert_eq!(ahead.total_iterations, 30);
     ahead.total_iterations += 1000;
 
@@ -308,7 +311,7 @@ fn with_fallback_a_lost_archive_beside_its_state_file_is_named_as_lost() {
 /// An archive laid out by hand (as another writer could): a manifest with
 /// its checksum and one U8 tensor `w` of one element in `shape`.
 fn archive_with_shape(shape: &[usize]) -> Vec<u8> {
-    use modelio::format::{Manifest, TensorMeta, FORMAT_NAME, FORMAT_VERSION};
+    use modelio::archive::format::{Manifest, TensorMeta, FORMAT_NAME, FORMAT_VERSION};
     let data = [7u8];
     let header = serde_json::json!({"w": {"dtype": "U8", "shape": shape, "data_offsets": [0, 1]}}).to_string();
     let mut blob = (header.len() as u64).to_le_bytes().to_vec();
@@ -334,7 +337,7 @@ fn a_tensor_of_more_dimensions_than_readers_take_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     // As many as NumPy takes: fine.
     let most = dir.path().join("most.mio");
-    std::fs::write(&most, archive_with_shape(&[1; modelio::format::MAX_RANK])).unwrap();
+    std::fs::write(&most, archive_with_shape(&[1; modelio::archive::format::MAX_RANK])).unwrap();
     assert!(ArchiveReader::open(&most).unwrap().verify().is_empty());
 
     let path = dir.path().join("m.mio");
@@ -350,7 +353,7 @@ fn a_tensor_of_more_dimensions_than_readers_take_is_refused() {
 
     // Nor is one written: not by the archive writer...
     let big = dir.path().join("big.mio");
-    let shape = [1; modelio::format::MAX_RANK + 1];
+    let shape = [1; modelio::archive::format::MAX_RANK + 1];
     let w = TensorRef { name: "w", dtype: DType::U8, shape: &shape, data: &[7], crc32c: None, crc32: None };
     let e = commit_archive(&big, "big", 1, &[w], None, None).unwrap_err();
     assert!(matches!(e, Error::TooManyDims { rank: 65, .. }), "{e:?}");
@@ -359,7 +362,7 @@ fn a_tensor_of_more_dimensions_than_readers_take_is_refused() {
     assert!(!big.exists());
     // ...nor by a save, which says so at the call.
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _w = vs.root().zeros("w", &[1; modelio::format::MAX_RANK + 1]);
+    let _w = vs.root().zeros("w", &[1; modelio::archive::format::MAX_RANK + 1]);
     let model = dir.path().join("model");
     let mut io = io_with_fallback(&model, false);
     let e = io.save(&vs, None).unwrap_err();

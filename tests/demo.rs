@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use modelio::archive::ArchiveReader;
-use modelio::state::State;
+use modelio::policy::state::State;
 
 fn demo() -> PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>/examples/train
@@ -49,7 +49,7 @@ fn split_run_equals_one_run() {
     let state = State::read(&split.join("model_state.json")).unwrap();
     assert_eq!(state.total_iterations, 30);
     assert_eq!(state.sessions.len(), 2);
-    assert!(modelio::snapshot::snapshot_dir(&split, 28).join("model.mio").exists());
+    assert!(modelio::folder::snapshot::snapshot_dir(&split, 28).join("model.mio").exists());
     assert!(split.join("model_logs").join(&state.sessions[1].id).join("train.log").exists());
 }
 
@@ -256,7 +256,7 @@ fn snapshots_on_a_full_disk_fail_the_run_and_are_counted() {
     assert_eq!(failed as usize, warned("snapshot") + warned("backup"), "{all}");
     assert!(stderr.contains(&format!("error: {failed} backups or snapshots failed")), "{all}");
     assert!(!stderr.contains("the next save will try again"), "{all}");
-    assert!(modelio::snapshot::list(&dir).is_empty(), "{all}");
+    assert!(modelio::folder::snapshot::list(&dir).is_empty(), "{all}");
     let archive = ArchiveReader::open(&dir.join("model.mio")).unwrap();
     assert_eq!(archive.manifest.iterations, 20, "the exit save is committed");
 }
@@ -282,7 +282,7 @@ fn a_demo_run_leaves_snapshots_and_prints_working_commands() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let all = format!("stdout: {stdout}\nstderr: {stderr}");
     assert!(out.status.success(), "{all}");
-    assert!(modelio::snapshot::snapshot_dir(&dir, 100).join("model.mio").exists(), "{all}");
+    assert!(modelio::folder::snapshot::snapshot_dir(&dir, 100).join("model.mio").exists(), "{all}");
     assert!(stdout.contains("backups and snapshots: 0 failed"), "{all}");
     // The exit save's line labels the file's size and the tensor bytes apart.
     let archive = dir.join("model.mio");

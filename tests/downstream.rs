@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use modelio::state::State;
+use modelio::policy::state::State;
 
 const SECTION: &str = "## Using modelio from your own crate";
 /// The one README command the test does not run, and what stands in for it.

@@ -45,7 +45,7 @@ fn store() -> VarStore {
 }
 
 fn temp_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir).unwrap().flatten().filter(|e| modelio::durable::is_temp(&e.file_name().to_string_lossy())).count()
+    std::fs::read_dir(dir).unwrap().flatten().filter(|e| modelio::folder::durable::is_temp(&e.file_name().to_string_lossy())).count()
 }
 
 #[test]
@@ -73,7 +73,7 @@ fn enospc_is_reported_and_harmless() {
     let backup = std::fs::read(dir.join("m.mio.bk")).unwrap();
 
     // Fill the disk so that the next archive cannot fit.
-    let free = modelio::durable::free_bytes(&dir).unwrap();
+    let free = modelio::folder::durable::free_bytes(&dir).unwrap();
     let filler = disk.join("filler");
     std::fs::write(&filler, vec![1u8; (free - 100 * 1024) as usize]).unwrap();
 
@@ -120,7 +120,7 @@ fn enospc_is_reported_and_harmless() {
     drop(committed);
 
     // A snapshot that cannot be written names the file being written and its size.
-    let free = modelio::durable::free_bytes(&dir).unwrap();
+    let free = modelio::folder::durable::free_bytes(&dir).unwrap();
     std::fs::write(&filler, vec![1u8; (free - 20 * 1024) as usize]).unwrap();
     io.snapshot().unwrap();
     let err = io.flush_blocking().expect_err("the snapshot cannot fit");
@@ -137,7 +137,7 @@ fn enospc_is_reported_and_harmless() {
     std::fs::remove_file(&filler).unwrap();
     io.shutdown_blocking().unwrap();
     assert!(
-        !modelio::snapshot::snapshot_dir(&dir, 5).exists()
-            || ArchiveReader::open(&modelio::snapshot::snapshot_dir(&dir, 5).join("m.mio")).is_ok()
+        !modelio::folder::snapshot::snapshot_dir(&dir, 5).exists()
+            || ArchiveReader::open(&modelio::folder::snapshot::snapshot_dir(&dir, 5).join("m.mio")).is_ok()
     );
 }

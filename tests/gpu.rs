@@ -1,7 +1,7 @@
 //! GPU staging: `save` only queues device-to-host copies into pinned buffers,
 //! and the archive holds the tensors as they were at the call even though
 //! training modifies them right after. Skipped (with a message) without CUDA.
-//! The shim's own tests are unit tests in `src/cuda.rs` (the module is internal).
+//! The shim's own tests are unit tests in `src/staging/cuda.rs` (the module is internal).
 
 mod common;
 

@@ -97,7 +97,7 @@ fn a_name_too_long_for_temporary_files_is_refused_at_open() {
     io.snapshot().unwrap();
     io.shutdown_blocking().unwrap();
     assert!(dir.join(format!("{name}.mio.bk")).exists());
-    assert!(modelio::snapshot::snapshot_dir(&dir, 2).join(format!("{name}.mio")).exists());
+    assert!(modelio::folder::snapshot::snapshot_dir(&dir, 2).join(format!("{name}.mio")).exists());
 }
 
 #[test]
@@ -122,7 +122,7 @@ fn a_file_at_a_snapshots_name_is_refused_and_never_deleted() {
     let (vs, _n) = common::seeded_store(0);
     io.record(1.0);
     io.save(&vs, None).unwrap().wait_blocking().unwrap();
-    let target = modelio::snapshot::snapshot_dir(&dir, io.iterations());
+    let target = modelio::folder::snapshot::snapshot_dir(&dir, io.iterations());
     std::fs::write(&target, b"the user's own file").unwrap();
     io.snapshot().unwrap();
     let err = io.flush_blocking().expect_err("the snapshot is refused");
@@ -149,9 +149,9 @@ fn restore_refuses_while_a_trainer_holds_the_folder() {
         io.record(loss);
         io.save(&vs, None).unwrap().wait_blocking().unwrap();
     }
-    let err = modelio::restore::restore(&modelio::folder::ModelPaths::new(&dir, "m")).expect_err("refused");
+    let err = modelio::folder::restore::restore(&modelio::folder::ModelPaths::new(&dir, "m")).expect_err("refused");
     assert!(matches!(err, Error::Locked { .. }), "{err:?}");
     assert!(dir.join("m.mio").exists(), "nothing was moved");
     io.shutdown_blocking().unwrap();
-    modelio::restore::restore(&modelio::folder::ModelPaths::new(&dir, "m")).unwrap();
+    modelio::folder::restore::restore(&modelio::folder::ModelPaths::new(&dir, "m")).unwrap();
 }

@@ -67,7 +67,7 @@ fn inspect_json_lists_tensors() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["name"], "m");
     assert_eq!(v["iterations"], 1);
-    assert_eq!(v["format_version"], modelio::format::FORMAT_VERSION);
+    assert_eq!(v["format_version"], modelio::archive::format::FORMAT_VERSION);
     assert_eq!(v["optimizer"], true);
     let tensors = v["tensors"].as_array().unwrap();
     assert_eq!(tensors.len(), vs.variables().len());

@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use modelio::archive::format::{DType, OptimizerRef, TensorRef};
+use modelio::archive::zipread::{self, Directory, Entry};
 use modelio::archive::{commit_archive, ArchiveReader};
-use modelio::format::{DType, OptimizerRef, TensorRef};
-use modelio::zipread::{self, Directory, Entry};
 
 const MUTANTS: usize = 400;
 const SEED: u64 = 0x6d6f_6465_6c69_6f21;

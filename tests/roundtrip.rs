@@ -2,8 +2,8 @@
 
 mod common;
 
+use modelio::archive::format::{DType, OptimizerRef, TensorRef};
 use modelio::archive::{commit_archive, ArchiveReader};
-use modelio::format::{DType, OptimizerRef, TensorRef};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ fn unique(cases: Vec<Case>) -> Vec<Case> {
 
 /// The state file a save of `iterations` embeds.
 fn state_of(iterations: u64) -> Vec<u8> {
-    let mut state = modelio::state::State::new("m");
+    let mut state = modelio::policy::state::State::new("m");
     state.total_iterations = iterations;
     state.to_json()
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use modelio::archive::ArchiveReader;
 use modelio::config::{CpuCopy, OptimizerPolicy};
-use modelio::state::State;
+use modelio::policy::state::State;
 use modelio::{Adam, Error, ModelIo, Optimizer, OptimizerResume};
 use tch::nn::{self, ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -92,7 +92,7 @@ fn backups_and_snapshots_survive_damage_to_the_live_archive() {
         io.snapshot().unwrap();
         io.shutdown_blocking().unwrap();
         let live = dir.join("m.mio");
-        let snap = modelio::snapshot::snapshot_dir(&dir, 2).join("m.mio");
+        let snap = modelio::folder::snapshot::snapshot_dir(&dir, 2).join("m.mio");
         let r = ArchiveReader::open(&live).unwrap();
         let off = r.model[0].offset;
         drop(r);
@@ -144,7 +144,7 @@ fn fallback_continues_from_what_it_loaded() {
     let resumed = io.resume(&target, Some(&mut opt as &mut dyn Optimizer)).unwrap();
     let loaded = resumed.loaded.expect("a model was loaded");
     assert!(loaded.fallback && loaded.reason.as_deref().is_some_and(|r| r.contains("damaged")), "{loaded:?}");
-    assert_eq!(loaded.path, modelio::snapshot::snapshot_dir(&dir, 16).join("m.mio"));
+    assert_eq!(loaded.path, modelio::folder::snapshot::snapshot_dir(&dir, 16).join("m.mio"));
     assert_eq!(loaded.iterations, 16);
     assert_eq!(io.iterations(), 16, "the handle continues from the loaded save, not the damaged one");
     assert_eq!(io.state().sessions.len(), sessions_before, "the loaded save's sessions plus this run's");

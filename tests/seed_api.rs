@@ -83,7 +83,7 @@ fn state_file_records_sessions_iterations_and_config() {
         io.save(&vs, None).unwrap().wait_blocking().unwrap();
         io.shutdown_blocking().unwrap();
     }
-    let state = modelio::state::State::read(&dir.path().join("m_state.json")).unwrap();
+    let state = modelio::policy::state::State::read(&dir.path().join("m_state.json")).unwrap();
     assert_eq!(state.model_name, "m");
     assert_eq!(state.total_iterations, 6);
     assert_eq!(state.sessions.len(), 2);
@@ -203,8 +203,8 @@ fn snapshot_after_a_failed_save_fails_loudly() {
     std::fs::write(dir.join("m.mio"), archive).unwrap();
     let err = io.flush_blocking().expect_err("the snapshot of iteration 2 cannot be taken");
     assert!(err.report().to_string().contains("snapshot of iteration 2 not taken"), "{}", err.report());
-    assert!(!modelio::snapshot::snapshot_dir(&dir, 2).exists());
-    assert!(!modelio::snapshot::snapshot_dir(&dir, 1).exists(), "no older save under a later request");
+    assert!(!modelio::folder::snapshot::snapshot_dir(&dir, 2).exists());
+    assert!(!modelio::folder::snapshot::snapshot_dir(&dir, 1).exists(), "no older save under a later request");
     io.shutdown_blocking().unwrap();
 }
 
@@ -222,7 +222,7 @@ fn async_handle_in_tokio() {
         assert_eq!(c.iterations, 1);
         io.snapshot().unwrap();
         io.shutdown().await.unwrap();
-        assert!(modelio::snapshot::snapshot_dir(&dir, 1).join("m.mio").exists());
+        assert!(modelio::folder::snapshot::snapshot_dir(&dir, 1).join("m.mio").exists());
     });
 }
 

@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use modelio::archive::format::EXTENSION;
 use modelio::archive::ArchiveReader;
 use modelio::error::Report;
+use modelio::folder::snapshot;
 use modelio::folder::ModelPaths;
-use modelio::format::EXTENSION;
-use modelio::{snapshot, Error};
+use modelio::Error;
 
 #[derive(Parser)]
 #[command(name = "modelio", version, about = "Inspect, verify and restore modelio archives, locally and on the remote tier")]
@@ -368,7 +369,7 @@ fn verify(path: &Path, out: &mut Out) -> Result<ExitCode, CliError> {
         .map_err(|e| Error::Io { op: "list", path: path.to_path_buf(), source: e })?
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| !modelio::durable::is_temp(n) && (n.ends_with(&ext) || n.ends_with(&bk)))
+        .filter(|n| !modelio::folder::durable::is_temp(n) && (n.ends_with(&ext) || n.ends_with(&bk)))
         .map(|n| path.join(n))
         .collect();
     files.sort();
@@ -410,7 +411,7 @@ fn verify(path: &Path, out: &mut Out) -> Result<ExitCode, CliError> {
 /// the newest that verifies of `<name>.mio.bk`, then the snapshots by
 /// iteration, newest first. Archives already checked are not read again.
 fn fallback(dir: &Path, name: &str, checked: &BTreeMap<PathBuf, Result<u64, Error>>) -> Option<(PathBuf, u64)> {
-    modelio::restore::fallback_candidates(&ModelPaths::new(dir, name)).into_iter().find_map(|file| {
+    modelio::folder::restore::fallback_candidates(&ModelPaths::new(dir, name)).into_iter().find_map(|file| {
         let iterations = match checked.get(&file) {
             Some(result) => result.as_ref().ok().copied(),
             None => check(&file).ok(),
@@ -421,7 +422,7 @@ fn fallback(dir: &Path, name: &str, checked: &BTreeMap<PathBuf, Result<u64, Erro
 
 fn restore(dir: &Path, name: Option<String>, out: &mut Out) -> Result<ExitCode, CliError> {
     let name = model_name(dir, name)?;
-    let r = modelio::restore::restore(&ModelPaths::new(dir, &name))?;
+    let r = modelio::folder::restore::restore(&ModelPaths::new(dir, &name))?;
     say!(out, "moved the current files of `{name}` to {}", r.archived.display());
     for f in &r.moved_logs {
         let session = f.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

@@ -290,7 +290,7 @@ fn status_model(dir: &Path, name: Option<String>) -> Result<String, CliError> {
     let listed = std::fs::read_dir(dir).map_err(|e| Error::Io { op: "list", path: dir.to_path_buf(), source: e })?;
     for entry in listed.flatten() {
         let Ok(file) = entry.file_name().into_string() else { continue };
-        if modelio::durable::is_temp(&file) {
+        if modelio::folder::durable::is_temp(&file) {
             continue;
         }
         if let Some(n) = file.strip_suffix(STATUS_SUFFIX).filter(|n| !n.is_empty()) {

@@ -44,7 +44,7 @@ pub fn models(dir: &Path) -> Result<Vec<String>, Error> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let usable = !name.starts_with('.') && !modelio::durable::is_temp(&name);
+            let usable = !name.starts_with('.') && !modelio::folder::durable::is_temp(&name);
             (usable && is_sharded_folder(&e.path().join(Layout::FOLDER))).then_some(name)
         })
         .collect();

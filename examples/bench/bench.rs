@@ -25,7 +25,7 @@ impl<T> IoContext<T> for std::io::Result<T> {
         self.map_err(|source| Error::Io { op, path: path.to_path_buf(), source })
     }
 }
-use modelio::format::{OptimizerRef, TensorRef};
+use modelio::archive::format::{OptimizerRef, TensorRef};
 use modelio::tensors::{byte_len, dtype_of, shape_of};
 use modelio::ModelIo;
 use modelio::{Adam, Optimizer};

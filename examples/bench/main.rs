@@ -94,7 +94,7 @@ fn run(args: Args) -> modelio::Result<()> {
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| Error::ConfigParse { path: path.clone(), message: e.to_string() })?;
-        modelio::durable::commit_bytes(path, text.as_bytes())?;
+        modelio::folder::durable::commit_bytes(path, text.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

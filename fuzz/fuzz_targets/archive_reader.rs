@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let path = std::path::Path::new("fuzz.mio");
-    let _ = modelio::zipread::read(data);
+    let _ = modelio::archive::zipread::read(data);
     if let Ok(reader) = modelio::archive::ArchiveReader::from_bytes(path, data.to_vec()) {
         let damaged = reader.verify();
         let optimizer = reader.optimizer.iter().flat_map(|(t, _)| t.iter());

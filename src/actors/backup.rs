@@ -6,10 +6,10 @@ use actix::{Handler, SyncContext};
 
 use super::messages::{Backup, Flush};
 use super::{guarded, Shared};
-use crate::durable::{commit, Source};
 use crate::error::Result;
+use crate::folder::durable::{commit, Source};
+use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
-use crate::snapshot::Pinned;
 
 pub(crate) struct BackupActor {
     pub shared: Arc<Shared>,

@@ -8,10 +8,10 @@ use std::time::Duration;
 use actix::Message;
 use tokio::sync::oneshot;
 
+use crate::archive::format::DType;
 use crate::error::Error;
-use crate::format::DType;
+use crate::folder::snapshot::Pinned;
 use crate::handle::outcome::Committed;
-use crate::snapshot::Pinned;
 use crate::staging::{FenceGuard, Lease};
 
 /// Answers a save's ticket: the commit, or the failure as
@@ -57,7 +57,7 @@ pub(crate) struct Stage {
     pub guard: Option<FenceGuard>,
     /// One event per GPU, recorded after this save's device-to-host copies:
     /// the stager waits on them before touching the pinned buffers.
-    pub events: Vec<crate::cuda::Event>,
+    pub events: Vec<crate::staging::cuda::Event>,
 }
 
 /// Write the staged bytes as archive + state file.
@@ -210,13 +210,13 @@ impl SaveJob {
         SaveJob {
             iterations,
             state_json: {
-                let mut state = crate::state::State::new("m");
+                let mut state = crate::policy::state::State::new("m");
                 state.total_iterations = iterations;
                 state.to_json()
             },
             average_loss: 1.0,
             backup: false,
-            model: vec![Desc { name: "w".into(), dtype: crate::format::DType::F32, shape }],
+            model: vec![Desc { name: "w".into(), dtype: crate::archive::format::DType::F32, shape }],
             optimizer: None,
             stall: Duration::ZERO,
             waited: false,

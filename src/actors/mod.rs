@@ -33,8 +33,8 @@ use tokio::sync::oneshot;
 
 use crate::background::Inbox;
 use crate::error::{Error, Result};
+use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
-use crate::snapshot::Pinned;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
 #[cfg(feature = "remote")]

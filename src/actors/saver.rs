@@ -13,11 +13,11 @@ use super::messages::{Backup, BuildSnapshot, Desc, Flush, Lost, Snapshot, Write}
 use super::order::{Due, SnapshotOrder};
 use super::snapshot::SnapshotActor;
 use super::{guarded, Shared};
-use crate::durable;
+use crate::archive::format::{OptimizerRef, TensorRef};
 use crate::error::{Error, IoContext, Result};
-use crate::format::{OptimizerRef, TensorRef};
+use crate::folder::durable;
+use crate::folder::snapshot::Pinned;
 use crate::handle::outcome::Committed;
-use crate::snapshot::Pinned;
 
 pub(crate) struct Saver {
     pub shared: Arc<Shared>,
@@ -239,8 +239,8 @@ mod tests {
     use super::*;
     use crate::actors::messages::SaveJob;
     use crate::actors::Settings;
+    use crate::archive::format::DType;
     use crate::folder::ModelPaths;
-    use crate::format::DType;
     use crate::staging::Pool;
 
     #[test]

@@ -22,8 +22,8 @@ impl Handler<BuildSnapshot> for SnapshotActor {
         let paths = &self.shared.paths;
         let settings = self.shared.settings;
         let built = guarded("snapshot", || {
-            crate::snapshot::build(paths, iterations, &pinned, settings.hard_links)
-                .and_then(|dir| crate::snapshot::apply_retention(paths, settings.snapshot_keep).map(|removed| (dir, removed)))
+            crate::folder::snapshot::build(paths, iterations, &pinned, settings.hard_links)
+                .and_then(|dir| crate::folder::snapshot::apply_retention(paths, settings.snapshot_keep).map(|removed| (dir, removed)))
         });
         // Built (or failed) and its pins gone: the request is no longer in flight.
         drop(pinned);

@@ -45,13 +45,13 @@ fn stage(
     tensors: Vec<(usize, tch::Tensor)>,
     mut lease: Lease,
     guard: Option<FenceGuard>,
-    events: Vec<crate::cuda::Event>,
+    events: Vec<crate::staging::cuda::Event>,
 ) -> Result<Staged> {
     let start = Instant::now();
     // The trainer queued the device-to-host copies in stream order and
     // recorded an event after them; wait for exactly those copies here,
     // off the trainer's thread.
-    let landed = events.iter().try_for_each(crate::cuda::Event::wait);
+    let landed = events.iter().try_for_each(crate::staging::cuda::Event::wait);
     drop(events);
     let copied = landed.and_then(|()| copy_all(&tensors, &mut lease));
     // The bytes are in the lease: parameters may change again. The

@@ -53,7 +53,7 @@ pub(super) fn read_for_load(paths: &ModelPaths, fallback: bool, with_optimizer: 
         Err(e) => Some(e),
     };
     if fallback {
-        for candidate in crate::restore::fallback_candidates(paths) {
+        for candidate in crate::folder::restore::fallback_candidates(paths) {
             if let Ok(read) = read_archive(&candidate, with_optimizer) {
                 let reason = match &first {
                     Some(e) => e.report().to_string(),

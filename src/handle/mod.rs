@@ -15,8 +15,8 @@ use crate::config::{Config, CpuCopy, OnBusy};
 use crate::error::{Error, IoContext, Result};
 use crate::folder::{self, ModelPaths};
 use crate::optim::{Optimizer, OptimizerState};
+use crate::policy::state::{backup_rule, State};
 use crate::staging::{Fence, Lease, Pool};
-use crate::state::{backup_rule, State};
 use crate::tensors::{checked_shape, dtype_of};
 
 mod load;
@@ -37,7 +37,7 @@ pub use ticket::Ticket;
 /// A save's copies once started: the CPU tensors left for the stager to copy
 /// (`"deferred"` mode; empty otherwise), and one event per GPU marking the
 /// end of its queued copies.
-type Staged = (Vec<(usize, tch::Tensor)>, Vec<crate::cuda::Event>);
+type Staged = (Vec<(usize, tch::Tensor)>, Vec<crate::staging::cuda::Event>);
 
 /// The last save requested, for naming snapshots after it.
 #[derive(Debug, Clone, Copy)]
@@ -90,7 +90,7 @@ pub struct ModelIo {
     actors: Option<Actors>,
     /// Held while training: one writer per model folder. Declared after
     /// `actors` so it is released only once they are drained.
-    _lock: Option<crate::lock::FolderLock>,
+    _lock: Option<crate::folder::lock::FolderLock>,
     pool: Pool,
     fence: Fence,
     /// The archive the last load read, kept so that `load_optimizer` reads
@@ -147,7 +147,7 @@ impl ModelIo {
             std::fs::create_dir_all(&paths.dir).at("create model folder", &paths.dir)?;
             // Under the lock no other writer of this folder exists, so every
             // temporary file in it is stale.
-            let lock = crate::lock::acquire(&paths.dir)?;
+            let lock = crate::folder::lock::acquire(&paths.dir)?;
             remove_stale_temps(&paths)?;
             Some(lock)
         };
@@ -645,7 +645,7 @@ impl ModelIo {
             }
         }
         // One event per GPU marks the end of this save's copies on its stream.
-        let events = gpus.into_iter().map(crate::cuda::Event::record).collect::<Result<Vec<_>>>()?;
+        let events = gpus.into_iter().map(crate::staging::cuda::Event::record).collect::<Result<Vec<_>>>()?;
         if self.config.staging.cpu_copy == CpuCopy::Immediate {
             lease.fill_now(&cpu)?;
             cpu.clear();
@@ -905,5 +905,5 @@ fn enqueue_device_copy(t: &tch::Tensor, lease: &mut Lease, i: usize) -> Result<(
     }
     let src = t.f_contiguous()?;
     let mut dst = buf.f_view_dtype(src.kind())?.f_reshape(src.size())?;
-    crate::cuda::copy_async(&mut dst, &src)
+    crate::staging::cuda::copy_async(&mut dst, &src)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::archive::ArchiveReader;
 use crate::error::{Error, Result};
 use crate::folder::ModelPaths;
-use crate::state::State;
+use crate::policy::state::State;
 
 pub(super) fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
@@ -18,10 +18,10 @@ pub(super) fn file_name(path: &Path) -> String {
 /// snapshot temporaries (other folders' may be in use by their trainers),
 /// which are always folders: a file there is not modelio's.
 pub(super) fn remove_stale_temps(paths: &ModelPaths) -> Result<()> {
-    let snapshots = crate::snapshot::snapshot_dir(&paths.dir, 0);
+    let snapshots = crate::folder::snapshot::snapshot_dir(&paths.dir, 0);
     let prefix = snapshots.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("0_iters")).unwrap_or("");
-    let removed = crate::durable::remove_stale_temps(&paths.dir, |_, _| true)?
-        + crate::durable::remove_stale_temps(&crate::durable::parent_of(&paths.dir), |base, is_dir| {
+    let removed = crate::folder::durable::remove_stale_temps(&paths.dir, |_, _| true)?
+        + crate::folder::durable::remove_stale_temps(&crate::folder::durable::parent_of(&paths.dir), |base, is_dir| {
             is_dir && !prefix.is_empty() && base.starts_with(prefix)
         })?;
     if removed > 0 {
@@ -50,7 +50,7 @@ pub(super) fn history_without_archive(paths: &ModelPaths) -> Result<Option<Strin
             }
         }
     }
-    let candidates = crate::restore::fallback_candidates(paths);
+    let candidates = crate::folder::restore::fallback_candidates(paths);
     let (backup, snapshots) = candidates.split_at(1);
     found.extend(backup.iter().filter(|bk| bk.exists()).map(|bk| file_name(bk)));
     let snapshots: Vec<&PathBuf> = snapshots.iter().filter(|p| p.exists()).collect();
@@ -85,7 +85,7 @@ pub(super) fn reconcile_state(paths: &ModelPaths, predict: bool) -> Result<State
         (_, Some(a)) => {
             if !predict {
                 tracing::warn!(target: "modelio", "state file {} did not match the archive; restored it from the archive", state_path.display());
-                crate::durable::commit_bytes(&state_path, &a.to_json())?;
+                crate::folder::durable::commit_bytes(&state_path, &a.to_json())?;
             }
             Ok(a)
         }

@@ -20,7 +20,7 @@
 use object_store::path::Path as Key;
 use serde::{Deserialize, Serialize};
 
-use crate::format::TensorMeta;
+use crate::archive::format::TensorMeta;
 
 /// The format of remote manifests.
 pub const MANIFEST_FORMAT: u32 = 1;

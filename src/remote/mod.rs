@@ -39,8 +39,8 @@ use object_store::{ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 
 use crate::archive::ArchiveReader;
 use crate::config::RemoteConfig;
-use crate::durable::{self, Source};
 use crate::error::{Error, IoContext, Result};
+use crate::folder::durable::{self, Source};
 use crate::folder::ModelPaths;
 use manifest::{checkpoint_id, iterations_of, Intent, Layout, ARCHIVE_OBJECT, MANIFEST_FORMAT, STATE_OBJECT};
 pub use manifest::{Latest, ObjectEntry, RemoteManifest, TensorSum};
@@ -530,7 +530,7 @@ impl Inner {
     /// The archive's own manifest, read with ranged reads through the zip's
     /// end records and central directory (a few small requests whatever the
     /// archive's size).
-    async fn archive_manifest(&self, o: &ObjectEntry) -> Result<crate::format::Manifest> {
+    async fn archive_manifest(&self, o: &ObjectEntry) -> Result<crate::archive::format::Manifest> {
         let key = self.objects.stored_key(&o.key)?;
         // A failed request is the store's failure, not damage: kept aside.
         let failed: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
@@ -547,7 +547,7 @@ impl Inner {
                 })
             }
         };
-        let ranged = crate::zipread::read_entry_ranged(o.size, crate::format::MANIFEST_ENTRY, read).await;
+        let ranged = crate::archive::zipread::read_entry_ranged(o.size, crate::archive::format::MANIFEST_ENTRY, read).await;
         if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }

@@ -26,10 +26,10 @@ use super::{Reason, Remote};
 use crate::actors::Rider;
 use crate::background::{guarded, lock, lower_priority};
 use crate::config::{RemoteConfig, UploadPolicy};
-use crate::durable;
 use crate::error::{Error, Result};
+use crate::folder::durable;
+use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
-use crate::snapshot::Pinned;
 
 /// A committed save to upload: its pinned archive and state file.
 pub(crate) struct Upload {

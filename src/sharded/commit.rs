@@ -106,7 +106,7 @@ impl Shared {
             return Err(Error::ShardInconsistent { iterations, detail: problem });
         }
         let lowest = self.lowest().await?;
-        let decision = loss.map(|l| crate::state::backup_rule(&[l], lowest));
+        let decision = loss.map(|l| crate::policy::state::backup_rule(&[l], lowest));
         let manifest = GlobalManifest {
             format: SHARDED_FORMAT,
             model: self.model.clone(),

@@ -42,10 +42,10 @@ use std::time::{Duration, Instant};
 #[cfg(feature = "torch")]
 use tch::Tensor;
 
+use crate::archive::format::DType;
 use crate::background::{lock, Inbox};
 use crate::config::{Config, RemoteConfig};
 use crate::error::{Error, Result};
-use crate::format::DType;
 use crate::remote::objects::Objects;
 #[cfg(feature = "torch")]
 use crate::tensors::{copy_bytes, dtype_of, shape_of, to_tensor};

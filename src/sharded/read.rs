@@ -3,9 +3,9 @@
 
 use super::records::inconsistency;
 use super::{GlobalManifest, Piece, Shared, Want};
+use crate::archive::format::DType;
 use crate::archive::ArchiveReader;
 use crate::error::{Error, Result};
-use crate::format::DType;
 
 impl Shared {
     pub(super) async fn list(&self) -> Result<Vec<GlobalManifest>> {

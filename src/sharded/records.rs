@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::DType;
+use crate::archive::format::DType;
 
 /// Format of done-records and global manifests.
 pub const SHARDED_FORMAT: u32 = 1;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{lock, Commit, DoneRecord, Job, Piece, Shared, Staged, SHARDED_FORMAT};
+use crate::archive::format::TensorRef;
 use crate::archive::{write_archive, ArchiveReader};
 use crate::error::{Error, Result};
-use crate::format::TensorRef;
 use crate::remote::objects::to_json;
 
 impl Shared {

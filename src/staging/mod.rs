@@ -5,11 +5,14 @@
 //! sets, each reused save after save (a buffer only grows when a tensor got
 //! bigger). When none is free a save waits or is skipped, per `staging.on_busy`.
 
+pub(crate) mod cuda;
+mod fence;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::background::lock;
-pub use crate::fence::{Fence, FenceGuard};
+pub use crate::staging::fence::{Fence, FenceGuard};
 
 /// Most threads an immediate staging copy uses (the caller's included).
 pub const COPY_THREADS: usize = 4;

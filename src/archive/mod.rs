@@ -4,8 +4,11 @@
 //! the file and hands out tensor bytes in place; it treats the file as hostile:
 //! every offset and size is checked, every allocation is bounded, and every
 //! problem is an [`Error::Damaged`] naming the file and the part. The zip
-//! layer is read by [`crate::zipread`], as strictly as Python's `zipfile`
+//! layer is read by [`crate::archive::zipread`], as strictly as Python's `zipfile`
 //! reads it or more; every entry's zip CRC-32 is checked as its bytes are read.
+
+pub mod format;
+pub mod zipread;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -16,8 +19,8 @@ use std::sync::{Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::*;
-use crate::zipread::{self, Directory};
+use format::*;
+use zipread::Directory;
 
 /// JSON entries larger than this are refused as damaged.
 const MAX_JSON: u64 = 256 << 20;
@@ -133,7 +136,7 @@ fn write_entry<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, name: &str, part
 /// Write an archive atomically to `target` (through the one commit helper in `durable`).
 ///
 /// # Errors
-/// As `write_archive` and `crate::durable::commit`.
+/// As `write_archive` and `crate::folder::durable::commit`.
 pub fn commit_archive(
     target: &Path,
     name: &str,
@@ -143,10 +146,10 @@ pub fn commit_archive(
     state: Option<&[u8]>,
 ) -> Result<u64> {
     let size: u64 = model.iter().chain(optimizer.iter().flat_map(|o| o.tensors.iter())).map(|t| t.data.len() as u64).sum();
-    let mut write = |out: &mut BufWriter<crate::durable::StreamingFile>| {
+    let mut write = |out: &mut BufWriter<crate::folder::durable::StreamingFile>| {
         write_archive(out, target, name, iterations, model, optimizer, state).map(|_| ())
     };
-    match crate::durable::commit(target, crate::durable::Source::Write { size_hint: size, write: &mut write }) {
+    match crate::folder::durable::commit(target, crate::folder::durable::Source::Write { size_hint: size, write: &mut write }) {
         Ok(()) => Ok(size),
         Err(Error::NoSpace { free, .. }) => {
             // Report the archive's real size: lay it out again into a sink
@@ -352,7 +355,7 @@ impl ArchiveReader {
     /// [`Error::Io`] when the file cannot be read, [`Error::NotRegular`] when
     /// it is not a regular file, [`Error::Damaged`] naming the broken part otherwise.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = crate::durable::open_regular(path)?;
+        let file = crate::folder::durable::open_regular(path)?;
         // SAFETY: modelio never modifies a committed file in place (files are
         // replaced by rename), so the mapping's bytes do not change under us.
         let map = unsafe { memmap2::Mmap::map(&file) }.at("map", path)?;
@@ -659,7 +662,7 @@ pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
 /// iteration count is what both record; the model name is not compared (a
 /// model copied under a new name keeps its old name in the state).
 fn check_state(bytes: &[u8], manifest: &Manifest) -> Result<(), String> {
-    let state: crate::state::State = serde_json::from_slice(bytes).map_err(|e| format!("not a valid state file ({e})"))?;
+    let state: crate::policy::state::State = serde_json::from_slice(bytes).map_err(|e| format!("not a valid state file ({e})"))?;
     if state.total_iterations != manifest.iterations {
         return Err(format!(
             "it records {} iterations, the manifest {}: one of them was changed after the save",
@@ -895,7 +898,7 @@ mod tests {
     fn an_embedded_state_of_other_iterations_is_damage() {
         let a = [1u8; 4];
         let tensors = [t("a", DType::F32, &[1], &a)];
-        let mut state = crate::state::State::new("m");
+        let mut state = crate::policy::state::State::new("m");
         state.total_iterations = 1000;
         let json = serde_json::to_vec(&state).unwrap();
         let path = Path::new("m.mio");
@@ -914,7 +917,7 @@ mod tests {
         let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
         write_entry(&mut zip, MODEL_ENTRY, &[(blob, None)]).unwrap();
         let bytes = zip.finish().unwrap();
-        let dir = crate::zipread::read(&bytes).unwrap();
+        let dir = crate::archive::zipread::read(&bytes).unwrap();
         locate(&bytes, &dir, MODEL_ENTRY, metas, Part::Model).map(|(located, _)| located.len())
     }
 
@@ -971,7 +974,7 @@ mod tests {
         m.checksum = Some(0);
         m.checksum = Some(crc32c::crc32c(&serde_json::to_vec(&m).unwrap()));
         let manifest_json = serde_json::to_vec(&m).unwrap();
-        let dir = crate::zipread::read(bytes).unwrap();
+        let dir = crate::archive::zipread::read(bytes).unwrap();
         let mut zip = rawzip::ZipArchiveWriter::new(Vec::new());
         for e in dir.entries.iter().filter(|e| !drop.contains(&e.name.as_str())) {
             let data = if e.name == MANIFEST_ENTRY {
@@ -988,7 +991,7 @@ mod tests {
     fn small_entries_and_the_manifest_s_list_of_them_must_agree() {
         let a = [1u8; 4];
         let tensors = [t("a", DType::F32, &[1], &a)];
-        let mut state = crate::state::State::new("m");
+        let mut state = crate::policy::state::State::new("m");
         state.total_iterations = 7;
         let json = serde_json::to_vec(&state).unwrap();
         let path = Path::new("m.mio");

@@ -1,10 +1,16 @@
 //! Names and files of a model folder.
 
+pub(crate) mod disk;
+pub mod durable;
+pub mod lock;
+pub mod restore;
+pub mod snapshot;
+
 use std::path::{Path, PathBuf};
 
-use crate::durable::is_temp;
+use crate::archive::format::EXTENSION;
 use crate::error::{IoContext, Result};
-use crate::format::EXTENSION;
+use crate::folder::durable::is_temp;
 
 /// The files of one model in its folder.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
-pub use crate::disk::free_bytes;
-pub(crate) use crate::disk::parent_of;
+pub use crate::folder::disk::free_bytes;
+pub(crate) use crate::folder::disk::parent_of;
 
 /// Every temporary file or folder modelio creates starts with this.
 pub(crate) const TEMP_PREFIX: &str = ".modelio-tmp-";

@@ -11,8 +11,8 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::durable::{self, commit, commit_dir, is_temp, Source};
 use crate::error::{Error, IoContext, Result};
+use crate::folder::durable::{self, commit, commit_dir, is_temp, Source};
 use crate::folder::ModelPaths;
 
 /// The folder of snapshot `n`.
@@ -203,7 +203,7 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
 pub fn apply_retention(paths: &ModelPaths, keep: usize) -> Result<Vec<PathBuf>> {
     let snapshots: Vec<(u64, PathBuf)> =
         list(&paths.dir).into_iter().filter(|(_, dir)| check_replaceable(dir, &paths.name).is_ok()).collect();
-    let remove = crate::retention::to_remove(&snapshots, keep);
+    let remove = crate::policy::retention::to_remove(&snapshots, keep);
     for dir in &remove {
         // Rename first so a crash mid-delete leaves a temp folder, not a partial snapshot.
         let doomed = durable::temp_path(&durable::parent_of(dir), dir);

@@ -3,10 +3,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::durable::{self, commit, is_temp, Source};
 use crate::error::{Error, IoContext, Result};
+use crate::folder::durable::{self, commit, is_temp, Source};
 use crate::folder::ModelPaths;
-use crate::state::State;
+use crate::policy::state::State;
 
 /// The archives a `load.fallback = true` load tries, in order, when the live
 /// one is missing or damaged: `<name>.mio.bk`, then the snapshots' copies by
@@ -15,7 +15,7 @@ use crate::state::State;
 pub fn fallback_candidates(paths: &ModelPaths) -> Vec<PathBuf> {
     let live = paths.archive();
     let mut candidates = vec![ModelPaths::backup_of(&live)];
-    let mut snaps = crate::snapshot::list(&paths.dir);
+    let mut snaps = crate::folder::snapshot::list(&paths.dir);
     snaps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     if let Some(file) = live.file_name() {
         candidates.extend(snaps.into_iter().map(|(_, dir)| dir.join(file)));
@@ -59,10 +59,10 @@ pub fn restore(paths: &ModelPaths) -> Result<Restored> {
     if scan(paths)?.backups.is_empty() {
         // Say first that a trainer is at work, as with backups, but without
         // creating or writing the lock file: nothing is changed.
-        crate::lock::check_free(dir)?;
+        crate::folder::lock::check_free(dir)?;
         return Err(no_backup());
     }
-    let _lock = crate::lock::acquire(dir)?;
+    let _lock = crate::folder::lock::acquire(dir)?;
     // Listed again under the lock: a trainer may have changed the folder.
     let Found { backups, current } = scan(paths)?;
     if backups.is_empty() {
@@ -174,12 +174,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let paths = ModelPaths::new(tmp.path().join("model"), "m");
         for n in [20, 100, 3] {
-            fs::create_dir_all(crate::snapshot::snapshot_dir(&paths.dir, n)).unwrap();
+            fs::create_dir_all(crate::folder::snapshot::snapshot_dir(&paths.dir, n)).unwrap();
         }
         // Another model folder's snapshots are not this one's.
-        fs::create_dir_all(crate::snapshot::snapshot_dir(&tmp.path().join("model2"), 500)).unwrap();
+        fs::create_dir_all(crate::folder::snapshot::snapshot_dir(&tmp.path().join("model2"), 500)).unwrap();
         let got = fallback_candidates(&paths);
-        let snap = |n| crate::snapshot::snapshot_dir(&paths.dir, n).join("m.mio");
+        let snap = |n| crate::folder::snapshot::snapshot_dir(&paths.dir, n).join("m.mio");
         assert_eq!(got, vec![paths.dir.join("m.mio.bk"), snap(100), snap(20), snap(3)]);
     }
 

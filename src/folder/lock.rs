@@ -28,7 +28,7 @@ pub struct FolderLock {
 /// it copies a model folder) is never written through: the link would carry
 /// this folder's lock, and the pid written into it, to the other file. It is
 /// first replaced by a file of this folder's own (by rename, through
-/// [`crate::durable`]), which leaves the other file as it was. While another
+/// [`crate::folder::durable`]), which leaves the other file as it was. While another
 /// process holds the shared file's lock, that process is reported as the
 /// holder and nothing is replaced: it may be a trainer in this very folder.
 ///
@@ -145,7 +145,7 @@ fn unshare(dir: &Path, path: &Path, file: &mut File, meta: &std::fs::Metadata) -
         other => other,
     })?;
     if same_file(path, meta) {
-        crate::durable::commit_bytes(path, b"")?;
+        crate::folder::durable::commit_bytes(path, b"")?;
     }
     Ok(())
 }

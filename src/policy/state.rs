@@ -49,7 +49,7 @@ impl State {
     /// # Errors
     /// [`Error::Io`] when unreadable, [`Error::DamagedState`] when not valid JSON.
     pub fn read(path: &Path) -> Result<State> {
-        let bytes = crate::durable::read_regular(path)?;
+        let bytes = crate::folder::durable::read_regular(path)?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let model = name.strip_suffix(".bk").unwrap_or(&name);
         let model = model.strip_suffix("_state.json").unwrap_or(model).to_string();
