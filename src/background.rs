@@ -1,10 +1,19 @@
-//! What every background worker shares: a lock that survives a panicked
-//! holder, work whose panic becomes an error, and the inbox where failures
-//! wait for the caller's next call.
+//! What every background worker shares. Every worker is one kind of thing:
+//! a single-threaded actix `SyncArbiter` started with [`worker`] on the
+//! [`Workers`] system of its handle (the saver, backup, snapshot and stager
+//! actors of a `ModelIo`; the uploader of its remote tier; a rank's shard
+//! writer and coordinator). Around them: a lock that survives a panicked
+//! holder, work whose panic becomes an error ([`guarded`]), the slot of a
+//! worker whose policy is "the newest replaces the waiting job"
+//! ([`Newest`]), and the inbox where failures wait for the caller's next
+//! call ([`Inbox`]).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use actix::{Actor, Addr, SyncArbiter, SyncContext};
 
 use crate::error::{Error, Result};
 
@@ -46,6 +55,157 @@ pub(crate) fn lower_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+/// The actix system one handle's workers run on, on a thread of its own;
+/// each worker started there with [`worker`] is a thread too.
+pub(crate) struct Workers {
+    system: actix::System,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Start the system on a thread named `name`, and `setup` on it: it
+    /// starts the workers (with [`worker`]) and returns their addresses.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the thread cannot be started; [`Error::Stopped`]
+    /// when `setup` did not finish.
+    pub fn start<R: Send + 'static>(name: &str, setup: impl FnOnce() -> R + Send + 'static) -> Result<(Workers, R)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let system = actix::System::new();
+                system.block_on(async move {
+                    let started = setup();
+                    let _ = tx.send((started, actix::System::current()));
+                });
+                let _ = system.run();
+            })
+            .map_err(|e| Error::io("start the worker thread for", ".", e))?;
+        let (started, system) = rx.recv().map_err(|_| Error::Stopped)?;
+        Ok((Workers { system, thread: Some(thread) }, started))
+    }
+
+    /// Not stopped yet.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    pub fn is_running(&self) -> bool {
+        self.thread.is_some()
+    }
+
+    /// Stop the system and join its thread. A worker finishes the message
+    /// in hand and gets no more; call it once they are idle.
+    pub fn stop(&mut self) {
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// How a worker's thread is scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
+pub(crate) enum Priority {
+    /// As the trainer's threads: work training waits for (the stager's copies).
+    Training,
+    /// Below them ([`lower_priority`]): writing, checksumming, uploading.
+    Background,
+}
+
+/// Start one worker on the running [`Workers`] system: a single-threaded
+/// `SyncArbiter` (one message at a time, in order) whose actor `make`
+/// builds on the worker's own thread.
+pub(crate) fn worker<A>(priority: Priority, make: impl Fn() -> A + Send + Sync + 'static) -> Addr<A>
+where
+    A: Actor<Context = SyncContext<A>>,
+{
+    SyncArbiter::start(1, move || {
+        if priority == Priority::Background {
+            lower_priority();
+        }
+        make()
+    })
+}
+
+/// Work a [`Newest`] slot holds: known by the step (iterations) it is of.
+pub(crate) trait Step {
+    fn step(&self) -> u64;
+}
+
+/// The slot of a worker whose policy is "the newest replaces the waiting
+/// job" (the uploader, a rank's shard writer): one job runs, at most one
+/// waits, and an offer replaces the waiting one, which its owner counts as
+/// skipped. Memory and disk so hold at most two jobs however fast they come.
+/// A plain value: its owner keeps it under the lock of its other state and
+/// wakes its worker.
+#[derive(Debug)]
+pub(crate) struct Newest<T> {
+    waiting: Option<T>,
+    /// The step of the job in progress.
+    running: Option<u64>,
+}
+
+impl<T> Default for Newest<T> {
+    fn default() -> Self {
+        Newest { waiting: None, running: None }
+    }
+}
+
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
+impl<T: Step> Newest<T> {
+    /// Let `job` wait, returning the job it replaced.
+    pub fn offer(&mut self, job: T) -> Option<T> {
+        self.waiting.replace(job)
+    }
+
+    /// The worker takes the waiting job, which is now the one in progress
+    /// (also while another is: a newer job replaces one that keeps failing).
+    pub fn start(&mut self) -> Option<T> {
+        let job = self.waiting.take()?;
+        self.running = Some(job.step());
+        Some(job)
+    }
+
+    /// The job in progress is over.
+    pub fn finish(&mut self) {
+        self.running = None;
+    }
+
+    /// Take the waiting job back (it will not run: a stop).
+    pub fn cancel(&mut self) -> Option<T> {
+        self.waiting.take()
+    }
+
+    pub fn waiting(&self) -> Option<&T> {
+        self.waiting.as_ref()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Nothing in progress and nothing waiting.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_none() && self.waiting.is_none()
+    }
+
+    /// Whether a job of `step` waits or is in progress.
+    pub fn holds(&self, step: u64) -> bool {
+        self.running == Some(step) || self.waiting.as_ref().is_some_and(|w| w.step() == step)
+    }
+
+    /// The step to be done next: the waiting one, else the one in progress.
+    pub fn pending(&self) -> Option<u64> {
+        self.waiting.as_ref().map(Step::step).or(self.running)
     }
 }
 
@@ -138,5 +298,59 @@ mod tests {
         let all: Vec<_> = std::iter::from_fn(|| number(inbox.take())).collect();
         assert_eq!(all.len(), Inbox::CAPACITY);
         assert_eq!((all.first(), all.last()), (Some(&100), Some(&(Inbox::CAPACITY - 2))));
+    }
+
+    struct Job(u64);
+    impl Step for Job {
+        fn step(&self) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn the_newest_job_replaces_the_waiting_one_and_the_running_one_stays() {
+        let mut slot = Newest::default();
+        assert!(slot.is_idle() && slot.pending().is_none() && slot.start().is_none());
+        assert!(slot.offer(Job(1)).is_none());
+        assert_eq!(slot.start().map(|j| j.0), Some(1));
+        assert!(slot.is_running() && !slot.is_idle() && slot.holds(1) && !slot.holds(2));
+        assert!(slot.offer(Job(2)).is_none(), "one waits beside the one running");
+        assert_eq!(slot.offer(Job(3)).map(|j| j.0), Some(2), "a newer one replaces the waiting one");
+        assert_eq!((slot.pending(), slot.waiting().map(|j| j.0)), (Some(3), Some(3)));
+        assert!(slot.holds(1) && slot.holds(3) && !slot.holds(2));
+        slot.finish();
+        assert_eq!(slot.pending(), Some(3));
+        assert_eq!(slot.start().map(|j| j.0), Some(3));
+        assert_eq!(slot.pending(), Some(3), "in progress");
+        assert!(slot.offer(Job(4)).is_none());
+        assert_eq!(slot.start().map(|j| j.0), Some(4), "taken while another runs: that one is given up");
+        assert!(slot.holds(4) && !slot.holds(3));
+        assert!(slot.offer(Job(5)).is_none());
+        assert_eq!(slot.cancel().map(|j| j.0), Some(5));
+        slot.finish();
+        assert!(slot.is_idle() && slot.pending().is_none());
+    }
+
+    struct Echo;
+    impl Actor for Echo {
+        type Context = SyncContext<Self>;
+    }
+    #[derive(actix::Message)]
+    #[rtype(result = "String")]
+    struct Name;
+    impl actix::Handler<Name> for Echo {
+        type Result = String;
+        fn handle(&mut self, _: Name, _: &mut SyncContext<Self>) -> String {
+            std::thread::current().name().unwrap_or("").to_string()
+        }
+    }
+
+    #[test]
+    fn workers_run_on_a_system_of_their_own_and_stop_with_it() {
+        let (mut workers, echo) = Workers::start("modelio-test-workers", || worker(Priority::Background, || Echo)).unwrap();
+        let answer = futures::executor::block_on(echo.send(Name)).unwrap();
+        assert_ne!(answer, "modelio-test-workers", "a worker has a thread of its own");
+        workers.stop();
+        assert!(futures::executor::block_on(echo.send(Name)).is_err(), "stopped with the system");
     }
 }

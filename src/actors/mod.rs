@@ -28,10 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::SendError;
-use actix::{Addr, SyncArbiter};
+use actix::Addr;
 use tokio::sync::oneshot;
 
-use crate::background::Inbox;
+use crate::background::{worker, Inbox, Priority, Workers};
 use crate::error::{Error, Result};
 use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
@@ -167,7 +167,6 @@ impl Shared {
 }
 
 pub(crate) use crate::background::guarded;
-use crate::background::lower_priority;
 
 /// The running actor system.
 pub(crate) struct Actors {
@@ -179,8 +178,7 @@ pub(crate) struct Actors {
     staged: AtomicU64,
     /// Snapshot requests in flight, each holding a [`Permit`].
     snapshots: Arc<AtomicUsize>,
-    system: actix::System,
-    thread: Option<std::thread::JoinHandle<()>>,
+    workers: Workers,
     /// Stopped with the actors (an upload still under way is abandoned;
     /// the next run's catch-up uploads the newest save).
     rider: Option<Arc<dyn Rider>>,
@@ -190,56 +188,29 @@ impl Actors {
     /// Start the system thread and the four actors.
     pub fn start(shared: Arc<Shared>) -> Result<Actors> {
         let rider = shared.rider.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("modelio-actors".into())
-            .spawn(move || {
-                let system = actix::System::new();
-                system.block_on(async move {
-                    // Factories run on the actor's own thread: the disk-bound
-                    // actors yield the CPU to training; the stager does not,
-                    // since optimizer steps wait for its copies.
-                    let s = shared.clone();
-                    let backup = SyncArbiter::start(1, move || {
-                        lower_priority();
-                        backup::BackupActor { shared: s.clone() }
-                    });
-                    let s = shared.clone();
-                    let snapshot = SyncArbiter::start(1, move || {
-                        lower_priority();
-                        snapshot::SnapshotActor { shared: s.clone() }
-                    });
-                    if let Some(rider) = &shared.rider {
-                        rider.clone().start();
-                    }
-                    let s = shared.clone();
-                    let saver = SyncArbiter::start(1, move || {
-                        lower_priority();
-                        saver::Saver {
-                            shared: s.clone(),
-                            backup: backup.clone(),
-                            snapshot: snapshot.clone(),
-                            order: order::SnapshotOrder::default(),
-                        }
-                    });
-                    let s = shared.clone();
-                    let to_saver = saver.clone();
-                    let stager = SyncArbiter::start(1, move || Stager { shared: s.clone(), saver: to_saver.clone() });
-                    let _ = tx.send((stager, saver, actix::System::current()));
-                });
-                let _ = system.run();
-            })
-            .map_err(|e| Error::io("start actor thread for", ".", e))?;
-        let (stager, saver, system) = rx.recv().map_err(|_| Error::Stopped)?;
-        Ok(Actors {
-            stager,
-            saver,
-            staged: AtomicU64::new(0),
-            snapshots: Arc::new(AtomicUsize::new(0)),
-            system,
-            thread: Some(thread),
-            rider,
-        })
+        let (workers, (stager, saver)) = Workers::start("modelio-actors", move || {
+            // The disk-bound actors yield the CPU to training; the stager
+            // does not, since optimizer steps wait for its copies.
+            let s = shared.clone();
+            let backup = worker(Priority::Background, move || backup::BackupActor { shared: s.clone() });
+            let s = shared.clone();
+            let snapshot = worker(Priority::Background, move || snapshot::SnapshotActor { shared: s.clone() });
+            if let Some(rider) = &shared.rider {
+                rider.clone().start();
+            }
+            let s = shared.clone();
+            let saver = worker(Priority::Background, move || saver::Saver {
+                shared: s.clone(),
+                backup: backup.clone(),
+                snapshot: snapshot.clone(),
+                order: order::SnapshotOrder::default(),
+            });
+            let s = shared.clone();
+            let to_saver = saver.clone();
+            let stager = worker(Priority::Training, move || Stager { shared: s.clone(), saver: to_saver.clone() });
+            (stager, saver)
+        })?;
+        Ok(Actors { stager, saver, staged: AtomicU64::new(0), snapshots: Arc::new(AtomicUsize::new(0)), workers, rider })
     }
 
     /// Hand a save to the stager. Its lease bounds the saves in flight (the
@@ -290,10 +261,7 @@ impl Actors {
         if let Some(rider) = &self.rider {
             rider.stop();
         }
-        self.system.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.workers.stop();
     }
 }
 
@@ -309,7 +277,7 @@ fn handed_over<M>(sent: std::result::Result<(), SendError<M>>, what: &'static st
 
 impl Drop for Actors {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if self.workers.is_running() {
             let _ = self.flush_blocking();
             self.stop();
         }
@@ -318,7 +286,7 @@ impl Drop for Actors {
 
 #[cfg(test)]
 mod tests {
-    use actix::{Actor, Handler, Message, SyncContext};
+    use actix::{Actor, Handler, Message, SyncArbiter, SyncContext};
     use tch::{Device, Kind, Tensor};
 
     use super::messages::SaveJob;

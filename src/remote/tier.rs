@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use actix::{Handler, Message, SyncArbiter, SyncContext};
+use actix::{Handler, Message, SyncContext};
 
 use super::status::{status_path, RemoteStats};
 use super::{Reason, Remote};
 use crate::actors::Rider;
-use crate::background::{guarded, lock, lower_priority};
+use crate::background::{guarded, lock, worker, Newest, Priority, Step};
 use crate::config::{RemoteConfig, UploadPolicy};
 use crate::error::{Error, Result};
 use crate::folder::durable;
@@ -38,11 +38,10 @@ pub(crate) struct Upload {
     pub reason: Reason,
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: Option<Upload>,
-    /// Iterations of the upload in progress.
-    running: Option<u64>,
+impl Step for Upload {
+    fn step(&self) -> u64 {
+        self.iterations
+    }
 }
 
 /// The remote tier of one handle, shared by the saver, the uploader and the handle.
@@ -50,7 +49,7 @@ pub(crate) struct Tier {
     pub remote: Remote,
     pub config: RemoteConfig,
     paths: ModelPaths,
-    queue: Mutex<Queue>,
+    queue: Mutex<Newest<Upload>>,
     idle: Condvar,
     stats: Mutex<RemoteStats>,
     /// Set when the handle stops waiting for uploads: the one in progress is
@@ -71,7 +70,7 @@ impl Tier {
             remote,
             config,
             paths,
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Newest::default()),
             idle: Condvar::new(),
             stats: Mutex::new(stats),
             stop: AtomicBool::new(false),
@@ -102,10 +101,10 @@ impl Tier {
         let iterations = upload.iterations;
         let replaced = {
             let mut q = lock(&self.queue);
-            if q.running == Some(iterations) || q.waiting.as_ref().is_some_and(|w| w.iterations == iterations) {
+            if q.holds(iterations) {
                 return;
             }
-            q.waiting.replace(upload)
+            q.offer(upload)
         };
         if let Some(old) = replaced {
             tracing::info!(target: "modelio", "remote: upload of iteration {} skipped, iteration {iterations} is newer", old.iterations);
@@ -123,8 +122,8 @@ impl Tier {
     fn take(&self) -> Option<Upload> {
         self.woken.store(false, Ordering::Release);
         let mut q = lock(&self.queue);
-        let next = q.waiting.take();
-        q.running = next.as_ref().map(|u| u.iterations);
+        q.finish();
+        let next = q.start();
         if next.is_none() {
             self.idle.notify_all();
         }
@@ -134,18 +133,15 @@ impl Tier {
     /// The upload in progress is done: idle unless a save waits.
     fn finished(&self) {
         let mut q = lock(&self.queue);
-        q.running = None;
-        if q.waiting.is_none() {
+        q.finish();
+        if q.is_idle() {
             self.idle.notify_all();
         }
     }
 
     /// A newer save that arrived while the current one kept failing.
     fn take_newer(&self) -> Option<Upload> {
-        let mut q = lock(&self.queue);
-        let newer = q.waiting.take()?;
-        q.running = Some(newer.iterations);
-        Some(newer)
+        lock(&self.queue).start()
     }
 
     /// Wait until nothing is uploading or waiting, at most `timeout`.
@@ -153,7 +149,7 @@ impl Tier {
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.queue);
-        while q.running.is_some() || q.waiting.is_some() {
+        while !q.is_idle() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -166,7 +162,7 @@ impl Tier {
     /// Stop uploading: the upload in progress is abandoned, the waiting one dropped.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(w) = lock(&self.queue).waiting.take() {
+        if let Some(w) = lock(&self.queue).cancel() {
             tracing::warn!(target: "modelio", "remote: upload of iteration {} not started before shutdown; the next run uploads it", w.iterations);
             lock(&self.stats).abandoned += 1;
         }
@@ -177,10 +173,7 @@ impl Tier {
     }
 
     pub fn stats(&self) -> RemoteStats {
-        let pending = {
-            let q = lock(&self.queue);
-            q.waiting.as_ref().map(|w| w.iterations).or(q.running)
-        };
+        let pending = lock(&self.queue).pending();
         RemoteStats { pending, ..lock(&self.stats).clone() }
     }
 
@@ -193,7 +186,7 @@ impl Tier {
     fn publish(&self, done: bool) {
         let mut stats = self.stats();
         if done {
-            stats.pending = lock(&self.queue).waiting.as_ref().map(|w| w.iterations);
+            stats.pending = lock(&self.queue).waiting().map(Step::step);
         }
         let json = match serde_json::to_vec_pretty(&stats) {
             Ok(j) => j,
@@ -291,10 +284,7 @@ impl Tier {
 impl Rider for Tier {
     fn start(self: Arc<Self>) {
         let tier = self.clone();
-        let uploader = SyncArbiter::start(1, move || {
-            lower_priority();
-            Uploader { tier: tier.clone() }
-        });
+        let uploader = worker(Priority::Background, move || Uploader { tier: tier.clone() });
         uploader.do_send(Clean);
         let _ = self.addr.set(uploader);
     }

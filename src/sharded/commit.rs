@@ -9,69 +9,89 @@ use std::time::{Duration, Instant};
 use object_store::PutMode;
 
 use super::records::inconsistency;
-use super::{lock, Commit, DoneRecord, GlobalManifest, Shared, SHARDED_FORMAT};
+use super::{lock, Commit, DoneRecord, GlobalManifest, Shared, Wake, SHARDED_FORMAT};
+use crate::background::guarded;
 use crate::error::{Error, Result};
 use crate::remote::objects::{to_json, unsupported, Put};
 
+/// The coordinator (rank 0 only): commits the steps its writer wrote, in order.
+pub(super) struct Coordinator {
+    pub shared: Arc<Shared>,
+}
+
+impl actix::Actor for Coordinator {
+    type Context = actix::SyncContext<Self>;
+}
+
+impl actix::Handler<Wake> for Coordinator {
+    type Result = ();
+    fn handle(&mut self, _: Wake, _: &mut Self::Context) {
+        let s = &self.shared;
+        while let Some(commit) = s.next_commit() {
+            if let Err(e) = guarded("sharded commit", || {
+                s.commit_step(commit);
+                Ok(())
+            }) {
+                tracing::error!(target: "modelio", "sharded step {}: {}", commit.iterations, e.report());
+                s.report_later(e);
+            }
+            lock(&s.queue).committing = false;
+            s.settle_snapshots();
+            s.wake.notify_all();
+        }
+    }
+}
+
 impl Shared {
-    /// The coordinator's commit thread: steps in order, each waiting for
-    /// every done-record until its deadline (`shard.commit_deadline_secs`
-    /// after its own shard was written), so a dead rank costs one deadline,
-    /// not one per step queued behind it.
-    pub(super) fn commit_loop(self: Arc<Self>) {
-        loop {
-            let Commit { iterations, deadline: until, loss } = {
-                let mut q = lock(&self.queue);
-                loop {
-                    if !q.commits.is_empty() {
-                        q.committing = true;
-                        break q.commits.remove(0);
-                    }
-                    if q.stop && q.waiting.is_none() && !q.busy {
-                        return;
-                    }
-                    q = self.wake.wait_timeout(q, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+    /// The oldest step waiting to be committed, now the one in progress.
+    fn next_commit(&self) -> Option<Commit> {
+        let mut q = lock(&self.queue);
+        if q.commits.is_empty() {
+            return None;
+        }
+        q.committing = true;
+        Some(q.commits.remove(0))
+    }
+
+    /// Commit one step, waiting for every done-record until its deadline
+    /// (`shard.commit_deadline_secs` after its own shard was written), so a
+    /// dead rank costs one deadline, not one per step queued behind it.
+    fn commit_step(&self, Commit { iterations, deadline: until, loss }: Commit) {
+        let outcome = loop {
+            // A missing done-record or a store failure (refused
+            // credentials and a missing bucket included: both may be
+            // fixed while training goes on) is retried until the step's
+            // deadline, also while the handle is being dropped.
+            match self.run(self.commit_once(iterations, loss)) {
+                Err(Error::ShardMissing { .. } | Error::Remote { .. } | Error::RemoteDenied { .. } | Error::RemoteNoBucket { .. })
+                    if Instant::now() < until =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-            };
-            let outcome = loop {
-                // A missing done-record or a store failure (refused
-                // credentials and a missing bucket included: both may be
-                // fixed while training goes on) is retried until the step's
-                // deadline, also while the handle is being dropped.
-                match self.run(self.commit_once(iterations, loss)) {
-                    Err(Error::ShardMissing { .. } | Error::Remote { .. } | Error::RemoteDenied { .. } | Error::RemoteNoBucket { .. })
-                        if Instant::now() < until =>
-                    {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    other => break other,
-                }
-            };
-            match outcome {
-                Ok(Some(manifest)) => {
-                    self.stats.committed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(target: "modelio", "committed sharded step {iterations} ({} ranks)", self.rank.world_size);
-                    self.after_commit(&manifest);
-                }
-                Ok(None) => {
-                    self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
-                    // Committed by a racing coordinator of this run: its manifest is the step's.
-                    if lock(&self.queue).snapshots.remove(&iterations) {
-                        self.snapshot_committed(iterations);
-                    }
-                }
-                Err(e) => {
-                    self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
-                    self.report_later(e);
-                    if lock(&self.queue).snapshots.remove(&iterations) {
-                        self.snapshot_not_made(iterations, "the step was not committed");
-                    }
+                other => break other,
+            }
+        };
+        match outcome {
+            Ok(Some(manifest)) => {
+                self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(target: "modelio", "committed sharded step {iterations} ({} ranks)", self.rank.world_size);
+                self.after_commit(&manifest);
+            }
+            Ok(None) => {
+                self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
+                // Committed by a racing coordinator of this run: its manifest is the step's.
+                if lock(&self.queue).snapshots.remove(&iterations) {
+                    self.snapshot_committed(iterations);
                 }
             }
-            lock(&self.queue).committing = false;
-            self.settle_snapshots();
-            self.wake.notify_all();
+            Err(e) => {
+                self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
+                self.report_later(e);
+                if lock(&self.queue).snapshots.remove(&iterations) {
+                    self.snapshot_not_made(iterations, "the step was not committed");
+                }
+            }
         }
     }
 
@@ -303,7 +323,7 @@ impl Shared {
     pub(super) fn settle_snapshots(&self) {
         let left = {
             let mut q = lock(&self.queue);
-            if q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
+            if !q.is_idle() {
                 return;
             }
             std::mem::take(&mut q.snapshots)

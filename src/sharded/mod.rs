@@ -12,8 +12,9 @@
 //! LATEST                                         names the newest global manifest
 //! ```
 //!
-//! A rank's `save` copies its tensors at the call and returns; a thread of
-//! its own writes the shard, then the done-record. The coordinator (rank 0)
+//! A rank's `save` copies its tensors at the call and returns; a worker of
+//! its own (an actix actor, as every modelio worker) writes the shard, then
+//! the done-record. The coordinator (rank 0)
 //! also commits: once every rank's done-record for the step exists (or a
 //! deadline passes, a counted failure), it writes the global manifest with a
 //! create-if-absent put, so two coordinators racing on one step (a restarted
@@ -28,22 +29,22 @@
 //! overlap it (checked against their CRC-32C) and reassembled.
 //!
 //! Files: this one holds the rank's handle ([`ShardedIo`]) and the state its
-//! threads share; `records.rs` what is stored, `layout.rs` where, `run.rs`
-//! the run id, `writer.rs` each rank's writer thread, `commit.rs` the
+//! workers share; `records.rs` what is stored, `layout.rs` where, `run.rs`
+//! the run id, `writer.rs` each rank's shard writer, `commit.rs` the
 //! coordinator, `read.rs` listing and reading back.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 #[cfg(feature = "torch")]
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "torch")]
 use tch::Tensor;
 
 use crate::archive::format::DType;
-use crate::background::{lock, Inbox};
+use crate::background::{lock, worker, Inbox, Newest, Priority, Step, Workers};
 use crate::config::{Config, RemoteConfig};
 use crate::error::{Error, Result};
 use crate::remote::objects::Objects;
@@ -227,6 +228,12 @@ struct Job {
     loss: Option<f64>,
 }
 
+impl Step for Job {
+    fn step(&self) -> u64 {
+        self.iterations
+    }
+}
+
 /// A step the coordinator is to commit.
 #[derive(Debug, Clone, Copy)]
 struct Commit {
@@ -238,8 +245,8 @@ struct Commit {
 
 #[derive(Default)]
 struct Queue {
-    waiting: Option<Job>,
-    busy: bool,
+    /// The save being written and the one waiting for the writer.
+    job: Newest<Job>,
     stop: bool,
     /// Steps the coordinator still has to commit, oldest first.
     commits: Vec<Commit>,
@@ -265,7 +272,12 @@ struct Shared {
     /// The lowest reported loss, read from the newest manifest on first use.
     lowest: Mutex<Option<f64>>,
     queue: Mutex<Queue>,
+    /// Told of every change of `queue` (a job taken or done, a commit over):
+    /// `save` waiting for the slot, `flush` and the drop wait on it.
     wake: Condvar,
+    /// The workers, set once they are started.
+    writer: OnceLock<actix::Addr<writer::ShardWriter>>,
+    coordinator: OnceLock<actix::Addr<commit::Coordinator>>,
     stats: ShardStats,
     /// Background failures (shards not written, steps not committed,
     /// snapshots not made) not yet reported by `flush`.
@@ -278,7 +290,7 @@ struct Shared {
 /// One rank's sharded checkpoints of one model.
 pub struct ShardedIo {
     shared: Arc<Shared>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    workers: Workers,
 }
 
 /// The store sharded checkpoints go to: `[remote]` when set, else the model
@@ -317,6 +329,8 @@ impl ShardedIo {
             lowest: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            writer: OnceLock::new(),
+            coordinator: OnceLock::new(),
             stats: ShardStats::default(),
             failures: Inbox::default(),
             run_id,
@@ -327,24 +341,16 @@ impl ShardedIo {
         if rank.rank == 0 && rank.world_size > 1 {
             shared.run(shared.claim_run())?;
         }
-        let mut threads = Vec::new();
         let s = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("modelio-shard-writer".into())
-                .spawn(move || s.write_loop())
-                .map_err(|e| Error::io("start the shard writer for", ".", e))?,
-        );
-        if rank.rank == 0 {
-            let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("modelio-shard-commit".into())
-                    .spawn(move || s.commit_loop())
-                    .map_err(|e| Error::io("start the shard coordinator for", ".", e))?,
-            );
-        }
-        Ok(ShardedIo { shared, threads })
+        let (workers, ()) = Workers::start("modelio-shard", move || {
+            let w = s.clone();
+            let _ = s.writer.set(worker(Priority::Background, move || writer::ShardWriter { shared: w.clone() }));
+            if s.rank.rank == 0 {
+                let c = s.clone();
+                let _ = s.coordinator.set(worker(Priority::Background, move || commit::Coordinator { shared: c.clone() }));
+            }
+        })?;
+        Ok(ShardedIo { shared, workers })
     }
 
     pub fn rank(&self) -> Rank {
@@ -435,13 +441,14 @@ impl ShardedIo {
             // With `staging.on_busy = "wait"` (the default) a save waits for
             // this rank's own previous one to start writing: ranks that each
             // skipped different steps would never complete a step together.
-            while self.shared.wait_when_busy && q.waiting.is_some() && !q.stop {
+            while self.shared.wait_when_busy && q.job.waiting().is_some() && !q.stop {
                 q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
             }
             q.last_saved = Some(iterations);
-            let replaced = q.waiting.replace(Job { iterations, tensors, loss });
+            let replaced = q.job.offer(Job { iterations, tensors, loss });
             replaced.map(|job| (job.iterations, q.snapshots.remove(&job.iterations)))
         };
+        self.shared.wake_writer();
         if let Some((skipped, snapshot_wanted)) = replaced {
             self.shared.stats.skipped.fetch_add(1, Ordering::Relaxed);
             if snapshot_wanted {
@@ -467,7 +474,7 @@ impl ShardedIo {
         let mut done = true;
         {
             let mut q = lock(&self.shared.queue);
-            while q.waiting.is_some() || q.busy || !q.commits.is_empty() || q.committing {
+            while !q.is_idle() {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     done = false;
@@ -561,8 +568,8 @@ impl ShardedIo {
         let already = {
             let mut q = lock(&self.shared.queue);
             let Some(n) = q.last_saved else { return false };
-            let pending = q.waiting.as_ref().is_some_and(|j| j.iterations == n)
-                || q.busy
+            let pending = q.job.waiting().is_some_and(|j| j.iterations == n)
+                || q.job.is_running()
                 || q.commits.iter().any(|c| c.iterations == n)
                 || q.committing;
             if pending {
@@ -615,12 +622,30 @@ impl ShardedIo {
 }
 
 impl Drop for ShardedIo {
+    /// Waits until the save handed over last is written and (on the
+    /// coordinator) every step is committed or failed, each within its
+    /// deadline, then stops the workers.
     fn drop(&mut self) {
-        lock(&self.shared.queue).stop = true;
+        let mut q = lock(&self.shared.queue);
+        q.stop = true;
         self.shared.wake.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        while !q.is_idle() {
+            q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
         }
+        drop(q);
+        self.workers.stop();
+    }
+}
+
+/// Look at the queue: a worker's only message.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+struct Wake;
+
+impl Queue {
+    /// Nothing being written or committed, and nothing waiting to be.
+    fn is_idle(&self) -> bool {
+        self.job.is_idle() && self.commits.is_empty() && !self.committing
     }
 }
 
@@ -630,6 +655,21 @@ impl Shared {
         F::Output: Send,
     {
         self.rt.run(fut)
+    }
+
+    /// Tell the writer a save waits.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer.get() {
+            w.do_send(Wake);
+        }
+    }
+
+    /// Tell the coordinator a step waits to be committed.
+    fn wake_coordinator(&self) {
+        if let Some(c) = self.coordinator.get() {
+            c.do_send(Wake);
+        }
     }
 
     /// Keep a background failure for the next `flush` (it was logged

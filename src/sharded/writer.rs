@@ -4,54 +4,70 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{lock, Commit, DoneRecord, Job, Piece, Shared, Staged, SHARDED_FORMAT};
+use super::{lock, Commit, DoneRecord, Job, Piece, Shared, Staged, Wake, SHARDED_FORMAT};
 use crate::archive::format::TensorRef;
 use crate::archive::{write_archive, ArchiveReader};
+use crate::background::guarded;
 use crate::error::{Error, Result};
 use crate::remote::objects::to_json;
 
+/// A rank's shard writer: the newest waiting save, one at a time.
+pub(super) struct ShardWriter {
+    pub shared: Arc<Shared>,
+}
+
+impl actix::Actor for ShardWriter {
+    type Context = actix::SyncContext<Self>;
+}
+
+impl actix::Handler<Wake> for ShardWriter {
+    type Result = ();
+    fn handle(&mut self, _: Wake, _: &mut Self::Context) {
+        let s = &self.shared;
+        while let Some(job) = s.next_job() {
+            let iterations = job.iterations;
+            let loss = job.loss;
+            let written = guarded("sharded save", || s.run(s.write_shard(job)));
+            s.shard_written(iterations, loss, written);
+        }
+    }
+}
+
 impl Shared {
-    /// The writer thread: the newest waiting save, one at a time; drains before stopping.
-    pub(super) fn write_loop(self: Arc<Self>) {
-        loop {
-            let job = {
-                let mut q = lock(&self.queue);
-                loop {
-                    if let Some(job) = q.waiting.take() {
-                        q.busy = true;
-                        // A save waiting for this slot may go on.
-                        self.wake.notify_all();
-                        break job;
-                    }
-                    if q.stop {
-                        return;
-                    }
-                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
-                }
-            };
-            let (iterations, loss) = (job.iterations, job.loss);
-            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(self.write_shard(job))))
-                .unwrap_or_else(|_| Err(Error::Internal { what: "sharded save", message: "the shard writer panicked".into() }));
-            match written {
-                Ok(()) => {
-                    self.stats.written.fetch_add(1, Ordering::Relaxed);
-                    if self.rank.rank == 0 {
-                        let deadline = Instant::now().checked_add(self.deadline).unwrap_or_else(Instant::now);
-                        lock(&self.queue).commits.push(Commit { iterations, deadline, loss });
-                    }
-                }
-                Err(e) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(target: "modelio", "rank {}: shard of iteration {iterations} not written: {}", self.rank.rank, e.report());
-                    self.report_later(e);
-                    if lock(&self.queue).snapshots.remove(&iterations) {
-                        self.snapshot_not_made(iterations, "this rank's shard of it was not written");
-                    }
+    /// The waiting save, now the one being written; a save waiting for the
+    /// slot may go on.
+    fn next_job(&self) -> Option<Job> {
+        let mut q = lock(&self.queue);
+        q.job.finish();
+        let job = q.job.start();
+        drop(q);
+        self.wake.notify_all();
+        job
+    }
+
+    /// Count and hand on what became of the shard of `iterations`: the
+    /// coordinator commits the step, or the failure waits for `flush`.
+    fn shard_written(&self, iterations: u64, loss: Option<f64>, written: Result<()>) {
+        match written {
+            Ok(()) => {
+                self.stats.written.fetch_add(1, Ordering::Relaxed);
+                if self.rank.rank == 0 {
+                    let deadline = Instant::now().checked_add(self.deadline).unwrap_or_else(Instant::now);
+                    lock(&self.queue).commits.push(Commit { iterations, deadline, loss });
+                    self.wake_coordinator();
                 }
             }
-            lock(&self.queue).busy = false;
-            self.wake.notify_all();
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(target: "modelio", "rank {}: shard of iteration {iterations} not written: {}", self.rank.rank, e.report());
+                self.report_later(e);
+                if lock(&self.queue).snapshots.remove(&iterations) {
+                    self.snapshot_not_made(iterations, "this rank's shard of it was not written");
+                }
+            }
         }
+        lock(&self.queue).job.finish();
+        self.wake.notify_all();
     }
 
     pub(super) async fn write_shard(&self, job: Job) -> Result<()> {
