@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use modelio::Work;
 use modelio::{Adam, Config, ModelIo, OptimizerResume, Schedule};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
@@ -149,13 +150,13 @@ fn keep_going(result: modelio::Result<()>, asked: Asked, bar: &ProgressBar, summ
         Err(e) if e.is_retryable() => {
             let next = match (&e, asked) {
                 // An earlier request's failure; this call still did its own work.
-                (modelio::Error::Background { what: "save", .. }, _) => {
+                (modelio::Error::Background { what: Work::Save, .. }, _) => {
                     "that save is lost; the next save (or the exit save) writes the model again"
                 }
-                (modelio::Error::Background { what: "backup", .. }, _) => {
+                (modelio::Error::Background { what: Work::Backup, .. }, _) => {
                     "that backup is not retried: the previous .bk files stay, and a later save with a lower average loss makes a new one"
                 }
-                (modelio::Error::Background { what: "snapshot", .. }, _) => {
+                (modelio::Error::Background { what: Work::Snapshot, .. }, _) => {
                     "that snapshot is not retried; later snapshots are taken as scheduled"
                 }
                 (modelio::Error::Background { .. }, _) => "it is not retried",

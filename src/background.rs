@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use actix::{Actor, Addr, SyncArbiter, SyncContext};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Work};
 
 /// Lock a mutex, recovering the data if a thread panicked while holding it
 /// (every value guarded with it stays consistent between statements).
@@ -37,7 +37,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// guard releases the fence), and a temporary file it left is removed at the
 /// next open. This needs `panic = "unwind"`, Rust's default.
 #[cfg_attr(not(feature = "torch"), allow(dead_code))]
-pub(crate) fn guarded<T>(what: &'static str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(what: Work, work: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
         let message = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
             (Some(s), _) => (*s).to_string(),
@@ -255,7 +255,7 @@ mod tests {
     use super::*;
 
     fn failure(n: usize) -> Error {
-        Error::Overloaded { what: "test", capacity: n }
+        Error::Overloaded { what: Work::Save, capacity: n }
     }
 
     fn number(e: Option<Error>) -> Option<usize> {
@@ -267,9 +267,9 @@ mod tests {
 
     #[test]
     fn a_panic_becomes_an_internal_error_naming_it() {
-        let e = guarded::<()>("save", || panic!("disk on fire: {}", 7)).unwrap_err();
-        assert!(matches!(&e, Error::Internal { what: "save", message } if message == "disk on fire: 7"), "{e:?}");
-        let e = guarded::<()>("save", || std::panic::panic_any(7u8)).unwrap_err();
+        let e = guarded::<()>(Work::Save, || panic!("disk on fire: {}", 7)).unwrap_err();
+        assert!(matches!(&e, Error::Internal { what: Work::Save, message } if message == "disk on fire: 7"), "{e:?}");
+        let e = guarded::<()>(Work::Save, || std::panic::panic_any(7u8)).unwrap_err();
         assert!(e.to_string().contains("a panic without a message"), "{e}");
     }
 

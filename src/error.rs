@@ -122,7 +122,7 @@ pub enum Error {
     /// A save, backup or snapshot failed in the background.
     #[error("background {what} failed")]
     Background {
-        what: &'static str,
+        what: Work,
         #[source]
         source: Arc<Error>,
     },
@@ -139,15 +139,15 @@ pub enum Error {
     /// `capacity` of them are already waiting. Nothing was queued; earlier
     /// requests are unaffected.
     #[error(
-        "{what} requested faster than they can be handed over: {capacity} are already waiting; \
+        "{what}s requested faster than they can be handed over: {capacity} are already waiting; \
          nothing was queued: wait for earlier ones (`flush`, or the tickets) or request them less often"
     )]
-    Overloaded { what: &'static str, capacity: usize },
+    Overloaded { what: Work, capacity: usize },
 
     /// A background actor or task panicked while handling a request: a bug
     /// in modelio. That request was not done; later ones go on.
     #[error("internal error: the {what} panicked ({message}); it was not done, later ones go on; please report this as a bug")]
-    Internal { what: &'static str, message: String },
+    Internal { what: Work, message: String },
 
     /// The actors are gone (shut down or crashed): nothing more can be saved.
     #[error("modelio's actors have stopped; no further saves are possible (was `shutdown` already called?)")]
@@ -175,9 +175,44 @@ pub enum Error {
     NotRegular { path: PathBuf, kind: &'static str },
 
     /// An object-store request failed (after the client's own retries).
-    /// `detail` is the store's message, which already names its causes.
+    /// The store's own error is the source.
+    #[cfg(feature = "remote")]
+    #[error("could not {op} {target} on the remote tier")]
+    Remote {
+        op: &'static str,
+        target: String,
+        #[source]
+        source: StoreError,
+    },
+
+    /// An object that must be created only once is already there, and it
+    /// is not the one this request wrote.
     #[error("could not {op} {target} on the remote tier: {detail}")]
-    Remote { op: &'static str, target: String, detail: String },
+    RemoteExists { op: &'static str, target: String, detail: &'static str },
+
+    /// A conditional update (of `LATEST`) kept losing to other writers.
+    #[error("could not update {target} on the remote tier: still contended after {tries} tries")]
+    RemoteContended { target: String, tries: usize },
+
+    /// The store cannot do what a commit needs (create an object only if it
+    /// is absent): refused rather than done unsafely.
+    #[error(
+        "could not {op} {target} on the remote tier: the store cannot create an object only if it is absent \
+         (for S3, leave conditional puts on)"
+    )]
+    RemoteUnsupported { op: &'static str, target: String },
+
+    /// An upload was stopped (the handle shut down) before it was done.
+    #[error("could not upload {target} on the remote tier: abandoned: the upload was stopped")]
+    UploadAbandoned { target: String },
+
+    /// A record could not be written as JSON: a bug in modelio; nothing was written.
+    #[error("could not write {target} as JSON ({detail}); nothing was written; please report this as a bug")]
+    Encode { target: String, detail: String },
+
+    /// An argument of a call is out of range; nothing was done.
+    #[error("{arg}: {value}, allowed: {allowed}; nothing was done")]
+    Argument { arg: String, value: String, allowed: String },
 
     /// The remote tier's credentials are not in the environment.
     #[error(
@@ -324,6 +359,104 @@ pub enum Error {
     NotASnapshot { path: PathBuf, kind: &'static str },
 }
 
+/// The work an error is about: the background work that failed
+/// ([`Error::Background`]), the requests refused ([`Error::Overloaded`]),
+/// the worker that panicked ([`Error::Internal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Work {
+    Save,
+    Backup,
+    Snapshot,
+    Load,
+    Open,
+    Upload,
+    /// A rank's shard and its done-record.
+    ShardedSave,
+    /// The coordinator's commit of a sharded step.
+    ShardedCommit,
+}
+
+impl fmt::Display for Work {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Work::Save => "save",
+            Work::Backup => "backup",
+            Work::Snapshot => "snapshot",
+            Work::Load => "load",
+            Work::Open => "open",
+            Work::Upload => "upload",
+            Work::ShardedSave => "sharded save",
+            Work::ShardedCommit => "sharded commit",
+        })
+    }
+}
+
+/// What kind of outcome an [`Error`] is, for callers that decide what to do
+/// next without matching every variant (as `object_store::Error` sorts its
+/// own): see [`Error::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A filesystem operation failed.
+    Io,
+    /// The disk is full; the previous files are intact.
+    NoSpace,
+    /// A config value, the environment or an argument must change first.
+    Config,
+    /// What was asked for is not there.
+    NotFound,
+    /// Something is already where this would go (a name held by something
+    /// else, a step committed by another run).
+    AlreadyExists,
+    /// A conditional update kept losing to other writers.
+    Precondition,
+    /// Stored data is damaged (a checksum, the structure, a missing part).
+    Damaged,
+    /// The data does not fit what it is loaded into, or cannot be stored.
+    Mismatch,
+    /// Another process holds the model folder.
+    Locked,
+    /// Too many requests at once, or nothing to act on yet; a later one may succeed.
+    Busy,
+    /// The object store refused the credentials or has no such bucket.
+    Denied,
+    /// An object-store request failed, or an upload did not finish.
+    Remote,
+    /// The workers are gone, or the work was stopped.
+    Stopped,
+    /// A bug in modelio (a panic, a record that cannot be encoded).
+    Internal,
+    /// libtorch reported an error.
+    Torch,
+}
+
+/// An object store's own error, kept whole as the source of
+/// [`Error::Remote`]: [`StoreError::get`] gives the `object_store::Error`
+/// to match on (`NotFound`, `AlreadyExists`, `Precondition`, ...). Its
+/// message already names its causes, so the chain [`Error::report`] prints
+/// ends with it rather than repeating them.
+#[cfg(feature = "remote")]
+#[derive(Debug)]
+pub struct StoreError(pub(crate) object_store::Error);
+
+#[cfg(feature = "remote")]
+impl StoreError {
+    pub fn get(&self) -> &object_store::Error {
+        &self.0
+    }
+}
+
+#[cfg(feature = "remote")]
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+#[cfg(feature = "remote")]
+impl std::error::Error for StoreError {}
+
 /// `, CODE` for a store's error code, nothing when there is none.
 fn code_suffix(code: &str) -> String {
     if code.is_empty() {
@@ -371,6 +504,56 @@ impl Error {
         Error::Damaged { path: path.into(), name: name.to_string(), what: what.into(), detail: detail.into() }
     }
 
+    /// What kind of outcome this is (a background failure's is its cause's).
+    ///
+    /// ```
+    /// use modelio::error::{Error, ErrorKind};
+    /// assert_eq!(Error::Stopped.kind(), ErrorKind::Stopped);
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        use ErrorKind as K;
+        match self {
+            Error::Io { .. } | Error::NotRegular { .. } => K::Io,
+            Error::NoSpace { .. } => K::NoSpace,
+            Error::ConfigParse { .. }
+            | Error::ConfigValue { .. }
+            | Error::Argument { .. }
+            | Error::PredictMode { .. }
+            | Error::Signals { .. }
+            | Error::RemoteCredentials { .. }
+            | Error::RemoteUnsupported { .. }
+            | Error::RunIdMissing { .. }
+            | Error::RunIdReused { .. } => K::Config,
+            Error::ModelNotFound { .. } | Error::NoBackup { .. } | Error::RemoteNotFound { .. } | Error::ShardMissing { .. } => K::NotFound,
+            Error::StepCommitted { .. } | Error::RemoteExists { .. } | Error::NotASnapshot { .. } => K::AlreadyExists,
+            Error::RemoteContended { .. } => K::Precondition,
+            Error::ArchiveMissing { .. }
+            | Error::ArchiveLost { .. }
+            | Error::Damaged { .. }
+            | Error::DamagedState { .. }
+            | Error::RemoteDamaged { .. }
+            | Error::ShardInconsistent { .. } => K::Damaged,
+            Error::Mismatch { .. }
+            | Error::UnsupportedDtype { .. }
+            | Error::DuplicateTensor { .. }
+            | Error::OptimizerKind { .. }
+            | Error::OptimizerTensor { .. }
+            | Error::OptimizerJson { .. }
+            | Error::TooManyDims { .. } => K::Mismatch,
+            Error::Locked { .. } | Error::LockShared { .. } => K::Locked,
+            Error::Overloaded { .. } | Error::SnapshotWithoutSave { .. } | Error::ShardSnapshot { .. } => K::Busy,
+            Error::RemoteDenied { .. } | Error::RemoteNoBucket { .. } => K::Denied,
+            #[cfg(feature = "remote")]
+            Error::Remote { .. } => K::Remote,
+            Error::RemoteBehind { .. } | Error::RemoteRestore { .. } => K::Remote,
+            Error::Stopped | Error::UploadAbandoned { .. } => K::Stopped,
+            Error::Internal { .. } | Error::Encode { .. } | Error::StagedLength { .. } => K::Internal,
+            #[cfg(feature = "torch")]
+            Error::Torch(_) => K::Torch,
+            Error::Background { source, .. } => source.kind(),
+        }
+    }
+
     /// True when this error (or the background error it wraps) reports a damaged archive.
     pub fn is_damaged(&self) -> bool {
         match self {
@@ -401,10 +584,15 @@ impl Error {
             | Error::NotASnapshot { .. }
             | Error::Overloaded { .. }
             | Error::Internal { .. }
-            | Error::Remote { .. }
+            | Error::Encode { .. }
+            | Error::RemoteExists { .. }
+            | Error::RemoteContended { .. }
+            | Error::UploadAbandoned { .. }
             | Error::RemoteDenied { .. }
             | Error::RemoteNoBucket { .. } => true,
             Error::Background { source, .. } => source.is_retryable(),
+            #[cfg(feature = "remote")]
+            Error::Remote { .. } => true,
             _ => false,
         }
     }
@@ -465,12 +653,29 @@ mod tests {
     #[test]
     fn messages_do_not_repeat_their_cause() {
         let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
-        let e = Error::Background { what: "save", source: Arc::new(Error::Io { op: "write", path: "m/a.mio".into(), source: io }) };
+        let e = Error::Background { what: Work::Save, source: Arc::new(Error::Io { op: "write", path: "m/a.mio".into(), source: io }) };
         let report = e.report().to_string();
         assert_eq!(report, "background save failed: could not write m/a.mio: Permission denied");
         assert_eq!(report.matches("Permission denied").count(), 1);
         assert!(e.is_background() && e.is_retryable());
         assert!(!Error::Stopped.is_retryable());
+    }
+
+    #[test]
+    fn kinds_sort_outcomes_and_a_background_failure_has_its_cause_s() {
+        let full = Error::NoSpace { path: "m/a.mio".into(), needed: None, free: None };
+        assert_eq!(full.kind(), ErrorKind::NoSpace);
+        assert_eq!(Error::Background { what: Work::Save, source: Arc::new(full) }.kind(), ErrorKind::NoSpace);
+        assert_eq!(Error::damaged("m/a.mio", "a", "manifest", "checksum").kind(), ErrorKind::Damaged);
+        assert_eq!(Error::StepCommitted { iterations: 5, key: "k".into() }.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(Error::RemoteContended { target: "LATEST".into(), tries: 16 }.kind(), ErrorKind::Precondition);
+        assert_eq!(Error::ShardMissing { iterations: 5, rank: 1, key: "k".into() }.kind(), ErrorKind::NotFound);
+        assert_eq!(Error::RemoteUnsupported { op: "commit", target: "k".into() }.kind(), ErrorKind::Config);
+        assert_eq!(Error::Overloaded { what: Work::Snapshot, capacity: 4 }.kind(), ErrorKind::Busy);
+        let e = Error::Overloaded { what: Work::Snapshot, capacity: 4 }.to_string();
+        assert!(e.starts_with("snapshots requested faster"), "{e}");
+        let e = Error::Internal { what: Work::ShardedCommit, message: "boom".into() }.to_string();
+        assert!(e.contains("the sharded commit panicked (boom)"), "{e}");
     }
 
     #[test]
@@ -483,7 +688,7 @@ mod tests {
     fn a_snapshot_name_held_by_something_else_does_not_stop_training() {
         let e = Error::NotASnapshot { path: "m_snapshot_200_iters".into(), kind: "a folder of other files" };
         assert!(e.is_retryable());
-        assert!(Error::Background { what: "snapshot", source: std::sync::Arc::new(e) }.is_retryable());
+        assert!(Error::Background { what: Work::Snapshot, source: std::sync::Arc::new(e) }.is_retryable());
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub mod staging;
 pub mod tensors;
 
 pub use config::Config;
-pub use error::{Error, Report, Result};
+pub use error::{Error, ErrorKind, Report, Result, Work};
 #[cfg(feature = "torch")]
 pub use handle::{Committed, Finished, Loaded, ModelIo, OptimizerResume, Resumed, SaveStats, Ticket};
 #[cfg(feature = "torch")]

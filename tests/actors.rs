@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use modelio::folder::snapshot::snapshot_dir;
 use modelio::Error;
+use modelio::Work;
 
 /// The error a background failure wraps.
 fn cause(e: &Error) -> &Error {
@@ -28,7 +29,7 @@ fn a_panicking_write_fails_its_ticket_and_the_next_save_commits() {
     let err = io.save(&vs, None).unwrap().wait_blocking().expect_err("the write panicked");
     assert!(err.is_background(), "{err:?}");
     match cause(&err) {
-        Error::Internal { what: "save", message } => assert!(message.contains("inject_panic_in_next_write"), "{message}"),
+        Error::Internal { what: Work::Save, message } => assert!(message.contains("inject_panic_in_next_write"), "{message}"),
         other => panic!("expected an internal error, got {other:?}"),
     }
     assert!(err.report().to_string().contains("panicked"), "{}", err.report());
@@ -62,7 +63,7 @@ fn a_panic_whose_ticket_was_dropped_goes_to_the_next_call() {
     }
     io.record(1.0);
     let err = io.save(&vs, None).expect_err("the dropped ticket's panic");
-    assert!(matches!(cause(&err), Error::Internal { what: "save", .. }), "{err:?}");
+    assert!(matches!(cause(&err), Error::Internal { what: Work::Save, .. }), "{err:?}");
     // Reported once; the save that reported it was still committed.
     io.flush_blocking().unwrap();
     io.shutdown_blocking().unwrap();
@@ -84,7 +85,7 @@ fn snapshots_requested_faster_than_they_are_built_are_refused_as_overload() {
     let accepted = results.iter().take_while(|r| r.is_ok()).count();
     assert!((1..20).contains(&accepted), "{accepted} of 20 accepted");
     let err = results[accepted].as_ref().unwrap_err();
-    assert!(matches!(err, Error::Overloaded { what: "snapshots", capacity } if *capacity == accepted), "{err:?}");
+    assert!(matches!(err, Error::Overloaded { what: Work::Snapshot, capacity } if *capacity == accepted), "{err:?}");
     assert!(!matches!(err, Error::Stopped) && err.is_retryable() && !err.is_background());
     assert!(err.to_string().contains("faster than they can be handed over"), "{err}");
     assert!(results[accepted..].iter().all(|r| matches!(r, Err(Error::Overloaded { .. }))));

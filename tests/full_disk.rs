@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use modelio::archive::ArchiveReader;
+use modelio::Work;
 use modelio::{Error, ModelIo};
 use tch::nn::VarStore;
 use tch::Device;
@@ -125,7 +126,7 @@ fn enospc_is_reported_and_harmless() {
     io.snapshot().unwrap();
     let err = io.flush_blocking().expect_err("the snapshot cannot fit");
     match err {
-        Error::Background { what: "snapshot", ref source } => match source.as_ref() {
+        Error::Background { what: Work::Snapshot, ref source } => match source.as_ref() {
             Error::NoSpace { path, needed, .. } => {
                 assert!(path.ends_with("m.mio") || path.ends_with("m_state.json"), "{path:?}");
                 assert!(needed.is_some_and(|n| n > 0), "{needed:?}");

@@ -59,13 +59,13 @@ fn run(args: Args) -> modelio::Result<()> {
         "cpu" => tch::Device::Cpu,
         "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
         "cuda" => {
-            return Err(Error::ConfigValue {
-                key: "--device".into(),
+            return Err(Error::Argument {
+                arg: "--device".into(),
                 value: "cuda".into(),
                 allowed: "cpu (no CUDA device is available)".into(),
             })
         }
-        other => return Err(Error::ConfigValue { key: "--device".into(), value: other.into(), allowed: "cpu or cuda".into() }),
+        other => return Err(Error::Argument { arg: "--device".into(), value: other.into(), allowed: "cpu or cuda".into() }),
     };
     let opts = bench::BenchOptions {
         size_mib: args.size_mib,

@@ -113,7 +113,7 @@ impl S3Server {
 
     fn failed(&self, what: String) -> Error {
         let log = fs::read_to_string(self.tmp.path().join("s3s-fs.log")).unwrap_or_default();
-        Error::Internal { what: "bench", message: format!("{what}; its log:\n{log}") }
+        Error::Io { op: "start", path: "s3s-fs".into(), source: std::io::Error::other(format!("{what}; its log:\n{log}")) }
     }
 
     /// `http://127.0.0.1:PORT`

@@ -6,7 +6,7 @@ use actix::{Handler, SyncContext};
 
 use super::messages::{Backup, Flush};
 use super::{guarded, Shared};
-use crate::error::Result;
+use crate::error::{Result, Work};
 use crate::folder::durable::{commit, Source};
 use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
@@ -33,11 +33,11 @@ impl Handler<Backup> for BackupActor {
     type Result = ();
     fn handle(&mut self, msg: Backup, _: &mut Self::Context) {
         let Backup { pinned, mut committed, reply } = msg;
-        match guarded("backup", || make_backups(pinned, self.shared.settings.hard_links)) {
+        match guarded(Work::Backup, || make_backups(pinned, self.shared.settings.hard_links)) {
             Ok(()) => committed.backed_up = true,
             // The save itself is committed: its ticket says so, without a
             // backup; the failure goes to the trainer's next call.
-            Err(e) => self.shared.fail("backup", e, None),
+            Err(e) => self.shared.fail(Work::Backup, e, None),
         }
         let _ = reply.send(Ok(committed));
     }

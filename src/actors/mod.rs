@@ -32,7 +32,7 @@ use actix::Addr;
 use tokio::sync::oneshot;
 
 use crate::background::{worker, Inbox, Priority, Workers};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Work};
 use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
@@ -115,7 +115,7 @@ impl Shared {
 
     /// Report a background failure once: on the save's ticket when there is
     /// one still held, otherwise to the trainer's next call.
-    pub fn fail(&self, what: &'static str, e: Error, reply: Option<Reply>) {
+    pub fn fail(&self, what: Work, e: Error, reply: Option<Reply>) {
         let e = Error::Background { what, source: Arc::new(e) };
         tracing::error!(target: "modelio", "{}", e.report());
         match reply {
@@ -128,7 +128,7 @@ impl Shared {
         }
         // Counted once the failure can be found (on the ticket or for the
         // next call), so a caller that sees the count also sees the failure.
-        let counter = if what == "save" { &self.stats.failed } else { &self.stats.failed_other };
+        let counter = if what == Work::Save { &self.stats.failed } else { &self.stats.failed_other };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -220,7 +220,7 @@ impl Actors {
     /// [`Error::Stopped`] when the actors are gone.
     pub fn stage(&self, msg: Stage) -> Result<()> {
         let capacity = msg.lease.pool_size();
-        handed_over(self.stager.try_send(msg), "saves", capacity)?;
+        handed_over(self.stager.try_send(msg), Work::Save, capacity)?;
         self.staged.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -232,10 +232,10 @@ impl Actors {
     /// [`Error::Overloaded`] when [`MAX_SNAPSHOTS_IN_FLIGHT`] requests are
     /// still waiting, [`Error::Stopped`] when the actors are gone.
     pub fn snapshot(&self, of: Option<u64>) -> Result<()> {
-        let overloaded = Error::Overloaded { what: "snapshots", capacity: MAX_SNAPSHOTS_IN_FLIGHT };
+        let overloaded = Error::Overloaded { what: Work::Snapshot, capacity: MAX_SNAPSHOTS_IN_FLIGHT };
         let permit = Permit::try_acquire(&self.snapshots, MAX_SNAPSHOTS_IN_FLIGHT).ok_or(overloaded)?;
         let after = self.staged.load(Ordering::Relaxed);
-        handed_over(self.saver.try_send(Snapshot { of, after, permit }), "snapshots", MAX_SNAPSHOTS_IN_FLIGHT)
+        handed_over(self.saver.try_send(Snapshot { of, after, permit }), Work::Snapshot, MAX_SNAPSHOTS_IN_FLIGHT)
     }
 
     /// Send a flush down the actors; the receiver answers once it went through all of them.
@@ -267,7 +267,7 @@ impl Actors {
 
 /// A send's outcome: a full mailbox is [`Error::Overloaded`], a closed one
 /// [`Error::Stopped`].
-fn handed_over<M>(sent: std::result::Result<(), SendError<M>>, what: &'static str, capacity: usize) -> Result<()> {
+fn handed_over<M>(sent: std::result::Result<(), SendError<M>>, what: Work, capacity: usize) -> Result<()> {
     match sent {
         Ok(()) => Ok(()),
         Err(SendError::Full(_)) => Err(Error::Overloaded { what, capacity }),
@@ -377,8 +377,8 @@ mod tests {
     #[test]
     fn a_full_mailbox_is_overloaded_and_a_closed_one_stopped() {
         let full: std::result::Result<(), SendError<()>> = Err(SendError::Full(()));
-        assert!(matches!(handed_over(full, "saves", 2), Err(Error::Overloaded { what: "saves", capacity: 2 })));
+        assert!(matches!(handed_over(full, Work::Save, 2), Err(Error::Overloaded { what: Work::Save, capacity: 2 })));
         let closed: std::result::Result<(), SendError<()>> = Err(SendError::Closed(()));
-        assert!(matches!(handed_over(closed, "saves", 2), Err(Error::Stopped)));
+        assert!(matches!(handed_over(closed, Work::Save, 2), Err(Error::Stopped)));
     }
 }

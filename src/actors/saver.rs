@@ -14,7 +14,7 @@ use super::order::{Due, SnapshotOrder};
 use super::snapshot::SnapshotActor;
 use super::{guarded, Shared};
 use crate::archive::format::{OptimizerRef, TensorRef};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, Work};
 use crate::folder::durable;
 use crate::folder::snapshot::Pinned;
 use crate::handle::outcome::Committed;
@@ -111,13 +111,13 @@ impl Handler<Write> for Saver {
     type Result = ();
     fn handle(&mut self, w: Write, _: &mut Self::Context) {
         let start = Instant::now();
-        let written = guarded("save", || write_save(&self.shared, &w));
+        let written = guarded(Work::Save, || write_save(&self.shared, &w));
         let Write { job, lease, copy, .. } = w;
         drop(lease);
         let bytes = match written {
             Ok(b) => b,
             Err(e) => {
-                self.shared.fail("save", e, Some(job.reply));
+                self.shared.fail(Work::Save, e, Some(job.reply));
                 return self.handed_over(None);
             }
         };
@@ -158,10 +158,10 @@ impl Handler<Write> for Saver {
         }
         if job.backup {
             // The backup actor answers the ticket once the `.bk` files exist.
-            match guarded("backup", || pin(&self.shared)) {
+            match guarded(Work::Backup, || pin(&self.shared)) {
                 Ok(pinned) => self.backup.do_send(Backup { pinned, committed, reply: job.reply }),
                 Err(e) => {
-                    self.shared.fail("backup", e, None);
+                    self.shared.fail(Work::Backup, e, None);
                     let _ = job.reply.send(Ok(committed));
                 }
             }
@@ -203,21 +203,21 @@ impl Saver {
         let of_save = matches!(due, Due::Save(_));
         let iterations = match due {
             Due::Save(n) => n,
-            Due::Refused(e) => return self.shared.fail("snapshot", e, None),
+            Due::Refused(e) => return self.shared.fail(Work::Snapshot, e, None),
             // No save in this run yet: the archive on disk, under its own iteration count.
             Due::OnDisk => match crate::archive::ArchiveReader::open(&self.shared.paths.archive()) {
                 Ok(r) => r.manifest.iterations,
-                Err(e) => return self.shared.fail("snapshot", e, None),
+                Err(e) => return self.shared.fail(Work::Snapshot, e, None),
             },
         };
         if let (true, Some(rider)) = (of_save, &self.shared.rider) {
             rider.snapshotted(iterations, &|| pin(&self.shared));
         }
-        match guarded("snapshot", || pin(&self.shared)) {
+        match guarded(Work::Snapshot, || pin(&self.shared)) {
             Ok(pinned) => {
                 self.snapshot.do_send(BuildSnapshot { iterations, pinned, permit: s.permit });
             }
-            Err(e) => self.shared.fail("snapshot", e, None),
+            Err(e) => self.shared.fail(Work::Snapshot, e, None),
         }
     }
 }

@@ -6,6 +6,7 @@ use actix::{Handler, SyncContext};
 
 use super::messages::{BuildSnapshot, Flush};
 use super::{guarded, Shared};
+use crate::error::Work;
 
 pub(crate) struct SnapshotActor {
     pub shared: Arc<Shared>,
@@ -21,7 +22,7 @@ impl Handler<BuildSnapshot> for SnapshotActor {
         let BuildSnapshot { iterations, pinned, permit } = msg;
         let paths = &self.shared.paths;
         let settings = self.shared.settings;
-        let built = guarded("snapshot", || {
+        let built = guarded(Work::Snapshot, || {
             crate::folder::snapshot::build(paths, iterations, &pinned, settings.hard_links)
                 .and_then(|dir| crate::folder::snapshot::apply_retention(paths, settings.snapshot_keep).map(|removed| (dir, removed)))
         });
@@ -32,7 +33,7 @@ impl Handler<BuildSnapshot> for SnapshotActor {
             Ok((dir, removed)) => {
                 tracing::info!(target: "modelio", iterations, removed = removed.len(), "snapshot {}", dir.display())
             }
-            Err(e) => self.shared.fail("snapshot", e, None),
+            Err(e) => self.shared.fail(Work::Snapshot, e, None),
         }
     }
 }

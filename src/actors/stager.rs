@@ -10,7 +10,7 @@ use actix::{Addr, Handler, SyncContext};
 use super::messages::{Flush, Lost, Stage, Write};
 use super::saver::Saver;
 use super::{guarded, Shared};
-use crate::error::Result;
+use crate::error::{Result, Work};
 use crate::staging::{FenceGuard, Lease};
 
 pub(crate) struct Stager {
@@ -68,11 +68,11 @@ impl Handler<Stage> for Stager {
     fn handle(&mut self, msg: Stage, _: &mut Self::Context) {
         let Stage { job, tensors, lease, guard, events } = msg;
         // A panic drops the guard while unwinding: the fence is released.
-        match guarded("save", || stage(tensors, lease, guard, events)) {
+        match guarded(Work::Save, || stage(tensors, lease, guard, events)) {
             Ok((lease, crcs, copy)) => self.saver.do_send(Write { job, lease, crcs, copy }),
             Err(e) => {
                 self.saver.do_send(Lost);
-                self.shared.fail("save", e, Some(job.reply));
+                self.shared.fail(Work::Save, e, Some(job.reply));
             }
         }
     }

@@ -12,7 +12,7 @@ use crate::actors::messages::{Desc, SaveJob, Stage};
 use crate::actors::{Actors, Settings, Shared};
 use crate::archive::ArchiveReader;
 use crate::config::{Config, CpuCopy, OnBusy};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, Work};
 use crate::folder::{self, ModelPaths};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::policy::state::{backup_rule, State};
@@ -433,7 +433,7 @@ impl ModelIo {
         let (paths, fallback, with_optimizer) = (self.paths.clone(), self.config.load.fallback, optimizer.is_some());
         let (read, reason) = tokio::task::spawn_blocking(move || read_for_load(&paths, fallback, with_optimizer))
             .await
-            .map_err(|e| Error::Internal { what: "load", message: e.to_string() })??;
+            .map_err(|e| Error::Internal { what: Work::Load, message: e.to_string() })??;
         let (loaded, optimizer) = self.apply(read, reason, vs, optimizer)?;
         Ok(Resumed { loaded: Some(loaded), optimizer })
     }
@@ -445,7 +445,7 @@ impl ModelIo {
     pub async fn open_async(config: Config) -> Result<ModelIo> {
         tokio::task::spawn_blocking(move || ModelIo::open(config))
             .await
-            .map_err(|e| Error::Internal { what: "open", message: e.to_string() })?
+            .map_err(|e| Error::Internal { what: Work::Open, message: e.to_string() })?
     }
 
     /// Save the model (and the optimizer, per `save.optimizer`) and the state
@@ -777,7 +777,7 @@ impl ModelIo {
         let mut unreported = Vec::new();
         while let Some(earlier) = self.shared.take_failure() {
             match &earlier {
-                Error::Background { what: "save", .. } => {
+                Error::Background { what: Work::Save, .. } => {
                     tracing::warn!(target: "modelio", "{} (superseded by the exit save)", earlier.report())
                 }
                 _ => unreported.push(earlier),

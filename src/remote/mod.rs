@@ -39,7 +39,7 @@ use object_store::{ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 
 use crate::archive::ArchiveReader;
 use crate::config::RemoteConfig;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, Work};
 use crate::folder::durable::{self, Source};
 use crate::folder::ModelPaths;
 use manifest::{checkpoint_id, iterations_of, Intent, Layout, ARCHIVE_OBJECT, MANIFEST_FORMAT, STATE_OBJECT};
@@ -388,10 +388,10 @@ impl Inner {
             // holds what we wrote (the key is unique to this upload).
             Put::Lost if self.objects.get_raw(&key).await?.is_some_and(|(b, _)| b == json) => {}
             Put::Lost => {
-                return Err(Error::Remote {
+                return Err(Error::RemoteExists {
                     op: "commit manifest",
                     target: key.to_string(),
-                    detail: "another manifest is already at this upload's key".into(),
+                    detail: "another manifest is already at this upload's key",
                 })
             }
             // No create-if-absent on this store: the key is unique to this
@@ -436,7 +436,7 @@ impl Inner {
         let file = Arc::new(durable::open_regular(path)?);
         let size = file.metadata().at("inspect", path)?.len();
         let part = self.part_size as u64;
-        let abandoned = || Error::Remote { op: "upload", target: key.to_string(), detail: "abandoned: the upload was stopped".into() };
+        let abandoned = || Error::UploadAbandoned { target: key.to_string() };
         if size <= part {
             let bytes = read_part(&file, path, 0, size as usize).await?;
             let crc = crc32c::crc32c(&bytes);
@@ -639,5 +639,5 @@ async fn read_part(file: &Arc<std::fs::File>, path: &Path, offset: u64, len: usi
         file.read_exact_at(&mut buf, offset).at("read", &p).map(|()| Bytes::from(buf))
     })
     .await
-    .map_err(|e| Error::Internal { what: "upload", message: e.to_string() })?
+    .map_err(|e| Error::Internal { what: Work::Upload, message: e.to_string() })?
 }

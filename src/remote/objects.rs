@@ -17,7 +17,7 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
 
 use super::manifest::Latest;
 use crate::config::RemoteConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreError};
 
 /// Retries of a conditional update of `LATEST` that lost a race.
 const LATEST_RETRIES: usize = 16;
@@ -49,32 +49,28 @@ impl std::fmt::Debug for Objects {
     }
 }
 
-/// An object-store failure on `what`, naming it. The store's message
-/// already holds its causes' (as text), so they are not chained again. For
-/// requests made outside an [`Objects`] (a ranged reader's own closure).
+/// An object-store failure on `what`, naming it, with the store's error as
+/// its source. For requests made outside an [`Objects`] (a ranged reader's
+/// own closure).
 pub(crate) fn remote_err(op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
-    Error::Remote { op, target: what.to_string(), detail: e.to_string() }
+    Error::Remote { op, target: what.to_string(), source: StoreError(e) }
 }
 
 /// `value` as the JSON of an object at `key`: indented for what people
 /// read (manifests), on one line for records and `LATEST`.
 ///
 /// # Errors
-/// [`Error::Remote`] naming `key` when it cannot be written as JSON (a map
+/// [`Error::Encode`] naming `key` when it cannot be written as JSON (a map
 /// with keys that are not strings; none of modelio's records has one).
 pub(crate) fn to_json<T: serde::Serialize + ?Sized>(key: &Key, value: &T, indented: bool) -> Result<Vec<u8>> {
     let json = if indented { serde_json::to_vec_pretty(value) } else { serde_json::to_vec(value) };
-    json.map_err(|e| Error::Remote { op: "encode", target: key.to_string(), detail: e.to_string() })
+    json.map_err(|e| Error::Encode { target: key.to_string(), detail: e.to_string() })
 }
 
 /// A create-if-absent the store cannot do: what depends on it (a commit
 /// that must not replace another's) is refused rather than done unsafely.
 pub(crate) fn unsupported(op: &'static str, key: &Key) -> Error {
-    Error::Remote {
-        op,
-        target: key.to_string(),
-        detail: "the store cannot create an object only if it is absent (for S3, leave conditional puts on)".into(),
-    }
+    Error::RemoteUnsupported { op, target: key.to_string() }
 }
 
 impl Objects {
@@ -245,8 +241,8 @@ impl Objects {
     /// updates (a local folder) get a plain atomic overwrite.
     ///
     /// # Errors
-    /// [`Error::Remote`] when the store fails or the update stays contended
-    /// for [`LATEST_RETRIES`] tries.
+    /// [`Error::Remote`] when the store fails; [`Error::RemoteContended`]
+    /// when the update stays contended for [`LATEST_RETRIES`] tries.
     pub async fn advance_latest(&self, latest: &Key, manifests: &Key, manifest: &Key, iterations: u64) -> Result<()> {
         let body = Bytes::from(to_json(latest, &Latest { manifest: manifest.to_string(), iterations }, false)?);
         for _ in 0..LATEST_RETRIES {
@@ -270,7 +266,7 @@ impl Objects {
                 Put::Unsupported => return self.put("update", latest, body).await,
             }
         }
-        Err(Error::Remote { op: "update", target: latest.to_string(), detail: format!("still contended after {LATEST_RETRIES} tries") })
+        Err(Error::RemoteContended { target: latest.to_string(), tries: LATEST_RETRIES })
     }
 }
 
@@ -302,15 +298,16 @@ impl Access {
     /// are named as such (the store's own message is long and puts the
     /// cause last); anything else is an [`Error::Remote`].
     fn err(&self, location: &str, op: &'static str, what: impl std::fmt::Display, e: object_store::Error) -> Error {
-        let detail = e.to_string();
-        match http_failure(&detail) {
+        let message = e.to_string();
+        let detail = || message.clone().into_boxed_str();
+        match http_failure(&message) {
             Some((status @ (401 | 403), code)) => Error::RemoteDenied {
                 location: location.to_string(),
                 endpoint: self.endpoint.clone(),
                 status,
                 code,
                 variables: self.variables,
-                detail: detail.into_boxed_str(),
+                detail: detail(),
             },
             // A listing finds nothing rather than failing when only the
             // prefix is empty: its 404 is the bucket's.
@@ -319,9 +316,9 @@ impl Access {
                 endpoint: self.endpoint.clone(),
                 bucket: self.bucket.clone(),
                 code,
-                detail: detail.into_boxed_str(),
+                detail: detail(),
             },
-            _ => Error::Remote { op, target: what.to_string(), detail },
+            _ => Error::Remote { op, target: what.to_string(), source: StoreError(e) },
         }
     }
 }
@@ -393,6 +390,23 @@ mod tests {
         assert!(matches!(e, Error::Remote { .. }), "{e:?}");
         let e = access().err("s3://ckpt/runs/m", "list", "runs/m", generic("connection refused"));
         assert!(matches!(e, Error::Remote { op: "list", .. }), "{e:?}");
+    }
+
+    #[test]
+    fn a_failed_request_keeps_the_store_error_as_its_source_and_says_it_once() {
+        let e = access().err(
+            "s3://ckpt/runs/m",
+            "read",
+            "runs/m/x",
+            object_store::Error::NotFound { path: "runs/m/x".into(), source: "gone".into() },
+        );
+        let Error::Remote { source, .. } = &e else { panic!("{e:?}") };
+        assert!(matches!(source.get(), object_store::Error::NotFound { .. }), "{source:?}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::Remote);
+        let report = e.report().to_string();
+        assert!(report.starts_with("could not read runs/m/x on the remote tier: "), "{report}");
+        assert_eq!(report.matches("gone").count(), 1, "{report}");
+        assert!(std::error::Error::source(&e).is_some_and(|s| s.source().is_none()), "the store's message ends the chain");
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {

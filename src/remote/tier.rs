@@ -26,7 +26,7 @@ use super::{Reason, Remote};
 use crate::actors::Rider;
 use crate::background::{guarded, lock, worker, Newest, Priority, Step};
 use crate::config::{RemoteConfig, UploadPolicy};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Work};
 use crate::folder::durable;
 use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
@@ -271,7 +271,7 @@ impl Tier {
             return Ok(None);
         }
         let [archive, state] = upload.pinned.as_slice() else {
-            return Err(Error::Internal { what: "upload", message: format!("{} pinned files, 2 expected", upload.pinned.len()) });
+            return Err(Error::Internal { what: Work::Upload, message: format!("{} pinned files, 2 expected", upload.pinned.len()) });
         };
         let stop = || self.stopped();
         let m = self.remote.upload(&archive.pin, &state.pin, upload.reason, &stop)?;
@@ -317,7 +317,7 @@ impl Rider for Tier {
 impl Tier {
     /// Pin the committed save (`iterations`) and offer it for upload.
     fn offer_pinned(&self, iterations: u64, reason: Reason, pin: &dyn Fn() -> Result<Vec<Pinned>>) {
-        match guarded("upload", pin) {
+        match guarded(Work::Upload, pin) {
             Ok(pinned) => self.offer(Upload { pinned, iterations, reason }),
             Err(e) => tracing::warn!(target: "modelio", "remote: could not pin iteration {iterations} for upload: {}", e.report()),
         }
@@ -348,7 +348,7 @@ impl Handler<Wake> for Uploader {
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         while let Some(upload) = self.tier.take() {
             let tier = &self.tier;
-            if let Err(e) = guarded("upload", || {
+            if let Err(e) = guarded(Work::Upload, || {
                 tier.upload(upload);
                 Ok(())
             }) {

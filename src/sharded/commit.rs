@@ -11,7 +11,7 @@ use object_store::PutMode;
 use super::records::inconsistency;
 use super::{lock, Commit, DoneRecord, GlobalManifest, Shared, Wake, SHARDED_FORMAT};
 use crate::background::guarded;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Work};
 use crate::remote::objects::{to_json, unsupported, Put};
 
 /// The coordinator (rank 0 only): commits the steps its writer wrote, in order.
@@ -28,7 +28,7 @@ impl actix::Handler<Wake> for Coordinator {
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         let s = &self.shared;
         while let Some(commit) = s.next_commit() {
-            if let Err(e) = guarded("sharded commit", || {
+            if let Err(e) = guarded(Work::ShardedCommit, || {
                 s.commit_step(commit);
                 Ok(())
             }) {
@@ -63,9 +63,13 @@ impl Shared {
             // fixed while training goes on) is retried until the step's
             // deadline, also while the handle is being dropped.
             match self.run(self.commit_once(iterations, loss)) {
-                Err(Error::ShardMissing { .. } | Error::Remote { .. } | Error::RemoteDenied { .. } | Error::RemoteNoBucket { .. })
-                    if Instant::now() < until =>
-                {
+                Err(
+                    Error::ShardMissing { .. }
+                    | Error::Remote { .. }
+                    | Error::RemoteContended { .. }
+                    | Error::RemoteDenied { .. }
+                    | Error::RemoteNoBucket { .. },
+                ) if Instant::now() < until => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 other => break other,

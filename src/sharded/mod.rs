@@ -380,7 +380,7 @@ impl ShardedIo {
     /// some rank skipped is never committed). Never waits on another rank.
     ///
     /// # Errors
-    /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::ConfigValue`]
+    /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::Argument`]
     /// for rows outside the global shape, [`Error::Torch`].
     pub fn save(&self, iterations: u64, parts: &[Part<'_>]) -> Result<()> {
         self.save_inner(iterations, parts, None)
@@ -421,8 +421,8 @@ impl ShardedIo {
                 Some((offset, global_rows)) => {
                     let rows = shape.first().copied().unwrap_or(0);
                     if shape.is_empty() || offset.checked_add(rows).is_none_or(|end| end > global_rows) {
-                        return Err(Error::ConfigValue {
-                            key: format!("rows of `{}`", p.name),
+                        return Err(Error::Argument {
+                            arg: format!("rows of `{}`", p.name),
                             value: format!("{offset}..{} of {global_rows}", offset.saturating_add(rows)),
                             allowed: "rows inside the global first dimension".into(),
                         });

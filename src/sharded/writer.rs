@@ -8,7 +8,7 @@ use super::{lock, Commit, DoneRecord, Job, Piece, Shared, Staged, Wake, SHARDED_
 use crate::archive::format::TensorRef;
 use crate::archive::{write_archive, ArchiveReader};
 use crate::background::guarded;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Work};
 use crate::remote::objects::to_json;
 
 /// A rank's shard writer: the newest waiting save, one at a time.
@@ -27,7 +27,7 @@ impl actix::Handler<Wake> for ShardWriter {
         while let Some(job) = s.next_job() {
             let iterations = job.iterations;
             let loss = job.loss;
-            let written = guarded("sharded save", || s.run(s.write_shard(job)));
+            let written = guarded(Work::ShardedSave, || s.run(s.write_shard(job)));
             s.shard_written(iterations, loss, written);
         }
     }
@@ -86,7 +86,7 @@ impl Shared {
         let mut pieces = Vec::with_capacity(tensors.len());
         for Staged { name, dtype, shape, global, row_offset, .. } in &tensors {
             let located = reader.model.iter().find(|l| &l.meta.name == name).ok_or_else(|| Error::Internal {
-                what: "sharded save",
+                what: Work::ShardedSave,
                 message: format!("tensor `{name}` is not in the shard just written"),
             })?;
             pieces.push(Piece {
