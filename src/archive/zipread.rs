@@ -12,7 +12,7 @@
 //! exactly where a damaged archive slips through.
 //!
 //! It checks structure only: the CRC-32 of each entry's data is checked by
-//! whoever reads the data (see `archive.rs`), in the same pass.
+//! whoever reads the data (see `reader.rs`), in the same pass.
 
 use std::collections::HashSet;
 
