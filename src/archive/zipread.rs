@@ -535,11 +535,8 @@ where
     // The data and its data descriptor, in one read.
     let mut data = read(data_at..data_end).await?;
     let b = Bytes::part(&data, data_at, len);
-    let stored = b.slice(data_at, c.size, "entry data").map_err(|e| format!("entry `{name}`: {e}"))?;
-    if crc32fast::hash(stored) != c.crc32 {
-        return Err(format!("entry `{name}`: CRC-32 or size differs from the central record's"));
-    }
-    let size = stored.len();
+    let stored = b.slice(data_at, c.size, "entry data").ok().filter(|d| crc32fast::hash(d) == c.crc32);
+    let size = stored.ok_or_else(|| format!("entry `{name}`: CRC-32 or size differs from the central record's"))?.len();
     entry(&b, &c, &local, data_at)?;
     data.truncate(size);
     Ok(data)
@@ -1215,12 +1212,23 @@ mod tests {
     fn a_ranged_read_that_returns_fewer_bytes_than_asked_is_refused() {
         let bytes = archive(&["a.json", "b.json"]);
         let dir = read(&bytes).unwrap();
-        let short = |r: std::ops::Range<u64>| {
-            // The central directory comes back one byte short.
-            let end = if r.start == dir.central_offset { r.end - 1 } else { r.end };
-            std::future::ready(Ok(bytes[r.start as usize..end as usize].to_vec()))
+        let b = dir.get("b.json").unwrap();
+        let name_at = b.header_offset + LOCAL_LEN;
+        // The read starting at `at` comes back `missing` bytes short.
+        let bytes = &bytes[..];
+        let short = |at: u64, missing: u64| {
+            let read = move |r: std::ops::Range<u64>| {
+                let end = if r.start == at { r.end - missing } else { r.end };
+                std::future::ready(Ok(bytes[r.start as usize..end as usize].to_vec()))
+            };
+            futures::executor::block_on(read_entry_ranged(bytes.len() as u64, "b.json", read)).unwrap_err()
         };
-        let e = futures::executor::block_on(read_entry_ranged(bytes.len() as u64, "b.json", short)).unwrap_err();
-        assert!(e.contains("lies outside the"), "{e}");
+        let tail_at = bytes.len() as u64 - END_RECORDS_LEN;
+        for at in [tail_at, dir.central_offset, b.header_offset, name_at, b.data_offset] {
+            let e = short(at, 1);
+            assert!(e.contains("lies outside the"), "read at {at}: {e}");
+        }
+        let e = short(b.data_offset, b.end - b.data_offset);
+        assert!(e.contains("CRC-32 or size"), "{e}");
     }
 }
