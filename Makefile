@@ -86,7 +86,7 @@ soak: venv
 # target/mutants/*/mutants.out/missed.txt. `make mutants
 # MUTANTS_FILES=src/policy/retention.rs` tries one file (or several) in minutes.
 MUTANTS_LIB := src/policy/retention.rs src/actors/order.rs src/policy/state.rs src/policy/schedule.rs src/folder/durable.rs src/folder/disk.rs
-MUTANTS_FORMAT := src/archive/zipread.rs src/archive/format.rs src/archive/mod.rs
+MUTANTS_FORMAT := src/archive/zipread.rs src/archive/format.rs src/archive/writer.rs src/archive/reader.rs src/archive/safetensors.rs
 MUTANTS_FILES ?= $(MUTANTS_LIB) $(MUTANTS_FORMAT)
 MUTANTS_WORK := target/mutants-work
 MUTANTS_OUT := target/mutants

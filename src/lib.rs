@@ -64,9 +64,11 @@
 //!   copies, and `cuda` (internal): the non-blocking device-to-host copy and
 //!   per-save event (a small C++ shim). [`tensors`]: tensors to and from the
 //!   archive's bytes.
-//! - [`archive`]: archive format v2 (zip + safetensors), writer and reader;
-//!   [`archive::format`]: the manifest and names; [`archive::zipread`]: the strict
-//!   zip layer of the reader.
+//! - [`archive`]: archive format v2 (zip + safetensors): `writer` and `reader`
+//!   (internal, their items re-exported by [`archive`]), `safetensors`
+//!   (internal): the tensor entries' header, built and checked;
+//!   [`archive::format`]: the manifest and names; [`archive::zipread`]: the
+//!   strict zip layer of the reader.
 //! - [`folder`]: the model folder on disk: its names, [`folder::durable`] (the
 //!   one atomic-commit helper every write goes through), [`folder::lock`] (one
 //!   training process per folder), [`folder::snapshot`] and [`folder::restore`]

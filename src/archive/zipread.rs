@@ -12,7 +12,7 @@
 //! exactly where a damaged archive slips through.
 //!
 //! It checks structure only: the CRC-32 of each entry's data is checked by
-//! whoever reads the data (see `archive.rs`), in the same pass.
+//! whoever reads the data (see `reader.rs`), in the same pass.
 
 use std::collections::HashSet;
 
@@ -81,16 +81,34 @@ impl Directory {
     }
 }
 
-/// Bounds-checked little-endian reads; every miss is a message, never a panic.
-struct Bytes<'a>(&'a [u8]);
+/// Bounds-checked little-endian reads of a file of `file_len` bytes, by
+/// offset in the file, from the bytes at `base..` that are at hand (the whole
+/// file, or the part a ranged read fetched); every miss is a message, never a
+/// panic.
+struct Bytes<'a> {
+    bytes: &'a [u8],
+    base: u64,
+    file_len: u64,
+}
 
-impl Bytes<'_> {
-    fn slice(&self, at: u64, len: u64, what: &str) -> Result<&[u8], String> {
-        let end = at.checked_add(len).filter(|&e| e <= self.0.len() as u64);
-        match end {
-            // Both fit in the slice's length, which is a usize.
-            Some(end) => Ok(&self.0[at as usize..end as usize]),
-            None => Err(format!("{what} at {at} ({len} bytes) runs past the end of the file ({} bytes)", self.0.len())),
+impl<'a> Bytes<'a> {
+    /// The whole file.
+    fn whole(bytes: &'a [u8]) -> Self {
+        Bytes { bytes, base: 0, file_len: bytes.len() as u64 }
+    }
+    /// The bytes from offset `base` of a file of `file_len` bytes.
+    fn part(bytes: &'a [u8], base: u64, file_len: u64) -> Self {
+        Bytes { bytes, base, file_len }
+    }
+    fn slice(&self, at: u64, len: u64, what: &str) -> Result<&'a [u8], String> {
+        let Some(end) = at.checked_add(len).filter(|&e| e <= self.file_len) else {
+            return Err(format!("{what} at {at} ({len} bytes) runs past the end of the file ({} bytes)", self.file_len));
+        };
+        // Inside the file; for a part, also inside the bytes fetched.
+        let held = |abs: u64| abs.checked_sub(self.base).and_then(|rel| usize::try_from(rel).ok());
+        match (held(at), held(end)) {
+            (Some(start), Some(stop)) if stop <= self.bytes.len() => Ok(&self.bytes[start..stop]),
+            _ => Err(format!("{what} at {at} ({len} bytes) lies outside the {} bytes read at {}", self.bytes.len(), self.base)),
         }
     }
     fn u16(&self, at: u64, what: &str) -> Result<u16, String> {
@@ -114,8 +132,50 @@ impl Bytes<'_> {
 /// # Errors
 /// A message naming the first broken record.
 pub fn read(bytes: &[u8]) -> Result<Directory, String> {
-    let b = Bytes(bytes);
-    let len = bytes.len() as u64;
+    let b = Bytes::whole(bytes);
+    let end = end_records(&b)?;
+    let mut entries: Vec<Entry> = Vec::new();
+    central_directory(&b, &end, |c| {
+        let local = local_header(&b, c)?;
+        let data_offset = local.check(&b, c)?;
+        entries.push(entry(&b, c, &local, data_offset)?);
+        Ok(())
+    })?;
+    // Entries tile the file from its first byte to the central directory, in
+    // order: no bytes between or under them that no check covers.
+    let mut expect = 0;
+    for e in &entries {
+        if e.header_offset != expect {
+            return Err(format!("entry `{}` starts at {}, where {expect} was expected", e.name, e.header_offset));
+        }
+        expect = e.end;
+    }
+    if expect != end.cd_offset {
+        return Err(format!("the entries end at {expect}, the central directory starts at {}", end.cd_offset));
+    }
+    Ok(Directory { entries, central_offset: end.cd_offset, zip64_end_offset: end.zip64_end_offset, end_offset: end.end_offset })
+}
+
+/// The end records (at most this many bytes at the end of the file): the end
+/// record, and the zip64 locator and zip64 end record when there are some.
+const END_RECORDS_LEN: u64 = EOCD_LEN + ZIP64_LOCATOR_LEN + ZIP64_EOCD_LEN;
+
+/// What the end records say, checked.
+struct End {
+    /// The number of entries.
+    count: u64,
+    /// Where the central directory starts.
+    cd_offset: u64,
+    /// Where it ends: at the zip64 end record, or at the end record.
+    cd_end: u64,
+    zip64_end_offset: Option<u64>,
+    end_offset: u64,
+}
+
+/// Parse and check the end records of the file `b`, which holds at least its
+/// last [`END_RECORDS_LEN`] bytes.
+fn end_records(b: &Bytes<'_>) -> Result<End, String> {
+    let len = b.file_len;
     // The end record is the last 22 bytes: modelio writes no archive comment,
     // and with none `zipfile` also finds it there.
     let end_offset = len.checked_sub(EOCD_LEN).ok_or_else(|| format!("{len} bytes is too short for a zip archive"))?;
@@ -183,42 +243,48 @@ pub fn read(bytes: &[u8]) -> Result<Directory, String> {
     if cd_offset.checked_add(cd_size) != Some(cd_end) {
         return Err(format!("the end record places the central directory at {cd_offset} ({cd_size} bytes), but it ends at {cd_end}"));
     }
-
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut names = HashSet::new();
-    let mut at = cd_offset;
-    while at < cd_end {
-        let entry = central_record(&b, at, cd_end)?;
-        if !names.insert(entry.0.name.clone()) {
-            return Err(format!("entry `{}` appears twice", entry.0.name));
-        }
-        at = entry.1;
-        entries.push(entry.0);
-    }
-    if at != cd_end {
-        return Err("the last central directory record runs past the central directory".into());
-    }
-    if entries.len() as u64 != count {
-        return Err(format!("the end record counts {count} entries, the central directory holds {}", entries.len()));
-    }
-    // Entries tile the file from its first byte to the central directory, in
-    // order: no bytes between or under them that no check covers.
-    let mut expect = 0;
-    for e in &entries {
-        if e.header_offset != expect {
-            return Err(format!("entry `{}` starts at {}, where {expect} was expected", e.name, e.header_offset));
-        }
-        expect = e.end;
-    }
-    if expect != cd_offset {
-        return Err(format!("the entries end at {expect}, the central directory starts at {cd_offset}"));
-    }
-    Ok(Directory { entries, central_offset: cd_offset, zip64_end_offset, end_offset })
+    Ok(End { count, cd_offset, cd_end, zip64_end_offset, end_offset })
 }
 
-/// One central directory record at `at` and its local header; returns the
-/// entry and where the next record starts.
-fn central_record(b: &Bytes<'_>, at: u64, cd_end: u64) -> Result<(Entry, u64), String> {
+/// What a central directory record says of its entry, checked.
+#[derive(Clone)]
+struct Central {
+    name: String,
+    flags: u16,
+    method: u16,
+    crc32: u32,
+    /// Bytes of data (zip64 values in place of the 32-bit fields of all ones).
+    size: u64,
+    header_offset: u64,
+    /// Offset of the record itself.
+    central_offset: u64,
+}
+
+/// Parse and check every record of the central directory that `end` places,
+/// which `b` holds; each record is given to `each` before the next is read.
+fn central_directory(b: &Bytes<'_>, end: &End, mut each: impl FnMut(&Central) -> Result<(), String>) -> Result<(), String> {
+    let mut names = HashSet::new();
+    let mut at = end.cd_offset;
+    while at < end.cd_end {
+        let (record, next) = central_record(b, at, end.cd_end)?;
+        each(&record)?;
+        if !names.insert(record.name.clone()) {
+            return Err(format!("entry `{}` appears twice", record.name));
+        }
+        at = next;
+    }
+    if at != end.cd_end {
+        return Err("the last central directory record runs past the central directory".into());
+    }
+    if names.len() as u64 != end.count {
+        return Err(format!("the end record counts {} entries, the central directory holds {}", end.count, names.len()));
+    }
+    Ok(())
+}
+
+/// One central directory record at `at`, checked; returns it and where the
+/// next record starts.
+fn central_record(b: &Bytes<'_>, at: u64, cd_end: u64) -> Result<(Central, u64), String> {
     if at + CENTRAL_LEN > cd_end || b.u32(at, "central directory record")? != CENTRAL_SIG {
         return Err(format!("no central directory record at {at}"));
     }
@@ -283,46 +349,89 @@ fn central_record(b: &Bytes<'_>, at: u64, cd_end: u64) -> Result<(Entry, u64), S
     if compressed != size {
         return Err(format!("entry `{name}` is stored but its compressed size {compressed} differs from its size {size}"));
     }
+    Ok((Central { name, flags, method, crc32, size, header_offset, central_offset: at }, next))
+}
 
-    // The local header must say what the central record says.
-    let lh = header_offset;
+/// The fixed fields of a local header.
+struct Local {
+    flags: u16,
+    method: u16,
+    crc32: u32,
+    compressed: u32,
+    size: u32,
+    name_len: u64,
+    extra_len: u64,
+}
+
+/// The fixed fields of the local header of `c`, which `b` holds.
+fn local_header(b: &Bytes<'_>, c: &Central) -> Result<Local, String> {
+    let (name, lh) = (&c.name, c.header_offset);
     if b.u32(lh, "local header")? != LOCAL_SIG {
         return Err(format!("entry `{name}`: no local header at {lh}"));
     }
-    let l_flags = b.u16(lh + 6, "local header")?;
-    let l_method = b.u16(lh + 8, "local header")?;
-    let l_crc = b.u32(lh + 14, "local header")?;
-    let l_compressed = b.u32(lh + 18, "local header")?;
-    let l_size = b.u32(lh + 22, "local header")?;
-    let l_name_len = u64::from(b.u16(lh + 26, "local header")?);
-    let l_extra_len = u64::from(b.u16(lh + 28, "local header")?);
-    if b.slice(lh + LOCAL_LEN, l_name_len, "local header name")? != raw_name {
-        return Err(format!("entry `{name}`: the local header names another file"));
+    Ok(Local {
+        flags: b.u16(lh + 6, "local header")?,
+        method: b.u16(lh + 8, "local header")?,
+        crc32: b.u32(lh + 14, "local header")?,
+        compressed: b.u32(lh + 18, "local header")?,
+        size: b.u32(lh + 22, "local header")?,
+        name_len: u64::from(b.u16(lh + 26, "local header")?),
+        extra_len: u64::from(b.u16(lh + 28, "local header")?),
+    })
+}
+
+impl Local {
+    /// Check that the local header says what the central record `c` says:
+    /// its name, flags and method, and a well-formed extra field (`b` holds
+    /// the name and the extra field). Returns where the entry's data starts.
+    fn check(&self, b: &Bytes<'_>, c: &Central) -> Result<u64, String> {
+        let (name, lh) = (&c.name, c.header_offset);
+        if b.slice(lh + LOCAL_LEN, self.name_len, "local header name")? != name.as_bytes() {
+            return Err(format!("entry `{name}`: the local header names another file"));
+        }
+        if self.flags != c.flags || self.method != c.method {
+            return Err(format!("entry `{name}`: the local header's flags or method differ from the central record's"));
+        }
+        let l_extra = b.slice(lh + LOCAL_LEN + self.name_len, self.extra_len, "local extra field")?;
+        extra_fields(l_extra).map_err(|e| format!("entry `{name}` (local header): {e}"))?;
+        Ok(lh + LOCAL_LEN + self.name_len + self.extra_len)
     }
-    if l_flags != flags || l_method != method {
-        return Err(format!("entry `{name}`: the local header's flags or method differ from the central record's"));
+}
+
+/// The length of the data descriptor of an entry of `size` bytes whose
+/// `flags` call for one (0 when they do not): 64-bit sizes exactly when a
+/// size does not fit 32 bits (as the writer does).
+fn descriptor_len(flags: u16, size: u64) -> u64 {
+    match (flags & FLAG_DESCRIPTOR != 0, size >= SENTINEL32) {
+        (false, _) => 0,
+        (true, true) => 24,
+        (true, false) => 16,
     }
-    let l_extra = b.slice(lh + LOCAL_LEN + l_name_len, l_extra_len, "local extra field")?;
-    extra_fields(l_extra).map_err(|e| format!("entry `{name}` (local header): {e}"))?;
-    let data_offset = lh + LOCAL_LEN + l_name_len + l_extra_len;
+}
+
+/// The entry of the central record `c` and its local header `l`, whose data
+/// starts at `data_offset`: checks that the data lies in the file and that
+/// the data descriptor, or the local header without one, repeats the
+/// central record's CRC-32 and sizes (`b` holds the data and the descriptor).
+fn entry(b: &Bytes<'_>, c: &Central, l: &Local, data_offset: u64) -> Result<Entry, String> {
+    let (name, size, crc32) = (&c.name, c.size, c.crc32);
     let data_end = data_offset.checked_add(size).ok_or_else(|| format!("entry `{name}`: size overflows"))?;
     b.slice(data_offset, size, "entry data").map_err(|e| format!("entry `{name}`: {e}"))?;
 
-    let (descriptor_offset, end) = if flags & FLAG_DESCRIPTOR != 0 {
-        if (l_crc, l_compressed, l_size) != (0, 0, 0) {
+    let (descriptor_offset, end) = if c.flags & FLAG_DESCRIPTOR != 0 {
+        if (l.crc32, l.compressed, l.size) != (0, 0, 0) {
             return Err(format!("entry `{name}`: the local header has a data descriptor but non-zero CRC or sizes"));
         }
-        // 64-bit sizes exactly when a size does not fit 32 bits (as the writer does).
-        let wide = size >= SENTINEL32;
         let d = data_end;
         if b.u32(d, "data descriptor")? != DESCRIPTOR_SIG {
             return Err(format!("entry `{name}`: no data descriptor after its data"));
         }
-        let (d_crc, d_compressed, d_size, len) = if wide {
-            (b.u32(d + 4, "data descriptor")?, b.u64(d + 8, "data descriptor")?, b.u64(d + 16, "data descriptor")?, 24)
+        let len = descriptor_len(c.flags, size);
+        let (d_crc, d_compressed, d_size) = if len == 24 {
+            (b.u32(d + 4, "data descriptor")?, b.u64(d + 8, "data descriptor")?, b.u64(d + 16, "data descriptor")?)
         } else {
             let c = u64::from(b.u32(d + 8, "data descriptor")?);
-            (b.u32(d + 4, "data descriptor")?, c, u64::from(b.u32(d + 12, "data descriptor")?), 16)
+            (b.u32(d + 4, "data descriptor")?, c, u64::from(b.u32(d + 12, "data descriptor")?))
         };
         if (d_crc, d_compressed, d_size) != (crc32, size, size) {
             return Err(format!("entry `{name}`: the data descriptor disagrees with the central record"));
@@ -332,12 +441,21 @@ fn central_record(b: &Bytes<'_>, at: u64, cd_end: u64) -> Result<(Entry, u64), S
         if size >= SENTINEL32 {
             return Err(format!("entry `{name}`: an entry of 4 GiB or more needs a data descriptor"));
         }
-        if (u64::from(l_crc), u64::from(l_compressed), u64::from(l_size)) != (u64::from(crc32), size, size) {
+        if (u64::from(l.crc32), u64::from(l.compressed), u64::from(l.size)) != (u64::from(crc32), size, size) {
             return Err(format!("entry `{name}`: the local header's CRC or sizes differ from the central record's"));
         }
         (None, data_end)
     };
-    Ok((Entry { name, header_offset, data_offset, size, crc32, central_offset: at, descriptor_offset, end }, next))
+    Ok(Entry {
+        name: name.clone(),
+        header_offset: c.header_offset,
+        data_offset,
+        size,
+        crc32,
+        central_offset: c.central_offset,
+        descriptor_offset,
+        end,
+    })
 }
 
 /// The (id, data) pairs of an extra field, which must be exactly a sequence of them.
@@ -373,9 +491,11 @@ fn plain_name(raw: &[u8]) -> Result<String, String> {
 /// Read the data of one entry of an archive of `len` bytes that is read only
 /// through `read(range)` (ranged requests to an object store): the end
 /// records, the central directory, the entry's local header and its data, a
-/// few small reads whatever the archive's size. Checks the records it reads
-/// as [`read`] does and the entry's CRC-32; the rest of the archive is not
-/// read, so this is no substitute for checking the whole file.
+/// few small reads whatever the archive's size. The end records and every
+/// central directory record are checked by the same code as [`read`] checks
+/// them, and so are the entry's local header and data descriptor; the
+/// entry's CRC-32 is checked too. The other entries' local headers and data
+/// are not read, so this is no substitute for checking the whole file.
 ///
 /// # Errors
 /// A message naming the first broken record, or the failed read.
@@ -384,98 +504,42 @@ where
     F: Fn(std::ops::Range<u64>) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
 {
-    // The end records: the end record, the zip64 locator and the zip64 end
-    // record are the last 98 bytes at most (modelio writes no comment).
-    let tail_len = len.min(EOCD_LEN + ZIP64_LOCATOR_LEN + ZIP64_EOCD_LEN);
-    let tail_at = len - tail_len;
+    // The end records are the last 98 bytes at most (modelio writes no comment).
+    let tail_at = len - len.min(END_RECORDS_LEN);
     let tail = read(tail_at..len).await?;
-    let t = Bytes(&tail);
-    let rel = |abs: u64| abs.checked_sub(tail_at).ok_or_else(|| format!("record at {abs} is outside the end of the file"));
-    let end_offset = len.checked_sub(EOCD_LEN).ok_or_else(|| format!("{len} bytes is too short for a zip archive"))?;
-    if t.u32(rel(end_offset)?, "end of central directory")? != EOCD_SIG {
-        return Err("no end-of-central-directory record at the end of the file".into());
-    }
-    let mut cd_size = u64::from(t.u32(rel(end_offset)? + 12, "central directory size")?);
-    let mut cd_offset = u64::from(t.u32(rel(end_offset)? + 16, "central directory offset")?);
-    let mut cd_end = end_offset;
-    if let Some(loc) = end_offset.checked_sub(ZIP64_LOCATOR_LEN) {
-        if loc >= tail_at && t.u32(rel(loc)?, "zip64 locator")? == ZIP64_LOCATOR_SIG {
-            let z = loc.checked_sub(ZIP64_EOCD_LEN).ok_or("a zip64 locator without room for its record")?;
-            if t.u32(rel(z)?, "zip64 end record")? != ZIP64_EOCD_SIG {
-                return Err("the zip64 end-of-central-directory record is missing".into());
-            }
-            cd_size = t.u64(rel(z)? + 40, "zip64 central directory size")?;
-            cd_offset = t.u64(rel(z)? + 48, "zip64 central directory offset")?;
-            cd_end = z;
+    let end = end_records(&Bytes::part(&tail, tail_at, len))?;
+    let cd = read(end.cd_offset..end.cd_end).await?;
+    let mut found = None;
+    central_directory(&Bytes::part(&cd, end.cd_offset, len), &end, |c| {
+        if c.name == name {
+            found = Some(c.clone());
         }
-    }
-    if cd_offset.checked_add(cd_size) != Some(cd_end) {
-        return Err(format!("the end record places the central directory at {cd_offset} ({cd_size} bytes), but it ends at {cd_end}"));
-    }
-    let cd = read(cd_offset..cd_end).await?;
-    let c = Bytes(&cd);
-    let mut at = 0u64;
-    while at < cd_size {
-        if c.u32(at, "central directory record")? != CENTRAL_SIG {
-            return Err(format!("no central directory record at {}", cd_offset + at));
-        }
-        let method = c.u16(at + 10, "central record")?;
-        let crc32 = c.u32(at + 16, "central record")?;
-        let mut size = u64::from(c.u32(at + 24, "central record")?);
-        let name_len = u64::from(c.u16(at + 28, "central record")?);
-        let extra_len = u64::from(c.u16(at + 30, "central record")?);
-        let comment_len = u64::from(c.u16(at + 32, "central record")?);
-        let mut header_offset = u64::from(c.u32(at + 42, "central record")?);
-        let raw_name = c.slice(at + CENTRAL_LEN, name_len, "entry name")?;
-        let next = at + CENTRAL_LEN + name_len + extra_len + comment_len;
-        if raw_name != name.as_bytes() {
-            at = next;
-            continue;
-        }
-        if method != 0 {
-            return Err(format!("entry `{name}` is compressed (method {method}); entries must be stored"));
-        }
-        let extra = c.slice(at + CENTRAL_LEN + name_len, extra_len, "extra field")?;
-        for (id, data) in extra_fields(extra).map_err(|e| format!("entry `{name}`: {e}"))? {
-            if id != ZIP64_EXTRA_ID {
-                continue;
-            }
-            let mut fields = data.chunks(8);
-            // Only the fields whose 32-bit value is all ones are in the extra field.
-            let mut compressed = u64::from(c.u32(at + 20, "central record")?);
-            for value in [&mut size, &mut compressed, &mut header_offset] {
-                if *value == SENTINEL32 {
-                    let bytes =
-                        fields.next().filter(|f| f.len() == 8).ok_or_else(|| format!("entry `{name}`: zip64 extra field too short"))?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(bytes);
-                    *value = u64::from_le_bytes(a);
-                }
-            }
-        }
-        let header_end = header_offset
-            .checked_add(LOCAL_LEN)
-            .filter(|&e| e <= cd_offset)
-            .ok_or_else(|| format!("entry `{name}`: local header past the entries"))?;
-        let header = read(header_offset..header_end).await?;
-        let h = Bytes(&header);
-        if h.u32(0, "local header")? != LOCAL_SIG {
-            return Err(format!("entry `{name}`: no local header at {header_offset}"));
-        }
-        let data_at = header_end + u64::from(h.u16(26, "local header")?) + u64::from(h.u16(28, "local header")?);
-        let data_end =
-            data_at.checked_add(size).filter(|&e| e <= cd_offset).ok_or_else(|| format!("entry `{name}`: data runs past the entries"))?;
-        let named = read(header_end..header_end + name_len).await?;
-        if named != raw_name {
-            return Err(format!("entry `{name}`: the local header names another file"));
-        }
-        let data = read(data_at..data_end).await?;
-        if data.len() as u64 != size || crc32fast::hash(&data) != crc32 {
-            return Err(format!("entry `{name}`: CRC-32 or size differs from the central record's"));
-        }
-        return Ok(data);
-    }
-    Err(format!("no entry `{name}`"))
+        Ok(())
+    })?;
+    let c = found.ok_or_else(|| format!("no entry `{name}`"))?;
+    // The entry's records and data lie before the central directory: each
+    // read stops there.
+    let before_cd = |at: u64, len: u64| at.checked_add(len).filter(|&e| e <= end.cd_offset);
+    let past_the_entries = || format!("entry `{name}`: local header past the entries");
+    let header_end = before_cd(c.header_offset, LOCAL_LEN).ok_or_else(past_the_entries)?;
+    let header = read(c.header_offset..header_end).await?;
+    let local = local_header(&Bytes::part(&header, c.header_offset, len), &c)?;
+    let names_end = before_cd(header_end, local.name_len + local.extra_len).ok_or_else(past_the_entries)?;
+    let names = read(header_end..names_end).await?;
+    let data_at = local.check(&Bytes::part(&names, header_end, len), &c)?;
+    let data_end = c
+        .size
+        .checked_add(descriptor_len(c.flags, c.size))
+        .and_then(|n| before_cd(data_at, n))
+        .ok_or_else(|| format!("entry `{name}`: data runs past the entries"))?;
+    // The data and its data descriptor, in one read.
+    let mut data = read(data_at..data_end).await?;
+    let b = Bytes::part(&data, data_at, len);
+    let stored = b.slice(data_at, c.size, "entry data").ok().filter(|d| crc32fast::hash(d) == c.crc32);
+    let size = stored.ok_or_else(|| format!("entry `{name}`: CRC-32 or size differs from the central record's"))?.len();
+    entry(&b, &c, &local, data_at)?;
+    data.truncate(size);
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -1109,5 +1173,62 @@ mod tests {
         // Where the comment length is read: the end record at its usual place, a comment length.
         let bytes = build(&[Spec::default()], false);
         assert_refused(&patched(&bytes, end + 20, 1u16.to_le_bytes()), "has a comment");
+    }
+
+    #[test]
+    fn a_ranged_read_refuses_what_a_whole_read_refuses_and_says_the_same() {
+        let one = |spec: Spec| build(&[spec], false);
+        let plain = one(Spec::default());
+        let end = plain.len() - EOCD_LEN as usize;
+        let descriptor = read(&plain).unwrap().entries[0].descriptor_offset.unwrap() as usize;
+        let zip64 = build(&[zip64_spec("entry", b"some data")], true);
+        let (z, _, _) = end_records(zip64.len());
+        let cases = [
+            // The end records.
+            patched(&plain, end + 4, 1u16.to_le_bytes()),
+            patched(&plain, end + 10, 2u16.to_le_bytes()),
+            patched(&zip64, z + 14, 46u16.to_le_bytes()),
+            patched(&zip64, z + 32, 2u64.to_le_bytes()),
+            // The central directory: every record, not only the entry's.
+            build(&[Spec { name: "other", version_needed: 46, ..Spec::default() }, Spec::default()], false),
+            build(&[Spec { name: "other", disk: 1, ..Spec::default() }, Spec::default()], false),
+            build(&[Spec::default(), Spec::default()], false),
+            one(Spec { flags: FLAG_DESCRIPTOR | 1, ..Spec::default() }),
+            one(Spec { central_extra: Some(extra_field(0xCAFE, &[0; 3])[..5].to_vec()), ..Spec::default() }),
+            // The entry's local header and data descriptor.
+            one(Spec { local_flags: Some(FLAG_DESCRIPTOR | FLAG_UTF8), ..Spec::default() }),
+            one(Spec { local_method: 8, ..Spec::default() }),
+            one(Spec { local_extra: extra_field(0xCAFE, &[0; 3])[..5].to_vec(), ..Spec::default() }),
+            patched(&plain, descriptor, 0u32.to_le_bytes()),
+            patched(&plain, descriptor + 8, 10u32.to_le_bytes()),
+        ];
+        for (i, bad) in cases.iter().enumerate() {
+            let whole = read(bad).err().unwrap_or_else(|| panic!("case {i} is read whole"));
+            assert_eq!(ranged(bad, "entry").0, Err(whole.clone()), "{whole}");
+        }
+    }
+
+    #[test]
+    fn a_ranged_read_that_returns_fewer_bytes_than_asked_is_refused() {
+        let bytes = archive(&["a.json", "b.json"]);
+        let dir = read(&bytes).unwrap();
+        let b = dir.get("b.json").unwrap();
+        let name_at = b.header_offset + LOCAL_LEN;
+        // The read starting at `at` comes back `missing` bytes short.
+        let bytes = &bytes[..];
+        let short = |at: u64, missing: u64| {
+            let read = move |r: std::ops::Range<u64>| {
+                let end = if r.start == at { r.end - missing } else { r.end };
+                std::future::ready(Ok(bytes[r.start as usize..end as usize].to_vec()))
+            };
+            futures::executor::block_on(read_entry_ranged(bytes.len() as u64, "b.json", read)).unwrap_err()
+        };
+        let tail_at = bytes.len() as u64 - END_RECORDS_LEN;
+        for at in [tail_at, dir.central_offset, b.header_offset, name_at, b.data_offset] {
+            let e = short(at, 1);
+            assert!(e.contains("lies outside the"), "read at {at}: {e}");
+        }
+        let e = short(b.data_offset, b.end - b.data_offset);
+        assert!(e.contains("CRC-32 or size"), "{e}");
     }
 }
