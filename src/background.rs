@@ -137,6 +137,7 @@ where
 }
 
 /// Work a [`Newest`] slot holds: known by the step (iterations) it is of.
+#[cfg_attr(not(feature = "remote"), allow(dead_code))]
 pub(crate) trait Step {
     fn step(&self) -> u64;
 }
@@ -148,6 +149,7 @@ pub(crate) trait Step {
 /// A plain value: its owner keeps it under the lock of its other state and
 /// wakes its worker.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "remote"), allow(dead_code))]
 pub(crate) struct Newest<T> {
     waiting: Option<T>,
     /// The step of the job in progress.
@@ -160,7 +162,7 @@ impl<T> Default for Newest<T> {
     }
 }
 
-#[cfg_attr(not(feature = "torch"), allow(dead_code))]
+#[cfg_attr(not(all(feature = "torch", feature = "remote")), allow(dead_code))]
 impl<T: Step> Newest<T> {
     /// Let `job` wait, returning the job it replaced.
     pub fn offer(&mut self, job: T) -> Option<T> {

@@ -37,7 +37,6 @@ use crate::folder::snapshot::Pinned;
 use crate::folder::ModelPaths;
 use messages::{Done, Flush, Permit, Reply, Snapshot, Stage};
 
-#[cfg(feature = "remote")]
 pub(crate) use saver::pin;
 pub(crate) use stager::Stager;
 

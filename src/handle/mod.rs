@@ -22,14 +22,13 @@ use crate::tensors::{checked_shape, dtype_of};
 mod load;
 pub(crate) mod outcome;
 mod recover;
-#[cfg(feature = "remote")]
+#[cfg_attr(not(feature = "remote"), path = "no_remote.rs")]
 mod remote;
 mod ticket;
 
 use load::{missing_optimizer_reason, read_for_load, read_optimizer, Read};
 use recover::{file_name, history_without_archive, reconcile_state, remove_stale_temps};
-#[cfg(feature = "remote")]
-use remote::{remote_behind, restore_from_remote};
+use remote::Seam;
 
 pub use outcome::{Committed, Finished, Loaded, OptimizerResume, Resumed, SaveStats};
 pub use ticket::Ticket;
@@ -103,8 +102,7 @@ pub struct ModelIo {
     /// The remote tier, when `[remote]` is configured (it rides on the
     /// pipeline as `shared.rider`; the handle asks it for counters and waits
     /// on its uploads).
-    #[cfg(feature = "remote")]
-    tier: Option<Arc<crate::remote::tier::Tier>>,
+    remote: Seam,
 }
 
 impl ModelIo {
@@ -134,13 +132,8 @@ impl ModelIo {
         })?;
         let paths = ModelPaths::new(&config.model.dir, &config.model.name);
         let settings = Settings { snapshot_keep: config.snapshot.keep, hard_links: config.save.hard_links };
-        #[allow(unused_mut)]
         let mut shared = Shared::new(paths.clone(), settings);
-        #[cfg(feature = "remote")]
-        let remote = match config.remote.enabled() {
-            true => Some(crate::remote::Remote::connect(&config.remote, &config.model.name)?),
-            false => None,
-        };
+        let mut remote = Seam::connect(&config)?;
         let lock = if config.model.predict {
             None
         } else {
@@ -152,23 +145,9 @@ impl ModelIo {
             Some(lock)
         };
         // A fresh machine: the newest remote checkpoint becomes the local model.
-        #[cfg(feature = "remote")]
-        let mut restored = false;
-        #[cfg(feature = "remote")]
-        if let (Some(remote), Some(_)) = (&remote, &lock) {
-            if config.remote.restore && !paths.archive().exists() && history_without_archive(&paths)?.is_none() {
-                restored = restore_from_remote(remote, &paths)?;
-            }
-        }
-        #[cfg(feature = "remote")]
-        let tier = match (config.model.predict, remote) {
-            (false, Some(remote)) => Some(Arc::new(crate::remote::tier::Tier::new(remote, config.remote.clone(), paths.clone()))),
-            _ => None,
-        };
-        #[cfg(feature = "remote")]
-        if let Some(t) = &tier {
-            shared.rider = Some(t.clone());
-        }
+        let fresh = || Ok(!paths.archive().exists() && history_without_archive(&paths)?.is_none());
+        remote.restore_if_fresh(&config, &paths, lock.is_some(), fresh)?;
+        shared.rider = remote.rider(&config, &paths);
         let shared = Arc::new(shared);
         let actors = match lock {
             Some(_) => Some(Actors::start(shared.clone())?),
@@ -193,17 +172,8 @@ impl ModelIo {
         // A local save the remote tier does not have yet (the last run
         // stopped before uploading it) goes up first. One just restored from
         // the remote is there already: it is not offered (nor shown pending).
-        #[cfg(feature = "remote")]
-        if let (Some(_), Some(tier), true, false) = (&actors, &tier, paths.archive().is_file(), restored) {
-            // No save is queued yet, so the files pinned are the committed ones.
-            match crate::actors::pin(&shared) {
-                Ok(pinned) => tier.offer(crate::remote::tier::Upload {
-                    pinned,
-                    iterations: state.total_iterations,
-                    reason: crate::remote::Reason::CatchUp,
-                }),
-                Err(e) => tracing::warn!(target: "modelio", "remote: could not pin the save on disk for upload: {}", e.report()),
-            }
+        if actors.is_some() && paths.archive().is_file() {
+            remote.catch_up(state.total_iterations, || crate::actors::pin(&shared));
         }
         if !config.model.predict {
             state.start_session(None);
@@ -224,8 +194,7 @@ impl ModelIo {
             loaded: None,
             unloaded_history,
             last_save: None,
-            #[cfg(feature = "remote")]
-            tier,
+            remote,
         })
     }
 
@@ -730,7 +699,7 @@ impl ModelIo {
     /// The first background failure not yet reported.
     pub async fn shutdown(mut self) -> Result<()> {
         let result = self.flush().await;
-        let behind = self.drain_remote().await;
+        let behind = self.remote.drain().await;
         if let Some(mut a) = self.actors.take() {
             a.stop();
         }
@@ -746,7 +715,7 @@ impl ModelIo {
     /// As [`ModelIo::shutdown`].
     pub fn shutdown_blocking(mut self) -> Result<()> {
         let result = self.flush_blocking();
-        let behind = self.drain_remote_blocking();
+        let behind = self.remote.drain_blocking();
         if let Some(mut a) = self.actors.take() {
             a.stop();
         }
@@ -791,7 +760,7 @@ impl ModelIo {
             Err(e) => Err(e),
         };
         let drained = self.flush().await;
-        if let Some(e) = self.drain_remote().await {
+        if let Some(e) = self.remote.drain().await {
             unreported.push(e);
         }
         let stats = self.stats();
@@ -806,51 +775,6 @@ impl ModelIo {
             unreported.push(e);
         }
         Ok(Finished { exit_save, stats, unreported })
-    }
-
-    /// The remote tier's counters (`None` without `[remote]`, or in predict mode).
-    #[cfg(feature = "remote")]
-    pub fn remote_stats(&self) -> Option<crate::remote::status::RemoteStats> {
-        self.tier.as_ref().map(|t| t.stats())
-    }
-
-    /// Wait until the remote tier has uploaded every committed save offered
-    /// to it so far (or was idle), at most `timeout`; true when it has.
-    /// Blocks the calling thread.
-    #[cfg(feature = "remote")]
-    pub fn wait_remote_blocking(&self, timeout: Duration) -> bool {
-        self.tier.as_ref().is_none_or(|t| t.wait_idle(timeout))
-    }
-
-    /// After the actors drained: give uploads `remote.drain_secs` to
-    /// finish, then stop them. An upload still under way is reported.
-    async fn drain_remote(&self) -> Option<Error> {
-        #[cfg(feature = "remote")]
-        if let Some(tier) = self.tier.clone() {
-            let t = tier.clone();
-            let idle = tokio::task::spawn_blocking(move || t.wait_idle(Duration::from_secs(t.config.drain_secs))).await.unwrap_or(false);
-            return remote_behind(&tier, idle);
-        }
-        None
-    }
-
-    /// [`ModelIo::drain_remote`], blocking the calling thread.
-    fn drain_remote_blocking(&self) -> Option<Error> {
-        #[cfg(feature = "remote")]
-        if let Some(tier) = &self.tier {
-            let idle = tier.wait_idle(Duration::from_secs(tier.config.drain_secs));
-            return remote_behind(tier, idle);
-        }
-        None
-    }
-
-    /// Test hook: make every upload to the remote tier sleep first.
-    #[cfg(feature = "remote")]
-    #[doc(hidden)]
-    pub fn set_upload_delay(&self, delay: Duration) {
-        if let Some(t) = &self.tier {
-            t.set_delay(delay);
-        }
     }
 
     /// Test hook: make every background write sleep first.
