@@ -78,15 +78,26 @@ impl Workers {
             .name(name.into())
             .spawn(move || {
                 let system = actix::System::new();
-                system.block_on(async move {
-                    let started = setup();
-                    let _ = tx.send((started, actix::System::current()));
+                let ok = system.block_on(async move {
+                    // actix panics when it cannot start a worker's thread.
+                    let started = std::panic::catch_unwind(AssertUnwindSafe(setup));
+                    let ok = started.is_ok();
+                    let _ = tx.send(started.map(|s| (s, actix::System::current())));
+                    ok
                 });
-                let _ = system.run();
+                if ok {
+                    let _ = system.run();
+                }
             })
-            .map_err(|e| Error::io("start the worker thread for", ".", e))?;
-        let (started, system) = rx.recv().map_err(|_| Error::Stopped)?;
-        Ok((Workers { system, thread: Some(thread) }, started))
+            .map_err(|e| Error::io("start the worker thread", name, e))?;
+        match rx.recv() {
+            Ok(Ok((started, system))) => Ok((Workers { system, thread: Some(thread) }, started)),
+            Ok(Err(_)) | Err(_) => {
+                let _ = thread.join();
+                let e = std::io::Error::other("a worker thread could not be started (too many threads, or out of memory)");
+                Err(Error::io("start the worker threads", name, e))
+            }
+        }
     }
 
     /// Not stopped yet.
@@ -113,23 +124,26 @@ impl Drop for Workers {
 
 /// How a worker's thread is scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 pub(crate) enum Priority {
-    /// As the trainer's threads: work training waits for (the stager's copies).
-    Training,
-    /// Below them ([`lower_priority`]): writing, checksumming, uploading.
-    Background,
+    /// As the trainer's threads: work training waits for (the stager's
+    /// copies; a rank's shard writer and coordinator, which the other
+    /// ranks' steps wait for).
+    Normal,
+    /// Below them ([`lower_priority`]): writing, checksumming, uploading
+    /// that nothing waits for.
+    Low,
 }
 
-/// Start one worker on the running [`Workers`] system: a single-threaded
-/// `SyncArbiter` (one message at a time, in order) whose actor `make`
-/// builds on the worker's own thread.
-pub(crate) fn worker<A>(priority: Priority, make: impl Fn() -> A + Send + Sync + 'static) -> Addr<A>
+/// Start one worker named `name` on the running [`Workers`] system: a
+/// single-threaded `SyncArbiter` (one message at a time, in order) whose
+/// actor `make` builds on the worker's own thread.
+pub(crate) fn worker<A>(name: &'static str, priority: Priority, make: impl Fn() -> A + Send + Sync + 'static) -> Addr<A>
 where
     A: Actor<Context = SyncContext<A>>,
 {
-    SyncArbiter::start(1, move || {
-        if priority == Priority::Background {
+    let thread = move || std::thread::Builder::new().name(name.into());
+    SyncArbiter::start_with_thread_builder(1, thread, move || {
+        if priority == Priority::Low {
             lower_priority();
         }
         make()
@@ -349,9 +363,9 @@ mod tests {
 
     #[test]
     fn workers_run_on_a_system_of_their_own_and_stop_with_it() {
-        let (mut workers, echo) = Workers::start("modelio-test-workers", || worker(Priority::Background, || Echo)).unwrap();
+        let (mut workers, echo) = Workers::start("modelio-test-workers", || worker("modelio-test-echo", Priority::Low, || Echo)).unwrap();
         let answer = futures::executor::block_on(echo.send(Name)).unwrap();
-        assert_ne!(answer, "modelio-test-workers", "a worker has a thread of its own");
+        assert_eq!(answer, "modelio-test-echo", "a worker has a thread of its own, named");
         workers.stop();
         assert!(futures::executor::block_on(echo.send(Name)).is_err(), "stopped with the system");
     }

@@ -191,14 +191,14 @@ impl Actors {
             // The disk-bound actors yield the CPU to training; the stager
             // does not, since optimizer steps wait for its copies.
             let s = shared.clone();
-            let backup = worker(Priority::Background, move || backup::BackupActor { shared: s.clone() });
+            let backup = worker("modelio-backup", Priority::Low, move || backup::BackupActor { shared: s.clone() });
             let s = shared.clone();
-            let snapshot = worker(Priority::Background, move || snapshot::SnapshotActor { shared: s.clone() });
+            let snapshot = worker("modelio-snapshot", Priority::Low, move || snapshot::SnapshotActor { shared: s.clone() });
             if let Some(rider) = &shared.rider {
                 rider.clone().start();
             }
             let s = shared.clone();
-            let saver = worker(Priority::Background, move || saver::Saver {
+            let saver = worker("modelio-saver", Priority::Low, move || saver::Saver {
                 shared: s.clone(),
                 backup: backup.clone(),
                 snapshot: snapshot.clone(),
@@ -206,7 +206,7 @@ impl Actors {
             });
             let s = shared.clone();
             let to_saver = saver.clone();
-            let stager = worker(Priority::Training, move || Stager { shared: s.clone(), saver: to_saver.clone() });
+            let stager = worker("modelio-stager", Priority::Normal, move || Stager { shared: s.clone(), saver: to_saver.clone() });
             (stager, saver)
         })?;
         Ok(Actors { stager, saver, staged: AtomicU64::new(0), snapshots: Arc::new(AtomicUsize::new(0)), workers, rider })

@@ -244,7 +244,7 @@ impl Remote {
         for object in &m.objects {
             let (size, crc) = self.run(self.inner.download(object, &mut |_| Ok(())))?;
             if let Err(e) = self.check_object(m, object, size, crc) {
-                problems.push(e.to_string());
+                problems.push(e.report().to_string());
             }
         }
         if problems.is_empty() {
@@ -259,7 +259,7 @@ impl Remote {
                             problems.push(format!("{}: the archive's manifest differs from the remote manifest", archive.key));
                         }
                     }
-                    Err(e) => problems.push(e.to_string()),
+                    Err(e) => problems.push(e.report().to_string()),
                 }
             }
         }

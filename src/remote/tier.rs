@@ -284,7 +284,7 @@ impl Tier {
 impl Rider for Tier {
     fn start(self: Arc<Self>) {
         let tier = self.clone();
-        let uploader = worker(Priority::Background, move || Uploader { tier: tier.clone() });
+        let uploader = worker("modelio-uploader", Priority::Low, move || Uploader { tier: tier.clone() });
         uploader.do_send(Clean);
         let _ = self.addr.set(uploader);
     }

@@ -28,17 +28,30 @@ impl actix::Handler<Wake> for Coordinator {
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         let s = &self.shared;
         while let Some(commit) = s.next_commit() {
+            // The commit is over however this ends, a panic included: a
+            // drop of the handle waits for it.
+            let _over = CommitOver(s);
             if let Err(e) = guarded(Work::ShardedCommit, || {
                 s.commit_step(commit);
                 Ok(())
             }) {
+                s.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(target: "modelio", "sharded step {}: {}", commit.iterations, e.report());
                 s.report_later(e);
             }
-            lock(&s.queue).committing = false;
-            s.settle_snapshots();
-            s.wake.notify_all();
         }
+    }
+}
+
+/// Ends the commit in progress when dropped: snapshot requests left without
+/// a step to wait for are reported, and waiters are told.
+struct CommitOver<'a>(&'a Shared);
+
+impl Drop for CommitOver<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.queue).committing = false;
+        self.0.settle_snapshots();
+        self.0.wake.notify_all();
     }
 }
 

@@ -344,10 +344,11 @@ impl ShardedIo {
         let s = shared.clone();
         let (workers, ()) = Workers::start("modelio-shard", move || {
             let w = s.clone();
-            let _ = s.writer.set(worker(Priority::Background, move || writer::ShardWriter { shared: w.clone() }));
+            let _ = s.writer.set(worker("modelio-shard-writer", Priority::Normal, move || writer::ShardWriter { shared: w.clone() }));
             if s.rank.rank == 0 {
                 let c = s.clone();
-                let _ = s.coordinator.set(worker(Priority::Background, move || commit::Coordinator { shared: c.clone() }));
+                let _ =
+                    s.coordinator.set(worker("modelio-shard-commit", Priority::Normal, move || commit::Coordinator { shared: c.clone() }));
             }
         })?;
         Ok(ShardedIo { shared, workers })

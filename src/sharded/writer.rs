@@ -25,11 +25,24 @@ impl actix::Handler<Wake> for ShardWriter {
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         let s = &self.shared;
         while let Some(job) = s.next_job() {
+            // The job is over however this ends, a panic included: a drop
+            // of the handle waits for it.
+            let _over = JobOver(s);
             let iterations = job.iterations;
             let loss = job.loss;
             let written = guarded(Work::ShardedSave, || s.run(s.write_shard(job)));
             s.shard_written(iterations, loss, written);
         }
+    }
+}
+
+/// Ends the job in progress when dropped.
+struct JobOver<'a>(&'a Shared);
+
+impl Drop for JobOver<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.queue).job.finish();
+        self.0.wake.notify_all();
     }
 }
 
@@ -66,8 +79,6 @@ impl Shared {
                 }
             }
         }
-        lock(&self.queue).job.finish();
-        self.wake.notify_all();
     }
 
     pub(super) async fn write_shard(&self, job: Job) -> Result<()> {
