@@ -25,7 +25,7 @@ s3s-fs: $(S3S_FS)
 
 $(READY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) safetensors numpy
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-cache-dir torch==$(TORCH_VERSION) safetensors numpy
 	ln -sfn $$($(PY) -c 'import torch, os; print(os.path.relpath(os.path.dirname(torch.__file__), "$(VENV)"))') $(VENV)/torch
 	touch $(READY)
 
