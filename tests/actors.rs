@@ -10,6 +10,16 @@ use modelio::folder::snapshot::snapshot_dir;
 use modelio::Error;
 use modelio::Work;
 
+/// A handle on model `m` in a fresh folder, and the seeded store it saves
+/// (the temporary folder lives as long as the first value).
+fn opened() -> (tempfile::TempDir, std::path::PathBuf, tch::nn::VarStore, modelio::ModelIo) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let (vs, _net) = common::seeded_store(0);
+    let io = common::open(&dir, "m");
+    (tmp, dir, vs, io)
+}
+
 /// The error a background failure wraps.
 fn cause(e: &Error) -> &Error {
     match e {
@@ -20,10 +30,7 @@ fn cause(e: &Error) -> &Error {
 
 #[test]
 fn a_panicking_write_fails_its_ticket_and_the_next_save_commits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    let (vs, _n) = common::seeded_store(0);
-    let mut io = common::open(&dir, "m");
+    let (_tmp, dir, vs, mut io) = opened();
     io.record(1.0);
     io.inject_panic_in_next_write();
     let err = io.save(&vs, None).unwrap().wait_blocking().expect_err("the write panicked");
@@ -49,10 +56,7 @@ fn a_panicking_write_fails_its_ticket_and_the_next_save_commits() {
 
 #[test]
 fn a_panic_whose_ticket_was_dropped_goes_to_the_next_call() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    let (vs, _n) = common::seeded_store(0);
-    let mut io = common::open(&dir, "m");
+    let (_tmp, dir, vs, mut io) = opened();
     io.record(1.0);
     io.inject_panic_in_next_write();
     drop(io.save(&vs, None).unwrap());
@@ -72,10 +76,7 @@ fn a_panic_whose_ticket_was_dropped_goes_to_the_next_call() {
 
 #[test]
 fn snapshots_requested_faster_than_they_are_built_are_refused_as_overload() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    let (vs, _n) = common::seeded_store(0);
-    let mut io = common::open(&dir, "m");
+    let (_tmp, dir, vs, mut io) = opened();
     io.record(1.0);
     io.set_write_delay(Duration::from_millis(500));
     let ticket = io.save(&vs, None).unwrap();
@@ -100,10 +101,7 @@ fn snapshots_requested_faster_than_they_are_built_are_refused_as_overload() {
 
 #[test]
 fn a_snapshot_requested_with_its_save_is_built_before_the_flush_returns() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    let (vs, _n) = common::seeded_store(0);
-    let mut io = common::open(&dir, "m");
+    let (_tmp, dir, vs, mut io) = opened();
     for i in 1..=3u64 {
         io.record(1.0);
         io.set_write_delay(Duration::from_millis(if i == 2 { 200 } else { 0 }));

@@ -8,7 +8,6 @@ mod common;
 
 use common::Rng;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -34,14 +33,7 @@ struct Outcome {
 fn run_and_kill(dir: &Path, rng: &mut Rng) -> Outcome {
     let mut child = Command::new(helper()).arg(dir).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (rx, reader) = common::read_lines(stdout);
     let mut outcome = Outcome { committed: 0, requested: 0 };
     let mut record = |line: String, o: &mut Outcome| {
         let mut parts = line.split(' ');

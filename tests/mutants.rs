@@ -18,30 +18,12 @@ use modelio::archive::format::{DType, OptimizerRef, TensorRef};
 use modelio::archive::zipread::{self, Directory, Entry};
 use modelio::archive::{commit_archive, ArchiveReader};
 
+mod common;
+
+use common::Rng;
+
 const MUTANTS: usize = 400;
 const SEED: u64 = 0x6d6f_6465_6c69_6f21;
-
-/// splitmix64: small, seeded, the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn mask(&mut self) -> u8 {
-        (self.below(255) + 1) as u8
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 /// One tensor as saved: (dtype, shape, bytes).
 type Saved = (DType, Vec<usize>, Vec<u8>);
@@ -225,25 +207,25 @@ fn structure(dir: &Directory, len: usize) -> Vec<std::ops::Range<usize>> {
 fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
     let mut m = base.to_vec();
     let entry = |name: &str| dir.get(name).unwrap().clone();
-    let any_entry = dir.entries[rng.below(dir.entries.len())].clone();
+    let any_entry = dir.entries[rng.index(dir.entries.len())].clone();
     let eocd = dir.end_offset as usize;
-    match rng.below(100) {
+    match rng.index(100) {
         0..=24 => {
-            let at = rng.below(m.len());
+            let at = rng.index(m.len());
             m[at] ^= rng.mask();
             (m, format!("flip byte {at}"))
         }
         25..=39 => {
             let ranges = structure(dir, m.len());
             let r = rng.pick(&ranges).clone();
-            let at = r.start + rng.below(r.len());
+            let at = r.start + rng.index(r.len());
             m[at] ^= rng.mask();
             (m, format!("flip zip record byte {at}"))
         }
         40..=47 => {
             let e = any_entry;
             let delta = rng.next() as u32 | 1;
-            let place = rng.below(3);
+            let place = rng.index(3);
             let fields: Vec<usize> = match place {
                 0 => vec![e.central_offset as usize + 16],
                 1 => e.descriptor_offset.map(|d| d as usize + 4).into_iter().collect(),
@@ -257,7 +239,7 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
         }
         48..=52 => {
             let e = any_entry;
-            let at = e.header_offset as usize + 30 + rng.below(e.name.len());
+            let at = e.header_offset as usize + 30 + rng.index(e.name.len());
             let was = m[at];
             m[at] = if was == b'x' { b'y' } else { b'x' };
             (m, format!("local header name of {} changed", e.name))
@@ -265,7 +247,7 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
         53..=58 => {
             let field = *rng.pick(&[(16usize, "offset"), (12, "size"), (8, "count"), (10, "count")]);
             let at = eocd + field.0;
-            let deltas: [i64; 6] = [1, -1, 64, -64, 4096, -(rng.below(200) as i64 + 2)];
+            let deltas: [i64; 6] = [1, -1, 64, -64, 4096, -(rng.index(200) as i64 + 2)];
             let delta = *rng.pick(&deltas);
             if field.1 == "count" {
                 let old = u16::from_le_bytes([m[at], m[at + 1]]);
@@ -277,7 +259,7 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
             (m, format!("end record {} {:+}", field.1, delta))
         }
         59..=64 => {
-            let cut = rng.below(m.len());
+            let cut = rng.index(m.len());
             m.truncate(cut);
             (m, format!("truncated to {cut} bytes"))
         }
@@ -285,9 +267,9 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
         77..=81 => consistent_edit(rng, m, dir),
         82..=87 => {
             // A byte of a safetensors header (including its padding), CRC-32 recomputed.
-            let e = entry(["model.safetensors", "optimizer.safetensors"][rng.below(2)]);
+            let e = entry(["model.safetensors", "optimizer.safetensors"][rng.index(2)]);
             let n = u64::from_le_bytes(entry_data(&m, &e)[..8].try_into().unwrap()) as usize;
-            let at = e.data_offset as usize + 8 + rng.below(n);
+            let at = e.data_offset as usize + 8 + rng.index(n);
             let to = *rng.pick(b"\t\n\r {0\"");
             m[at] = if m[at] == to { b'x' } else { to };
             recrc(&mut m, &e);
@@ -295,23 +277,23 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
         }
         88..=91 => {
             // A tensor byte, CRC-32 recomputed: only the CRC-32C can tell.
-            let e = entry(["model.safetensors", "optimizer.safetensors"][rng.below(2)]);
+            let e = entry(["model.safetensors", "optimizer.safetensors"][rng.index(2)]);
             let n = u64::from_le_bytes(entry_data(&m, &e)[..8].try_into().unwrap()) as usize;
             let start = e.data_offset as usize + 8 + n;
-            let at = start + rng.below(e.size as usize - 8 - n);
+            let at = start + rng.index(e.size as usize - 8 - n);
             m[at] ^= rng.mask();
             recrc(&mut m, &e);
             (m, format!("{} tensor byte {at} flipped, CRC-32 recomputed", e.name))
         }
         92..=95 => {
-            let e = entry(["optimizer.json", "state.json"][rng.below(2)]);
-            let at = e.data_offset as usize + rng.below(e.size as usize);
+            let e = entry(["optimizer.json", "state.json"][rng.index(2)]);
+            let at = e.data_offset as usize + rng.index(e.size as usize);
             m[at] = if m[at].is_ascii_digit() { b'0' + (m[at] - b'0' + 1) % 10 } else { m[at] ^ rng.mask() };
             recrc(&mut m, &e);
             (m, format!("{} byte {at} changed, CRC-32 recomputed", e.name))
         }
         96..=97 => {
-            let extra: Vec<u8> = (0..rng.below(40) + 1).map(|_| rng.next() as u8).collect();
+            let extra: Vec<u8> = (0..rng.index(40) + 1).map(|_| rng.next() as u8).collect();
             let at = *rng.pick(&[m.len(), 0, any_entry.header_offset as usize]);
             m.splice(at..at, extra.iter().copied());
             (m, format!("{} bytes inserted at {at}", extra.len()))
@@ -335,7 +317,7 @@ fn mutate(rng: &mut Rng, base: &[u8], dir: &Directory) -> (Vec<u8>, String) {
 /// Manifest edits with the zip CRC-32 recomputed (the manifest checksum left as it was).
 fn manifest_edit(rng: &mut Rng, mut m: Vec<u8>, e: &Entry) -> (Vec<u8>, String) {
     let text = String::from_utf8(entry_data(&m, e).to_vec()).unwrap();
-    let n = rng.below(8);
+    let n = rng.index(8);
     let edited = match n {
         0 => {
             // "optimizer": null: resumes with a fresh optimizer unless caught.
@@ -357,14 +339,14 @@ fn manifest_edit(rng: &mut Rng, mut m: Vec<u8>, e: &Entry) -> (Vec<u8>, String) 
                 + 1;
             format!("{}null{}", &text[..start], &text[end..])
         }
-        1 => text.replacen("\"iterations\": 12", &format!("\"iterations\": {}", rng.below(100_000) + 13), 1),
+        1 => text.replacen("\"iterations\": 12", &format!("\"iterations\": {}", rng.index(100_000) + 13), 1),
         2 => text.replacen("\"kind\": \"adamw\"", "\"kind\": \"sgd\"", 1),
         3 => text.replacen("2026-01-01", "2027-01-01", 1),
         4 => bump_digit(&text, split_checksum(&text).map_or(0, |(s, _)| s)),
         5 => bump_digit(&text, value_at(&text, "\"state_crc32c\": ", 0)),
         6 => bump_digit(&text, value_at(&text, "\"json_crc32c\": ", 0)),
         // A tensor's CRC-32C.
-        _ => bump_digit(&text, value_at(&text, "\"crc32c\": ", rng.below(13))),
+        _ => bump_digit(&text, value_at(&text, "\"crc32c\": ", rng.index(13))),
     };
     put_entry(&mut m, e, fit(&edited, e.size as usize).as_bytes());
     (m, format!("manifest edit {n}, CRC-32 recomputed"))
@@ -396,7 +378,7 @@ fn consistent_edit(rng: &mut Rng, mut m: Vec<u8>, dir: &Directory) -> (Vec<u8>, 
     let model = dir.get("model.safetensors").unwrap();
     let text = String::from_utf8(entry_data(&m, manifest).to_vec()).unwrap();
     let header = entry_data(&m, model).to_vec();
-    let transpose = rng.below(2) == 0;
+    let transpose = rng.index(2) == 0;
     let (text, header, what) = if transpose {
         // l1.weight [4, 8] -> [8, 4]: pretty JSON in the manifest, compact in the header.
         let at = text.find("\"name\": \"l1.weight\"").unwrap();

@@ -11,11 +11,9 @@ mod common;
 use common::Rng;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::s3::{S3Server, BUCKET};
@@ -278,14 +276,7 @@ fn run_helper_and_kill(server: &S3Server, url: &str, dir: &Path, uploads: &Path,
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (rx, reader) = common::read_lines(stdout);
     let committed = |line: &str| line.strip_prefix("committed ").and_then(|n| n.parse::<u64>().ok());
     let commits = 1 + rng.below(3);
     let mut newest = 0;

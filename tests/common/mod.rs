@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod s3;
+#[cfg(feature = "remote")]
+pub mod sharded;
 
 use std::path::{Path, PathBuf};
 
@@ -132,15 +134,50 @@ pub fn archive_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     all
 }
 
-/// A small deterministic generator (xorshift) for seeded kill moments and delays.
+/// splitmix64: a small seeded generator, the same on every machine, for
+/// kill moments, delays, random bytes and mutations.
 pub struct Rng(pub u64);
 
 impl Rng {
-    /// The next value below `n` (`n` > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
+
+    /// The next value below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// The next index below `n` (0 when `n` is 0).
+    pub fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
+
+    /// A byte that is not 0: what flips at least one bit when xored in.
+    pub fn mask(&mut self) -> u8 {
+        (self.index(255) + 1) as u8
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.index(items.len())]
+    }
+}
+
+/// The lines a child process prints on `stdout`, as they come, from a
+/// thread of their own (the channel closes when the child's output does).
+pub fn read_lines(stdout: std::process::ChildStdout) -> (std::sync::mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, reader)
 }
