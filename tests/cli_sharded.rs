@@ -5,14 +5,14 @@
 
 mod common;
 
+use common::sharded::open_rank;
 use common::{printed, text};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use modelio::sharded::{Part, ShardedIo};
-use modelio::Config;
+use modelio::sharded::Part;
 use tch::{Device, Kind, Tensor};
 
 /// The command, with a `RANK` and `WORLD_SIZE` that a reader must ignore.
@@ -27,24 +27,11 @@ fn run(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, Output) {
     (out.status.code(), printed(&out), out)
 }
 
-/// Rank `rank` of 2 of model `m`: in the folder `dir`, or on `url` when set.
-fn open_rank(dir: &Path, url: &str, rank: usize) -> ShardedIo {
-    let mut c = Config::default();
-    c.model.dir = dir.to_path_buf();
-    c.model.name = "m".into();
-    c.remote.url = url.into();
-    c.shard.rank = Some(rank);
-    c.shard.world_size = Some(2);
-    c.shard.commit_deadline_secs = 20;
-    c.shard.run_id = "cli".into();
-    ShardedIo::open(&c).unwrap()
-}
-
 /// Steps 1, 2 and 3 of model `m` saved by two ranks: `w` [4, 2] split by
 /// rows, `b` [3] whole on rank 0; losses 3, 2, 4 (step 2 is the global
 /// backup), and a snapshot of step 2.
 fn make(dir: &Path, url: &str) {
-    let ranks = [open_rank(dir, url, 0), open_rank(dir, url, 1)];
+    let ranks = [0, 1].map(|r| open_rank(dir, url, r, 2, "cli", 20));
     for (step, loss) in [(1u64, 3.0), (2, 2.0), (3, 4.0)] {
         let w = Tensor::arange(8, (Kind::Float, Device::Cpu)).reshape([4, 2]) + step as f64;
         let b = Tensor::from_slice(&[step as f32; 3]);
@@ -195,7 +182,10 @@ fn inspect_shows_a_step_its_shards_and_pieces_and_verifies_it() {
     assert_eq!(v["tensors"][1]["name"], "w");
     assert_eq!(v["tensors"][1]["dtype"], "F32");
     assert_eq!(v["tensors"][1]["shape"], serde_json::json!([4, 2]));
-    assert_eq!(v["tensors"][1]["pieces"][1], serde_json::json!({"rank": 1, "rows": [2, 4], "shape": [2, 2], "bytes": 16}));
+    assert_eq!(
+        v["tensors"][1]["pieces"][1],
+        serde_json::json!({"rank": 1, "rows": [2, 4], "offset": [2, 0], "shape": [2, 2], "bytes": 16})
+    );
     assert_eq!(v["verified"], true);
     assert_eq!(v["damaged"], serde_json::json!([]));
 

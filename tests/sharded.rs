@@ -19,6 +19,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::s3::S3Server;
+use common::sharded::{open_rank, rank_config};
 use modelio::sharded::{Part, ShardedIo, Want};
 use modelio::Config;
 use tch::{Device, Kind, Tensor};
@@ -255,18 +256,6 @@ fn a_rank_killed_mid_save_never_leaves_a_manifest_naming_a_missing_shard() {
     println!("{trials} trials, {committed_in_all} with a committed step, every manifest whole");
 }
 
-fn open_rank(dir: &Path, url: &str, rank: usize, world: usize) -> ShardedIo {
-    let mut c = Config::default();
-    c.model.dir = dir.to_path_buf();
-    c.model.name = "m".into();
-    c.remote.url = url.into();
-    c.shard.rank = Some(rank);
-    c.shard.world_size = Some(world);
-    c.shard.commit_deadline_secs = 5;
-    c.shard.run_id = "race".into();
-    ShardedIo::open(&c).unwrap()
-}
-
 #[test]
 fn racing_coordinators_commit_a_step_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -274,12 +263,12 @@ fn racing_coordinators_commit_a_step_once() {
     let memory = format!("memory://race-{}", std::process::id());
     for url in [folder, memory] {
         let w = Tensor::arange(8, (Kind::Float, Device::Cpu)).reshape([4, 2]);
-        let other = open_rank(tmp.path(), &url, 1, 2);
+        let other = open_rank(tmp.path(), &url, 1, 2, "race", 5);
         other.save(7, &[Part::rows("w", &w.narrow(0, 2, 2), 2, 4)]).unwrap();
         assert!(other.flush(Duration::from_secs(10)).unwrap());
         // The coordinator's background commit races with commits by hand
         // from several threads.
-        let coordinator = open_rank(tmp.path(), &url, 0, 2);
+        let coordinator = open_rank(tmp.path(), &url, 0, 2, "race", 5);
         coordinator.save(7, &[Part::rows("w", &w.narrow(0, 0, 2), 0, 4)]).unwrap();
         use std::sync::atomic::Ordering::Relaxed;
         // Its shard is written: its background commit starts now, as do the others.
@@ -316,7 +305,7 @@ fn racing_coordinators_commit_a_step_once() {
 fn wants_outside_the_saved_tensors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("memory://wants-{}", std::process::id());
-    let io = open_rank(tmp.path(), &url, 0, 1);
+    let io = open_rank(tmp.path(), &url, 0, 1, "race", 5);
     let w = Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([3, 2]);
     let half = w.narrow(0, 0, 2);
     // Rows past the global shape are refused at the call.
@@ -386,31 +375,19 @@ fn the_coordinator_keeps_global_backups_and_snapshots_through_retention() {
     assert_eq!(io.stats().snapshots_failed.load(Relaxed), 0);
 }
 
-fn open_run(dir: &Path, url: &str, rank: usize, run: &str, deadline: u64) -> ShardedIo {
-    let mut c = Config::default();
-    c.model.dir = dir.to_path_buf();
-    c.model.name = "m".into();
-    c.remote.url = url.into();
-    c.shard.rank = Some(rank);
-    c.shard.world_size = Some(2);
-    c.shard.run_id = run.into();
-    c.shard.commit_deadline_secs = deadline;
-    ShardedIo::open(&c).unwrap()
-}
-
 #[test]
 fn a_restarted_job_never_commits_a_dead_runs_shard_nor_saves_silently_over_a_committed_step() {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("memory://runs-{}", std::process::id());
     let rows = |v: f32| Tensor::from_slice(&[v; 4]).reshape([2, 2]);
     // Run "a": rank 1 wrote step 3, then the job died before rank 0 did.
-    let dead = open_run(tmp.path(), &url, 1, "a", 5);
+    let dead = open_rank(tmp.path(), &url, 1, 2, "a", 5);
     dead.save(3, &[Part::rows("w", &rows(100.0), 2, 4)]).unwrap();
     assert!(dead.flush(Duration::from_secs(10)).unwrap());
     drop(dead);
     // Run "b" saves step 3: its coordinator waits for run b's rank 1, not a's.
-    let coordinator = open_run(tmp.path(), &url, 0, "b", 10);
-    let other = open_run(tmp.path(), &url, 1, "b", 10);
+    let coordinator = open_rank(tmp.path(), &url, 0, 2, "b", 10);
+    let other = open_rank(tmp.path(), &url, 1, 2, "b", 10);
     coordinator.save(3, &[Part::rows("w", &rows(1.0), 0, 4)]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(coordinator.latest().unwrap().is_none(), "run a's shard was not taken for run b's");
@@ -422,8 +399,8 @@ fn a_restarted_job_never_commits_a_dead_runs_shard_nor_saves_silently_over_a_com
     assert_eq!(Vec::<f32>::try_from(w[0].reshape([-1])).unwrap(), vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
     drop((coordinator, other));
     // Run "c" resumes from an older step and saves step 3 again: it is told.
-    let coordinator = open_run(tmp.path(), &url, 0, "c", 10);
-    let other = open_run(tmp.path(), &url, 1, "c", 10);
+    let coordinator = open_rank(tmp.path(), &url, 0, 2, "c", 10);
+    let other = open_rank(tmp.path(), &url, 1, 2, "c", 10);
     other.save(3, &[Part::rows("w", &rows(5.0), 2, 4)]).unwrap();
     coordinator.save(3, &[Part::rows("w", &rows(5.0), 0, 4)]).unwrap();
     assert!(other.flush(Duration::from_secs(10)).unwrap());
@@ -448,8 +425,8 @@ fn a_restarted_job_never_commits_a_dead_runs_shard_nor_saves_silently_over_a_com
 fn pieces_that_do_not_fit_together_are_never_committed() {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("memory://fit-{}", std::process::id());
-    let coordinator = open_run(tmp.path(), &url, 0, "fit", 2);
-    let other = open_run(tmp.path(), &url, 1, "fit", 2);
+    let coordinator = open_rank(tmp.path(), &url, 0, 2, "fit", 2);
+    let other = open_rank(tmp.path(), &url, 1, 2, "fit", 2);
     let f32s = Tensor::from_slice(&[1f32; 4]).reshape([2, 2]);
     let f64s = Tensor::from_slice(&[2f64; 4]).reshape([2, 2]);
     other.save(1, &[Part::rows("w", &f64s, 2, 4)]).unwrap();
@@ -465,8 +442,8 @@ fn pieces_that_do_not_fit_together_are_never_committed() {
 fn a_coordinator_dropped_without_flush_still_commits_its_last_step() {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("memory://drop-{}", std::process::id());
-    let coordinator = open_run(tmp.path(), &url, 0, "drop", 10);
-    let other = open_run(tmp.path(), &url, 1, "drop", 10);
+    let coordinator = open_rank(tmp.path(), &url, 0, 2, "drop", 10);
+    let other = open_rank(tmp.path(), &url, 1, 2, "drop", 10);
     let rows = Tensor::from_slice(&[1f32; 4]).reshape([2, 2]);
     coordinator.save(4, &[Part::rows("w", &rows, 0, 4)]).unwrap();
     let late = std::thread::spawn(move || {
@@ -502,15 +479,9 @@ fn a_job_of_several_ranks_without_a_run_id_is_refused_before_it_writes() {
 /// given `f64` rows of steps in `bad` (pieces that never commit together).
 fn two_ranks(dir: &Path, snapshot_keep: usize) -> (ShardedIo, ShardedIo) {
     let open = |rank| {
-        let mut c = Config::default();
-        c.model.dir = dir.to_path_buf();
-        c.model.name = "m".into();
-        c.shard.rank = Some(rank);
-        c.shard.world_size = Some(2);
-        c.shard.run_id = "two".into();
-        c.shard.keep = 0;
         // Long enough for a slow rank 1 on a busy machine: every step here commits or fails before it.
-        c.shard.commit_deadline_secs = 600;
+        let mut c = rank_config(dir, "", rank, 2, "two", 600);
+        c.shard.keep = 0;
         c.snapshot.keep = snapshot_keep;
         ShardedIo::open(&c).unwrap()
     };
@@ -616,4 +587,121 @@ fn an_optimizers_state_saves_by_rows_and_resumes_on_another_world_size() {
     let mut sgd = modelio::Sgd::new(&vs, 0.1, 0.9, 0.0, 0.0, false);
     let e = sgd.load_state(&optimizer_state(&got[3], []).unwrap()).unwrap_err().to_string();
     assert!(e.contains("`adam`"), "{e}");
+}
+
+/// Rank `rank` of `world` ranks of run `run` on a folder store.
+fn folder_rank(dir: &Path, rank: usize, world: usize, run: &str) -> ShardedIo {
+    let mut c = rank_config(dir, "", rank, world, run, 600);
+    c.shard.keep = 0;
+    ShardedIo::open(&c).unwrap()
+}
+
+/// `[start, end)` of `n` split into `parts` near-equal runs, the `i`-th.
+fn split(n: usize, parts: usize, i: usize) -> (usize, usize) {
+    (n * i / parts, n * (i + 1) / parts)
+}
+
+#[test]
+fn boxes_saved_split_one_way_load_split_any_other_way_bitwise() {
+    // `cols` is a row-parallel layer's weight: three ranks hold three
+    // column blocks; `rows` is split along its first dimension; `cube` is
+    // cut in two dimensions at once. Values are random bit patterns of
+    // every width, so a misplaced element is seen.
+    let mut rng = Rng(21);
+    let random = |rng: &mut Rng, kind: Kind, shape: &[i64]| {
+        let n: i64 = shape.iter().product();
+        let bytes: Vec<u8> = (0..n * kind.elt_size_in_bytes() as i64).map(|_| rng.below(256) as u8).collect();
+        // NaN payloads survive: the bits are compared, not the values.
+        Tensor::from_data_size(&bytes, shape, kind)
+    };
+    let cols = random(&mut rng, Kind::Float, &[6, 9]);
+    let rows = random(&mut rng, Kind::Double, &[9, 4]);
+    let cube = random(&mut rng, Kind::BFloat16, &[4, 6, 5]);
+    let bits = |t: &Tensor| Vec::<u8>::try_from(t.contiguous().view_dtype(Kind::Uint8).reshape([-1])).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let savers: Vec<ShardedIo> = (0..3).map(|r| folder_rank(tmp.path(), r, 3, "boxes")).collect();
+    for (r, io) in savers.iter().enumerate() {
+        let (c0, c1) = split(9, 3, r);
+        let (r0, r1) = split(9, 3, r);
+        let (d0, d1) = split(6, 3, r);
+        let col_block = cols.narrow(1, c0 as i64, (c1 - c0) as i64);
+        let row_block = rows.narrow(0, r0 as i64, (r1 - r0) as i64);
+        // The cube: rank r holds depth rows 0..2 or 2..4 (by parity) of
+        // its third of dimension 1, and the rest of dimension 1 is held by
+        // the next rank: every element is held once.
+        let cube_a = cube.narrow(1, d0 as i64, (d1 - d0) as i64).narrow(0, 0, 2);
+        let next = split(6, 3, (r + 1) % 3);
+        let cube_b = cube.narrow(1, next.0 as i64, (next.1 - next.0) as i64).narrow(0, 2, 2);
+        io.save(
+            5,
+            &[
+                Part::boxed("cols", &col_block, &[0, c0], &[6, 9]),
+                Part::rows("rows", &row_block, r0, 9),
+                Part::boxed("cube.a", &cube_a, &[0, d0, 0], &[4, 6, 5]),
+                Part::boxed("cube.b", &cube_b, &[2, next.0, 0], &[4, 6, 5]),
+            ],
+        )
+        .unwrap();
+    }
+    for io in savers.iter().rev() {
+        assert!(io.flush(Duration::from_secs(600)).unwrap());
+    }
+    drop(savers);
+    // A different world loads from the same folder: any rank can read.
+    let reader = folder_rank(tmp.path(), 0, 1, "load");
+    let m = reader.latest().unwrap().unwrap();
+    assert_eq!((m.iterations, m.world_size), (5, 3));
+    let problems = reader.verify(&m).unwrap();
+    assert!(problems.len() == 2 && problems.iter().all(|p| p.contains("cube.") && p.contains("in no shard")), "{problems:?}");
+    // Two ranks, split the other way: `cols` by rows, `rows` by columns.
+    let mut cols_by_rows = Vec::new();
+    let mut rows_by_cols = Vec::new();
+    for r in 0..2 {
+        let (a, b) = split(6, 2, r);
+        let (c, d) = split(4, 2, r);
+        let got = reader.load(&m, &[Want::rows("cols", a, b), Want::boxed("rows", &[0, c], &[9, d - c])]).unwrap();
+        assert_eq!(got[0].size(), [(b - a) as i64, 9]);
+        assert_eq!(got[1].size(), [9, (d - c) as i64]);
+        cols_by_rows.push(got[0].shallow_clone());
+        rows_by_cols.push(got[1].shallow_clone());
+    }
+    assert_eq!(bits(&Tensor::cat(&cols_by_rows, 0)), bits(&cols));
+    assert_eq!(bits(&Tensor::cat(&rows_by_cols, 1)), bits(&rows));
+    // Four ranks, a 2 x 2 grid of uneven blocks of each matrix.
+    for (name, whole) in [("cols", &cols), ("rows", &rows)] {
+        let (h, w) = (whole.size()[0] as usize, whole.size()[1] as usize);
+        let mut grid = Vec::new();
+        for i in 0..2 {
+            let (r0, r1) = (if i == 0 { 0 } else { h / 3 }, if i == 0 { h / 3 } else { h });
+            let mut line = Vec::new();
+            for j in 0..2 {
+                let (c0, c1) = (if j == 0 { 0 } else { w - 1 }, if j == 0 { w - 1 } else { w });
+                let got = reader.load(&m, &[Want::boxed(name, &[r0, c0], &[r1 - r0, c1 - c0])]).unwrap();
+                line.push(got.into_iter().next().unwrap());
+            }
+            grid.push(Tensor::cat(&line, 1));
+        }
+        assert_eq!(bits(&Tensor::cat(&grid, 0)), bits(whole), "{name} from a 2 x 2 grid");
+    }
+    // One rank: everything whole, the cube from its two halves.
+    let got = reader.load(&m, &[Want::whole("cols"), Want::whole("rows"), Want::whole("cube.a"), Want::whole("cube.b")]);
+    let e = got.unwrap_err().to_string();
+    assert!(e.contains("cube.a") && e.contains("no piece holds"), "each half holds half the cube: {e}");
+    let got = reader.load(&m, &[Want::whole("cols"), Want::whole("rows")]).unwrap();
+    assert_eq!((bits(&got[0]), bits(&got[1])), (bits(&cols), bits(&rows)));
+    let a = reader.load(&m, &[Want::boxed("cube.a", &[0, 0, 0], &[2, 6, 5])]).unwrap();
+    let b = reader.load(&m, &[Want::boxed("cube.b", &[2, 0, 0], &[2, 6, 5])]).unwrap();
+    assert_eq!(bits(&Tensor::cat(&[&a[0], &b[0]], 0)), bits(&cube));
+    // A box of a box that straddles two ranks' pieces in two dimensions.
+    let got = reader.load(&m, &[Want::boxed("cube.b", &[2, 1, 1], &[2, 4, 3])]).unwrap();
+    assert_eq!(bits(&got[0]), bits(&cube.narrow(0, 2, 2).narrow(1, 1, 4).narrow(2, 1, 3)));
+    // A box outside the tensor, or with the wrong number of dimensions, is named.
+    for want in [Want::boxed("cols", &[0, 8], &[6, 2]), Want::boxed("cols", &[0], &[6])] {
+        let e = reader.load(&m, &[want]).unwrap_err().to_string();
+        assert!(e.contains("cols") && e.contains("[6, 9]"), "{e}");
+    }
+    // A part whose box does not fit its global shape is refused at the call.
+    let io = folder_rank(tmp.path(), 0, 1, "refused");
+    let e = io.save(6, &[Part::boxed("cols", &cols, &[0, 1], &[6, 9])]).unwrap_err();
+    assert!(matches!(e, modelio::Error::Argument { .. }) && e.to_string().contains("the box of `cols`"), "{e}");
 }

@@ -416,9 +416,13 @@ pub fn inspect(path: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliEr
     };
     let tensors = m.tensor_names();
     let tensor_bytes: u64 = m.shards.iter().flat_map(|s| &s.pieces).map(|p| p.data_len).sum();
+    // Rows `[a, b)` of a piece whole past its first dimension (every
+    // piece of a format 1 step), else `None`: a box of some other shape.
     let rows = |p: &modelio::sharded::Piece| {
+        let r = p.region();
         let n = p.shape.first().copied().unwrap_or(1);
-        (!p.global_shape.is_empty()).then_some([p.row_offset, p.row_offset + n])
+        let row_wide = !p.global_shape.is_empty() && p.shape.get(1..) == p.global_shape.get(1..);
+        row_wide.then_some([r.offset[0], r.offset[0] + n])
     };
     if json {
         let shards: Vec<serde_json::Value> = m
@@ -433,7 +437,9 @@ pub fn inspect(path: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliEr
                     .shards
                     .iter()
                     .flat_map(|s| s.pieces.iter().filter(|p| &p.name == t).map(move |p| (s.rank, p)))
-                    .map(|(rank, p)| serde_json::json!({"rank": rank, "rows": rows(p), "shape": p.shape, "bytes": p.data_len}))
+                    .map(|(rank, p)| {
+                        serde_json::json!({"rank": rank, "rows": rows(p), "offset": p.region().offset, "shape": p.shape, "bytes": p.data_len})
+                    })
                     .collect();
                 let first = m.shards.iter().flat_map(|s| &s.pieces).find(|p| &p.name == t);
                 serde_json::json!({
@@ -493,8 +499,9 @@ pub fn inspect(path: &Path, json: bool, out: &mut Out) -> Result<ExitCode, CliEr
                 for p in s.pieces.iter().filter(|p| &p.name == t) {
                     first.get_or_insert(p);
                     pieces.push(match rows(p) {
-                        Some([a, b]) if p.shape != p.global_shape => format!("rank {} rows {a}..{b}", s.rank),
-                        _ => format!("rank {} whole", s.rank),
+                        _ if p.shape == p.global_shape => format!("rank {} whole", s.rank),
+                        Some([a, b]) => format!("rank {} rows {a}..{b}", s.rank),
+                        None => format!("rank {} box at {:?} of shape {:?}", s.rank, p.region().offset, p.shape),
                     });
                 }
             }

@@ -51,6 +51,7 @@ use crate::remote::objects::Objects;
 #[cfg(feature = "torch")]
 use crate::tensors::{copy_bytes, dtype_of, shape_of, to_tensor};
 
+mod boxes;
 mod commit;
 mod layout;
 mod read;
@@ -58,27 +59,87 @@ mod records;
 mod run;
 mod writer;
 
+pub use boxes::Region;
 pub use layout::Layout;
 pub use records::{DoneRecord, GlobalManifest, Piece, SHARDED_FORMAT};
 use run::run_id;
 
-/// What a rank saves of one tensor.
+/// What a rank saves of one tensor: all of it, or its box of a global
+/// tensor.
 #[cfg(feature = "torch")]
 pub struct Part<'a> {
     pub name: &'a str,
     pub tensor: &'a Tensor,
-    /// `Some((row_offset, global_rows))` for rows of a tensor split along its
-    /// first dimension; `None` for a whole tensor.
-    pub rows: Option<(usize, usize)>,
+    place: Place,
+}
+
+/// Where a part lies in its global tensor.
+#[cfg(feature = "torch")]
+enum Place {
+    Whole,
+    /// Rows from `offset` of a tensor of `global_rows` rows, whole in every
+    /// other dimension.
+    Rows {
+        offset: usize,
+        global_rows: usize,
+    },
+    /// The box at `offset` (one per dimension) of a tensor of shape `global`.
+    Box {
+        offset: Vec<usize>,
+        global: Vec<usize>,
+    },
 }
 
 #[cfg(feature = "torch")]
 impl<'a> Part<'a> {
+    /// The whole tensor (each rank that holds it may save it; a load reads it once).
     pub fn whole(name: &'a str, tensor: &'a Tensor) -> Part<'a> {
-        Part { name, tensor, rows: None }
+        Part { name, tensor, place: Place::Whole }
     }
+
+    /// Rows `[row_offset, row_offset + rows)` of a tensor of `global_rows`
+    /// rows split along its first dimension.
     pub fn rows(name: &'a str, tensor: &'a Tensor, row_offset: usize, global_rows: usize) -> Part<'a> {
-        Part { name, tensor, rows: Some((row_offset, global_rows)) }
+        Part { name, tensor, place: Place::Rows { offset: row_offset, global_rows } }
+    }
+
+    /// The box of a tensor of shape `global` that starts at `offset` (one
+    /// per dimension) and has `tensor`'s shape: columns of a row-parallel
+    /// layer's weight (`offset = [0, c]`), a block of a 2-D split, ...
+    pub fn boxed(name: &'a str, tensor: &'a Tensor, offset: &[usize], global: &[usize]) -> Part<'a> {
+        Part { name, tensor, place: Place::Box { offset: offset.to_vec(), global: global.to_vec() } }
+    }
+
+    /// Its box and the global shape, checked against each other.
+    fn region(&self, shape: &[usize]) -> Result<(Region, Vec<usize>)> {
+        let (offset, global) = match &self.place {
+            Place::Whole => (vec![0; shape.len()], shape.to_vec()),
+            Place::Rows { offset, global_rows } => {
+                let rows = shape.first().copied().unwrap_or(0);
+                if shape.is_empty() || offset.checked_add(rows).is_none_or(|end| end > *global_rows) {
+                    return Err(Error::Argument {
+                        arg: format!("rows of `{}`", self.name),
+                        value: format!("{offset}..{} of {global_rows}", offset.saturating_add(rows)),
+                        allowed: "rows inside the global first dimension".into(),
+                    });
+                }
+                let mut o = vec![0; shape.len()];
+                o[0] = *offset;
+                let mut g = shape.to_vec();
+                g[0] = *global_rows;
+                (o, g)
+            }
+            Place::Box { offset, global } => (offset.clone(), global.clone()),
+        };
+        let region = Region { offset, shape: shape.to_vec() };
+        if !region.fits(&global) {
+            return Err(Error::Argument {
+                arg: format!("the box of `{}`", self.name),
+                value: format!("offset {:?} and shape {:?} in a global shape {global:?}", region.offset, region.shape),
+                allowed: "a box inside the global shape, with one offset per dimension of the tensor".into(),
+            });
+        }
+        Ok((region, global))
     }
 }
 
@@ -127,19 +188,59 @@ pub fn optimizer_state(json: &Tensor, tensors: impl IntoIterator<Item = (String,
     Ok(crate::optim::OptimizerState { kind: kind.into(), json: state, tensors: tensors.into_iter().collect() })
 }
 
-/// What a rank loads of one tensor: all of it, or rows `[start, end)`.
+/// What a rank loads of one tensor: all of it, rows `[start, end)`, or any
+/// box, whatever boxes the step was saved in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Want {
     pub name: String,
-    pub rows: Option<(usize, usize)>,
+    pub(crate) place: Wanted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Wanted {
+    Whole,
+    Rows(usize, usize),
+    Box(Region),
 }
 
 impl Want {
     pub fn whole(name: &str) -> Want {
-        Want { name: name.into(), rows: None }
+        Want { name: name.into(), place: Wanted::Whole }
     }
+
+    /// Rows `[start, end)` of the first dimension, whole in the others.
     pub fn rows(name: &str, start: usize, end: usize) -> Want {
-        Want { name: name.into(), rows: Some((start, end)) }
+        Want { name: name.into(), place: Wanted::Rows(start, end) }
+    }
+
+    /// The box at `offset` of size `shape` (one of each per dimension).
+    pub fn boxed(name: &str, offset: &[usize], shape: &[usize]) -> Want {
+        Want { name: name.into(), place: Wanted::Box(Region { offset: offset.to_vec(), shape: shape.to_vec() }) }
+    }
+
+    /// The box wanted of a tensor of shape `global`, if it lies inside it.
+    pub(crate) fn region(&self, global: &[usize]) -> Option<Region> {
+        let region = match &self.place {
+            Wanted::Whole => Region::whole(global),
+            Wanted::Rows(start, end) if start <= end && !global.is_empty() => {
+                let mut r = Region::whole(global);
+                r.offset[0] = *start;
+                r.shape[0] = end - start;
+                r
+            }
+            Wanted::Rows(..) => return None,
+            Wanted::Box(r) => r.clone(),
+        };
+        region.fits(global).then_some(region)
+    }
+
+    /// What is wanted, in words.
+    pub(crate) fn describe(&self) -> String {
+        match &self.place {
+            Wanted::Whole => "the whole tensor".into(),
+            Wanted::Rows(a, b) => format!("rows {a}..{b}"),
+            Wanted::Box(r) => format!("the box at {:?} of shape {:?}", r.offset, r.shape),
+        }
     }
 }
 
@@ -214,10 +315,9 @@ pub struct ShardStats {
 struct Staged {
     name: String,
     dtype: DType,
-    /// The piece's own shape, and the whole tensor's.
-    shape: Vec<usize>,
+    /// The piece's box of the whole tensor, and the whole tensor's shape.
+    region: Region,
     global: Vec<usize>,
-    row_offset: usize,
     bytes: Vec<u8>,
 }
 
@@ -382,7 +482,7 @@ impl ShardedIo {
     ///
     /// # Errors
     /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::Argument`]
-    /// for rows outside the global shape, [`Error::Torch`].
+    /// for rows or a box outside the global shape, [`Error::Torch`].
     pub fn save(&self, iterations: u64, parts: &[Part<'_>]) -> Result<()> {
         self.save_inner(iterations, parts, None)
     }
@@ -416,26 +516,10 @@ impl ShardedIo {
                 return Err(Error::DuplicateTensor { tensor: p.name.into() });
             }
             let dtype = dtype_of(p.name, p.tensor.kind())?;
-            let shape = shape_of(p.tensor);
-            let (row_offset, global) = match p.rows {
-                None => (0, shape.clone()),
-                Some((offset, global_rows)) => {
-                    let rows = shape.first().copied().unwrap_or(0);
-                    if shape.is_empty() || offset.checked_add(rows).is_none_or(|end| end > global_rows) {
-                        return Err(Error::Argument {
-                            arg: format!("rows of `{}`", p.name),
-                            value: format!("{offset}..{} of {global_rows}", offset.saturating_add(rows)),
-                            allowed: "rows inside the global first dimension".into(),
-                        });
-                    }
-                    let mut g = shape.clone();
-                    g[0] = global_rows;
-                    (offset, g)
-                }
-            };
+            let (region, global) = p.region(&shape_of(p.tensor))?;
             let mut bytes = Vec::new();
             copy_bytes(p.tensor, &mut bytes)?;
-            tensors.push(Staged { name: p.name.to_string(), dtype, shape, global, row_offset, bytes });
+            tensors.push(Staged { name: p.name.to_string(), dtype, region, global, bytes });
         }
         let replaced = {
             let mut q = lock(&self.shared.queue);

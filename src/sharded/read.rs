@@ -1,6 +1,7 @@
 //! Reading committed steps: listing, the newest, and any piece of a tensor
 //! reassembled from the pieces stored, each checked.
 
+use super::boxes::{copy_overlap, subtract, Region};
 use super::records::inconsistency;
 use super::{GlobalManifest, Piece, Shared, Want};
 use crate::archive::format::DType;
@@ -37,16 +38,15 @@ impl Shared {
         }
     }
 
-    /// The dtype, shape and bytes of `want` in step `m`.
+    /// The dtype, shape and bytes of `want` in step `m`: each stored box
+    /// that holds some of it not yet read is read once (a tensor several
+    /// ranks hold whole is read from one) and its overlap copied.
     pub(super) async fn read_want(&self, m: &GlobalManifest, want: &Want) -> Result<(DType, Vec<usize>, Vec<u8>)> {
         let pieces = m.pieces(&want.name);
         let missing = |found: String| Error::Mismatch {
             path: std::path::PathBuf::from(self.layout.manifest(m.iterations).as_ref()),
             tensor: want.name.clone(),
-            expected: match want.rows {
-                Some((a, b)) => format!("rows {a}..{b}"),
-                None => "the whole tensor".into(),
-            },
+            expected: want.describe(),
             found,
         };
         let Some((_, first)) = pieces.first() else { return Err(missing("no such tensor".into())) };
@@ -55,48 +55,30 @@ impl Shared {
         }
         let dtype = DType::from_name(&first.dtype).ok_or_else(|| missing(format!("dtype {}", first.dtype)))?;
         let global = first.global_shape.clone();
-        let global_rows = global.first().copied().unwrap_or(1);
-        let (start, end) = match want.rows {
-            None => (0, global_rows),
-            Some((a, b)) if a <= b && b <= global_rows && !global.is_empty() => (a, b),
-            Some(_) => return Err(missing(format!("{global_rows} rows"))),
-        };
-        let row_bytes = global.iter().skip(1).product::<usize>() * dtype.size();
-        let mut out_shape = global.clone();
-        if let Some(r) = out_shape.first_mut() {
-            *r = end - start;
-        }
-        let mut out = vec![0u8; if global.is_empty() { dtype.size() } else { (end - start) * row_bytes }];
-        let mut covered = vec![false; end - start];
+        let Some(wanted) = want.region(&global) else { return Err(missing(format!("a tensor of shape {global:?}"))) };
+        let len = usize::try_from(wanted.volume()).ok().and_then(|n| n.checked_mul(dtype.size()));
+        let Some(len) = len else { return Err(missing(format!("a tensor of shape {global:?}"))) };
+        let mut out = vec![0u8; len];
+        let mut left = vec![wanted.clone()];
         for (key, p) in pieces {
-            if p.global_shape != global {
-                return Err(missing(format!("pieces with global shapes {:?} and {:?}", p.global_shape, global)));
-            }
-            let rows = p.shape.first().copied().unwrap_or(1);
-            let (lo, hi) = (p.row_offset.max(start), (p.row_offset + rows).min(end));
-            if global.is_empty() {
-                out = self.read_piece(m, key, p).await?;
-                covered.iter_mut().for_each(|c| *c = true);
-                break;
-            }
-            // Rows another piece already gave (a tensor several ranks hold
-            // whole) are not read again.
-            if lo >= hi || covered[lo - start..hi - start].iter().all(|&c| c) {
+            let stored = p.region();
+            if !left.iter().any(|l| l.intersect(&stored).is_some()) {
                 continue;
             }
             let data = self.read_piece(m, key, p).await?;
-            let src = (lo - p.row_offset) * row_bytes..(hi - p.row_offset) * row_bytes;
-            let dst = (lo - start) * row_bytes..(hi - start) * row_bytes;
-            match (data.get(src), out.get_mut(dst)) {
-                (Some(s), Some(d)) => d.copy_from_slice(s),
-                _ => return Err(missing("a piece shorter than its shape".into())),
+            if !copy_overlap(dtype.size(), &stored, &data, &wanted, &mut out) {
+                return Err(missing("a piece shorter than its shape".into()));
             }
-            covered[lo - start..hi - start].iter_mut().for_each(|c| *c = true);
+            left = subtract(&left, &stored);
         }
-        if let Some(row) = covered.iter().position(|c| !c) {
-            return Err(missing(format!("no piece holds row {}", start + row)));
+        if let Some(gap) = left.iter().min_by_key(|l| l.offset.clone()) {
+            let row_wide = gap.shape.get(1..) == wanted.shape.get(1..) && !gap.shape.is_empty();
+            return Err(missing(match row_wide {
+                true => format!("no piece holds row {}", gap.offset[0]),
+                false => format!("no piece holds the box at {:?} of shape {:?}", gap.offset, gap.shape),
+            }));
         }
-        Ok((dtype, out_shape, out))
+        Ok((dtype, wanted.shape, out))
     }
 
     /// One piece's bytes, by a ranged read of its shard, checked.
@@ -135,19 +117,19 @@ impl Shared {
             problems.push(problem);
             return Ok(problems);
         }
-        // Every tensor is whole: its pieces cover every row.
+        // Every tensor is whole: its pieces cover every element.
         for name in m.tensor_names() {
             let pieces = m.pieces(&name);
-            let rows = pieces.first().and_then(|(_, p)| p.global_shape.first().copied()).unwrap_or(1);
-            let mut count = vec![0usize; rows];
+            let Some((_, first)) = pieces.first() else { continue };
+            let mut left = vec![Region::whole(&first.global_shape)];
             for (_, p) in &pieces {
-                let n = p.shape.first().copied().unwrap_or(1);
-                for c in count.iter_mut().skip(p.row_offset).take(n) {
-                    *c += 1;
-                }
+                left = subtract(&left, &p.region());
             }
-            if count.contains(&0) {
-                problems.push(format!("tensor `{name}`: some rows are in no shard"));
+            if let Some(gap) = left.iter().min_by_key(|g| g.offset.clone()) {
+                problems.push(match gap.shape.get(1..) == first.global_shape.get(1..) && !gap.shape.is_empty() {
+                    true => format!("tensor `{name}`: some rows are in no shard, from row {}", gap.offset[0]),
+                    false => format!("tensor `{name}`: the box at {:?} of shape {:?} is in no shard", gap.offset, gap.shape),
+                });
             }
         }
         Ok(problems)

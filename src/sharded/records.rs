@@ -6,12 +6,16 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::boxes::Region;
 use crate::archive::format::DType;
 
-/// Format of done-records and global manifests.
-pub const SHARDED_FORMAT: u32 = 1;
+/// Format of done-records and global manifests: 2 describes each piece as
+/// a box (`offset` in every dimension); 1, read as well, as rows of the
+/// first dimension (`row_offset`).
+pub const SHARDED_FORMAT: u32 = 2;
 
-/// One stored tensor of a shard: a whole tensor, or rows of one.
+/// One stored tensor of a shard: a box of a global tensor (all of it, rows
+/// of it, columns of it, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Piece {
     /// The tensor's global name.
@@ -19,9 +23,14 @@ pub struct Piece {
     pub dtype: String,
     /// The whole tensor's shape.
     pub global_shape: Vec<usize>,
-    /// First row (of the first dimension) this piece holds; 0 for a whole tensor.
+    /// Where the box starts in every dimension (format 2). Empty in a
+    /// format 1 record, whose box is rows from `row_offset`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offset: Vec<usize>,
+    /// The box's start in the first dimension (`offset[0]`, 0 for a scalar):
+    /// all that format 1 recorded, still written for its readers.
     pub row_offset: usize,
-    /// The piece's own shape (the global shape with fewer rows for a slice).
+    /// The piece's own shape (the box's size in every dimension).
     pub shape: Vec<usize>,
     /// Where its bytes are in the shard archive, and their CRC-32C.
     pub data_offset: u64,
@@ -66,6 +75,21 @@ pub struct GlobalManifest {
     pub lowest: f64,
 }
 
+impl Piece {
+    /// The box of the global tensor this piece holds.
+    pub fn region(&self) -> Region {
+        let offset = match (self.offset.is_empty(), self.global_shape.is_empty()) {
+            (false, _) | (true, true) => self.offset.clone(),
+            (true, false) => {
+                let mut o = vec![0; self.global_shape.len()];
+                o[0] = self.row_offset;
+                o
+            }
+        };
+        Region { offset, shape: self.shape.clone() }
+    }
+}
+
 impl GlobalManifest {
     /// Every piece of tensor `name`, with its shard's key.
     pub(super) fn pieces(&self, name: &str) -> Vec<(&str, &Piece)> {
@@ -81,12 +105,19 @@ impl GlobalManifest {
     }
 }
 
-/// What makes the pieces of a step unusable, if anything: for each tensor,
-/// one dtype and global shape, each piece's shape the global one with its
-/// own rows, inside the global rows, and as many bytes as its shape needs.
+/// What makes the pieces of a step unusable, if anything: records of a
+/// newer format; for each tensor, one dtype and global shape; each piece a
+/// box inside the global shape (a format 1 piece: rows, whole past the
+/// first dimension) with as many bytes as its shape needs.
 pub(super) fn inconsistency(shards: &[DoneRecord]) -> Option<String> {
     let mut seen: BTreeMap<&str, (&str, &[usize])> = BTreeMap::new();
     for d in shards {
+        if d.format > SHARDED_FORMAT {
+            return Some(format!(
+                "rank {}'s record is of format {}, newer than this modelio reads ({SHARDED_FORMAT}): upgrade modelio",
+                d.rank, d.format
+            ));
+        }
         for p in &d.pieces {
             let (dtype, global) = *seen.entry(&p.name).or_insert((&p.dtype, &p.global_shape));
             let what = |detail: String| Some(format!("tensor `{}` (rank {}): {detail}", p.name, d.rank));
@@ -94,22 +125,16 @@ pub(super) fn inconsistency(shards: &[DoneRecord]) -> Option<String> {
                 return what(format!("{} {:?} here, {dtype} {global:?} elsewhere", p.dtype, p.global_shape));
             }
             let Some(size) = DType::from_name(&p.dtype).map(DType::size) else { return what(format!("unknown dtype {}", p.dtype)) };
-            let expected = if global.is_empty() {
-                (p.shape.is_empty() && p.row_offset == 0).then_some(size as u64)
-            } else {
-                let rows = p.shape.first().copied().unwrap_or(0);
-                let fits = p.shape.len() == global.len()
-                    && p.shape[1..] == global[1..]
-                    && p.row_offset.checked_add(rows).is_some_and(|e| e <= global[0]);
-                fits.then(|| p.shape.iter().try_fold(size as u64, |n, &d| n.checked_mul(d as u64))).flatten()
-            };
+            let region = p.region();
+            let rows_only = p.offset.is_empty() && !global.is_empty() && p.shape.get(1..) != global.get(1..);
+            let agrees = p.offset.is_empty() || p.offset.first().copied().unwrap_or(0) == p.row_offset;
+            let expected = (region.fits(global) && !rows_only && agrees)
+                .then(|| p.shape.iter().try_fold(size as u64, |n, &d| n.checked_mul(d as u64)))
+                .flatten();
             match expected {
                 Some(len) if len == p.data_len => {}
                 _ => {
-                    return what(format!(
-                        "shape {:?} at row {} of {global:?} with {} bytes does not fit",
-                        p.shape, p.row_offset, p.data_len
-                    ))
+                    return what(format!("shape {:?} at {:?} of {global:?} with {} bytes does not fit", p.shape, region.offset, p.data_len))
                 }
             }
         }
@@ -136,6 +161,7 @@ mod tests {
                 name: "w".into(),
                 dtype: "F32".into(),
                 global_shape: vec![4, 2],
+                offset: vec![],
                 row_offset,
                 shape: vec![rows, 2],
                 data_offset: 0,
@@ -167,5 +193,50 @@ mod tests {
         shards[1].pieces[0].row_offset = 2;
         shards[1].pieces[0].global_shape = vec![4, 3];
         assert!(inconsistency(&shards).unwrap().contains("elsewhere"));
+    }
+
+    #[test]
+    fn boxes_are_checked_in_every_dimension_and_rows_of_format_1_still_read() {
+        let piece = |offset: Vec<usize>, row_offset: usize, shape: Vec<usize>| Piece {
+            name: "w".into(),
+            dtype: "F32".into(),
+            global_shape: vec![4, 6],
+            offset,
+            row_offset,
+            data_len: 4 * shape.iter().product::<usize>() as u64,
+            shape,
+            data_offset: 0,
+            crc32c: 0,
+        };
+        let record = |format: u32, pieces: Vec<Piece>| DoneRecord {
+            format,
+            run: String::new(),
+            rank: 0,
+            world_size: 1,
+            iterations: 1,
+            key: "k".into(),
+            size: 0,
+            crc32c: 0,
+            pieces,
+        };
+        // Columns 2..5 of all rows: a box.
+        let cols = piece(vec![0, 2], 0, vec![4, 3]);
+        assert_eq!(cols.region(), Region { offset: vec![0, 2], shape: vec![4, 3] });
+        assert_eq!(inconsistency(&[record(2, vec![cols.clone()])]), None);
+        let past = piece(vec![0, 4], 0, vec![4, 3]);
+        assert!(inconsistency(&[record(2, vec![past])]).unwrap().contains("does not fit"), "columns past the global shape");
+        let disagree = piece(vec![1, 0], 0, vec![2, 6]);
+        assert!(inconsistency(&[record(2, vec![disagree])]).is_some(), "row_offset must be offset[0]");
+        // Format 1: rows from row_offset, whole past the first dimension.
+        let rows = piece(vec![], 2, vec![2, 6]);
+        assert_eq!(rows.region(), Region { offset: vec![2, 0], shape: vec![2, 6] });
+        assert_eq!(inconsistency(&[record(1, vec![rows])]), None);
+        let narrow = piece(vec![], 0, vec![4, 3]);
+        assert!(inconsistency(&[record(1, vec![narrow])]).is_some(), "a format 1 piece holds whole rows");
+        let newer = inconsistency(&[record(SHARDED_FORMAT + 1, vec![cols])]).unwrap();
+        assert!(newer.contains("newer") && newer.contains("upgrade modelio"), "{newer}");
+        // A scalar's box has no dimensions.
+        let scalar = Piece { global_shape: vec![], shape: vec![], data_len: 4, ..piece(vec![], 0, vec![]) };
+        assert_eq!(inconsistency(&[record(2, vec![scalar])]), None);
     }
 }

@@ -87,7 +87,7 @@ impl Shared {
         let key = self.layout.shard(iterations, self.rank.rank, &upload);
         let refs: Vec<TensorRef<'_>> = tensors
             .iter()
-            .map(|t| TensorRef { name: &t.name, dtype: t.dtype, shape: &t.shape, data: &t.bytes, crc32c: None, crc32: None })
+            .map(|t| TensorRef { name: &t.name, dtype: t.dtype, shape: &t.region.shape, data: &t.bytes, crc32c: None, crc32: None })
             .collect();
         let path = std::path::PathBuf::from(key.as_ref());
         let name = format!("{}-rank-{}", self.model, self.rank.rank);
@@ -95,7 +95,7 @@ impl Shared {
         let (size, crc) = (bytes.len() as u64, crc32c::crc32c(&bytes));
         let reader = ArchiveReader::from_bytes(&path, bytes)?;
         let mut pieces = Vec::with_capacity(tensors.len());
-        for Staged { name, dtype, shape, global, row_offset, .. } in &tensors {
+        for Staged { name, dtype, region, global, .. } in &tensors {
             let located = reader.model.iter().find(|l| &l.meta.name == name).ok_or_else(|| Error::Internal {
                 what: Work::ShardedSave,
                 message: format!("tensor `{name}` is not in the shard just written"),
@@ -104,8 +104,9 @@ impl Shared {
                 name: name.clone(),
                 dtype: dtype.name().into(),
                 global_shape: global.clone(),
-                row_offset: *row_offset,
-                shape: shape.clone(),
+                offset: region.offset.clone(),
+                row_offset: region.offset.first().copied().unwrap_or(0),
+                shape: region.shape.clone(),
                 data_offset: located.offset as u64,
                 data_len: located.len as u64,
                 crc32c: located.meta.crc32c,
