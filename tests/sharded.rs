@@ -705,3 +705,85 @@ fn boxes_saved_split_one_way_load_split_any_other_way_bitwise() {
     let e = io.save(6, &[Part::boxed("cols", &cols, &[0, 1], &[6, 9])]).unwrap_err();
     assert!(matches!(e, modelio::Error::Argument { .. }) && e.to_string().contains("the box of `cols`"), "{e}");
 }
+
+#[test]
+fn a_step_written_whole_by_a_launch_that_died_before_its_commit_is_committed_by_the_next() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = |v: f32| Tensor::from_slice(&[v; 6]).reshape([2, 3]);
+    // Launch "dead", of 2 ranks, commits step 1. At step 2 its coordinator
+    // gives up before rank 1's record is there, then rank 1 writes it: the
+    // store holds what a coordinator killed after every record was written
+    // and before its commit leaves behind.
+    let coordinator = open_rank(tmp.path(), "", 0, 2, "dead", 1);
+    let other = open_rank(tmp.path(), "", 1, 2, "dead", 1);
+    other.save(1, &[Part::rows("w", &rows(1.0), 2, 4)]).unwrap();
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    coordinator.save(1, &[Part::rows("w", &rows(1.0), 0, 4)]).unwrap();
+    assert!(coordinator.flush(Duration::from_secs(600)).unwrap());
+    coordinator.save(2, &[Part::rows("w", &rows(2.0), 0, 4)]).unwrap();
+    let e = coordinator.flush(Duration::from_secs(600)).unwrap_err();
+    assert!(matches!(e, modelio::Error::ShardMissing { iterations: 2, rank: 1, .. }), "{e:?}");
+    other.save(2, &[Part::rows("w", &rows(3.0), 2, 4)]).unwrap();
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    drop((coordinator, other));
+    // A single rank opened beside a job (a reader) leaves a step whose
+    // records are younger than its commit deadline to that job.
+    let reader = open_rank(tmp.path(), "", 0, 1, "reader", 600);
+    assert_eq!(reader.stats().recovered.load(Relaxed), 0);
+    assert_eq!(reader.latest().unwrap().map(|m| m.iterations), Some(1));
+    drop(reader);
+    // The next launch, of 3 ranks: the first rank to open (not the
+    // coordinator) commits step 2 before its open returns.
+    let late = open_rank(tmp.path(), "", 2, 3, "next", 10);
+    assert_eq!(late.stats().recovered.load(Relaxed), 1);
+    let m = late.latest().unwrap().unwrap();
+    assert_eq!((m.iterations, m.world_size), (2, 2));
+    assert!(late.verify(&m).unwrap().is_empty());
+    let w = late.load(&m, &[Want::whole("w")]).unwrap();
+    assert!(w[0].equal(&Tensor::cat(&[rows(2.0), rows(3.0)], 0)));
+    // The others find it committed and resume from it too.
+    let coordinator = open_rank(tmp.path(), "", 0, 3, "next", 10);
+    assert_eq!(coordinator.stats().recovered.load(Relaxed), 0);
+    assert_eq!(coordinator.latest().unwrap().map(|m| m.iterations), Some(2));
+}
+
+#[test]
+fn verify_names_the_rank_whose_shard_is_damaged_or_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (coordinator, other) = two_ranks(tmp.path(), 0);
+    let rows = |v: f32| Tensor::from_slice(&[v; 4]).reshape([2, 2]);
+    other.save(1, &[Part::rows("w", &rows(2.0), 2, 4)]).unwrap();
+    coordinator.save(1, &[Part::rows("w", &rows(1.0), 0, 4)]).unwrap();
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    assert!(coordinator.flush(Duration::from_secs(600)).unwrap());
+    let m = coordinator.latest().unwrap().unwrap();
+    assert!(coordinator.verify(&m).unwrap().is_empty());
+    let shard = |rank: usize| {
+        let dir = tmp.path().join(format!("m/sharded/steps/{:020}", 1));
+        let prefix = format!("rank-{rank}-");
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
+            .unwrap()
+    };
+    // One byte of rank 1's tensor flipped (a new file: committed files are
+    // never changed in place).
+    let path = shard(1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = m.shards[1].pieces[0].data_offset as usize;
+    bytes[at] ^= 0x40;
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let problems = coordinator.verify(&m).unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].starts_with("rank 1: ") && problems[0].contains("differs from its done-record"), "{problems:?}");
+    let e = coordinator.load(&m, &[Want::whole("w")]).unwrap_err().to_string();
+    assert!(e.contains("CRC-32C"), "{e}");
+    // Rank 0's shard gone as well.
+    std::fs::remove_file(shard(0)).unwrap();
+    let problems = coordinator.verify(&m).unwrap();
+    assert!(problems.iter().any(|p| p.starts_with("rank 0: ") && p.contains("is missing")), "{problems:?}");
+}

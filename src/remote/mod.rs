@@ -44,7 +44,6 @@ use crate::folder::durable::{self, Source};
 use crate::folder::ModelPaths;
 use manifest::{checkpoint_id, iterations_of, Intent, Layout, ARCHIVE_OBJECT, MANIFEST_FORMAT, STATE_OBJECT};
 pub use manifest::{Latest, ObjectEntry, RemoteManifest, TensorSum};
-use objects::remote_err;
 use objects::{Objects, Put};
 
 /// Why a checkpoint is uploaded (recorded in its manifest).
@@ -510,49 +509,13 @@ impl Inner {
     /// Stream object `o` through `sink`; its size and CRC-32C.
     async fn download(&self, o: &ObjectEntry, sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send)) -> Result<(u64, u32)> {
         let key = self.objects.stored_key(&o.key)?;
-        let got = match self.objects.store().get(&key).await {
-            Ok(g) => g,
-            // An object its manifest names is gone: the checkpoint is incomplete.
-            Err(object_store::Error::NotFound { .. }) => return Err(self.objects.damaged(&key, &o.file, "the object is missing")),
-            Err(e) => return Err(self.objects.err("download", &key, e)),
-        };
-        let mut stream = got.into_stream();
-        let (mut size, mut crc) = (0u64, 0u32);
-        while let Some(chunk) = stream.next().await {
-            let chunk: Bytes = chunk.map_err(|e| self.objects.err("download", &key, e))?;
-            crc = crc32c::crc32c_append(crc, &chunk);
-            size += chunk.len() as u64;
-            sink(&chunk)?;
-        }
-        Ok((size, crc))
+        // An object its manifest names is gone: the checkpoint is incomplete.
+        self.objects.stream(&key, sink).await?.ok_or_else(|| self.objects.damaged(&key, &o.file, "the object is missing"))
     }
 
-    /// The archive's own manifest, read with ranged reads through the zip's
-    /// end records and central directory (a few small requests whatever the
-    /// archive's size).
+    /// The archive's own manifest, by ranged reads.
     async fn archive_manifest(&self, o: &ObjectEntry) -> Result<crate::archive::format::Manifest> {
-        let key = self.objects.stored_key(&o.key)?;
-        // A failed request is the store's failure, not damage: kept aside.
-        let failed: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
-        let (store, k, f) = (self.objects.store().clone(), key.clone(), failed.clone());
-        let read = move |range: std::ops::Range<u64>| {
-            let (store, k, f) = (store.clone(), k.clone(), f.clone());
-            async move {
-                store.get_range(&k, range).await.map(|b| b.to_vec()).map_err(|e| {
-                    let message = e.to_string();
-                    if let Ok(mut slot) = f.lock() {
-                        *slot = Some(remote_err("read", &k, e));
-                    }
-                    message
-                })
-            }
-        };
-        let ranged = crate::archive::zipread::read_entry_ranged(o.size, crate::archive::format::MANIFEST_ENTRY, read).await;
-        if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
-            return Err(e);
-        }
-        let bytes = ranged.map_err(|detail| self.objects.damaged(&key, "archive", detail))?;
-        crate::archive::parse_manifest(&bytes).map_err(|detail| self.objects.damaged(&key, "archive", detail))
+        self.objects.archive_manifest(&self.objects.stored_key(&o.key)?, o.size).await
     }
 
     async fn apply_retention(&self, keep: usize, protect: Option<&str>) -> Result<usize> {

@@ -193,8 +193,24 @@ impl Objects {
     /// # Errors
     /// [`Error::Remote`] (or a refusal, a missing bucket included).
     pub async fn list(&self, prefix: &Key) -> Result<Vec<ObjectMeta>> {
+        self.collect(prefix, self.store.list(Some(prefix))).await
+    }
+
+    /// The objects under `prefix` whose keys sort after `offset`: one
+    /// listing of what follows, however much precedes it.
+    ///
+    /// # Errors
+    /// As [`Objects::list`].
+    pub async fn list_after(&self, prefix: &Key, offset: &Key) -> Result<Vec<ObjectMeta>> {
+        self.collect(prefix, self.store.list_with_offset(Some(prefix), offset)).await
+    }
+
+    async fn collect(
+        &self,
+        prefix: &Key,
+        mut listing: futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>>,
+    ) -> Result<Vec<ObjectMeta>> {
         let mut out = Vec::new();
-        let mut listing = self.store.list(Some(prefix));
         while let Some(meta) = listing.next().await {
             out.push(meta.map_err(|e| self.err("list", prefix, e))?);
         }
@@ -209,6 +225,60 @@ impl Objects {
         let mut keys: Vec<Key> = self.list(prefix).await?.into_iter().map(|m| m.location).collect();
         keys.sort();
         Ok(keys)
+    }
+
+    /// Stream the object at `key` through `sink`, chunk by chunk (memory
+    /// bounded by a chunk, whatever its size): its size and CRC-32C, or
+    /// `None` when it does not exist.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store fails; what `sink` returns.
+    pub async fn stream(&self, key: &Key, sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send)) -> Result<Option<(u64, u32)>> {
+        let got = match self.store.get(key).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("download", key, e)),
+        };
+        let mut stream = got.into_stream();
+        let (mut size, mut crc) = (0u64, 0u32);
+        while let Some(chunk) = stream.next().await {
+            let chunk: Bytes = chunk.map_err(|e| self.err("download", key, e))?;
+            crc = crc32c::crc32c_append(crc, &chunk);
+            size += chunk.len() as u64;
+            sink(&chunk)?;
+        }
+        Ok(Some((size, crc)))
+    }
+
+    /// The own manifest of the archive at `key` (`size` bytes), read with
+    /// ranged reads through the zip's end records and central directory (a
+    /// few small requests whatever the archive's size).
+    ///
+    /// # Errors
+    /// [`Error::Remote`] when the store fails; [`Error::RemoteDamaged`]
+    /// when the archive's records or manifest do not read.
+    pub async fn archive_manifest(&self, key: &Key, size: u64) -> Result<crate::archive::format::Manifest> {
+        // A failed request is the store's failure, not damage: kept aside.
+        let failed: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
+        let (store, k, f) = (self.store.clone(), key.clone(), failed.clone());
+        let read = move |range: std::ops::Range<u64>| {
+            let (store, k, f) = (store.clone(), k.clone(), f.clone());
+            async move {
+                store.get_range(&k, range).await.map(|b| b.to_vec()).map_err(|e| {
+                    let message = e.to_string();
+                    if let Ok(mut slot) = f.lock() {
+                        *slot = Some(remote_err("read", &k, e));
+                    }
+                    message
+                })
+            }
+        };
+        let ranged = crate::archive::zipread::read_entry_ranged(size, crate::archive::format::MANIFEST_ENTRY, read).await;
+        if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+            return Err(e);
+        }
+        let bytes = ranged.map_err(|detail| self.damaged(key, "archive", detail))?;
+        crate::archive::parse_manifest(&bytes).map_err(|detail| self.damaged(key, "archive", detail))
     }
 
     /// Remove the object at `key`; one that is already gone is fine.

@@ -112,21 +112,23 @@ impl Shared {
         }
     }
 
-    /// Commit `iterations` if every rank's done-record is there.
     /// Commit `iterations` if every rank's done-record is there: the new
     /// manifest, or `None` when it already existed.
     pub(super) async fn commit_once(&self, iterations: u64, loss: Option<f64>) -> Result<Option<GlobalManifest>> {
-        let mut shards = Vec::with_capacity(self.rank.world_size);
-        for r in 0..self.rank.world_size {
+        let shards = self.gather(iterations, &self.run_id, self.rank.world_size).await?;
+        self.publish(iterations, shards, loss).await
+    }
+
+    /// The done-records of step `iterations` by every rank of run `run` of
+    /// `world` ranks, each shard there with its size.
+    async fn gather(&self, iterations: u64, run: &str, world: usize) -> Result<Vec<DoneRecord>> {
+        let mut shards = Vec::with_capacity(world);
+        for r in 0..world {
             let key = self.layout.done(iterations, r);
             match self.objects.get_json::<DoneRecord>(&key).await? {
-                Some((d, _))
-                    if d.iterations == iterations && d.world_size == self.rank.world_size && d.rank == r && d.run == self.run_id =>
-                {
-                    shards.push(d)
-                }
+                Some((d, _)) if d.iterations == iterations && d.world_size == world && d.rank == r && d.run == run => shards.push(d),
                 // Another run's record (a dead launch's) is not this run's shard.
-                Some((d, _)) if d.run != self.run_id => {
+                Some((d, _)) if d.run != run => {
                     return Err(Error::ShardMissing { iterations, rank: r, key: format!("{key} is run `{}`'s, not this run's", d.run) })
                 }
                 _ => return Err(Error::ShardMissing { iterations, rank: r, key: key.to_string() }),
@@ -139,6 +141,14 @@ impl Shared {
                 return Err(Error::ShardMissing { iterations, rank: d.rank, key: d.key.clone() });
             }
         }
+        Ok(shards)
+    }
+
+    /// Write the manifest that commits step `iterations` of `shards`
+    /// (create-if-absent), then `LATEST` and the backup: the new manifest,
+    /// or `None` when the same shards were committed already.
+    async fn publish(&self, iterations: u64, shards: Vec<DoneRecord>, loss: Option<f64>) -> Result<Option<GlobalManifest>> {
+        let world_size = shards.len();
         if let Some(problem) = inconsistency(&shards) {
             return Err(Error::ShardInconsistent { iterations, detail: problem });
         }
@@ -148,7 +158,7 @@ impl Shared {
             format: SHARDED_FORMAT,
             model: self.model.clone(),
             iterations,
-            world_size: self.rank.world_size,
+            world_size,
             created: chrono::Utc::now().to_rfc3339(),
             shards,
             loss,
@@ -193,6 +203,69 @@ impl Shared {
             };
         }
         Ok(Some(manifest))
+    }
+
+    /// Commit the steps past the newest manifest that a dead launch wrote
+    /// whole: every rank's done-record of one run other than this one (of
+    /// its own world size) and every shard there, never committed because
+    /// the launch died between its last record and its manifest. Each is
+    /// committed as its own run saved it (no loss is known: no backup); a
+    /// step this run writes is left to its coordinator. Every rank of a
+    /// launch of several calls this before `open` returns, so none reads an
+    /// older newest step than another: a new launch of the job means the
+    /// run that wrote them is over. A single rank (a reader beside a live
+    /// job, say) only commits steps whose records are older than its commit
+    /// deadline, which a live coordinator would have committed by then.
+    /// Returns the steps committed here.
+    pub(super) async fn recover(&self) -> Result<Vec<u64>> {
+        let newest = self.objects.list_keys(&self.layout.manifests()).await?.pop().and_then(|k| step_of(&k));
+        let steps = self.layout.steps();
+        // Only what follows the newest committed step is listed.
+        let after = match newest {
+            Some(n) => self.layout.step(n).join("~"),
+            None => steps.clone(),
+        };
+        // Each step past the newest committed one, with its newest object's time.
+        let mut candidates: BTreeMap<u64, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+        for meta in self.objects.list_after(&steps, &after).await? {
+            let n = meta.location.prefix_match(&steps).and_then(|mut p| p.next()).and_then(|p| p.as_ref().parse::<u64>().ok());
+            if let Some(n) = n.filter(|n| newest.is_none_or(|m| *n > m)) {
+                let t = candidates.entry(n).or_insert(meta.last_modified);
+                *t = (*t).max(meta.last_modified);
+            }
+        }
+        let settled = chrono::Duration::from_std(self.deadline).ok().and_then(|d| chrono::Utc::now().checked_sub_signed(d));
+        let mut recovered = Vec::new();
+        for (n, modified) in candidates {
+            if self.rank.world_size == 1 && settled.is_none_or(|s| modified > s) {
+                continue;
+            }
+            // Rank 0's record names the run and its world size.
+            let Some((first, _)) = self.objects.get_json::<DoneRecord>(&self.layout.done(n, 0)).await? else { continue };
+            if first.run == self.run_id || first.iterations != n || first.world_size == 0 {
+                continue;
+            }
+            let shards = match self.gather(n, &first.run, first.world_size).await {
+                Ok(shards) => shards,
+                Err(Error::ShardMissing { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(problem) = inconsistency(&shards) {
+                tracing::warn!(target: "modelio", "sharded step {n} of run `{}` is whole but not committed: {problem}", first.run);
+                continue;
+            }
+            match self.publish(n, shards, None).await {
+                Ok(Some(_)) => {
+                    tracing::info!(target: "modelio", "committed sharded step {n}, left whole but uncommitted by run `{}`", first.run);
+                    self.stats.recovered.fetch_add(1, Ordering::Relaxed);
+                    recovered.push(n);
+                }
+                // Another rank of this launch committed it first.
+                Ok(None) | Err(Error::StepCommitted { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(recovered)
     }
 
     /// The lowest loss so far: from memory, else from the newest manifest.
@@ -250,13 +323,7 @@ impl Shared {
 
     /// Steps that a backup or snapshot holds (retention keeps their shards).
     pub(super) async fn protected(&self) -> Result<Vec<u64>> {
-        let mut steps: Vec<u64> = self
-            .objects
-            .list_keys(&self.layout.snapshots())
-            .await?
-            .iter()
-            .filter_map(|k| k.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse().ok()))
-            .collect();
+        let mut steps: Vec<u64> = self.objects.list_keys(&self.layout.snapshots()).await?.iter().filter_map(step_of).collect();
         if let Some((b, _)) = self.objects.get_json::<GlobalManifest>(&self.layout.backup()).await? {
             steps.push(b.iterations);
         }
@@ -269,7 +336,7 @@ impl Shared {
     pub(super) async fn retain(&self) -> Result<()> {
         let mut committed = BTreeMap::new();
         for key in self.objects.list_keys(&self.layout.manifests()).await? {
-            if let Some(n) = key.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(n) = step_of(&key) {
                 committed.insert(n, key);
             }
         }
@@ -349,4 +416,9 @@ impl Shared {
             self.snapshot_not_made(n, "the step was not committed");
         }
     }
+}
+
+/// The step a key under `manifests/` commits.
+fn step_of(key: &object_store::path::Path) -> Option<u64> {
+    key.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse().ok())
 }

@@ -309,6 +309,9 @@ pub struct ShardStats {
     /// Global snapshots made, and those that failed (their step was not committed).
     pub snapshots: AtomicU64,
     pub snapshots_failed: AtomicU64,
+    /// Steps a dead launch wrote whole but never committed, committed by
+    /// this rank when it opened.
+    pub recovered: AtomicU64,
 }
 
 /// One tensor of a save, copied at the call.
@@ -441,6 +444,9 @@ impl ShardedIo {
         if rank.rank == 0 && rank.world_size > 1 {
             shared.run(shared.claim_run())?;
         }
+        // Steps a dead launch left whole but uncommitted are committed
+        // before any rank reads which step is the newest.
+        shared.run(shared.recover())?;
         let s = shared.clone();
         let (workers, ()) = Workers::start("modelio-shard", move || {
             let w = s.clone();
