@@ -706,46 +706,126 @@ fn boxes_saved_split_one_way_load_split_any_other_way_bitwise() {
     assert!(matches!(e, modelio::Error::Argument { .. }) && e.to_string().contains("the box of `cols`"), "{e}");
 }
 
+/// Launch `run`, of 2 ranks, commits step `committed` (`w` = 1s), then
+/// its coordinator gives up on step `left` before rank 1's record is there,
+/// and rank 1 writes it (`w` = 2s over 3s): the store holds what a
+/// coordinator killed after every record was written and before its commit
+/// leaves behind.
+fn dead_launch(dir: &Path, run: &str, committed: u64, left: u64) {
+    let rows = |v: f32| Tensor::from_slice(&[v; 6]).reshape([2, 3]);
+    let coordinator = open_rank(dir, "", 0, 2, run, 1);
+    let other = open_rank(dir, "", 1, 2, run, 1);
+    other.save(committed, &[Part::rows("w", &rows(1.0), 2, 4)]).unwrap();
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    coordinator.save(committed, &[Part::rows("w", &rows(1.0), 0, 4)]).unwrap();
+    assert!(coordinator.flush(Duration::from_secs(600)).unwrap());
+    coordinator.save(left, &[Part::rows("w", &rows(2.0), 0, 4)]).unwrap();
+    let e = coordinator.flush(Duration::from_secs(600)).unwrap_err();
+    assert!(matches!(e, modelio::Error::ShardMissing { rank: 1, .. }), "{e:?}");
+    other.save(left, &[Part::rows("w", &rows(3.0), 2, 4)]).unwrap();
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+}
+
+/// What `dead_launch` saved at its uncommitted step.
+fn left_whole() -> Tensor {
+    Tensor::cat(&[Tensor::from_slice(&[2f32; 6]), Tensor::from_slice(&[3f32; 6])], 0).reshape([4, 3])
+}
+
 #[test]
 fn a_step_written_whole_by_a_launch_that_died_before_its_commit_is_committed_by_the_next() {
     use std::sync::atomic::Ordering::Relaxed;
     let tmp = tempfile::tempdir().unwrap();
-    let rows = |v: f32| Tensor::from_slice(&[v; 6]).reshape([2, 3]);
-    // Launch "dead", of 2 ranks, commits step 1. At step 2 its coordinator
-    // gives up before rank 1's record is there, then rank 1 writes it: the
-    // store holds what a coordinator killed after every record was written
-    // and before its commit leaves behind.
-    let coordinator = open_rank(tmp.path(), "", 0, 2, "dead", 1);
-    let other = open_rank(tmp.path(), "", 1, 2, "dead", 1);
-    other.save(1, &[Part::rows("w", &rows(1.0), 2, 4)]).unwrap();
-    assert!(other.flush(Duration::from_secs(600)).unwrap());
-    coordinator.save(1, &[Part::rows("w", &rows(1.0), 0, 4)]).unwrap();
-    assert!(coordinator.flush(Duration::from_secs(600)).unwrap());
-    coordinator.save(2, &[Part::rows("w", &rows(2.0), 0, 4)]).unwrap();
-    let e = coordinator.flush(Duration::from_secs(600)).unwrap_err();
-    assert!(matches!(e, modelio::Error::ShardMissing { iterations: 2, rank: 1, .. }), "{e:?}");
-    other.save(2, &[Part::rows("w", &rows(3.0), 2, 4)]).unwrap();
-    assert!(other.flush(Duration::from_secs(600)).unwrap());
-    drop((coordinator, other));
-    // A single rank opened beside a job (a reader) leaves a step whose
-    // records are younger than its commit deadline to that job.
-    let reader = open_rank(tmp.path(), "", 0, 1, "reader", 600);
-    assert_eq!(reader.stats().recovered.load(Relaxed), 0);
+    dead_launch(tmp.path(), "dead", 1, 2);
+    // A reader never writes: it sees step 1, and cannot save.
+    let reader = ShardedIo::open_reader(&rank_config(tmp.path(), "", 0, 1, "", 600)).unwrap();
     assert_eq!(reader.latest().unwrap().map(|m| m.iterations), Some(1));
+    let e = reader.save(9, &[Part::whole("w", &left_whole())]).unwrap_err();
+    assert!(e.to_string().contains("open_reader"), "{e}");
     drop(reader);
+    // A single rank opened beside a job leaves a step whose records are
+    // younger than its commit deadline to that job.
+    let single = open_rank(tmp.path(), "", 0, 1, "single", 600);
+    assert_eq!(single.stats().recovered.load(Relaxed), 0);
+    assert_eq!(single.latest().unwrap().map(|m| m.iterations), Some(1));
+    drop(single);
     // The next launch, of 3 ranks: the first rank to open (not the
     // coordinator) commits step 2 before its open returns.
     let late = open_rank(tmp.path(), "", 2, 3, "next", 10);
     assert_eq!(late.stats().recovered.load(Relaxed), 1);
     let m = late.latest().unwrap().unwrap();
-    assert_eq!((m.iterations, m.world_size), (2, 2));
+    assert_eq!((m.iterations, m.world_size, m.loss), (2, 2, None));
     assert!(late.verify(&m).unwrap().is_empty());
     let w = late.load(&m, &[Want::whole("w")]).unwrap();
-    assert!(w[0].equal(&Tensor::cat(&[rows(2.0), rows(3.0)], 0)));
+    assert!(w[0].equal(&left_whole()));
     // The others find it committed and resume from it too.
     let coordinator = open_rank(tmp.path(), "", 0, 3, "next", 10);
     assert_eq!(coordinator.stats().recovered.load(Relaxed), 0);
     assert_eq!(coordinator.latest().unwrap().map(|m| m.iterations), Some(2));
+}
+
+#[test]
+fn a_single_rank_commits_a_dead_launchs_step_once_its_records_are_older_than_its_deadline() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tmp = tempfile::tempdir().unwrap();
+    dead_launch(tmp.path(), "dead", 1, 2);
+    // Its deadline is one second: the records age past it.
+    let waited = Instant::now();
+    loop {
+        let single = open_rank(tmp.path(), "", 0, 1, "", 1);
+        if single.stats().recovered.load(Relaxed) == 1 {
+            assert!(single.load(&single.latest().unwrap().unwrap(), &[Want::whole("w")]).unwrap()[0].equal(&left_whole()));
+            break;
+        }
+        assert_eq!(single.latest().unwrap().map(|m| m.iterations), Some(1));
+        assert!(waited.elapsed() < Duration::from_secs(120), "never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_dead_launchs_step_is_never_committed_over_a_newer_commit_nor_from_two_runs() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tmp = tempfile::tempdir().unwrap();
+    dead_launch(tmp.path(), "dead", 10, 20);
+    // A trainer of one rank resumes from step 10 (step 20's records are
+    // too young for it) and commits step 15.
+    let single = open_rank(tmp.path(), "", 0, 1, "", 600);
+    assert_eq!(single.latest().unwrap().map(|m| m.iterations), Some(10));
+    single.save(15, &[Part::whole("w", &Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)))]).unwrap();
+    assert!(single.flush(Duration::from_secs(600)).unwrap());
+    drop(single);
+    // Step 21: rank 0's record of run "x", rank 1's of run "y".
+    let x = open_rank(tmp.path(), "", 0, 2, "x", 1);
+    x.save(21, &[Part::rows("w", &Tensor::ones([2, 3], (Kind::Float, Device::Cpu)), 0, 4)]).unwrap();
+    assert!(x.flush(Duration::from_secs(600)).is_err());
+    let y = open_rank(tmp.path(), "", 1, 2, "y", 1);
+    y.save(21, &[Part::rows("w", &Tensor::ones([2, 3], (Kind::Float, Device::Cpu)), 2, 4)]).unwrap();
+    assert!(y.flush(Duration::from_secs(600)).unwrap());
+    drop((x, y));
+    // A new launch takes neither step 20 (older than the commit of 15) nor 21.
+    let next = open_rank(tmp.path(), "", 1, 2, "next", 10);
+    assert_eq!(next.stats().recovered.load(Relaxed), 0);
+    assert_eq!(next.latest().unwrap().map(|m| m.iterations), Some(15));
+}
+
+#[test]
+fn empty_tensors_and_empty_boxes_load_and_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (coordinator, other) = two_ranks(tmp.path(), 0);
+    let empty = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
+    let w = Tensor::arange(9, (Kind::Float, Device::Cpu)).reshape([3, 3]);
+    // Rank 1 holds no rows of `w` (an uneven split of 3 rows over 2 ranks
+    // gives one rank none when the split is 3 + 0).
+    other.save(1, &[Part::rows("w", &w.narrow(0, 3, 0), 3, 3), Part::whole("empty", &empty)]).unwrap();
+    coordinator.save(1, &[Part::rows("w", &w, 0, 3)]).unwrap();
+    assert!(other.flush(Duration::from_secs(600)).unwrap());
+    assert!(coordinator.flush(Duration::from_secs(600)).unwrap());
+    let m = coordinator.latest().unwrap().unwrap();
+    assert!(coordinator.verify(&m).unwrap().is_empty(), "{:?}", coordinator.verify(&m));
+    let got = coordinator.load(&m, &[Want::whole("empty"), Want::rows("w", 2, 2), Want::rows("w", 3, 3), Want::whole("w")]).unwrap();
+    assert_eq!(got[0].size(), [0, 4]);
+    assert_eq!((got[1].size(), got[2].size()), (vec![0, 3], vec![0, 3]));
+    assert!(got[3].equal(&w));
 }
 
 #[test]
@@ -786,4 +866,173 @@ fn verify_names_the_rank_whose_shard_is_damaged_or_missing() {
     std::fs::remove_file(shard(0)).unwrap();
     let problems = coordinator.verify(&m).unwrap();
     assert!(problems.iter().any(|p| p.starts_with("rank 0: ") && p.contains("is missing")), "{problems:?}");
+}
+
+/// A store that refuses any single put larger than `limit` bytes, as S3
+/// refuses one over 5 GiB, and counts the parts of multipart uploads: how
+/// many, and the most being sent at once.
+#[derive(Debug)]
+struct Capped {
+    inner: object_store::memory::InMemory,
+    limit: usize,
+    counts: Arc<PartCounts>,
+}
+
+#[derive(Debug, Default)]
+struct PartCounts {
+    parts: std::sync::atomic::AtomicUsize,
+    sending: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    /// Every part fails while set.
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for Capped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Capped({})", self.limit)
+    }
+}
+
+#[derive(Debug)]
+struct CountedUpload {
+    inner: Box<dyn object_store::MultipartUpload>,
+    counts: Arc<PartCounts>,
+}
+
+#[async_trait::async_trait]
+impl object_store::MultipartUpload for CountedUpload {
+    fn put_part(&mut self, data: object_store::PutPayload) -> object_store::UploadPart {
+        use std::sync::atomic::Ordering::SeqCst;
+        let counts = self.counts.clone();
+        counts.parts.fetch_add(1, SeqCst);
+        let now = counts.sending.fetch_add(1, SeqCst) + 1;
+        counts.most.fetch_max(now, SeqCst);
+        let part = self.inner.put_part(data);
+        let failing = counts.failing.load(SeqCst);
+        Box::pin(async move {
+            if failing {
+                counts.sending.fetch_sub(1, SeqCst);
+                return Err(object_store::Error::Generic { store: "Capped", source: "the part was refused".into() });
+            }
+            // Give the writer time to fill more parts if it would.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let done = part.await;
+            counts.sending.fetch_sub(1, SeqCst);
+            done
+        })
+    }
+    async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+        self.inner.complete().await
+    }
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Capped {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        if payload.content_length() > self.limit {
+            let source = format!("a single put of {} bytes is over this store's limit of {}", payload.content_length(), self.limit);
+            return Err(object_store::Error::Generic { store: "Capped", source: source.into() });
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(CountedUpload { inner, counts: self.counts.clone() }))
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&object_store::path::Path>) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[test]
+fn a_shard_larger_than_any_single_put_streams_up_in_parts() {
+    use object_store::{ObjectStore, ObjectStoreExt};
+    use std::sync::atomic::Ordering::SeqCst;
+    let counts = Arc::new(PartCounts::default());
+    let store = Arc::new(Capped { inner: object_store::memory::InMemory::new(), limit: 6 << 20, counts: counts.clone() });
+    // The cap is real: a put of one 7 MiB object is refused.
+    let big = object_store::PutPayload::from(vec![0u8; 7 << 20]);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    assert!(rt.block_on(store.put(&object_store::path::Path::from("probe"), big)).is_err());
+    let name = format!("capped-{}", std::process::id());
+    modelio::remote::register_store(&name, store.clone() as Arc<dyn ObjectStore>);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = rank_config(tmp.path(), &format!("memory://{name}"), 0, 1, "", 600);
+    c.remote.part_size_mib = 5;
+    c.remote.parts_in_flight = 2;
+    let io = ShardedIo::open(&c).unwrap();
+    // 24 MiB of distinct values: five parts of 5 MiB, none whole in one put.
+    let w = Tensor::arange(6 << 20, (Kind::Float, Device::Cpu)).reshape([6 << 10, 1 << 10]);
+    let b = Tensor::from_slice(&[1.5f64, -2.5]);
+    io.save(1, &[Part::whole("w", &w), Part::whole("b", &b)]).unwrap();
+    assert!(io.flush(Duration::from_secs(600)).unwrap());
+    let (parts, most) = (counts.parts.load(SeqCst), counts.most.load(SeqCst));
+    assert!(parts >= 5, "{parts} parts");
+    assert!(most <= 2, "{most} parts were being sent at once, more than parts_in_flight");
+    let m = io.latest().unwrap().unwrap();
+    assert!(io.verify(&m).unwrap().is_empty());
+    let got = io.load(&m, &[Want::whole("w"), Want::rows("w", 3000, 3001), Want::whole("b")]).unwrap();
+    assert!(got[0].equal(&w) && got[1].equal(&w.narrow(0, 3000, 1)) && got[2].equal(&b));
+    // A part the store refuses fails that save, reported once; the next
+    // save streams up whole.
+    counts.failing.store(true, SeqCst);
+    io.save(2, &[Part::whole("w", &w), Part::whole("b", &b)]).unwrap();
+    let e = io.flush(Duration::from_secs(600)).unwrap_err();
+    let report = e.report().to_string();
+    assert!(matches!(e, modelio::Error::Remote { op: "upload part of", .. }) && report.contains("the part was refused"), "{report}");
+    counts.failing.store(false, SeqCst);
+    let w3 = &w + 1;
+    io.save(3, &[Part::whole("w", &w3), Part::whole("b", &b)]).unwrap();
+    assert!(io.flush(Duration::from_secs(600)).unwrap());
+    let m = io.latest().unwrap().unwrap();
+    assert_eq!(m.iterations, 3);
+    assert!(io.load(&m, &[Want::whole("w")]).unwrap()[0].equal(&w3));
+    // On a shared folder the parts go straight into the shard's file.
+    let mut c = rank_config(tmp.path(), "", 0, 1, "", 600);
+    c.remote.part_size_mib = 5;
+    let io = ShardedIo::open(&c).unwrap();
+    io.save(1, &[Part::whole("w", &w)]).unwrap();
+    assert!(io.flush(Duration::from_secs(600)).unwrap());
+    let m = io.latest().unwrap().unwrap();
+    assert!(io.verify(&m).unwrap().is_empty());
+    assert!(io.load(&m, &[Want::whole("w")]).unwrap()[0].equal(&w));
 }

@@ -79,11 +79,9 @@ fn split(folder: &Path) -> Result<(PathBuf, String), CliError> {
 }
 
 /// A reader's view: rank 0 of 1, so the environment's `RANK` and
-/// `WORLD_SIZE` cannot refuse it (it writes nothing and commits nothing).
-fn reader(mut config: Config) -> Result<ShardedIo, CliError> {
-    config.shard.rank = Some(0);
-    config.shard.world_size = Some(1);
-    Ok(ShardedIo::open(&config)?)
+/// `WORLD_SIZE` cannot refuse it, that writes nothing and commits nothing.
+fn reader(config: Config) -> Result<ShardedIo, CliError> {
+    Ok(ShardedIo::open_reader(&config)?)
 }
 
 /// The sharded checkpoints of model `name` in the model folder `dir`, which

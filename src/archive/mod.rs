@@ -16,7 +16,7 @@ pub mod zipread;
 #[cfg(feature = "remote")]
 pub(crate) use reader::parse_manifest;
 pub use reader::{ArchiveReader, Located};
-pub use writer::{commit_archive, write_archive};
+pub use writer::{commit_archive, write_archive, write_archive_located, Span};
 
 /// What the tests of the archive's parts share.
 #[cfg(test)]

@@ -28,6 +28,35 @@ pub fn write_archive<W: Write>(
     optimizer: Option<OptimizerRef<'_>>,
     state: Option<&[u8]>,
 ) -> Result<W> {
+    write_archive_located(out, path, name, iterations, model, optimizer, state).map(|(out, _)| out)
+}
+
+/// Where a model tensor's bytes lie in an archive: what a ranged read of it
+/// asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+    /// CRC-32C of the bytes.
+    pub crc32c: u32,
+}
+
+/// [`write_archive`], also saying where each model tensor's bytes were
+/// written (in `model`'s order), so that a writer streaming the archive
+/// away need not read it back to find them.
+///
+/// # Errors
+/// As [`write_archive`].
+pub fn write_archive_located<W: Write>(
+    out: W,
+    path: &Path,
+    name: &str,
+    iterations: u64,
+    model: &[TensorRef<'_>],
+    optimizer: Option<OptimizerRef<'_>>,
+    state: Option<&[u8]>,
+) -> Result<(W, Vec<Span>)> {
     let optimizer_json = match optimizer {
         Some(o) => Some(serde_json::to_vec_pretty(o.json).map_err(|e| Error::io("encode optimizer state for", path, e.into()))?),
         None => None,
@@ -57,7 +86,17 @@ pub fn write_archive<W: Write>(
     let write_err = |e: std::io::Error| Error::io("write", path, e);
     let mut zip = rawzip::ZipArchiveWriter::new(out);
     write_entry(&mut zip, MANIFEST_ENTRY, &[(&manifest_json, None)]).map_err(write_err)?;
-    write_safetensors(&mut zip, MODEL_ENTRY, model).map_err(write_err)?;
+    let offsets = write_safetensors(&mut zip, MODEL_ENTRY, model).map_err(write_err)?;
+    let spans = model
+        .iter()
+        .zip(&manifest.model)
+        .map(|(t, meta)| Span {
+            name: t.name.into(),
+            offset: offsets.get(t.name).copied().unwrap_or(0),
+            len: t.data.len() as u64,
+            crc32c: meta.crc32c,
+        })
+        .collect();
     if let (Some(o), Some(json)) = (optimizer, &optimizer_json) {
         write_safetensors(&mut zip, OPTIMIZER_ENTRY, o.tensors).map_err(write_err)?;
         write_entry(&mut zip, OPTIMIZER_JSON_ENTRY, &[(json, None)]).map_err(write_err)?;
@@ -65,7 +104,7 @@ pub fn write_archive<W: Write>(
     if let Some(state) = state {
         write_entry(&mut zip, STATE_ENTRY, &[(state, None)]).map_err(write_err)?;
     }
-    zip.finish().map_err(|e| write_err(zip_io(e)))
+    zip.finish().map(|out| (out, spans)).map_err(|e| write_err(zip_io(e)))
 }
 
 /// The IO error inside a zip writer error (so a full disk stays recognisable).
@@ -81,12 +120,13 @@ const ALIGN_EXTRA_ID: u16 = 0xD935;
 
 /// One STORED entry whose data starts at a multiple of [`ALIGN`] in the file,
 /// written from `parts` in order. A part's CRC-32, when given, is combined
-/// into the entry's instead of being computed again while writing.
+/// into the entry's instead of being computed again while writing. Returns
+/// where its data starts in the file.
 pub(super) fn write_entry<W: Write>(
     zip: &mut rawzip::ZipArchiveWriter<W>,
     name: &str,
     parts: &[(&[u8], Option<u32>)],
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let io = zip_io;
     // Local header: 30 fixed bytes, the name, then our one extra field (4 + pad).
     let before_data = zip.stream_offset() + 30 + name.len() as u64 + 4;
@@ -115,7 +155,7 @@ pub(super) fn write_entry<W: Write>(
         size += part.len() as u64;
     }
     entry.finish(rawzip::DataDescriptorOutput::new(crc.finalize(), size)).map_err(io)?;
-    Ok(())
+    Ok(before_data + pad as u64)
 }
 
 /// Write an archive atomically to `target` (through the one commit helper in `durable`).
@@ -183,8 +223,13 @@ fn metas(path: &Path, tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
 }
 
 /// The safetensors entry `entry` of `tensors`: the header's length, the
-/// header, then the tensors in layout order.
-fn write_safetensors<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, entry: &str, tensors: &[TensorRef<'_>]) -> std::io::Result<()> {
+/// header, then the tensors in layout order. Returns where each tensor's
+/// bytes start in the file, by name.
+fn write_safetensors<'a, W: Write>(
+    zip: &mut rawzip::ZipArchiveWriter<W>,
+    entry: &str,
+    tensors: &'a [TensorRef<'a>],
+) -> std::io::Result<std::collections::HashMap<&'a str, u64>> {
     let order = safetensors::layout_order(tensors);
     let header = safetensors::header(&order);
     let len = (header.len() as u64).to_le_bytes();
@@ -192,7 +237,16 @@ fn write_safetensors<W: Write>(zip: &mut rawzip::ZipArchiveWriter<W>, entry: &st
     parts.push((&len, None));
     parts.push((&header, None));
     parts.extend(order.iter().map(|t| (t.data, t.crc32)));
-    write_entry(zip, entry, &parts)
+    let start = write_entry(zip, entry, &parts)?;
+    let mut at = start + 8 + header.len() as u64;
+    Ok(order
+        .iter()
+        .map(|t| {
+            let here = at;
+            at += t.data.len() as u64;
+            (t.name, here)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -221,6 +275,23 @@ mod tests {
         assert!(write_archive(Vec::new(), path, "m", 1, &[t("a", DType::F32, &ok, &a)], None, None).is_ok());
         let e = write_archive(Vec::new(), path, "m", 1, &[t("a", DType::F32, &too_many, &a)], None, None).unwrap_err();
         assert!(matches!(e, Error::TooManyDims { rank, .. } if rank == MAX_RANK + 1), "{e:?}");
+    }
+
+    #[test]
+    fn the_spans_written_are_where_a_reader_finds_each_tensor() {
+        let (a, b, c) = (vec![7u8; 12], vec![1u8; 0], vec![9u8; 6]);
+        let model = [
+            TensorRef { name: "w", dtype: DType::F32, shape: &[3], data: &a, crc32c: None, crc32: None },
+            TensorRef { name: "empty", dtype: DType::F64, shape: &[0], data: &b, crc32c: None, crc32: None },
+            TensorRef { name: "h", dtype: DType::F16, shape: &[3], data: &c, crc32c: None, crc32: None },
+        ];
+        let (bytes, spans) = write_archive_located(Vec::new(), Path::new("x.mio"), "m", 1, &model, None, None).unwrap();
+        let r = ArchiveReader::from_bytes(Path::new("x.mio"), bytes).unwrap();
+        assert_eq!(spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["w", "empty", "h"], "in the order given");
+        for s in &spans {
+            let located = r.model.iter().find(|l| l.meta.name == s.name).unwrap();
+            assert_eq!((s.offset, s.len, s.crc32c), (located.offset as u64, located.len as u64, located.meta.crc32c), "{}", s.name);
+        }
     }
 
     #[test]

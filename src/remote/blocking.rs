@@ -28,6 +28,12 @@ impl Blocking {
     /// Run `fut` on this runtime and wait for it. From inside another
     /// runtime it runs on a scoped thread (a runtime cannot be blocked on
     /// from one of its own or another runtime's threads).
+    /// Enter the runtime on this thread (until the guard drops), so that
+    /// what spawns tasks (a multipart writer's parts) spawns them on it.
+    pub fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
+        self.0.as_ref().map(|rt| rt.enter())
+    }
+
     pub fn run<F: Future + Send>(&self, fut: F) -> F::Output
     where
         F::Output: Send,

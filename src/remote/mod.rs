@@ -21,6 +21,7 @@ pub mod manifest;
 pub(crate) mod objects;
 pub mod status;
 pub(crate) mod store;
+pub use store::register_store;
 #[cfg(feature = "torch")]
 pub(crate) mod tier;
 

@@ -25,12 +25,26 @@ pub(crate) struct Built {
     pub prefix: Key,
 }
 
-/// `memory://name` stores of this process, by name, so that two handles (a
-/// trainer and a "fresh machine" in one test) see the same objects.
-fn memory(name: &str) -> Arc<InMemory> {
-    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
-    let mut stores = STORES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    stores.entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
+/// A `memory://name` store of this process.
+#[derive(Clone)]
+enum Named {
+    Memory(Arc<InMemory>),
+    Given(Arc<dyn ObjectStore>),
+}
+
+/// The `memory://name` stores of this process, by name, so that two handles
+/// (a trainer and a "fresh machine" in one test) see the same objects.
+fn named() -> std::sync::MutexGuard<'static, HashMap<String, Named>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Named>>> = OnceLock::new();
+    STORES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Make `memory://<name>` this process's URL for `store`: any object store
+/// (one wrapped with metrics or limits, a client built with settings the
+/// URL cannot carry) for the remote tier and sharded checkpoints. Replaces
+/// the store registered under `name` before; handles already open keep theirs.
+pub fn register_store(name: &str, store: Arc<dyn ObjectStore>) {
+    named().insert(name.to_string(), Named::Given(store));
 }
 
 /// Requests are retried a few times by the client itself (a reset
@@ -75,8 +89,11 @@ fn prefix_after_bucket(url: &str, scheme: &str) -> Result<Key> {
 pub(crate) fn build(c: &RemoteConfig) -> Result<Built> {
     let url = c.url.as_str();
     if let Some(name) = url.strip_prefix("memory://") {
-        let store = memory(name);
-        return Ok(Built { store: store.clone(), multipart: Some(store), prefix: Key::default() });
+        let store = named().entry(name.to_string()).or_insert_with(|| Named::Memory(Arc::new(InMemory::new()))).clone();
+        return Ok(match store {
+            Named::Memory(store) => Built { store: store.clone(), multipart: Some(store), prefix: Key::default() },
+            Named::Given(store) => Built { store, multipart: None, prefix: Key::default() },
+        });
     }
     if let Some(path) = url.strip_prefix("file://") {
         std::fs::create_dir_all(path).map_err(|e| Error::io("create the remote folder", path, e))?;
@@ -148,8 +165,15 @@ mod tests {
     }
 
     #[test]
-    fn memory_stores_are_shared_by_name() {
-        assert!(Arc::ptr_eq(&memory("a"), &memory("a")));
-        assert!(!Arc::ptr_eq(&memory("a"), &memory("b")));
+    fn memory_stores_are_shared_by_name_and_a_registered_store_is_used() {
+        let at = |name: &str| {
+            let c = RemoteConfig { url: format!("memory://{name}"), ..RemoteConfig::default() };
+            build(&c).map(|b| b.store).unwrap()
+        };
+        assert!(Arc::ptr_eq(&at("a"), &at("a")));
+        assert!(!Arc::ptr_eq(&at("a"), &at("b")));
+        let given: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        register_store("given", given.clone());
+        assert!(Arc::ptr_eq(&at("given"), &given));
     }
 }

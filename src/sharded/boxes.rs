@@ -20,9 +20,14 @@ impl Region {
         Region { offset: vec![0; global.len()], shape: global.to_vec() }
     }
 
-    /// Its number of elements.
+    /// Its number of elements (saturating: a hostile shape cannot overflow).
     pub fn volume(&self) -> u128 {
-        self.shape.iter().map(|&d| d as u128).product()
+        self.shape.iter().fold(1u128, |n, &d| n.saturating_mul(d as u128))
+    }
+
+    /// Whether it holds no element (a zero in its shape).
+    pub fn is_empty(&self) -> bool {
+        self.shape.contains(&0)
     }
 
     /// Whether it lies inside a tensor of shape `global` (same number of
@@ -36,14 +41,15 @@ impl Region {
     /// The box both hold, if any (`None` when they do not overlap or have
     /// different ranks).
     pub fn intersect(&self, other: &Region) -> Option<Region> {
-        if self.offset.len() != other.offset.len() {
+        let rank = self.offset.len();
+        if [self.shape.len(), other.offset.len(), other.shape.len()].iter().any(|&n| n != rank) {
             return None;
         }
-        let mut offset = Vec::with_capacity(self.offset.len());
-        let mut shape = Vec::with_capacity(self.offset.len());
-        for d in 0..self.offset.len() {
+        let mut offset = Vec::with_capacity(rank);
+        let mut shape = Vec::with_capacity(rank);
+        for d in 0..rank {
             let lo = self.offset[d].max(other.offset[d]);
-            let hi = (self.offset[d] + self.shape[d]).min(other.offset[d] + other.shape[d]);
+            let hi = self.offset[d].saturating_add(self.shape[d]).min(other.offset[d].saturating_add(other.shape[d]));
             if lo >= hi {
                 return None;
             }
@@ -86,6 +92,11 @@ impl Region {
 pub fn subtract(missing: &[Region], cut: &Region) -> Vec<Region> {
     missing.iter().flat_map(|m| m.minus(cut)).collect()
 }
+
+/// The most boxes a check of coverage keeps track of: pieces cut so finely
+/// that more are left (hostile records, or a layout no trainer makes) are
+/// refused rather than tracked without bound.
+pub const MAX_LEFT: usize = 1 << 16;
 
 /// Copy what `from` (a stored box, its bytes `src` row-major) holds of
 /// `into` (a wanted box, its bytes `dst`), elements of `size` bytes.
@@ -229,6 +240,15 @@ mod tests {
                 assert_eq!(out, cut(&global, &want), "{want:?} from {pieces:?}");
             }
         }
+    }
+
+    #[test]
+    fn empty_and_huge_boxes() {
+        assert!(r(&[0, 0], &[0, 4]).is_empty() && !r(&[], &[]).is_empty());
+        assert_eq!(r(&[0, 0], &[0, 4]).intersect(&r(&[0, 0], &[4, 4])), None, "an empty box overlaps nothing");
+        let huge = r(&[0; 8], &[usize::MAX; 8]);
+        assert_eq!(huge.volume(), u128::MAX, "saturates");
+        assert_eq!(huge.intersect(&r(&[usize::MAX - 1; 8], &[9; 8])).map(|b| b.shape), Some(vec![usize::MAX - (usize::MAX - 1); 8]));
     }
 
     #[test]

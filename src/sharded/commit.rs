@@ -122,7 +122,7 @@ impl Shared {
     /// The done-records of step `iterations` by every rank of run `run` of
     /// `world` ranks, each shard there with its size.
     async fn gather(&self, iterations: u64, run: &str, world: usize) -> Result<Vec<DoneRecord>> {
-        let mut shards = Vec::with_capacity(world);
+        let mut shards = Vec::new();
         for r in 0..world {
             let key = self.layout.done(iterations, r);
             match self.objects.get_json::<DoneRecord>(&key).await? {
@@ -215,39 +215,76 @@ impl Shared {
     /// older newest step than another: a new launch of the job means the
     /// run that wrote them is over. A single rank (a reader beside a live
     /// job, say) only commits steps whose records are older than its commit
-    /// deadline, which a live coordinator would have committed by then.
-    /// Returns the steps committed here.
+    /// deadline, which a live coordinator would have committed by then. A
+    /// step whose objects are all older than the newest manifest is never
+    /// taken back: the run that committed that manifest went on past it.
+    /// A damaged record is skipped with a warning. Returns the steps
+    /// committed here.
     pub(super) async fn recover(&self) -> Result<Vec<u64>> {
-        let newest = self.objects.list_keys(&self.layout.manifests()).await?.pop().and_then(|k| step_of(&k));
+        // The newest committed step, and when its manifest was stored.
+        let mut newest: Option<(u64, chrono::DateTime<chrono::Utc>)> = None;
+        for meta in self.objects.list(&self.layout.manifests()).await? {
+            if let Some(n) = step_of(&meta.location) {
+                if newest.is_none_or(|(m, _)| n > m) {
+                    newest = Some((n, meta.last_modified));
+                }
+            }
+        }
         let steps = self.layout.steps();
         // Only what follows the newest committed step is listed.
         let after = match newest {
-            Some(n) => self.layout.step(n).join("~"),
+            Some((n, _)) => match n.checked_add(1) {
+                Some(next) => self.layout.step(next),
+                None => return Ok(Vec::new()),
+            },
             None => steps.clone(),
         };
-        // Each step past the newest committed one, with its newest object's time.
-        let mut candidates: BTreeMap<u64, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+        // Each later step: its newest object's time, and its ranks with a done-record.
+        let mut candidates: BTreeMap<u64, (chrono::DateTime<chrono::Utc>, usize)> = BTreeMap::new();
         for meta in self.objects.list_after(&steps, &after).await? {
-            let n = meta.location.prefix_match(&steps).and_then(|mut p| p.next()).and_then(|p| p.as_ref().parse::<u64>().ok());
-            if let Some(n) = n.filter(|n| newest.is_none_or(|m| *n > m)) {
-                let t = candidates.entry(n).or_insert(meta.last_modified);
-                *t = (*t).max(meta.last_modified);
+            let mut parts = meta.location.prefix_match(&steps).into_iter().flatten();
+            let Some(n) = parts.next().and_then(|p| p.as_ref().parse::<u64>().ok()) else { continue };
+            if newest.is_some_and(|(m, _)| n <= m) {
+                continue;
+            }
+            let entry = candidates.entry(n).or_insert((meta.last_modified, 0));
+            entry.0 = entry.0.max(meta.last_modified);
+            if parts.next().is_some_and(|f| f.as_ref().starts_with("done-")) {
+                entry.1 += 1;
             }
         }
         let settled = chrono::Duration::from_std(self.deadline).ok().and_then(|d| chrono::Utc::now().checked_sub_signed(d));
         let mut recovered = Vec::new();
-        for (n, modified) in candidates {
+        for (n, (modified, records)) in candidates {
+            // Written before the newest commit: a step the run that
+            // committed it went on past (resumed from an older one), never
+            // to be taken back over it.
+            if newest.is_some_and(|(_, committed)| modified <= committed) {
+                continue;
+            }
             if self.rank.world_size == 1 && settled.is_none_or(|s| modified > s) {
                 continue;
             }
             // Rank 0's record names the run and its world size.
-            let Some((first, _)) = self.objects.get_json::<DoneRecord>(&self.layout.done(n, 0)).await? else { continue };
-            if first.run == self.run_id || first.iterations != n || first.world_size == 0 {
+            let first = match self.objects.get_json::<DoneRecord>(&self.layout.done(n, 0)).await {
+                Ok(Some((first, _))) => first,
+                Ok(None) => continue,
+                Err(e @ Error::RemoteDamaged { .. }) => {
+                    tracing::warn!(target: "modelio", "sharded step {n} not recovered: {}", e.report());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if first.run == self.run_id || first.iterations != n || first.world_size == 0 || first.world_size > records {
                 continue;
             }
             let shards = match self.gather(n, &first.run, first.world_size).await {
                 Ok(shards) => shards,
                 Err(Error::ShardMissing { .. }) => continue,
+                Err(e @ Error::RemoteDamaged { .. }) => {
+                    tracing::warn!(target: "modelio", "sharded step {n} not recovered: {}", e.report());
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             if let Some(problem) = inconsistency(&shards) {

@@ -23,10 +23,12 @@
 //! the previous step stays the latest. On a filesystem the create is a hard
 //! link (atomic), through the same `object_store` code path as S3.
 //!
-//! A tensor is saved whole or as rows `[offset, offset + rows)` of its first
-//! dimension, with its global shape. Loading takes any partition: each piece
-//! a rank wants is read with ranged reads of exactly the stored tensors that
-//! overlap it (checked against their CRC-32C) and reassembled.
+//! A tensor is saved whole, as rows of its first dimension, or as any box of
+//! its global shape (an offset and a size in every dimension). Loading takes
+//! any partition: each box a rank wants is read with ranged reads of exactly
+//! the stored boxes that overlap it (checked against their CRC-32C) and
+//! reassembled. A step whose records a dead launch wrote whole is committed
+//! when the next launch opens.
 //!
 //! Files: this one holds the rank's handle ([`ShardedIo`]) and the state its
 //! workers share; `records.rs` what is stored, `layout.rs` where, `run.rs`
@@ -372,6 +374,14 @@ struct Shared {
     /// `staging.on_busy = "wait"`: a save waits for the previous one to start writing.
     #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     wait_when_busy: bool,
+    /// Opened with [`ShardedIo::open_reader`]: saves are refused.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    reader: bool,
+    /// A shard at least this large streams to the store in parts of this
+    /// size, at most `parts_in_flight` being sent at once (`[remote]`'s
+    /// `part_size_mib` and `parts_in_flight`).
+    part_size: usize,
+    parts_in_flight: usize,
     /// The lowest reported loss, read from the newest manifest on first use.
     lowest: Mutex<Option<f64>>,
     queue: Mutex<Queue>,
@@ -413,6 +423,26 @@ impl ShardedIo {
     /// # Errors
     /// [`Error::ConfigValue`] for a bad rank or store; [`Error::RemoteCredentials`].
     pub fn open(config: &Config) -> Result<ShardedIo> {
+        Self::open_as(config, false)
+    }
+
+    /// Open rank 0 of 1 of `config`'s model only to read it: it never
+    /// writes, not even the step a dead launch left whole that [`open`]
+    /// commits, so it works with read-only access and beside a live job
+    /// (an evaluation job, the `modelio` command). It cannot save.
+    ///
+    /// [`open`]: ShardedIo::open
+    ///
+    /// # Errors
+    /// As [`ShardedIo::open`].
+    pub fn open_reader(config: &Config) -> Result<ShardedIo> {
+        let mut c = config.clone();
+        c.shard.rank = Some(0);
+        c.shard.world_size = Some(1);
+        Self::open_as(&c, true)
+    }
+
+    fn open_as(config: &Config, reader: bool) -> Result<ShardedIo> {
         config.validate()?;
         let rank = Rank::from_config(config)?;
         let run_id = run_id(config, rank, |name| std::env::var(name).ok())?;
@@ -429,6 +459,9 @@ impl ShardedIo {
             keep: config.shard.keep,
             snapshot_keep: config.snapshot.keep,
             wait_when_busy: config.staging.on_busy == crate::config::OnBusy::Wait,
+            reader,
+            part_size: rc.part_size_mib.saturating_mul(1 << 20),
+            parts_in_flight: rc.parts_in_flight,
             lowest: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -445,8 +478,17 @@ impl ShardedIo {
             shared.run(shared.claim_run())?;
         }
         // Steps a dead launch left whole but uncommitted are committed
-        // before any rank reads which step is the newest.
-        shared.run(shared.recover())?;
+        // before any rank reads which step is the newest. A single rank
+        // that cannot do it still opens (it is no rank's newest step but
+        // its own); a rank of several must not read another newest step
+        // than the others.
+        if !reader {
+            match shared.run(shared.recover()) {
+                Ok(_) => {}
+                Err(e) if rank.world_size == 1 => tracing::warn!(target: "modelio", "steps left uncommitted not recovered: {}", e.report()),
+                Err(e) => return Err(e),
+            }
+        }
         let s = shared.clone();
         let (workers, ()) = Workers::start("modelio-shard", move || {
             let w = s.clone();
@@ -507,6 +549,13 @@ impl ShardedIo {
 
     #[cfg(feature = "torch")]
     fn save_inner(&self, iterations: u64, parts: &[Part<'_>], loss: Option<f64>) -> Result<()> {
+        if self.shared.reader {
+            return Err(Error::Argument {
+                arg: "ShardedIo::save".into(),
+                value: "a handle opened with ShardedIo::open_reader".into(),
+                allowed: "a handle opened with ShardedIo::open".into(),
+            });
+        }
         // A NaN or infinite loss cannot be compared with the lowest: it is not used.
         let loss = match loss {
             Some(l) if !l.is_finite() => {
@@ -607,7 +656,7 @@ impl ShardedIo {
     }
 
     #[cfg(feature = "torch")]
-    /// Read `wants` from step `m`: each whole tensor or rows of one,
+    /// Read `wants` from step `m`: each a whole tensor, rows or a box of one,
     /// reassembled from the pieces that overlap it, every piece read checked
     /// against its CRC-32C.
     ///

@@ -1,7 +1,7 @@
 //! Reading committed steps: listing, the newest, and any piece of a tensor
 //! reassembled from the pieces stored, each checked.
 
-use super::boxes::{copy_overlap, subtract, Region};
+use super::boxes::{copy_overlap, subtract, Region, MAX_LEFT};
 use super::records::inconsistency;
 use super::{GlobalManifest, Piece, Shared, Want};
 use crate::archive::format::DType;
@@ -58,7 +58,8 @@ impl Shared {
         let len = usize::try_from(wanted.volume()).ok().and_then(|n| n.checked_mul(dtype.size()));
         let Some(len) = len else { return Err(missing(format!("a tensor of shape {global:?}"))) };
         let mut out = vec![0u8; len];
-        let mut left = vec![wanted.clone()];
+        // An empty box is whole already.
+        let mut left = if wanted.is_empty() { Vec::new() } else { vec![wanted.clone()] };
         for (key, p) in pieces {
             let stored = p.region();
             if !left.iter().any(|l| l.intersect(&stored).is_some()) {
@@ -69,6 +70,9 @@ impl Shared {
                 return Err(missing("a piece shorter than its shape".into()));
             }
             left = subtract(&left, &stored);
+            if left.len() > MAX_LEFT {
+                return Err(missing(format!("pieces cut into more than {MAX_LEFT} boxes")));
+            }
         }
         if let Some(gap) = left.iter().min_by_key(|l| l.offset.clone()) {
             let row_wide = gap.shape.get(1..) == wanted.shape.get(1..) && !gap.shape.is_empty();
@@ -83,10 +87,10 @@ impl Shared {
     /// One piece's bytes, by a ranged read of its shard, checked.
     pub(super) async fn read_piece(&self, m: &GlobalManifest, key: &str, p: &Piece) -> Result<Vec<u8>> {
         let k = self.objects.stored_key(key)?;
-        let bytes = if p.data_len == 0 {
-            Vec::new()
-        } else {
-            self.objects.get_range(&k, p.data_offset..p.data_offset + p.data_len).await?.to_vec()
+        let bytes = match p.data_offset.checked_add(p.data_len) {
+            _ if p.data_len == 0 => Vec::new(),
+            Some(end) => self.objects.get_range(&k, p.data_offset..end).await?.to_vec(),
+            None => Vec::new(),
         };
         if bytes.len() as u64 != p.data_len || crc32c::crc32c(&bytes) != p.crc32c {
             let detail = format!("its bytes in {key} fail their CRC-32C");
@@ -95,21 +99,32 @@ impl Shared {
         Ok(bytes)
     }
 
-    /// Every shard of step `m` streamed against its done-record's size and
-    /// CRC-32C, its own manifest (by ranged reads) against the record's
-    /// pieces, each piece read by a ranged read against its CRC-32C, then
-    /// the pieces against each other: memory bounded by the largest piece,
-    /// whatever a shard's size.
+    /// Every shard of step `m` streamed once (memory: one chunk, whatever
+    /// its size) against its done-record's size and CRC-32C, each piece's
+    /// bytes against its CRC-32C on the way; its own manifest (by ranged
+    /// reads) against the record's pieces; then the pieces against each other.
     pub(super) async fn verify(&self, m: &GlobalManifest) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         for d in &m.shards {
             let k = self.objects.stored_key(&d.key)?;
-            let Some((size, crc)) = self.objects.stream(&k, &mut |_| Ok(())).await? else {
+            let mut sums = PieceSums::new(&d.pieces);
+            let Some((size, crc)) = self
+                .objects
+                .stream(&k, &mut |chunk| {
+                    sums.feed(chunk);
+                    Ok(())
+                })
+                .await?
+            else {
                 problems.push(format!("rank {}: shard {} is missing", d.rank, d.key));
                 continue;
             };
             if size != d.size || crc != d.crc32c {
                 problems.push(format!("rank {}: shard {} differs from its done-record (size or CRC-32C)", d.rank, d.key));
+                continue;
+            }
+            if let Some(p) = sums.failed(&d.pieces) {
+                problems.push(format!("rank {}: tensor `{}`: its bytes in {} fail their CRC-32C", d.rank, p.name, d.key));
                 continue;
             }
             let own = match self.objects.archive_manifest(&k, size).await {
@@ -125,14 +140,6 @@ impl Shared {
             };
             if own.model.len() != d.pieces.len() || !d.pieces.iter().all(listed) {
                 problems.push(format!("rank {}: shard {}'s own manifest differs from its done-record's pieces", d.rank, d.key));
-                continue;
-            }
-            for p in &d.pieces {
-                match self.read_piece(m, &d.key, p).await {
-                    Ok(_) => {}
-                    Err(e @ Error::RemoteDamaged { .. }) => problems.push(format!("rank {}: {}", d.rank, e.report())),
-                    Err(e) => return Err(e),
-                }
             }
         }
         if let Some(problem) = inconsistency(&m.shards) {
@@ -143,9 +150,17 @@ impl Shared {
         for name in m.tensor_names() {
             let pieces = m.pieces(&name);
             let Some((_, first)) = pieces.first() else { continue };
-            let mut left = vec![Region::whole(&first.global_shape)];
+            let whole = Region::whole(&first.global_shape);
+            let mut left = if whole.is_empty() { Vec::new() } else { vec![whole] };
             for (_, p) in &pieces {
                 left = subtract(&left, &p.region());
+                if left.len() > MAX_LEFT {
+                    break;
+                }
+            }
+            if left.len() > MAX_LEFT {
+                problems.push(format!("tensor `{name}`: its pieces are cut into more than {MAX_LEFT} boxes"));
+                continue;
             }
             if let Some(gap) = left.iter().min_by_key(|g| g.offset.clone()) {
                 problems.push(match gap.shape.get(1..) == first.global_shape.get(1..) && !gap.shape.is_empty() {
@@ -155,5 +170,87 @@ impl Shared {
             }
         }
         Ok(problems)
+    }
+}
+
+/// The CRC-32C of each piece of a shard, computed as the shard streams by.
+struct PieceSums {
+    /// `(start, end, index into the pieces)`, by start.
+    spans: Vec<(u64, u64, usize)>,
+    sums: Vec<u32>,
+    /// Where the next chunk starts in the shard.
+    at: u64,
+    /// The first span not yet over.
+    from: usize,
+}
+
+impl PieceSums {
+    fn new(pieces: &[Piece]) -> PieceSums {
+        let mut spans: Vec<(u64, u64, usize)> =
+            pieces.iter().enumerate().map(|(i, p)| (p.data_offset, p.data_offset.saturating_add(p.data_len), i)).collect();
+        spans.sort_unstable();
+        PieceSums { spans, sums: vec![0; pieces.len()], at: 0, from: 0 }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        let (lo, hi) = (self.at, self.at + chunk.len() as u64);
+        // Spans at the front that ended before this chunk are done for good.
+        while self.spans.get(self.from).is_some_and(|&(_, end, _)| end <= lo) {
+            self.from += 1;
+        }
+        for &(start, end, i) in self.spans[self.from..].iter().take_while(|&&(start, _, _)| start < hi) {
+            let (a, b) = (start.max(lo) - lo, end.min(hi).saturating_sub(lo));
+            if a < b {
+                self.sums[i] = crc32c::crc32c_append(self.sums[i], &chunk[a as usize..b as usize]);
+            }
+        }
+        self.at = hi;
+    }
+
+    /// The first piece whose bytes (all of them there) differ from its CRC-32C.
+    fn failed<'p>(&self, pieces: &'p [Piece]) -> Option<&'p Piece> {
+        pieces
+            .iter()
+            .zip(&self.sums)
+            .find(|(p, &sum)| p.data_offset.saturating_add(p.data_len) > self.at || sum != p.crc32c)
+            .map(|(p, _)| p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_sums_follow_the_pieces_across_chunks() {
+        let shard: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let piece = |offset: u64, len: u64| Piece {
+            name: format!("t{offset}"),
+            dtype: "U8".into(),
+            global_shape: vec![len as usize],
+            offset: vec![0],
+            row_offset: 0,
+            shape: vec![len as usize],
+            data_offset: offset,
+            data_len: len,
+            crc32c: crc32c::crc32c(&shard[offset as usize..(offset + len) as usize]),
+        };
+        // Out of order, one empty, one spanning many chunks, one at the very end.
+        let pieces = [piece(600, 400), piece(10, 5), piece(300, 0), piece(20, 333)];
+        for chunk in [1, 7, 64, 1000] {
+            let mut sums = PieceSums::new(&pieces);
+            shard.chunks(chunk).for_each(|c| sums.feed(c));
+            assert!(sums.failed(&pieces).is_none(), "chunks of {chunk}");
+        }
+        let mut bad = pieces.clone();
+        bad[3].crc32c ^= 1;
+        let mut sums = PieceSums::new(&bad);
+        sums.feed(&shard);
+        assert_eq!(sums.failed(&bad).map(|p| p.name.as_str()), Some("t20"));
+        // A piece past the shard's end fails.
+        let past = [piece(900, 100), Piece { data_offset: 950, ..piece(900, 100) }];
+        let mut sums = PieceSums::new(&past);
+        sums.feed(&shard);
+        assert_eq!(sums.failed(&past).map(|p| p.data_offset), Some(950));
     }
 }

@@ -125,6 +125,9 @@ pub(super) fn inconsistency(shards: &[DoneRecord]) -> Option<String> {
                 return what(format!("{} {:?} here, {dtype} {global:?} elsewhere", p.dtype, p.global_shape));
             }
             let Some(size) = DType::from_name(&p.dtype).map(DType::size) else { return what(format!("unknown dtype {}", p.dtype)) };
+            if global.iter().try_fold(size as u64, |n, &d| n.checked_mul(d as u64)).is_none() {
+                return what(format!("a global shape {global:?} of more bytes than a file can hold"));
+            }
             let region = p.region();
             let rows_only = p.offset.is_empty() && !global.is_empty() && p.shape.get(1..) != global.get(1..);
             let agrees = p.offset.is_empty() || p.offset.first().copied().unwrap_or(0) == p.row_offset;

@@ -6,10 +6,12 @@ use std::time::Instant;
 
 use super::{lock, Commit, DoneRecord, Job, Piece, Shared, Staged, Wake, SHARDED_FORMAT};
 use crate::archive::format::TensorRef;
-use crate::archive::{write_archive, ArchiveReader};
+use crate::archive::write_archive_located;
 use crate::background::guarded;
 use crate::error::{Error, Result, Work};
 use crate::remote::objects::to_json;
+use object_store::path::Path as Key;
+use object_store::{ObjectStoreExt, WriteMultipart};
 
 /// A rank's shard writer: the newest waiting save, one at a time.
 pub(super) struct ShardWriter {
@@ -30,7 +32,7 @@ impl actix::Handler<Wake> for ShardWriter {
             let _over = JobOver(s);
             let iterations = job.iterations;
             let loss = job.loss;
-            let written = guarded(Work::ShardedSave, || s.run(s.write_shard(job)));
+            let written = guarded(Work::ShardedSave, || s.write_shard(job));
             s.shard_written(iterations, loss, written);
         }
     }
@@ -81,7 +83,12 @@ impl Shared {
         }
     }
 
-    pub(super) async fn write_shard(&self, job: Job) -> Result<()> {
+    /// Write a save's shard, then its done-record. A shard smaller than a
+    /// part goes up in one put; a larger one streams to the store in parts
+    /// as the archive is written (multipart on object storage), so memory is
+    /// the staged copy plus `parts_in_flight` parts, and no single request
+    /// carries the whole shard (S3 refuses one over 5 GiB).
+    pub(super) fn write_shard(&self, job: Job) -> Result<()> {
         let Job { iterations, tensors, .. } = job;
         let upload = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
         let key = self.layout.shard(iterations, self.rank.rank, &upload);
@@ -91,29 +98,40 @@ impl Shared {
             .collect();
         let path = std::path::PathBuf::from(key.as_ref());
         let name = format!("{}-rank-{}", self.model, self.rank.rank);
-        let bytes = write_archive(Vec::new(), &path, &name, iterations, &refs, None, None)?;
-        let (size, crc) = (bytes.len() as u64, crc32c::crc32c(&bytes));
-        let reader = ArchiveReader::from_bytes(&path, bytes)?;
-        let mut pieces = Vec::with_capacity(tensors.len());
-        for Staged { name, dtype, region, global, .. } in &tensors {
-            let located = reader.model.iter().find(|l| &l.meta.name == name).ok_or_else(|| Error::Internal {
-                what: Work::ShardedSave,
-                message: format!("tensor `{name}` is not in the shard just written"),
-            })?;
-            pieces.push(Piece {
+        let total: usize = tensors.iter().map(|t| t.bytes.len()).sum();
+        let (size, crc, spans) = if total < self.part_size {
+            let (bytes, spans) = write_archive_located(Vec::new(), &path, &name, iterations, &refs, None, None)?;
+            let (size, crc) = (bytes.len() as u64, crc32c::crc32c(&bytes));
+            self.run(self.objects.put("write shard", &key, bytes))?;
+            (size, crc, spans)
+        } else {
+            let mut parts = Parts::start(self, &key)?;
+            match write_archive_located(&mut parts, &path, &name, iterations, &refs, None, None) {
+                Ok((_, spans)) => {
+                    let (size, crc) = parts.finish()?;
+                    (size, crc, spans)
+                }
+                Err(e) => {
+                    parts.abort();
+                    return Err(parts.failure.take().unwrap_or(e));
+                }
+            }
+        };
+        let pieces = tensors
+            .iter()
+            .zip(spans)
+            .map(|(Staged { name, dtype, region, global, .. }, span)| Piece {
                 name: name.clone(),
                 dtype: dtype.name().into(),
                 global_shape: global.clone(),
                 offset: region.offset.clone(),
                 row_offset: region.offset.first().copied().unwrap_or(0),
                 shape: region.shape.clone(),
-                data_offset: located.offset as u64,
-                data_len: located.len as u64,
-                crc32c: located.meta.crc32c,
-            });
-        }
-        let bytes = reader.into_bytes();
-        self.objects.put("write shard", &key, bytes).await?;
+                data_offset: span.offset,
+                data_len: span.len,
+                crc32c: span.crc32c,
+            })
+            .collect();
         let done = DoneRecord {
             format: SHARDED_FORMAT,
             run: self.run_id.clone(),
@@ -126,7 +144,72 @@ impl Shared {
             pieces,
         };
         let done_key = self.layout.done(iterations, self.rank.rank);
-        self.objects.put("write done-record", &done_key, to_json(&done_key, &done, false)?).await?;
+        self.run(self.objects.put("write done-record", &done_key, to_json(&done_key, &done, false)?))?;
+        Ok(())
+    }
+}
+
+/// A shard streamed to the store in parts as its archive is written: at
+/// most `parts_in_flight` parts being sent while the next is filled.
+struct Parts<'a> {
+    shared: &'a Shared,
+    key: &'a Key,
+    upload: Option<WriteMultipart>,
+    size: u64,
+    crc: u32,
+    /// The store's failure, kept for the error the archive writer returns.
+    failure: Option<Error>,
+}
+
+impl<'a> Parts<'a> {
+    fn start(shared: &'a Shared, key: &'a Key) -> Result<Parts<'a>> {
+        let upload =
+            shared.run(shared.objects.store().put_multipart(key)).map_err(|e| shared.objects.err("start multipart upload of", key, e))?;
+        let upload = Some(WriteMultipart::new_with_chunk_size(upload, shared.part_size));
+        Ok(Parts { shared, key, upload, size: 0, crc: 0, failure: None })
+    }
+
+    /// Its size and CRC-32C, once every part is stored and the object is whole.
+    fn finish(mut self) -> Result<(u64, u32)> {
+        let Some(upload) = self.upload.take() else { return Err(self.failure.take().unwrap_or_else(|| self.gone())) };
+        let (shared, key) = (self.shared, self.key);
+        shared.run(upload.finish()).map_err(|e| shared.objects.err("complete multipart upload of", key, e))?;
+        Ok((self.size, self.crc))
+    }
+
+    fn abort(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            let _ = self.shared.run(upload.abort());
+        }
+    }
+
+    fn gone(&self) -> Error {
+        Error::Internal { what: Work::ShardedSave, message: format!("the upload of {} was already over", self.key) }
+    }
+}
+
+impl std::io::Write for Parts<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (shared, key) = (self.shared, self.key);
+        let Some(upload) = self.upload.as_mut() else { return Err(std::io::Error::other(format!("the upload of {key} is over"))) };
+        // Wait for a part to be stored before another is filled.
+        if let Err(e) = shared.run(upload.wait_for_capacity(shared.parts_in_flight)) {
+            let message = e.to_string();
+            self.failure = Some(shared.objects.err("upload part of", key, e));
+            return Err(std::io::Error::other(message));
+        }
+        // A filled part is sent from the store's runtime; taking at most a
+        // part at a time fills at most one, so no more than
+        // `parts_in_flight` are ever being sent.
+        let buf = &buf[..buf.len().min(shared.part_size.max(1))];
+        let _in_runtime = shared.rt.enter();
+        upload.write(buf);
+        self.crc = crc32c::crc32c_append(self.crc, buf);
+        self.size += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
