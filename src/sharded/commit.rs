@@ -1,7 +1,9 @@
 //! The coordinator (rank 0): commits a step once every rank's done-record
 //! is there, then its backup, snapshot and retention.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use futures::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,12 +72,14 @@ impl Shared {
     /// (`shard.commit_deadline_secs` after its own shard was written), so a
     /// dead rank costs one deadline, not one per step queued behind it.
     fn commit_step(&self, Commit { iterations, deadline: until, loss }: Commit) {
+        // Records read by earlier polls of this step, not read again.
+        let mut seen = Seen::default();
         let outcome = loop {
             // A missing done-record or a store failure (refused
             // credentials and a missing bucket included: both may be
             // fixed while training goes on) is retried until the step's
             // deadline, also while the handle is being dropped.
-            match self.run(self.commit_once(iterations, loss)) {
+            match self.run(self.commit_once(iterations, loss, &mut seen)) {
                 Err(
                     Error::ShardMissing { .. }
                     | Error::Remote { .. }
@@ -113,22 +117,61 @@ impl Shared {
     }
 
     /// Commit `iterations` if every rank's done-record is there: the new
-    /// manifest, or `None` when it already existed.
-    pub(super) async fn commit_once(&self, iterations: u64, loss: Option<f64>) -> Result<Option<GlobalManifest>> {
-        let shards = self.gather(iterations, &self.run_id, self.rank.world_size).await?;
+    /// manifest, or `None` when it already existed. `seen` keeps the
+    /// records read by an earlier call for the same step.
+    pub(super) async fn commit_once(&self, iterations: u64, loss: Option<f64>, seen: &mut Seen) -> Result<Option<GlobalManifest>> {
+        let shards = self.gather(iterations, &self.run_id, self.rank.world_size, seen).await?;
         self.publish(iterations, shards, loss).await
     }
 
     /// The done-records of step `iterations` by every rank of run `run` of
-    /// `world` ranks, each shard there with its size.
-    async fn gather(&self, iterations: u64, run: &str, world: usize) -> Result<Vec<DoneRecord>> {
-        let mut shards = Vec::new();
-        for r in 0..world {
-            let key = self.layout.done(iterations, r);
-            match self.objects.get_json::<DoneRecord>(&key).await? {
-                Some((d, _)) if d.iterations == iterations && d.world_size == world && d.rank == r && d.run == run => shards.push(d),
+    /// `world` ranks, each shard there with its size. One listing of the
+    /// step's folder says which records and shards exist; only records not
+    /// read before (new, or rewritten since) are read, several at a time, so
+    /// a coordinator waiting for a slow rank lists once per poll instead of
+    /// reading every rank's record again.
+    async fn gather(&self, iterations: u64, run: &str, world: usize, seen: &mut Seen) -> Result<Vec<DoneRecord>> {
+        let listed = self.objects.list(&self.layout.step(iterations)).await?;
+        let by_key: HashMap<&str, &object_store::ObjectMeta> = listed.iter().map(|m| (m.location.as_ref(), m)).collect();
+        let keys: Vec<object_store::path::Path> = (0..world).map(|r| self.layout.done(iterations, r)).collect();
+        if let Some(r) = keys.iter().position(|k| !by_key.contains_key(k.as_ref())) {
+            return Err(Error::ShardMissing { iterations, rank: r, key: keys[r].to_string() });
+        }
+        // Read what is new, up to 16 at a time.
+        let stale: Vec<object_store::path::Path> = keys
+            .iter()
+            .filter(|k| {
+                let meta = by_key.get(k.as_ref());
+                seen.0.get(k.as_ref()).is_none_or(|(version, _)| meta.is_none_or(|m| *version != (m.e_tag.clone(), m.last_modified)))
+            })
+            .cloned()
+            .collect();
+        let objects = &self.objects;
+        let read: Vec<Result<Option<(DoneRecord, object_store::UpdateVersion)>>> = futures::stream::iter(stale.clone())
+            .map(move |k| async move { objects.get_json::<DoneRecord>(&k).await })
+            .buffered(16)
+            .collect()
+            .await;
+        for (k, got) in stale.into_iter().zip(read) {
+            match got? {
+                Some((d, _)) => {
+                    let m = by_key.get(k.as_ref()).map(|m| (m.e_tag.clone(), m.last_modified));
+                    if let Some(version) = m {
+                        seen.0.insert(k.to_string(), (version, d));
+                    }
+                }
+                // Listed, then gone: missing after all.
+                None => {
+                    seen.0.remove(k.as_ref());
+                }
+            }
+        }
+        let mut shards = Vec::with_capacity(keys.len());
+        for (r, key) in keys.iter().enumerate() {
+            match seen.0.get(key.as_ref()).map(|(_, d)| d) {
+                Some(d) if d.iterations == iterations && d.world_size == world && d.rank == r && d.run == run => shards.push(d.clone()),
                 // Another run's record (a dead launch's) is not this run's shard.
-                Some((d, _)) if d.run != run => {
+                Some(d) if d.run != run => {
                     return Err(Error::ShardMissing { iterations, rank: r, key: format!("{key} is run `{}`'s, not this run's", d.run) })
                 }
                 _ => return Err(Error::ShardMissing { iterations, rank: r, key: key.to_string() }),
@@ -137,7 +180,7 @@ impl Shared {
         // Each shard named must exist with its size: the done-record follows its shard.
         for d in &shards {
             let key = self.objects.stored_key(&d.key)?;
-            if self.objects.head(&key).await?.is_none_or(|meta| meta.size != d.size) {
+            if by_key.get(key.as_ref()).is_none_or(|meta| meta.size != d.size) {
                 return Err(Error::ShardMissing { iterations, rank: d.rank, key: d.key.clone() });
             }
         }
@@ -278,7 +321,7 @@ impl Shared {
             if first.run == self.run_id || first.iterations != n || first.world_size == 0 || first.world_size > records {
                 continue;
             }
-            let shards = match self.gather(n, &first.run, first.world_size).await {
+            let shards = match self.gather(n, &first.run, first.world_size, &mut Seen::default()).await {
                 Ok(shards) => shards,
                 Err(Error::ShardMissing { .. }) => continue,
                 Err(e @ Error::RemoteDamaged { .. }) => {
@@ -459,3 +502,11 @@ impl Shared {
 fn step_of(key: &object_store::path::Path) -> Option<u64> {
     key.filename().and_then(|f| f.strip_suffix(".json")).and_then(|n| n.parse().ok())
 }
+
+/// Done-records already read while committing a step, by key, with the
+/// version (entity tag and time) they were read at.
+#[derive(Default)]
+pub(super) struct Seen(HashMap<String, (Version, DoneRecord)>);
+
+/// An object's entity tag and time: a record rewritten since has another.
+type Version = (Option<String>, chrono::DateTime<chrono::Utc>);

@@ -688,7 +688,7 @@ impl ShardedIo {
     /// [`Error::Remote`] on a store failure.
     pub fn commit(&self, iterations: u64) -> Result<bool> {
         let s = self.shared.clone();
-        s.run(s.commit_once(iterations, None)).map(|m| m.is_some())
+        s.run(s.commit_once(iterations, None, &mut commit::Seen::default())).map(|m| m.is_some())
     }
 
     /// Snapshot the step of the last `save`, once it is committed (a copy
