@@ -33,7 +33,8 @@
 //! Files: this one holds the rank's handle ([`ShardedIo`]) and the state its
 //! workers share; `records.rs` what is stored, `layout.rs` where, `run.rs`
 //! the run id, `writer.rs` each rank's shard writer, `commit.rs` the
-//! coordinator, `read.rs` listing and reading back.
+//! coordinator (and recovery of steps a dead launch left), `read.rs`
+//! listing and reading back, `boxes.rs` the box arithmetic of pieces.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
