@@ -111,10 +111,7 @@ impl Shared {
                     let (size, crc) = parts.finish()?;
                     (size, crc, spans)
                 }
-                Err(e) => {
-                    parts.abort();
-                    return Err(parts.failure.take().unwrap_or(e));
-                }
+                Err(e) => return Err(parts.abort().unwrap_or(e)),
             }
         };
         let pieces = tensors
@@ -154,7 +151,7 @@ impl Shared {
 struct Parts<'a> {
     shared: &'a Shared,
     key: &'a Key,
-    upload: Option<WriteMultipart>,
+    upload: WriteMultipart,
     size: u64,
     crc: u32,
     /// The store's failure, kept for the error the archive writer returns.
@@ -165,33 +162,28 @@ impl<'a> Parts<'a> {
     fn start(shared: &'a Shared, key: &'a Key) -> Result<Parts<'a>> {
         let upload =
             shared.run(shared.objects.store().put_multipart(key)).map_err(|e| shared.objects.err("start multipart upload of", key, e))?;
-        let upload = Some(WriteMultipart::new_with_chunk_size(upload, shared.part_size));
+        let upload = WriteMultipart::new_with_chunk_size(upload, shared.part_size);
         Ok(Parts { shared, key, upload, size: 0, crc: 0, failure: None })
     }
 
     /// Its size and CRC-32C, once every part is stored and the object is whole.
-    fn finish(mut self) -> Result<(u64, u32)> {
-        let Some(upload) = self.upload.take() else { return Err(self.failure.take().unwrap_or_else(|| self.gone())) };
+    fn finish(self) -> Result<(u64, u32)> {
         let (shared, key) = (self.shared, self.key);
-        shared.run(upload.finish()).map_err(|e| shared.objects.err("complete multipart upload of", key, e))?;
+        shared.run(self.upload.finish()).map_err(|e| shared.objects.err("complete multipart upload of", key, e))?;
         Ok((self.size, self.crc))
     }
 
-    fn abort(&mut self) {
-        if let Some(upload) = self.upload.take() {
-            let _ = self.shared.run(upload.abort());
-        }
-    }
-
-    fn gone(&self) -> Error {
-        Error::Internal { what: Work::ShardedSave, message: format!("the upload of {} was already over", self.key) }
+    /// Give the upload up: the store's failure that ended it, if any.
+    fn abort(self) -> Option<Error> {
+        let _ = self.shared.run(self.upload.abort());
+        self.failure
     }
 }
 
 impl std::io::Write for Parts<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let (shared, key) = (self.shared, self.key);
-        let Some(upload) = self.upload.as_mut() else { return Err(std::io::Error::other(format!("the upload of {key} is over"))) };
+        let upload = &mut self.upload;
         // Wait for a part to be stored before another is filled.
         if let Err(e) = shared.run(upload.wait_for_capacity(shared.parts_in_flight)) {
             let message = e.to_string();
