@@ -8,6 +8,13 @@
 //! and `step`), then waits for its writes (and, on rank 0, the commits).
 //! URL empty: the model folder DIR is the store.
 //!
+//! `shard_helper vars DIR WORLD`: WORLD ranks (threads, each with its own
+//! handle and runtime) train a VarStore and an AdamW in lock-step, each
+//! saving its rows under a plan every step (rank 0 prints `saved N` once
+//! step N is committed), until SIGINT or SIGTERM: then every rank ends with
+//! `finish` at the same step (rank 0 prints `finished N committed BOOL
+//! unreported K`).
+//!
 //! `shard_helper check DIR URL ENDPOINT`: loads the newest committed step,
 //! this rank's rows and the whole tensors, and compares them bitwise with
 //! an uninterrupted run to that step; prints `ok <iterations>` or exits 1.
@@ -80,6 +87,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &[String]) -> modelio::Result<ExitCode> {
+    if args[1] == "vars" {
+        return vars(args);
+    }
     let io = ShardedIo::open(&config(args))?;
     let rank = io.rank();
     let (start, end) = rows(rank.rank, rank.world_size);
@@ -160,6 +170,86 @@ fn run(args: &[String]) -> modelio::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// `vars DIR WORLD`: ranks in lock-step until a signal, then `finish`.
+fn vars(args: &[String]) -> modelio::Result<ExitCode> {
+    use modelio::sharded::Plan;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    let world: usize = args[3].parse().unwrap_or(2);
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| modelio::Error::Signals { detail: e.to_string() })?;
+    let token = signals.block_on(async { modelio::signals::cancel_on_signals() })?;
+    // The signal handler's task runs on a thread of its own.
+    std::thread::spawn(move || signals.block_on(std::future::pending::<()>()));
+    let (barrier, stop) = (Arc::new(Barrier::new(world)), Arc::new(AtomicBool::new(false)));
+    let ranks: Vec<_> = (0..world)
+        .map(|r| {
+            let (token, barrier, stop) = (token.clone(), barrier.clone(), stop.clone());
+            let mut c = Config::default();
+            c.model.dir = args[2].clone().into();
+            c.model.name = "m".into();
+            c.shard.rank = Some(r);
+            c.shard.world_size = Some(world);
+            c.shard.run_id = "vars".into();
+            std::thread::spawn(move || -> modelio::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| modelio::Error::Signals { detail: e.to_string() })?;
+                rt.block_on(async move {
+                    let io = ShardedIo::open(&c)?;
+                    let (start, end) = rows(r, world);
+                    let vs = modelio::tch::nn::VarStore::new(Device::Cpu);
+                    let w = vs.root().var_copy("w", &initial()[0].narrow(0, start as i64, (end - start) as i64));
+                    let mut opt = modelio::Adam::adamw(&vs, 1e-2, (0.9, 0.999), 1e-8, 0.01)?;
+                    let plan = Plan::new().rows("w", start, ROWS);
+                    for step in 1..=100_000u64 {
+                        opt.zero_grad();
+                        (&w * &w).sum(Kind::Float).backward();
+                        opt.step()?;
+                        // Rank 0 decides for all whether this step is the last,
+                        // as a job's ranks agree through a collective.
+                        if r == 0 {
+                            stop.store(token.is_cancelled(), Ordering::SeqCst);
+                        }
+                        barrier.wait();
+                        let last = stop.load(Ordering::SeqCst);
+                        barrier.wait();
+                        if last {
+                            let finished = io.finish(step, &vs, Some(&opt), &plan).await?;
+                            if r == 0 {
+                                let e = &finished.exit_save;
+                                println!("finished {} committed {} unreported {}", e.iterations, e.committed, finished.unreported.len());
+                            }
+                            return Ok(());
+                        }
+                        let ticket = io.save_vars_async(step, &vs, Some(&opt), &plan).await?;
+                        if r == 0 {
+                            let saved = ticket.await?;
+                            println!("saved {}", saved.iterations);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        })
+        .collect();
+    let mut code = ExitCode::SUCCESS;
+    for (r, h) in ranks.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("rank {r}: {}", e.report());
+                code = ExitCode::from(2);
+            }
+            Err(_) => code = ExitCode::from(3),
+        }
+    }
+    Ok(code)
 }
 
 fn bytes(t: &Tensor) -> Vec<u8> {

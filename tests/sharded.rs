@@ -1036,3 +1036,171 @@ fn a_shard_larger_than_any_single_put_streams_up_in_parts() {
     assert!(io.verify(&m).unwrap().is_empty());
     assert!(io.load(&m, &[Want::whole("w")]).unwrap()[0].equal(&w));
 }
+
+/// The plan of rank `r` of `world` in the VarStore tests: `fc1.weight`
+/// (6 x 4) split by rows as a column-parallel layer's, `fc2.weight` (3 x 6)
+/// by columns as a row-parallel layer's, `bias` replicated.
+fn layer_plan(r: usize, world: usize) -> (modelio::sharded::Plan, (usize, usize)) {
+    let (lo, hi) = split(6, world, r);
+    (modelio::sharded::Plan::new().rows("fc1.weight", lo, 6).boxed("fc2.weight", &[0, lo], &[3, 6]), (lo, hi))
+}
+
+/// Rank `r` of `world`'s VarStore under `layer_plan`, its pieces cut from
+/// `fc1`, `fc2` and `bias`, and an AdamW over it.
+fn layer_rank(r: usize, world: usize, [fc1, fc2, bias]: &[Tensor; 3]) -> (tch::nn::VarStore, modelio::Adam) {
+    let (_, (lo, hi)) = layer_plan(r, world);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let n = (hi - lo) as i64;
+    let _ = (&root / "fc1").var_copy("weight", &fc1.narrow(0, lo as i64, n));
+    let _ = (&root / "fc2").var_copy("weight", &fc2.narrow(1, lo as i64, n));
+    let _ = root.var_copy("bias", bias);
+    let opt = modelio::Adam::adamw(&vs, 1e-2, (0.9, 0.999), 1e-8, 0.01).unwrap();
+    (vs, opt)
+}
+
+/// A training step of any rank: an element's gradient is its own.
+fn layer_step(vs: &tch::nn::VarStore, opt: &mut modelio::Adam) {
+    opt.zero_grad();
+    let loss = vs.trainable_variables().iter().map(|v| (v * v).sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b);
+    loss.backward();
+    opt.step().unwrap();
+}
+
+/// Rank `r`'s tensors of a VarStore and its optimizer, by name, copied.
+fn held(vs: &tch::nn::VarStore, opt: &modelio::Adam) -> Vec<(String, Tensor)> {
+    use modelio::Optimizer;
+    let mut out: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    out.extend(opt.state_tensors().into_iter().map(|(n, t)| (n, t.copy())));
+    out
+}
+
+/// The global tensor `name` assembled from every rank's pieces.
+fn assemble(name: &str, ranks: &[Vec<(String, Tensor)>]) -> Tensor {
+    let piece = |r: &Vec<(String, Tensor)>| r.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).unwrap();
+    let pieces: Vec<Tensor> = ranks.iter().map(piece).collect();
+    if name.starts_with("bias") {
+        return pieces[0].shallow_clone();
+    }
+    Tensor::cat(&pieces, if name.starts_with("fc2") { 1 } else { 0 })
+}
+
+#[test]
+fn ranks_save_a_varstore_and_adam_under_a_plan_and_resume_on_other_world_sizes_bitwise() {
+    use modelio::Optimizer;
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("memory://plan-{}", std::process::id());
+    let init = || {
+        [
+            Tensor::arange(24, (Kind::Float, Device::Cpu)).reshape([6, 4]) * 0.1,
+            Tensor::arange(18, (Kind::Float, Device::Cpu)).reshape([3, 6]) * -0.2,
+            Tensor::from_slice(&[0.5f32, -1.0, 2.0]),
+        ]
+    };
+    // Three ranks train in async loops, save every step and end with
+    // `finish`: its exit save is step 4.
+    let trained: Vec<Vec<(String, Tensor)>> = std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..3)
+            .map(|r| {
+                let (dir, url) = (tmp.path(), url.clone());
+                s.spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    rt.block_on(async move {
+                        let io = open_rank(dir, &url, r, 3, "plan-a", 600);
+                        let (plan, _) = layer_plan(r, 3);
+                        let (vs, mut opt) = layer_rank(r, 3, &init());
+                        for step in 1..=3 {
+                            layer_step(&vs, &mut opt);
+                            io.record(1.0 / step as f64);
+                            let saved = io.save_vars_async(step, &vs, Some(&opt), &plan).await.unwrap().await.unwrap();
+                            // The coordinator's ticket waits for the commit.
+                            assert_eq!((saved.iterations, saved.committed, saved.skipped), (step, r == 0, false));
+                        }
+                        layer_step(&vs, &mut opt);
+                        let finished = io.finish(4, &vs, Some(&opt), &plan).await.unwrap();
+                        assert!(finished.unreported.is_empty(), "{:?}", finished.unreported);
+                        assert_eq!(finished.exit_save.iterations, 4);
+                        held(&vs, &opt)
+                    })
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let names: Vec<String> = trained[0].iter().map(|(n, _)| n.clone()).collect();
+    let global: Vec<(String, Tensor)> = names.iter().map(|n| (n.clone(), assemble(n, &trained))).collect();
+    // Two ranks, then one, resume step 4 under their own plans: each holds
+    // its boxes of what the three ranks held at the exit save, its
+    // optimizer included, bitwise.
+    for world in [2, 1] {
+        let run = format!("plan-{world}");
+        let opened: Vec<ShardedIo> = (0..world).map(|r| open_rank(tmp.path(), &url, r, world, &run, 600)).collect();
+        let zeros = [
+            Tensor::zeros([6, 4], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([3, 6], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        ];
+        let mut resumed = Vec::new();
+        for (r, io) in opened.iter().enumerate() {
+            let (plan, _) = layer_plan(r, world);
+            let (vs, mut opt) = layer_rank(r, world, &zeros);
+            let got = io.resume(&vs, Some(&mut opt), &plan).unwrap().unwrap();
+            assert_eq!(got.iterations, 4);
+            assert_eq!(got.optimizer, modelio::OptimizerResume::Restored);
+            assert_eq!(opt.state_json()["step"], 4);
+            resumed.push(held(&vs, &opt));
+        }
+        for (name, whole) in &global {
+            assert!(assemble(name, &resumed).equal(whole), "{name} on {world} ranks");
+        }
+    }
+    // A step saved without an optimizer says so; a plan naming a variable
+    // the VarStore lacks is refused before anything is saved.
+    let io = open_rank(tmp.path(), &url, 0, 1, "plan-b", 600);
+    let (vs, mut opt) = layer_rank(0, 1, &init());
+    let (plan, _) = layer_plan(0, 1);
+    io.save_vars(5, &vs, None, &plan).unwrap().wait_blocking().unwrap();
+    let got = io.resume(&vs, Some(&mut opt), &plan).unwrap().unwrap();
+    assert!(matches!(got.optimizer, modelio::OptimizerResume::Missing(ref why) if why.contains("step 5")), "{:?}", got.optimizer);
+    let e = io.save_vars(6, &vs, None, &plan.clone().rows("fc3.weight", 0, 2)).unwrap_err().to_string();
+    assert!(e.contains("fc3.weight"), "{e}");
+}
+
+#[test]
+fn a_signal_ends_every_rank_with_an_exit_save_that_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child =
+        Command::new(helper()).arg("vars").arg(tmp.path()).arg("3").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (lines, reader) = common::read_lines(child.stdout.take().unwrap());
+    // Two steps committed: the ranks train and save; then Ctrl-C.
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l == "saved 2") {
+        match lines.recv_timeout(Duration::from_secs(600)) {
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("{e}: {seen:?}"),
+        }
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    seen.extend(lines.try_iter());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{seen:?} {stderr}");
+    let last = seen.last().cloned().unwrap_or_default();
+    let words: Vec<&str> = last.split(' ').collect();
+    assert!(matches!(words[..], ["finished", _, "committed", "true", "unreported", "0"]), "{seen:?} {stderr}");
+    let step: u64 = words[1].parse().unwrap();
+    assert!(stderr.contains("exit save"), "the signal is announced: {stderr}");
+    // The exit save is the newest step, every rank's shard in it, whole.
+    let io = ShardedIo::open_reader(&rank_config(tmp.path(), "", 0, 1, "", 600)).unwrap();
+    let m = io.latest().unwrap().unwrap();
+    assert_eq!((m.iterations, m.world_size), (step, 3));
+    assert!(io.verify(&m).unwrap().is_empty());
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _w = vs.root().zeros("w", &[12, 5]);
+    let mut opt = modelio::Adam::adamw(&vs, 1e-2, (0.9, 0.999), 1e-8, 0.01).unwrap();
+    let got = io.resume(&vs, Some(&mut opt), &modelio::sharded::Plan::new()).unwrap().unwrap();
+    assert_eq!(got.optimizer, modelio::OptimizerResume::Restored);
+    assert_eq!(modelio::Optimizer::state_json(&opt)["step"], step);
+}

@@ -12,7 +12,7 @@ use crate::archive::format::DType;
 use crate::error::Error;
 use crate::folder::snapshot::Pinned;
 use crate::handle::outcome::Committed;
-use crate::staging::{FenceGuard, Lease};
+use crate::staging::Lease;
 
 /// Answers a save's ticket: the commit, or the failure as
 /// [`Error::Background`] (sent to the handle's next call instead when the
@@ -49,15 +49,8 @@ pub(crate) struct SaveJob {
 #[rtype(result = "()")]
 pub(crate) struct Stage {
     pub job: SaveJob,
-    /// CPU tensors to copy, with their buffer index in the lease.
-    pub tensors: Vec<(usize, tch::Tensor)>,
-    pub lease: Lease,
-    /// Held while CPU tensors are being copied; released as soon as the bytes
-    /// are in the lease, so parameters may change again.
-    pub guard: Option<FenceGuard>,
-    /// One event per GPU, recorded after this save's device-to-host copies:
-    /// the stager waits on them before touching the pinned buffers.
-    pub events: Vec<crate::staging::cuda::Event>,
+    /// Its copies, started by `save`: the stager lands them.
+    pub copies: crate::staging::Copies,
 }
 
 /// Write the staged bytes as archive + state file.

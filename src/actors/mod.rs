@@ -218,7 +218,7 @@ impl Actors {
     /// # Errors
     /// [`Error::Stopped`] when the actors are gone.
     pub fn stage(&self, msg: Stage) -> Result<()> {
-        let capacity = msg.lease.pool_size();
+        let capacity = msg.copies.lease.pool_size();
         handed_over(self.stager.try_send(msg), Work::Save, capacity)?;
         self.staged.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -304,7 +304,8 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         let job = SaveJob::test(iterations, vec![t.numel()], reply);
         let lease = pool.try_lease().unwrap();
-        (Stage { job, tensors: vec![(0, t.shallow_clone())], lease, guard: Some(fence.arm()), events: Vec::new() }, answer)
+        let copies = crate::staging::Copies { lease, deferred: vec![(0, t.shallow_clone())], guard: Some(fence.arm()), events: Vec::new() };
+        (Stage { job, copies }, answer)
     }
 
     #[test]

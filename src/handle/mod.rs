@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::actors::messages::{Desc, SaveJob, Stage};
 use crate::actors::{Actors, Settings, Shared};
 use crate::archive::ArchiveReader;
-use crate::config::{Config, CpuCopy, OnBusy};
+use crate::config::{Config, OnBusy};
 use crate::error::{Error, IoContext, Result, Work};
 use crate::folder::{self, ModelPaths};
 use crate::optim::{Optimizer, OptimizerState};
@@ -32,11 +32,6 @@ use remote::Seam;
 
 pub use outcome::{Committed, Finished, Loaded, OptimizerResume, Resumed, SaveStats};
 pub use ticket::Ticket;
-
-/// A save's copies once started: the CPU tensors left for the stager to copy
-/// (`"deferred"` mode; empty otherwise), and one event per GPU marking the
-/// end of its queued copies.
-type Staged = (Vec<(usize, tch::Tensor)>, Vec<crate::staging::cuda::Event>);
 
 /// The last save requested, for naming snapshots after it.
 #[derive(Debug, Clone, Copy)]
@@ -539,18 +534,16 @@ impl ModelIo {
         self.shared.stats.requested.fetch_add(1, Ordering::Relaxed);
         let (model, optimizer, tensors) =
             describe(&self.paths.archive(), vs, optimizer.filter(|_| self.config.save.optimizer.stores(is_exit)))?;
-        let Some((mut lease, waited)) = leased.or_else(|| self.take_lease(is_exit)) else {
+        let Some((lease, waited)) = leased.or_else(|| self.take_lease(is_exit)) else {
             self.last_save = Some(LastSave::Skipped(self.state.total_iterations));
             return Ok(Ticket::ready(self.skipped(started.elapsed())));
         };
-        let (deferred, events) = self.stage(tensors, &mut lease)?;
+        let copies = crate::staging::start(tensors, lease, self.config.staging.cpu_copy, &self.fence)?;
         let decision = backup_rule(&self.history, self.state.lowest_average_loss);
         // The state this save writes; the handle takes it on once the save is queued.
         let mut state = self.state.clone();
         state.lowest_average_loss = decision.lowest;
         let (reply, rx) = oneshot::channel();
-        // Deferred CPU copies hold writers back until they land.
-        let guard = if deferred.is_empty() { None } else { Some(self.fence.arm()) };
         let job = SaveJob {
             iterations: state.total_iterations,
             state_json: state.to_json(),
@@ -563,7 +556,7 @@ impl ModelIo {
             exit: is_exit,
             reply,
         };
-        actors.stage(Stage { job, tensors: deferred, lease, guard, events })?;
+        actors.stage(Stage { job, copies })?;
         self.state = state;
         self.history.clear();
         self.loaded = None;
@@ -593,33 +586,6 @@ impl ModelIo {
                 Some((self.pool.lease(), true))
             }
         }
-    }
-
-    /// Start the copies of a save's tensors into the lease: GPU tensors as
-    /// non-blocking copies queued in stream order (with one event per GPU),
-    /// CPU tensors copied now, or returned for the stager to copy in
-    /// `"deferred"` mode.
-    fn stage(&self, tensors: Vec<tch::Tensor>, lease: &mut Lease) -> Result<Staged> {
-        let mut cpu = Vec::with_capacity(tensors.len());
-        let mut gpus: Vec<usize> = Vec::new();
-        for (i, t) in tensors.into_iter().enumerate() {
-            match t.device() {
-                tch::Device::Cuda(d) => {
-                    enqueue_device_copy(&t, lease, i)?;
-                    if !gpus.contains(&d) {
-                        gpus.push(d);
-                    }
-                }
-                _ => cpu.push((i, t)),
-            }
-        }
-        // One event per GPU marks the end of this save's copies on its stream.
-        let events = gpus.into_iter().map(crate::staging::cuda::Event::record).collect::<Result<Vec<_>>>()?;
-        if self.config.staging.cpu_copy == CpuCopy::Immediate {
-            lease.fill_now(&cpu)?;
-            cpu.clear();
-        }
-        Ok((cpu, events))
     }
 
     fn skipped(&self, stall: Duration) -> Committed {
@@ -818,16 +784,4 @@ fn describe(
         None => None,
     };
     Ok((model, optimizer, tensors))
-}
-
-/// Queue a non-blocking copy of a GPU tensor into pinned buffer `i` of the lease.
-fn enqueue_device_copy(t: &tch::Tensor, lease: &mut Lease, i: usize) -> Result<()> {
-    let len = crate::tensors::byte_len(t);
-    let buf = lease.pinned(i, len, t.device())?;
-    if len == 0 {
-        return Ok(());
-    }
-    let src = t.f_contiguous()?;
-    let mut dst = buf.f_view_dtype(src.kind())?.f_reshape(src.size())?;
-    crate::staging::cuda::copy_async(&mut dst, &src)
 }

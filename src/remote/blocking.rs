@@ -30,6 +30,7 @@ impl Blocking {
     /// from one of its own or another runtime's threads).
     /// Enter the runtime on this thread (until the guard drops), so that
     /// what spawns tasks (a multipart writer's parts) spawns them on it.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     pub fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
         self.0.as_ref().map(|rt| rt.enter())
     }

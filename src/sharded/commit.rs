@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use object_store::PutMode;
 
 use super::records::inconsistency;
-use super::{lock, Commit, DoneRecord, GlobalManifest, Shared, Wake, SHARDED_FORMAT};
+use super::ticket::deliver;
+use super::{lock, Commit, DoneRecord, GlobalManifest, ShardSaved, Shared, Wake, SHARDED_FORMAT};
 use crate::background::guarded;
 use crate::error::{Error, Result, Work};
 use crate::remote::objects::{to_json, unsupported, Put};
@@ -33,12 +34,13 @@ impl actix::Handler<Wake> for Coordinator {
             // The commit is over however this ends, a panic included: a
             // drop of the handle waits for it.
             let _over = CommitOver(s);
+            let iterations = commit.iterations;
             if let Err(e) = guarded(Work::ShardedCommit, || {
                 s.commit_step(commit);
                 Ok(())
             }) {
                 s.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(target: "modelio", "sharded step {}: {}", commit.iterations, e.report());
+                tracing::error!(target: "modelio", "sharded step {iterations}: {}", e.report());
                 s.report_later(e);
             }
         }
@@ -71,7 +73,7 @@ impl Shared {
     /// Commit one step, waiting for every done-record until its deadline
     /// (`shard.commit_deadline_secs` after its own shard was written), so a
     /// dead rank costs one deadline, not one per step queued behind it.
-    fn commit_step(&self, Commit { iterations, deadline: until, loss }: Commit) {
+    fn commit_step(&self, Commit { iterations, deadline: until, loss, saved }: Commit) {
         // Records read by earlier polls of this step, not read again.
         let mut seen = Seen::default();
         let outcome = loop {
@@ -92,11 +94,21 @@ impl Shared {
                 other => break other,
             }
         };
+        let (saved, reply) = saved.map_or((None, None), |(s, r)| (Some(s), r));
+        let tell = |committed: Result<()>| match saved {
+            Some(saved) => deliver(reply, committed.map(|()| ShardSaved { committed: true, ..saved }), |e| self.report_later(e)),
+            None => {
+                if let Err(e) = committed {
+                    self.report_later(e);
+                }
+            }
+        };
         match outcome {
             Ok(Some(manifest)) => {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(target: "modelio", "committed sharded step {iterations} ({} ranks)", self.rank.world_size);
                 self.after_commit(&manifest);
+                tell(Ok(()));
             }
             Ok(None) => {
                 self.stats.already_committed.fetch_add(1, Ordering::Relaxed);
@@ -104,11 +116,12 @@ impl Shared {
                 if lock(&self.queue).snapshots.remove(&iterations) {
                     self.snapshot_committed(iterations);
                 }
+                tell(Ok(()));
             }
             Err(e) => {
                 self.stats.commit_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(target: "modelio", "sharded step {iterations} not committed: {}", e.report());
-                self.report_later(e);
+                tell(Err(e));
                 if lock(&self.queue).snapshots.remove(&iterations) {
                     self.snapshot_not_made(iterations, "the step was not committed");
                 }
@@ -121,7 +134,7 @@ impl Shared {
     /// records read by an earlier call for the same step.
     pub(super) async fn commit_once(&self, iterations: u64, loss: Option<f64>, seen: &mut Seen) -> Result<Option<GlobalManifest>> {
         let shards = self.gather(iterations, &self.run_id, self.rank.world_size, seen).await?;
-        self.publish(iterations, shards, loss).await
+        self.publish(iterations, shards, loss, &mut seen.1).await
     }
 
     /// The done-records of step `iterations` by every rank of run `run` of
@@ -152,8 +165,18 @@ impl Shared {
             .buffered(16)
             .collect()
             .await;
+        // Every record read is kept before a failed read is returned: the
+        // next poll reads only what failed.
+        let mut failed = None;
         for (k, got) in stale.into_iter().zip(read) {
-            match got? {
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            match got {
                 Some((d, _)) => {
                     let m = by_key.get(k.as_ref()).map(|m| (m.e_tag.clone(), m.last_modified));
                     if let Some(version) = m {
@@ -165,6 +188,9 @@ impl Shared {
                     seen.0.remove(k.as_ref());
                 }
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let mut shards = Vec::with_capacity(keys.len());
         for (r, key) in keys.iter().enumerate() {
@@ -190,14 +216,20 @@ impl Shared {
     /// Write the manifest that commits step `iterations` of `shards`
     /// (create-if-absent), then `LATEST` and the backup: the new manifest,
     /// or `None` when the same shards were committed already.
-    async fn publish(&self, iterations: u64, shards: Vec<DoneRecord>, loss: Option<f64>) -> Result<Option<GlobalManifest>> {
+    async fn publish(
+        &self,
+        iterations: u64,
+        shards: Vec<DoneRecord>,
+        loss: Option<f64>,
+        tried: &mut PutTried,
+    ) -> Result<Option<GlobalManifest>> {
         let world_size = shards.len();
         if let Some(problem) = inconsistency(&shards) {
             return Err(Error::ShardInconsistent { iterations, detail: problem });
         }
         let lowest = self.lowest().await?;
         let decision = loss.map(|l| crate::policy::state::backup_rule(&[l], lowest));
-        let manifest = GlobalManifest {
+        let mut manifest = GlobalManifest {
             format: SHARDED_FORMAT,
             model: self.model.clone(),
             iterations,
@@ -209,6 +241,7 @@ impl Shared {
         };
         let key = self.layout.manifest(iterations);
         let json = to_json(&key, &manifest, true)?;
+        let retried = std::mem::replace(&mut tried.0, true);
         match self.objects.put_if("commit global manifest", &key, json, PutMode::Create).await? {
             Put::Written => {}
             // Committed already: by a racing coordinator of this run (the
@@ -217,10 +250,13 @@ impl Shared {
             Put::Lost => {
                 let existing = self.objects.get_json::<GlobalManifest>(&key).await?.map(|(m, _)| m);
                 let ours = |e: &GlobalManifest| e.shards.iter().map(|d| &d.key).eq(manifest.shards.iter().map(|d| &d.key));
-                return match existing {
-                    Some(e) if ours(&e) => Ok(None),
-                    _ => Err(Error::StepCommitted { iterations, key: key.to_string() }),
-                };
+                match existing {
+                    // This commit's own earlier put, whose reply was lost:
+                    // the step is committed by this coordinator after all.
+                    Some(e) if ours(&e) && retried => manifest = e,
+                    Some(e) if ours(&e) => return Ok(None),
+                    _ => return Err(Error::StepCommitted { iterations, key: key.to_string() }),
+                }
             }
             Put::Unsupported => return Err(unsupported("commit global manifest", &key)),
         }
@@ -334,7 +370,7 @@ impl Shared {
                 tracing::warn!(target: "modelio", "sharded step {n} of run `{}` is whole but not committed: {problem}", first.run);
                 continue;
             }
-            match self.publish(n, shards, None).await {
+            match self.publish(n, shards, None, &mut PutTried::default()).await {
                 Ok(Some(_)) => {
                     tracing::info!(target: "modelio", "committed sharded step {n}, left whole but uncommitted by run `{}`", first.run);
                     self.stats.recovered.fetch_add(1, Ordering::Relaxed);
@@ -506,7 +542,13 @@ fn step_of(key: &object_store::path::Path) -> Option<u64> {
 /// Done-records already read while committing a step, by key, with the
 /// version (entity tag and time) they were read at.
 #[derive(Default)]
-pub(super) struct Seen(HashMap<String, (Version, DoneRecord)>);
+pub(super) struct Seen(HashMap<String, (Version, DoneRecord)>, PutTried);
+
+/// Whether this commit of a step has sent its manifest's put before: a
+/// retry that finds the manifest there with its own shards finds its own
+/// put, whose reply was lost.
+#[derive(Default)]
+pub(super) struct PutTried(bool);
 
 /// An object's entity tag and time: a record rewritten since has another.
 type Version = (Option<String>, chrono::DateTime<chrono::Utc>);

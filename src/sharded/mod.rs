@@ -38,8 +38,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
-#[cfg(feature = "torch")]
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -52,20 +50,30 @@ use crate::config::{Config, RemoteConfig};
 use crate::error::{Error, Result};
 use crate::remote::objects::Objects;
 #[cfg(feature = "torch")]
-use crate::tensors::{copy_bytes, dtype_of, shape_of, to_tensor};
+use crate::tensors::{copy_bytes, to_tensor};
 
 mod boxes;
 mod commit;
 mod layout;
+#[cfg(feature = "torch")]
+mod plan;
 mod read;
 mod records;
 mod run;
+#[cfg(feature = "torch")]
+mod save;
+mod ticket;
+#[cfg(feature = "torch")]
 mod writer;
 
 pub use boxes::Region;
 pub use layout::Layout;
+#[cfg(feature = "torch")]
+pub use plan::{Plan, ShardResumed};
 pub use records::{DoneRecord, GlobalManifest, Piece, SHARDED_FORMAT};
 use run::run_id;
+use ticket::Reply;
+pub use ticket::{ShardFinished, ShardSaved, ShardTicket};
 
 /// What a rank saves of one tensor: all of it, or its box of a global
 /// tensor.
@@ -78,6 +86,7 @@ pub struct Part<'a> {
 
 /// Where a part lies in its global tensor.
 #[cfg(feature = "torch")]
+#[derive(Debug, Clone)]
 enum Place {
     Whole,
     /// Rows from `offset` of a tensor of `global_rows` rows, whole in every
@@ -317,21 +326,29 @@ pub struct ShardStats {
     pub recovered: AtomicU64,
 }
 
-/// One tensor of a save, copied at the call.
+/// One tensor of a save: where its bytes go in the shard. The bytes are in
+/// the job's staging buffer of the same index.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 struct Staged {
     name: String,
     dtype: DType,
     /// The piece's box of the whole tensor, and the whole tensor's shape.
     region: Region,
     global: Vec<usize>,
-    bytes: Vec<u8>,
 }
 
-/// A save copied at the call, waiting for the writer thread.
+/// A save whose copies are started, waiting for the writer.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 struct Job {
     iterations: u64,
     tensors: Vec<Staged>,
+    /// Its copies into a staging buffer set, landed by the writer.
+    #[cfg(feature = "torch")]
+    copies: crate::staging::Copies,
     loss: Option<f64>,
+    /// How long `save` held the caller.
+    stall: Duration,
+    reply: Option<Reply>,
 }
 
 impl Step for Job {
@@ -341,12 +358,13 @@ impl Step for Job {
 }
 
 /// A step the coordinator is to commit.
-#[derive(Debug, Clone, Copy)]
 struct Commit {
     iterations: u64,
     /// `shard.commit_deadline_secs` after its own shard was written.
     deadline: Instant,
     loss: Option<f64>,
+    /// The coordinator's own save of the step, told once the commit is over.
+    saved: Option<(ShardSaved, Option<Reply>)>,
 }
 
 #[derive(Default)]
@@ -372,16 +390,31 @@ struct Shared {
     deadline: Duration,
     keep: usize,
     snapshot_keep: usize,
-    /// `staging.on_busy = "wait"`: a save waits for the previous one to start writing.
+    /// `staging.on_busy = "wait"`: a save waits for a free staging buffer
+    /// set (else it replaces the save waiting to be written, or is skipped).
     #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     wait_when_busy: bool,
+    /// The staging buffer sets (`staging.max_inflight` of them, reused
+    /// save after save), the CPU copy mode and its fence: the pipeline of a
+    /// single process's saves.
+    #[cfg(feature = "torch")]
+    pool: crate::staging::Pool,
+    #[cfg(feature = "torch")]
+    cpu_copy: crate::config::CpuCopy,
+    #[cfg(feature = "torch")]
+    fence: crate::staging::Fence,
+    /// Losses recorded since the last save.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    history: Mutex<Vec<f64>>,
     /// Opened with [`ShardedIo::open_reader`]: saves are refused.
     #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     reader: bool,
     /// A shard at least this large streams to the store in parts of this
     /// size, at most `parts_in_flight` being sent at once (`[remote]`'s
     /// `part_size_mib` and `parts_in_flight`).
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     part_size: usize,
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     parts_in_flight: usize,
     /// The lowest reported loss, read from the newest manifest on first use.
     lowest: Mutex<Option<f64>>,
@@ -389,7 +422,9 @@ struct Shared {
     /// Told of every change of `queue` (a job taken or done, a commit over):
     /// `save` waiting for the slot, `flush` and the drop wait on it.
     wake: Condvar,
-    /// The workers, set once they are started.
+    /// The workers, set once they are started (no writer without libtorch:
+    /// nothing to save).
+    #[cfg(feature = "torch")]
     writer: OnceLock<actix::Addr<writer::ShardWriter>>,
     coordinator: OnceLock<actix::Addr<commit::Coordinator>>,
     stats: ShardStats,
@@ -400,6 +435,10 @@ struct Shared {
     run_id: String,
     rt: crate::remote::blocking::Blocking,
 }
+
+/// How many times a rank tries a write of its own (a shard, a done-record)
+/// or a request of its open before the store's failure is its failure.
+pub const TRIES: u32 = 4;
 
 /// One rank's sharded checkpoints of one model.
 pub struct ShardedIo {
@@ -460,12 +499,20 @@ impl ShardedIo {
             keep: config.shard.keep,
             snapshot_keep: config.snapshot.keep,
             wait_when_busy: config.staging.on_busy == crate::config::OnBusy::Wait,
+            #[cfg(feature = "torch")]
+            pool: crate::staging::Pool::new(config.staging.max_inflight),
+            #[cfg(feature = "torch")]
+            cpu_copy: config.staging.cpu_copy,
+            #[cfg(feature = "torch")]
+            fence: crate::staging::Fence::default(),
+            history: Mutex::new(Vec::new()),
             reader,
             part_size: rc.part_size_mib.saturating_mul(1 << 20),
             parts_in_flight: rc.parts_in_flight,
             lowest: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            #[cfg(feature = "torch")]
             writer: OnceLock::new(),
             coordinator: OnceLock::new(),
             stats: ShardStats::default(),
@@ -476,7 +523,8 @@ impl ShardedIo {
         // A coordinator claims its run id: a launch that reuses an earlier
         // launch's id could commit that run's leftover shards with its own.
         if rank.rank == 0 && rank.world_size > 1 {
-            shared.run(shared.claim_run())?;
+            let claim = uuid::Uuid::new_v4().simple().to_string();
+            shared.retrying("record the run id", || shared.run(shared.claim_run(&claim)))?;
         }
         // Steps a dead launch left whole but uncommitted are committed
         // before any rank reads which step is the newest. A single rank
@@ -484,7 +532,7 @@ impl ShardedIo {
         // its own); a rank of several must not read another newest step
         // than the others.
         if !reader {
-            match shared.run(shared.recover()) {
+            match shared.retrying("recover uncommitted steps", || shared.run(shared.recover())) {
                 Ok(_) => {}
                 Err(e) if rank.world_size == 1 => tracing::warn!(target: "modelio", "steps left uncommitted not recovered: {}", e.report()),
                 Err(e) => return Err(e),
@@ -492,8 +540,11 @@ impl ShardedIo {
         }
         let s = shared.clone();
         let (workers, ()) = Workers::start("modelio-shard", move || {
-            let w = s.clone();
-            let _ = s.writer.set(worker("modelio-shard-writer", Priority::Normal, move || writer::ShardWriter { shared: w.clone() }));
+            #[cfg(feature = "torch")]
+            {
+                let w = s.clone();
+                let _ = s.writer.set(worker("modelio-shard-writer", Priority::Normal, move || writer::ShardWriter { shared: w.clone() }));
+            }
             if s.rank.rank == 0 {
                 let c = s.clone();
                 let _ =
@@ -521,86 +572,6 @@ impl ShardedIo {
         &self.shared.stats
     }
 
-    #[cfg(feature = "torch")]
-    /// Save this rank's `parts` as step `iterations`: the bytes are copied
-    /// before it returns (about one memcpy of the parts), and written in the
-    /// background. One save is written while the next waits; a third waits
-    /// for the writer to take the second (`staging.on_busy = "wait"`, the
-    /// default), or replaces it (`"skip"`, counted in `skipped`; a step that
-    /// some rank skipped is never committed). Never waits on another rank.
-    ///
-    /// # Errors
-    /// [`Error::UnsupportedDtype`], [`Error::DuplicateTensor`], [`Error::Argument`]
-    /// for rows or a box outside the global shape, [`Error::Torch`].
-    pub fn save(&self, iterations: u64, parts: &[Part<'_>]) -> Result<()> {
-        self.save_inner(iterations, parts, None)
-    }
-
-    /// [`ShardedIo::save`] with the average loss since the last save. The
-    /// coordinator's loss decides the global backup (the rule of local
-    /// saves: the first loss sets the lowest, a strictly lower one makes
-    /// that step the backup); other ranks' losses are not used.
-    ///
-    /// # Errors
-    /// As [`ShardedIo::save`].
-    #[cfg(feature = "torch")]
-    pub fn save_with_loss(&self, iterations: u64, parts: &[Part<'_>], loss: f64) -> Result<()> {
-        self.save_inner(iterations, parts, Some(loss))
-    }
-
-    #[cfg(feature = "torch")]
-    fn save_inner(&self, iterations: u64, parts: &[Part<'_>], loss: Option<f64>) -> Result<()> {
-        if self.shared.reader {
-            return Err(Error::Argument {
-                arg: "ShardedIo::save".into(),
-                value: "a handle opened with ShardedIo::open_reader".into(),
-                allowed: "a handle opened with ShardedIo::open".into(),
-            });
-        }
-        // A NaN or infinite loss cannot be compared with the lowest: it is not used.
-        let loss = match loss {
-            Some(l) if !l.is_finite() => {
-                tracing::warn!(target: "modelio", "sharded step {iterations}: loss {l} ignored for the backup rule");
-                None
-            }
-            other => other,
-        };
-        let mut tensors = Vec::with_capacity(parts.len());
-        let mut names = std::collections::HashSet::new();
-        for p in parts {
-            if !names.insert(p.name) {
-                return Err(Error::DuplicateTensor { tensor: p.name.into() });
-            }
-            let dtype = dtype_of(p.name, p.tensor.kind())?;
-            let (region, global) = p.region(&shape_of(p.tensor))?;
-            let mut bytes = Vec::new();
-            copy_bytes(p.tensor, &mut bytes)?;
-            tensors.push(Staged { name: p.name.to_string(), dtype, region, global, bytes });
-        }
-        let replaced = {
-            let mut q = lock(&self.shared.queue);
-            // With `staging.on_busy = "wait"` (the default) a save waits for
-            // this rank's own previous one to start writing: ranks that each
-            // skipped different steps would never complete a step together.
-            while self.shared.wait_when_busy && q.job.waiting().is_some() && !q.stop {
-                q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
-            }
-            q.last_saved = Some(iterations);
-            let replaced = q.job.offer(Job { iterations, tensors, loss });
-            replaced.map(|job| (job.iterations, q.snapshots.remove(&job.iterations)))
-        };
-        self.shared.wake_writer();
-        if let Some((skipped, snapshot_wanted)) = replaced {
-            self.shared.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            if snapshot_wanted {
-                self.shared
-                    .snapshot_not_made(skipped, "its save was replaced by a newer one before it was written (staging.on_busy = \"skip\")");
-            }
-        }
-        self.shared.wake.notify_all();
-        Ok(())
-    }
-
     /// Wait until every save handed over so far is written and (on the
     /// coordinator) committed or failed, at most `timeout`: true when done,
     /// false when the time ran out. Call it before dropping the handle at
@@ -611,27 +582,7 @@ impl ShardedIo {
     /// a step not committed (a rank's shard missing at its deadline, the step
     /// committed by another run, inconsistent shards), a backup not written.
     pub fn flush(&self, timeout: Duration) -> Result<bool> {
-        let deadline = Instant::now().checked_add(timeout).unwrap_or_else(Instant::now);
-        let mut done = true;
-        {
-            let mut q = lock(&self.shared.queue);
-            while !q.is_idle() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    done = false;
-                    break;
-                }
-                q = self
-                    .shared
-                    .wake
-                    .wait_timeout(q, left.min(Duration::from_millis(50)))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-        }
-        if done {
-            self.shared.settle_snapshots();
-        }
+        let done = self.shared.wait_idle(timeout);
         match self.shared.failures.take() {
             Some(e) => Err(e),
             None => Ok(done),
@@ -799,7 +750,7 @@ impl Shared {
     }
 
     /// Tell the writer a save waits.
-    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    #[cfg(feature = "torch")]
     fn wake_writer(&self) {
         if let Some(w) = self.writer.get() {
             w.do_send(Wake);
@@ -807,9 +758,51 @@ impl Shared {
     }
 
     /// Tell the coordinator a step waits to be committed.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     fn wake_coordinator(&self) {
         if let Some(c) = self.coordinator.get() {
             c.do_send(Wake);
+        }
+    }
+
+    /// Wait until every save handed over so far is written and committed
+    /// or failed, at most `timeout`: false when the time ran out.
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout).unwrap_or_else(Instant::now);
+        let mut q = lock(&self.queue);
+        while !q.is_idle() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self.wake.wait_timeout(q, left.min(Duration::from_millis(50))).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(q);
+        self.settle_snapshots();
+        true
+    }
+
+    /// Run `request` again while the store fails it (a throttled or dropped
+    /// request, S3's SlowDown after its client's own retries): up to
+    /// [`TRIES`] tries, pausing 4x longer each time from 100 ms, within
+    /// `shard.commit_deadline_secs`. A rank's writes and its open outlast a
+    /// burst of throttling instead of losing the step (or the launch); a
+    /// store that keeps refusing still fails in about 2 s. Each request is
+    /// idempotent.
+    fn retrying<T>(&self, what: &str, mut request: impl FnMut() -> Result<T>) -> Result<T> {
+        let until = Instant::now().checked_add(self.deadline).unwrap_or_else(Instant::now);
+        let mut pause = Duration::from_millis(100);
+        let mut tries = 1;
+        loop {
+            match request() {
+                Err(e @ (Error::Remote { .. } | Error::RemoteContended { .. })) if tries < TRIES && Instant::now() + pause < until => {
+                    tracing::warn!(target: "modelio", "rank {}: {what} failed, tried again in {} ms: {}", self.rank.rank, pause.as_millis(), e.report());
+                    std::thread::sleep(pause);
+                    pause *= 4;
+                    tries += 1;
+                }
+                other => return other,
+            }
         }
     }
 

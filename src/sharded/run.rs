@@ -43,18 +43,23 @@ pub(super) fn run_id(config: &Config, rank: Rank, env: impl Fn(&str) -> Option<S
 
 impl Shared {
     /// Record this run's id, create-if-absent: refused when an earlier
-    /// launch's coordinator used it.
-    pub(super) async fn claim_run(&self) -> Result<()> {
+    /// launch's coordinator used it. `claim` is this open's own mark: a
+    /// retried claim that finds it there finds its own put.
+    pub(super) async fn claim_run(&self, claim: &str) -> Result<()> {
         let key = self.layout.run(&self.run_id);
         let record = serde_json::json!({
             "run": self.run_id,
             "world_size": self.rank.world_size,
             "created": chrono::Utc::now().to_rfc3339(),
+            "claim": claim,
         });
         let json = to_json(&key, &record, true)?;
         match self.objects.put_if("record the run id", &key, json, PutMode::Create).await? {
             Put::Written => Ok(()),
-            Put::Lost => Err(Error::RunIdReused { run_id: self.run_id.clone(), key: key.to_string() }),
+            Put::Lost => match self.objects.get_json::<serde_json::Value>(&key).await? {
+                Some((earlier, _)) if earlier.get("claim").and_then(|c| c.as_str()) == Some(claim) => Ok(()),
+                _ => Err(Error::RunIdReused { run_id: self.run_id.clone(), key: key.to_string() }),
+            },
             Put::Unsupported => Err(unsupported("record the run id", &key)),
         }
     }

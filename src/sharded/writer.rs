@@ -2,11 +2,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::{lock, Commit, DoneRecord, Job, Piece, Shared, Staged, Wake, SHARDED_FORMAT};
+use super::ticket::{deliver, Reply};
+use super::{lock, Commit, DoneRecord, Job, Piece, ShardSaved, Shared, Staged, Wake, SHARDED_FORMAT};
 use crate::archive::format::TensorRef;
-use crate::archive::write_archive_located;
+use crate::archive::{write_archive_located, Span};
 use crate::background::guarded;
 use crate::error::{Error, Result, Work};
 use crate::remote::objects::to_json;
@@ -26,14 +27,15 @@ impl actix::Handler<Wake> for ShardWriter {
     type Result = ();
     fn handle(&mut self, _: Wake, _: &mut Self::Context) {
         let s = &self.shared;
-        while let Some(job) = s.next_job() {
+        while let Some(mut job) = s.next_job() {
             // The job is over however this ends, a panic included: a drop
             // of the handle waits for it.
             let _over = JobOver(s);
-            let iterations = job.iterations;
-            let loss = job.loss;
+            let (iterations, loss, stall, reply) = (job.iterations, job.loss, job.stall, job.reply.take());
             let written = guarded(Work::ShardedSave, || s.write_shard(job));
-            s.shard_written(iterations, loss, written);
+            let saved =
+                written.map(|(bytes, copy, write)| ShardSaved { iterations, bytes, stall, copy, write, skipped: false, committed: false });
+            s.shard_written(iterations, loss, saved, reply);
         }
     }
 }
@@ -61,21 +63,25 @@ impl Shared {
     }
 
     /// Count and hand on what became of the shard of `iterations`: the
-    /// coordinator commits the step, or the failure waits for `flush`.
-    fn shard_written(&self, iterations: u64, loss: Option<f64>, written: Result<()>) {
+    /// coordinator commits the step (and then tells its ticket), another
+    /// rank tells its ticket now; a failure nobody holds a ticket for waits
+    /// for `flush`.
+    fn shard_written(&self, iterations: u64, loss: Option<f64>, written: Result<ShardSaved>, reply: Option<Reply>) {
         match written {
-            Ok(()) => {
+            Ok(saved) => {
                 self.stats.written.fetch_add(1, Ordering::Relaxed);
                 if self.rank.rank == 0 {
                     let deadline = Instant::now().checked_add(self.deadline).unwrap_or_else(Instant::now);
-                    lock(&self.queue).commits.push(Commit { iterations, deadline, loss });
+                    lock(&self.queue).commits.push(Commit { iterations, deadline, loss, saved: Some((saved, reply)) });
                     self.wake_coordinator();
+                } else {
+                    deliver(reply, Ok(saved), |_| {});
                 }
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(target: "modelio", "rank {}: shard of iteration {iterations} not written: {}", self.rank.rank, e.report());
-                self.report_later(e);
+                deliver(reply, Err(e), |e| self.report_later(e));
                 if lock(&self.queue).snapshots.remove(&iterations) {
                     self.snapshot_not_made(iterations, "this rank's shard of it was not written");
                 }
@@ -88,36 +94,35 @@ impl Shared {
     /// as the archive is written (multipart on object storage), so memory is
     /// the staged copy plus `parts_in_flight` parts, and no single request
     /// carries the whole shard (S3 refuses one over 5 GiB).
-    pub(super) fn write_shard(&self, job: Job) -> Result<()> {
-        let Job { iterations, tensors, .. } = job;
-        let upload = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
-        let key = self.layout.shard(iterations, self.rank.rank, &upload);
-        let refs: Vec<TensorRef<'_>> = tensors
-            .iter()
-            .map(|t| TensorRef { name: &t.name, dtype: t.dtype, shape: &t.region.shape, data: &t.bytes, crc32c: None, crc32: None })
-            .collect();
-        let path = std::path::PathBuf::from(key.as_ref());
-        let name = format!("{}-rank-{}", self.model, self.rank.rank);
-        let total: usize = tensors.iter().map(|t| t.bytes.len()).sum();
-        let (size, crc, spans) = if total < self.part_size {
-            let (bytes, spans) = write_archive_located(Vec::new(), &path, &name, iterations, &refs, None, None)?;
-            let (size, crc) = (bytes.len() as u64, crc32c::crc32c(&bytes));
-            self.run(self.objects.put("write shard", &key, bytes))?;
-            (size, crc, spans)
-        } else {
-            let mut parts = Parts::start(self, &key)?;
-            match write_archive_located(&mut parts, &path, &name, iterations, &refs, None, None) {
-                Ok((_, spans)) => {
-                    let (size, crc) = parts.finish()?;
-                    (size, crc, spans)
-                }
-                Err(e) => return Err(parts.abort().unwrap_or(e)),
+    /// Returns the shard's size, how long landing the copies took and how
+    /// long the writes took.
+    pub(super) fn write_shard(&self, job: Job) -> Result<(u64, Duration, Duration)> {
+        let Job { iterations, tensors, copies, .. } = job;
+        // The device copies waited for, deferred copies made (the fence
+        // released), checksums computed on the staged bytes.
+        let (lease, crcs, copy) = copies.land()?;
+        let started = Instant::now();
+        let buffers = lease.buffers();
+        let mut refs: Vec<TensorRef<'_>> = Vec::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            let data = buffers.get(i).copied().unwrap_or_default();
+            let want = usize::try_from(t.region.volume()).unwrap_or(usize::MAX).saturating_mul(t.dtype.size());
+            let &(crc32c, crc32) = crcs.get(i).unwrap_or(&(0, 0));
+            if data.len() != want {
+                return Err(Error::Internal {
+                    what: Work::ShardedSave,
+                    message: format!("the staged copy of `{}` holds {} bytes, not {want}", t.name, data.len()),
+                });
             }
-        };
+            refs.push(TensorRef { name: &t.name, dtype: t.dtype, shape: &t.region.shape, data, crc32c: Some(crc32c), crc32: Some(crc32) });
+        }
+        let (key, size, crc, spans) = self.retrying("write shard", || self.store_shard(iterations, &refs))?;
+        drop(refs);
+        drop(lease);
         let pieces = tensors
             .iter()
             .zip(spans)
-            .map(|(Staged { name, dtype, region, global, .. }, span)| Piece {
+            .map(|(Staged { name, dtype, region, global }, span)| Piece {
                 name: name.clone(),
                 dtype: dtype.name().into(),
                 global_shape: global.clone(),
@@ -141,8 +146,40 @@ impl Shared {
             pieces,
         };
         let done_key = self.layout.done(iterations, self.rank.rank);
-        self.run(self.objects.put("write done-record", &done_key, to_json(&done_key, &done, false)?))?;
-        Ok(())
+        self.retrying("write done-record", || {
+            self.run(self.objects.put("write done-record", &done_key, to_json(&done_key, &done, false)?))
+        })?;
+        Ok((size, copy, started.elapsed()))
+    }
+
+    /// Store one shard under a key of its own: its key, size, CRC-32C and
+    /// where each tensor landed. A shard smaller than a part goes up in one
+    /// put; a larger one streams to the store in parts as the archive is
+    /// written (multipart on object storage), so memory is the staged copy
+    /// plus `parts_in_flight` parts, and no single request carries the whole
+    /// shard (S3 refuses one over 5 GiB).
+    fn store_shard(&self, iterations: u64, refs: &[TensorRef<'_>]) -> Result<(Key, u64, u32, Vec<Span>)> {
+        let upload = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+        let key = self.layout.shard(iterations, self.rank.rank, &upload);
+        let path = std::path::PathBuf::from(key.as_ref());
+        let name = format!("{}-rank-{}", self.model, self.rank.rank);
+        let total: usize = refs.iter().map(|r| r.data.len()).sum();
+        let (size, crc, spans) = if total < self.part_size {
+            let (bytes, spans) = write_archive_located(Vec::new(), &path, &name, iterations, refs, None, None)?;
+            let (size, crc) = (bytes.len() as u64, crc32c::crc32c(&bytes));
+            self.run(self.objects.put("write shard", &key, bytes))?;
+            (size, crc, spans)
+        } else {
+            let mut parts = Parts::start(self, &key)?;
+            match write_archive_located(&mut parts, &path, &name, iterations, refs, None, None) {
+                Ok((_, spans)) => {
+                    let (size, crc) = parts.finish()?;
+                    (size, crc, spans)
+                }
+                Err(e) => return Err(parts.abort().unwrap_or(e)),
+            }
+        };
+        Ok((key, size, crc, spans))
     }
 }
 

@@ -5,6 +5,7 @@
 //! sets, each reused save after save (a buffer only grows when a tensor got
 //! bigger). When none is free a save waits or is skipped, per `staging.on_busy`.
 
+mod copy;
 pub(crate) mod cuda;
 mod fence;
 
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::background::lock;
+pub(crate) use crate::staging::copy::{start, Copies};
 pub use crate::staging::fence::{Fence, FenceGuard};
 
 /// Most threads an immediate staging copy uses (the caller's included).
