@@ -60,9 +60,11 @@
 //!   shutdown), its [`Ticket`]s and outcomes, and the recovery of a folder at open.
 //! - `actors/` (internal): the workers, thin actix actors: stager -> saver ->
 //!   backup / snapshot, one file each.
-//! - [`staging`]: the bounded pool of host buffers, the [`Fence`] of deferred
-//!   copies, and `cuda` (internal): the non-blocking device-to-host copy and
-//!   per-save event (a small C++ shim). [`tensors`]: tensors to and from the
+//! - [`staging`]: the bounded pool of host buffers, a save's copies into them
+//!   (`copy`, internal: started at the call, landed by a worker, for single
+//!   saves and ranks alike), the [`Fence`] of deferred copies, and `cuda`
+//!   (internal): the non-blocking device-to-host copy and per-save event (a
+//!   small C++ shim). [`tensors`]: tensors to and from the
 //!   archive's bytes.
 //! - [`archive`]: archive format v2 (zip + safetensors): `writer` and `reader`
 //!   (internal, their items re-exported by [`archive`]), `safetensors`
@@ -79,8 +81,9 @@
 //! - [`remote`]: the remote tier (object storage): uploads after commits, pulls,
 //!   verification and retention there; `remote/objects.rs` is the one
 //!   object-store layer, which sharded checkpoints use too.
-//! - [`sharded`]: checkpoints saved by several ranks, each its shard, committed by
-//!   rank 0 as one step, loaded on any number of ranks.
+//! - [`sharded`]: checkpoints saved by several ranks, each its shard (tensors, or
+//!   a `VarStore` and optimizer under a plan, through the staging pipeline),
+//!   committed by rank 0 as one step, loaded on any number of ranks.
 //! - [`optim`]: SGD, Adam and AdamW whose state can be saved, behind [`Optimizer`].
 //! - [`signals`]: the first Ctrl-C or SIGTERM as a cancellation token, for the exit save.
 //! - `background` (internal): what every worker shares: the lock helper, the

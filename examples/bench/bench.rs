@@ -59,7 +59,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -138,21 +138,21 @@ pub fn settle() {
 }
 
 /// Drop a file's pages from the page cache so the next read comes from disk.
-fn evict(path: &Path) {
+pub fn evict(path: &Path) {
     if let Ok(f) = File::open(path) {
         // SAFETY: advisory call on a descriptor we own.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 }
 
-fn rss_kib(field: &str) -> u64 {
+pub fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
 
-fn io_for(dir: &Path, name: &str, cpu_copy: CpuCopy) -> Result<ModelIo> {
+pub fn io_for(dir: &Path, name: &str, cpu_copy: CpuCopy) -> Result<ModelIo> {
     let mut c = Config::default();
     c.model.dir = dir.to_path_buf();
     c.model.name = name.into();
@@ -365,6 +365,12 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     let result = memory_phase(&mem_dir, &vs, &opt, bytes, r);
     let _ = std::fs::remove_dir_all(&mem_dir);
     result?;
+    #[cfg(feature = "remote")]
+    {
+        let result = crate::sharded::memory_phase(&mem_dir, &vs, &opt, bytes, r);
+        let _ = std::fs::remove_dir_all(&mem_dir);
+        result?;
+    }
     let mut io = io_for(&work.join("mem"), "bench", CpuCopy::Immediate)?;
     let mut deferred_io = io_for(&work.join("deferred"), "bench", CpuCopy::Deferred)?;
 
@@ -484,6 +490,10 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     r.insert("load_gbps".into(), median(load));
     r.insert("mapped_load_gbps".into(), median(mapped));
     r.insert("raw_read_gbps".into(), median(read));
+    #[cfg(feature = "remote")]
+    if opts.device == Device::Cpu {
+        crate::sharded::run(work, reps, &vs, &opt, bytes, r)?;
+    }
     drop((vs, opt));
 
     // Uploads of a committed archive to the remote tier vs a plain
@@ -624,6 +634,27 @@ pub fn table(r: &Report) -> Vec<[String; 6]> {
         let per_gib = stall.zip(get("state_bytes")).map(|(ms, b)| ms / (b / (1u64 << 30) as f64));
         row("stall ms per GiB (GPU state)", per_gib, None, None, "< 1.0", per_gib.map(|x| x < 1.0));
     }
+    let rs = ratio(get("sharded_rank_stall_ms"), get("sharded_single_stall_ms"));
+    row(
+        "sharded: a rank's stall ms vs a single save",
+        get("sharded_rank_stall_ms"),
+        get("sharded_single_stall_ms"),
+        rs,
+        "<= 1.2",
+        rs.map(|x| x <= 1.2),
+    );
+    let sm = get("sharded_peak_extra_mem_ratio");
+    let limit = 1.1 + get("sharded_parts_in_flight_ratio").unwrap_or(0.0);
+    row("sharded: peak extra memory / shard", sm, Some(1.0), sm, &format!("<= {limit:.2}"), sm.map(|x| x <= limit));
+    let sl = ratio(get("sharded_load_gbps"), get("sharded_raw_read_gbps"));
+    row(
+        "sharded: load on 1 rank of 2 GB/s vs raw read",
+        get("sharded_load_gbps"),
+        get("sharded_raw_read_gbps"),
+        sl,
+        ">= 0.9",
+        sl.map(|x| x >= 0.9),
+    );
     let gap = get("runtime_worst_tick_gap_ms");
     row("runtime's worst tick gap, saving every step, ms", gap, None, None, "< 10", gap.map(|x| x < 10.0));
     if let Some(g) = get("staging_gbps") {

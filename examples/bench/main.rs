@@ -7,6 +7,8 @@
 
 mod bench;
 mod s3;
+#[cfg(feature = "remote")]
+mod sharded;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

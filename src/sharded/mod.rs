@@ -12,9 +12,13 @@
 //! LATEST                                         names the newest global manifest
 //! ```
 //!
-//! A rank's `save` copies its tensors at the call and returns; a worker of
-//! its own (an actix actor, as every modelio worker) writes the shard, then
-//! the done-record. The coordinator (rank 0)
+//! A rank's save goes through the pipeline of a single save: a staging
+//! buffer set from the pool, the copies started at the call (the immediate
+//! CPU copy, the deferred one under the fence, device copies into pinned
+//! buffers), then a worker of its own (an actix actor, as every modelio
+//! worker) lands the copies, writes the shard, then the done-record. It
+//! saves tensors described one by one ([`Part`]) or a `VarStore` and its
+//! optimizer under a [`Plan`]. The coordinator (rank 0)
 //! also commits: once every rank's done-record for the step exists (or a
 //! deadline passes, a counted failure), it writes the global manifest with a
 //! create-if-absent put, so two coordinators racing on one step (a restarted
@@ -31,10 +35,13 @@
 //! when the next launch opens.
 //!
 //! Files: this one holds the rank's handle ([`ShardedIo`]) and the state its
-//! workers share; `records.rs` what is stored, `layout.rs` where, `run.rs`
-//! the run id, `writer.rs` each rank's shard writer, `commit.rs` the
-//! coordinator (and recovery of steps a dead launch left), `read.rs`
-//! listing and reading back, `boxes.rs` the box arithmetic of pieces.
+//! workers share; `save.rs` a rank's save through the staging pipeline and
+//! the end of training, `plan.rs` a `VarStore` and optimizer under a plan,
+//! `ticket.rs` what a save becomes; `records.rs` what is stored,
+//! `layout.rs` where, `run.rs` the run id, `writer.rs` each rank's shard
+//! writer, `commit.rs` the coordinator (and recovery of steps a dead launch
+//! left), `read.rs` listing and reading back, `boxes.rs` the box arithmetic
+//! of pieces.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
@@ -50,7 +57,7 @@ use crate::config::{Config, RemoteConfig};
 use crate::error::{Error, Result};
 use crate::remote::objects::Objects;
 #[cfg(feature = "torch")]
-use crate::tensors::{copy_bytes, to_tensor};
+use crate::tensors::copy_bytes;
 
 mod boxes;
 mod commit;
@@ -436,6 +443,27 @@ struct Shared {
     rt: crate::remote::blocking::Blocking,
 }
 
+/// A loaded box, read straight into a new CPU tensor of its dtype and shape.
+#[cfg(feature = "torch")]
+struct Loaded(Tensor);
+
+#[cfg(feature = "torch")]
+impl read::Sink for Loaded {
+    fn make(dtype: DType, shape: &[usize], _len: usize) -> Result<Self> {
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        Ok(Loaded(Tensor::f_empty(&shape, (crate::tensors::kind_of(dtype), tch::Device::Cpu))?))
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: a tensor just made here, shared with no one until the
+        // load returns it.
+        unsafe { crate::tensors::host_bytes_mut(&mut self.0) }.unwrap_or_default()
+    }
+}
+
+/// How many wants a load reads at once.
+#[cfg(feature = "torch")]
+const LOADS_IN_FLIGHT: usize = 8;
+
 /// How many times a rank tries a write of its own (a shard, a done-record)
 /// or a request of its open before the store's failure is its failure.
 pub const TRIES: u32 = 4;
@@ -616,8 +644,23 @@ impl ShardedIo {
     /// [`Error::Mismatch`] when a tensor or rows are not in the step;
     /// [`Error::RemoteDamaged`] when a piece's checksum fails; [`Error::Remote`].
     pub fn load(&self, m: &GlobalManifest, wants: &[Want]) -> Result<Vec<Tensor>> {
+        use futures::StreamExt;
+        // Wants are read in the order their first pieces lie in the shards
+        // (sequential reads of each shard), a few at once, so the store's
+        // reads overlap the copies and checksums of those already read.
         let s = self.shared.clone();
-        wants.iter().map(|w| s.run(s.read_want(m, w)).and_then(|(dtype, shape, bytes)| to_tensor(dtype, &shape, &bytes))).collect()
+        let mut order: Vec<usize> = (0..wants.len()).collect();
+        let place = |w: &Want| m.pieces(&w.name).first().map(|(key, p)| (key.to_string(), p.data_offset));
+        order.sort_by_cached_key(|&i| place(&wants[i]));
+        let read = futures::stream::iter(order.iter().map(|&i| &wants[i])).map(|w| s.read_want::<Loaded>(m, w)).buffered(LOADS_IN_FLIGHT);
+        let loaded = s.run(read.map(|got| got.map(|Loaded(t)| t)).collect::<Vec<_>>());
+        let mut out: Vec<Option<Result<Tensor>>> = (0..wants.len()).map(|_| None).collect();
+        for (&i, t) in order.iter().zip(loaded) {
+            out[i] = Some(t);
+        }
+        out.into_iter()
+            .map(|t| t.unwrap_or_else(|| Err(Error::Internal { what: crate::error::Work::Load, message: "a want was not read".into() })))
+            .collect()
     }
 
     /// Check every shard of step `m`: size and CRC-32C of each shard object,
@@ -768,10 +811,11 @@ impl Shared {
     /// Wait until every save handed over so far is written and committed
     /// or failed, at most `timeout`: false when the time ran out.
     fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now().checked_add(timeout).unwrap_or_else(Instant::now);
+        // No deadline when it lies past what an instant can hold (`Duration::MAX`).
+        let deadline = Instant::now().checked_add(timeout);
         let mut q = lock(&self.queue);
         while !q.is_idle() {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
             if left.is_zero() {
                 return false;
             }

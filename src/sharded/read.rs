@@ -40,7 +40,7 @@ impl Shared {
     /// The dtype, shape and bytes of `want` in step `m`: each stored box
     /// that holds some of it not yet read is read once (a tensor several
     /// ranks hold whole is read from one) and its overlap copied.
-    pub(super) async fn read_want(&self, m: &GlobalManifest, want: &Want) -> Result<(DType, Vec<usize>, Vec<u8>)> {
+    pub(super) async fn read_want<S: Sink>(&self, m: &GlobalManifest, want: &Want) -> Result<S> {
         let pieces = m.pieces(&want.name);
         let missing = |found: String| Error::Mismatch {
             path: std::path::PathBuf::from(self.layout.manifest(m.iterations).as_ref()),
@@ -57,7 +57,13 @@ impl Shared {
         let Some(wanted) = want.region(&global) else { return Err(missing(format!("a tensor of shape {global:?}"))) };
         let len = usize::try_from(wanted.volume()).ok().and_then(|n| n.checked_mul(dtype.size()));
         let Some(len) = len else { return Err(missing(format!("a tensor of shape {global:?}"))) };
-        let mut out = vec![0u8; len];
+        // A piece that is exactly the box wanted is the answer as read.
+        if let Some((key, p)) = pieces.iter().find(|(_, p)| p.region() == wanted && p.data_len == len as u64) {
+            let data = self.read_piece(m, key, p).await?;
+            return S::of_piece(dtype, wanted.shape, data);
+        }
+        // Each overlap is copied straight into where it goes.
+        let mut out = S::make(dtype, &wanted.shape, len)?;
         // An empty box is whole already.
         let mut left = if wanted.is_empty() { Vec::new() } else { vec![wanted.clone()] };
         for (key, p) in pieces {
@@ -66,7 +72,7 @@ impl Shared {
                 continue;
             }
             let data = self.read_piece(m, key, p).await?;
-            if !copy_overlap(dtype.size(), &stored, &data, &wanted, &mut out) {
+            if !copy_overlap(dtype.size(), &stored, &data, &wanted, out.bytes()) {
                 return Err(missing("a piece shorter than its shape".into()));
             }
             left = subtract(&left, &stored);
@@ -81,16 +87,16 @@ impl Shared {
                 false => format!("no piece holds the box at {:?} of shape {:?}", gap.offset, gap.shape),
             }));
         }
-        Ok((dtype, wanted.shape, out))
+        Ok(out)
     }
 
     /// One piece's bytes, by a ranged read of its shard, checked.
-    pub(super) async fn read_piece(&self, m: &GlobalManifest, key: &str, p: &Piece) -> Result<Vec<u8>> {
+    pub(super) async fn read_piece(&self, m: &GlobalManifest, key: &str, p: &Piece) -> Result<bytes::Bytes> {
         let k = self.objects.stored_key(key)?;
         let bytes = match p.data_offset.checked_add(p.data_len) {
-            _ if p.data_len == 0 => Vec::new(),
-            Some(end) => self.objects.get_range(&k, p.data_offset..end).await?.to_vec(),
-            None => Vec::new(),
+            _ if p.data_len == 0 => bytes::Bytes::new(),
+            Some(end) => self.objects.get_range(&k, p.data_offset..end).await?,
+            None => bytes::Bytes::new(),
         };
         if bytes.len() as u64 != p.data_len || crc32c::crc32c(&bytes) != p.crc32c {
             let detail = format!("its bytes in {key} fail their CRC-32C");
@@ -214,6 +220,38 @@ impl PieceSums {
             .zip(&self.sums)
             .find(|(p, &sum)| p.data_offset.saturating_add(p.data_len) > self.at || sum != p.crc32c)
             .map(|(p, _)| p)
+    }
+}
+
+/// Where a wanted box's bytes go: made once its dtype and shape are known,
+/// then filled in place by the overlaps of the pieces read.
+pub(super) trait Sink: Sized + Send {
+    /// An output of `len` bytes for a box of `dtype` and `shape`.
+    fn make(dtype: DType, shape: &[usize], len: usize) -> Result<Self>;
+    /// Its bytes, to fill.
+    fn bytes(&mut self) -> &mut [u8];
+    /// The output when one piece is exactly the box wanted.
+    fn of_piece(dtype: DType, shape: Vec<usize>, data: bytes::Bytes) -> Result<Self> {
+        let mut out = Self::make(dtype, &shape, data.len())?;
+        let dst = out.bytes();
+        if dst.len() == data.len() {
+            dst.copy_from_slice(&data);
+        }
+        Ok(out)
+    }
+}
+
+/// The dtype, shape and bytes of a box, for readers without libtorch.
+impl Sink for (DType, Vec<usize>, Vec<u8>) {
+    fn make(dtype: DType, shape: &[usize], len: usize) -> Result<Self> {
+        Ok((dtype, shape.to_vec(), vec![0u8; len]))
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.2
+    }
+    fn of_piece(dtype: DType, shape: Vec<usize>, data: bytes::Bytes) -> Result<Self> {
+        // The bytes as read, without a copy when nothing else holds them.
+        Ok((dtype, shape, Vec::from(data)))
     }
 }
 

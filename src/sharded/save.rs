@@ -205,16 +205,10 @@ impl ShardedIo {
         let shared = self.shared.clone();
         let wait = move || shared.wait_idle(Duration::MAX);
         let drained = tokio::task::spawn_blocking(wait.clone()).await;
-        // Earlier shards that failed are superseded by the exit save; steps
-        // not committed, backups and snapshots are not.
+        // Failures of the run not reported yet: the caller sees them all.
         let mut unreported = Vec::new();
         while let Some(earlier) = self.shared.failures.take() {
-            match &earlier {
-                Error::Background { what: Work::ShardedSave, .. } | Error::Internal { what: Work::ShardedSave, .. } => {
-                    tracing::warn!(target: "modelio", "{} (superseded by the exit save)", earlier.report())
-                }
-                _ => unreported.push(earlier),
-            }
+            unreported.push(earlier);
         }
         if let Err(e) = drained {
             unreported.push(Error::Internal { what: Work::ShardedSave, message: e.to_string() });

@@ -44,9 +44,9 @@ impl ShardSaved {
 }
 
 /// What [`ShardedIo::finish`](super::ShardedIo::finish) did: the exit save,
-/// and the failures of the run not reported yet (a backup, a snapshot, an
-/// earlier step not committed). Failed shard writes of earlier saves are
-/// superseded by a stored exit save (they are logged).
+/// and the failures of the run not reported yet (an earlier shard not
+/// written or step not committed whose ticket was dropped, a backup, a
+/// snapshot), oldest first.
 #[derive(Debug)]
 pub struct ShardFinished {
     pub exit_save: ShardSaved,
