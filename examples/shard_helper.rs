@@ -178,13 +178,9 @@ fn vars(args: &[String]) -> modelio::Result<ExitCode> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Barrier};
     let world: usize = args[3].parse().unwrap_or(2);
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| modelio::Error::Signals { detail: e.to_string() })?;
-    let token = signals.block_on(async { modelio::signals::cancel_on_signals() })?;
-    // The signal handler's task runs on a thread of its own.
-    std::thread::spawn(move || signals.block_on(std::future::pending::<()>()));
+    // One token for the process, shared by every rank; its signals are
+    // awaited on a thread of their own, so a loop that never yields sees it.
+    let token = modelio::signals::cancel_on_signals()?;
     let (barrier, stop) = (Arc::new(Barrier::new(world)), Arc::new(AtomicBool::new(false)));
     let ranks: Vec<_> = (0..world)
         .map(|r| {

@@ -166,7 +166,7 @@ pub enum Error {
     Locked { dir: PathBuf, pid: String },
 
     /// Signal handlers for the exit save could not be installed.
-    #[error("cannot watch for SIGINT/SIGTERM ({detail}); call `cancel_on_signals` inside a tokio runtime")]
+    #[error("cannot watch for SIGINT/SIGTERM: {detail}")]
     Signals { detail: String },
 
     /// A file modelio reads or writes is not a regular file (a FIFO, a
@@ -242,6 +242,15 @@ pub enum Error {
          committed: resume from the newest step, or save under iterations past it"
     )]
     StepCommitted { iterations: u64, key: String },
+
+    /// A rank's exit save was stored, but its step's manifest did not
+    /// appear within the commit deadline.
+    #[error(
+        "sharded step {iterations} was not committed: its manifest {key} did not appear within {secs} s \
+         (shard.commit_deadline_secs) of this rank's exit save; the coordinator's (rank 0's) log says why, \
+         and the newest committed step is what the next launch resumes"
+    )]
+    StepNotCommitted { iterations: u64, key: String, secs: u64 },
 
     /// A remote object differs from its manifest.
     #[error("remote checkpoint {checkpoint} at {location} is damaged ({object}: {detail}); pull or resume from another one (`modelio remote list`)")]
@@ -524,7 +533,11 @@ impl Error {
             | Error::RemoteUnsupported { .. }
             | Error::RunIdMissing { .. }
             | Error::RunIdReused { .. } => K::Config,
-            Error::ModelNotFound { .. } | Error::NoBackup { .. } | Error::RemoteNotFound { .. } | Error::ShardMissing { .. } => K::NotFound,
+            Error::ModelNotFound { .. }
+            | Error::NoBackup { .. }
+            | Error::RemoteNotFound { .. }
+            | Error::ShardMissing { .. }
+            | Error::StepNotCommitted { .. } => K::NotFound,
             Error::StepCommitted { .. } | Error::RemoteExists { .. } | Error::NotASnapshot { .. } => K::AlreadyExists,
             Error::RemoteContended { .. } => K::Precondition,
             Error::ArchiveMissing { .. }

@@ -15,9 +15,11 @@ use crate::error::{Error, Result};
 /// A token the first SIGINT or SIGTERM cancels; a second one exits the
 /// process with code 130. Each signal is announced on standard error.
 ///
-/// Must be called inside a tokio runtime (it spawns the task that waits for
-/// the signals). The loop checks `token.is_cancelled()` once per iteration
-/// and ends with [`crate::ModelIo::finish`].
+/// The signals are awaited on a thread of their own (with a small runtime of
+/// its own), so the token is cancelled even when the training loop never
+/// yields to its runtime: a loop on a current-thread runtime, or ranks that
+/// each run one on a thread. Call it once per process and share the token
+/// (it is `Clone` and `Send`); every call installs its own listener.
 ///
 /// ```no_run
 /// # async fn run(mut io: modelio::ModelIo, vs: tch::nn::VarStore) -> modelio::Result<()> {
@@ -34,23 +36,44 @@ use crate::error::{Error, Result};
 /// ```
 ///
 /// # Errors
-/// [`Error::Signals`] outside a tokio runtime or when the handlers cannot be installed.
+/// [`Error::Signals`] when the listener's thread or runtime cannot be
+/// started or the handlers cannot be installed.
 pub fn cancel_on_signals() -> Result<CancellationToken> {
     use tokio::signal::unix::{signal, SignalKind};
-    let runtime = tokio::runtime::Handle::try_current().map_err(|e| Error::Signals { detail: e.to_string() })?;
-    let _guard = runtime.enter();
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Signals { detail: e.to_string() })?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Signals { detail: e.to_string() })?;
     let token = CancellationToken::new();
     let cancel = token.clone();
-    runtime.spawn(async move {
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        eprintln!("\nstopping: finishing the iteration, then the exit save (press Ctrl-C again to abort)");
-        tracing::warn!(target: "modelio", "stop requested by a signal: exit save, then drain");
-        cancel.cancel();
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        eprintln!("aborted: committed files are intact; the exit save in progress is lost");
-        std::process::exit(130);
-    });
+    let (ready, installed) = std::sync::mpsc::channel::<Result<()>>();
+    let failed = |detail: String| Error::Signals { detail };
+    std::thread::Builder::new()
+        .name("modelio-signals".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(Error::Signals { detail: e.to_string() }));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let handlers = signal(SignalKind::interrupt()).and_then(|int| Ok((int, signal(SignalKind::terminate())?)));
+                let (mut int, mut term) = match handlers {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let _ = ready.send(Err(Error::Signals { detail: e.to_string() }));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                eprintln!("\nstopping: finishing the iteration, then the exit save (press Ctrl-C again to abort)");
+                tracing::warn!(target: "modelio", "stop requested by a signal: exit save, then drain");
+                cancel.cancel();
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                eprintln!("aborted: committed files are intact; the exit save in progress is lost");
+                std::process::exit(130);
+            });
+        })
+        .map_err(|e| failed(e.to_string()))?;
+    installed.recv().map_err(|e| failed(e.to_string()))??;
     Ok(token)
 }

@@ -1119,7 +1119,8 @@ fn ranks_save_a_varstore_and_adam_under_a_plan_and_resume_on_other_world_sizes_b
                         layer_step(&vs, &mut opt);
                         let finished = io.finish(4, &vs, Some(&opt), &plan).await.unwrap();
                         assert!(finished.unreported.is_empty(), "{:?}", finished.unreported);
-                        assert_eq!(finished.exit_save.iterations, 4);
+                        // Every rank learns that the exit step committed.
+                        assert_eq!((finished.exit_save.iterations, finished.exit_save.committed), (4, true), "rank {r}");
                         held(&vs, &opt)
                     })
                 })
@@ -1164,6 +1165,37 @@ fn ranks_save_a_varstore_and_adam_under_a_plan_and_resume_on_other_world_sizes_b
     assert!(matches!(got.optimizer, modelio::OptimizerResume::Missing(ref why) if why.contains("step 5")), "{:?}", got.optimizer);
     let e = io.save_vars(6, &vs, None, &plan.clone().rows("fc3.weight", 0, 2)).unwrap_err().to_string();
     assert!(e.contains("fc3.weight"), "{e}");
+    // A plan of another global shape is refused, naming both.
+    let e = io.resume(&vs, None, &modelio::sharded::Plan::new().rows("fc1.weight", 0, 12)).unwrap_err().to_string();
+    assert!(e.contains("fc1.weight") && e.contains("[12, 4]") && e.contains("[6, 4]"), "{e}");
+    // A loop that saves its last step, then stops, ends with `finish` at
+    // that step: it is not saved twice (which could not commit).
+    io.save_vars(7, &vs, Some(&opt), &plan).unwrap().wait_blocking().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let finished = rt.block_on(io.finish(7, &vs, Some(&opt), &plan)).unwrap();
+    assert!(finished.unreported.is_empty(), "{:?}", finished.unreported);
+    assert_eq!((finished.exit_save.iterations, finished.exit_save.committed, finished.exit_save.bytes), (7, true, 0));
+}
+
+#[test]
+fn a_rank_learns_at_finish_that_its_exit_step_never_committed() {
+    // Rank 1 of a launch whose coordinator never saves the exit step.
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("memory://orphan-{}", std::process::id());
+    let _coordinator = open_rank(tmp.path(), &url, 0, 2, "orphan", 1);
+    let other = open_rank(tmp.path(), &url, 1, 2, "orphan", 1);
+    let (plan, _) = layer_plan(1, 2);
+    let zeros = [
+        Tensor::zeros([6, 4], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([3, 6], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+    ];
+    let (vs, opt) = layer_rank(1, 2, &zeros);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let finished = rt.block_on(other.finish(3, &vs, Some(&opt), &plan)).unwrap();
+    assert!(!finished.exit_save.committed);
+    let e = finished.unreported.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+    assert!(e.contains("sharded step 3 was not committed") && e.contains("rank 0"), "{e}");
 }
 
 #[test]

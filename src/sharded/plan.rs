@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use super::save::Item;
 use super::{optimizer_json, optimizer_state, GlobalManifest, Part, Place, Rank, Region, ShardedIo, Want, OPTIMIZER_JSON};
 use crate::error::{Error, Result};
 use crate::handle::OptimizerResume;
@@ -76,6 +75,16 @@ impl Plan {
             }),
         }
     }
+}
+
+/// One tensor of a save: the tensor, its name, its box of the global
+/// tensor and the global shape.
+#[derive(Debug)]
+pub(super) struct Item {
+    pub name: String,
+    pub tensor: Tensor,
+    pub region: Region,
+    pub global: Vec<usize>,
 }
 
 /// What a rank saves of `vs` and `optimizer` under `plan`.
@@ -184,6 +193,23 @@ impl ShardedIo {
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         plan.check(&vars)?;
         let at = PathBuf::from(format!("{} step {}", self.location(), m.iterations));
+        // A split variable's global shape is the one saved: a plan of another
+        // model would otherwise load a box of the wrong tensor.
+        for (name, t) in &vars {
+            let Some(place) = plan.places.get(name) else { continue };
+            let stored = format!("model/{name}");
+            let (_, global) = Part { name: &stored, tensor: t, place: place.clone() }.region(&shape_of(t))?;
+            if let Some((_, p)) = m.pieces(&stored).first() {
+                if p.global_shape != global {
+                    return Err(Error::Mismatch {
+                        path: at.clone(),
+                        tensor: name.clone(),
+                        expected: format!("a global shape of {global:?} (the plan's)"),
+                        found: format!("{:?}", p.global_shape),
+                    });
+                }
+            }
+        }
         let wants: Vec<Want> = vars.iter().map(|(name, t)| want(&format!("model/{name}"), plan.places.get(name), &shape_of(t))).collect();
         let loaded = self.load(m, &wants)?;
         for ((name, var), t) in vars.iter().zip(loaded) {

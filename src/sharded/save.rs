@@ -10,24 +10,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tch::nn::VarStore;
-use tch::Tensor;
 
-use super::plan::{items, Plan};
-use super::{lock, Error, Job, Part, Region, Result, ShardFinished, ShardSaved, ShardTicket, ShardedIo, Shared, Staged};
+use super::plan::{items, Item, Plan};
+use super::{lock, DoneRecord, Error, Job, Part, Result, ShardFinished, ShardSaved, ShardTicket, ShardedIo, Shared, Staged};
 use crate::error::Work;
 use crate::optim::Optimizer;
 use crate::staging::{Fence, Lease};
 use crate::tensors::{dtype_of, shape_of};
-
-/// One tensor of a save: the tensor, its name, its box of the global
-/// tensor and the global shape.
-#[derive(Debug)]
-pub(super) struct Item {
-    pub name: String,
-    pub tensor: Tensor,
-    pub region: Region,
-    pub global: Vec<usize>,
-}
 
 /// A staging buffer set for a save, and whether the save waited for it;
 /// `None`: the save is skipped.
@@ -193,14 +182,20 @@ impl ShardedIo {
     }
 
     /// End training: wait for the saves in flight, make the exit save of
-    /// step `iterations` (never skipped), wait until it is stored and, on
-    /// the coordinator, committed, then stop this rank's workers. What the
-    /// end of the loop or a signal-driven stop
+    /// step `iterations` (never skipped; not made again when this rank of
+    /// this run stored that step already, as a loop that saves and then
+    /// stops does), wait until it is stored and committed, then stop this
+    /// rank's workers. What the end of the loop or a signal-driven stop
     /// ([`crate::signals::cancel_on_signals`]) calls, on every rank with the
-    /// same `iterations`. Does not block the runtime.
+    /// same `iterations`. Every rank learns whether the step committed: the
+    /// coordinator from its commit, the others by looking for the step's
+    /// manifest until `shard.commit_deadline_secs` have passed
+    /// ([`ShardSaved::committed`]; when it never appears,
+    /// [`Error::StepNotCommitted`] is among the unreported failures). Does
+    /// not block the runtime.
     ///
     /// # Errors
-    /// The exit save's failure.
+    /// The exit save's failure; the failures not reported yet are then logged.
     pub async fn finish(self, iterations: u64, vs: &VarStore, optimizer: Option<&dyn Optimizer>, plan: &Plan) -> Result<ShardFinished> {
         let shared = self.shared.clone();
         let wait = move || shared.wait_idle(Duration::MAX);
@@ -213,17 +208,61 @@ impl ShardedIo {
         if let Err(e) = drained {
             unreported.push(Error::Internal { what: Work::ShardedSave, message: e.to_string() });
         }
-        let saved = match self.save_vars_async_as(iterations, vs, optimizer, plan, true).await {
-            Ok(ticket) => ticket.await,
+        let shared = self.shared.clone();
+        let stored = tokio::task::spawn_blocking(move || shared.run(shared.stored_already(iterations)))
+            .await
+            .map_err(|e| Error::Internal { what: Work::ShardedSave, message: e.to_string() })
+            .and_then(|stored| stored);
+        let saved = match stored {
+            Ok(true) => Ok(ShardSaved {
+                iterations,
+                bytes: 0,
+                stall: Duration::ZERO,
+                copy: Duration::ZERO,
+                write: Duration::ZERO,
+                skipped: false,
+                committed: false,
+            }),
+            Ok(false) => match self.save_vars_async_as(iterations, vs, optimizer, plan, true).await {
+                Ok(ticket) => ticket.await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         let _ = tokio::task::spawn_blocking(wait).await;
         while let Some(e) = self.shared.failures.take() {
             unreported.push(e);
         }
+        let saved = match saved {
+            Ok(mut saved) if !saved.committed => {
+                // The coordinator's commit is over; another rank waits for it.
+                let patience = if self.shared.rank.rank == 0 { Duration::ZERO } else { self.shared.deadline };
+                let shared = self.shared.clone();
+                let seen = tokio::task::spawn_blocking(move || shared.manifest_appears(iterations, patience)).await.unwrap_or(false);
+                if seen {
+                    saved.committed = true;
+                } else {
+                    unreported.push(Error::StepNotCommitted {
+                        iterations,
+                        key: self.shared.layout.manifest(iterations).to_string(),
+                        secs: self.shared.deadline.as_secs(),
+                    });
+                }
+                Ok(saved)
+            }
+            other => other,
+        };
         // Every save is over: dropping the handle stops the workers at once.
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
-        Ok(ShardFinished { exit_save: saved?, unreported })
+        match saved {
+            Ok(exit_save) => Ok(ShardFinished { exit_save, unreported }),
+            Err(e) => {
+                for u in &unreported {
+                    tracing::error!(target: "modelio", "not reported before the exit save failed: {}", u.report());
+                }
+                Err(e)
+            }
+        }
     }
 
     fn refuse_reader(&self) -> Result<()> {
@@ -335,5 +374,30 @@ impl Shared {
     fn average_loss(&self) -> Option<f64> {
         let losses = std::mem::take(&mut *lock(&self.history));
         (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64)
+    }
+
+    /// Whether this rank of this run stored step `iterations` already (its
+    /// done-record is there).
+    async fn stored_already(&self, iterations: u64) -> Result<bool> {
+        let key = self.layout.done(iterations, self.rank.rank);
+        Ok(self.objects.get_json::<DoneRecord>(&key).await?.is_some_and(|(d, _)| d.run == self.run_id && d.iterations == iterations))
+    }
+
+    /// Whether step `iterations`' manifest exists, looking again (100 ms,
+    /// then up to 1 s apart) for at most `patience`.
+    fn manifest_appears(&self, iterations: u64, patience: Duration) -> bool {
+        let key = self.layout.manifest(iterations);
+        let until = Instant::now().checked_add(patience).unwrap_or_else(Instant::now);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if let Ok(Some(_)) = self.run(self.objects.head(&key)) {
+                return true;
+            }
+            if Instant::now() + pause > until {
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 }

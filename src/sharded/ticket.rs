@@ -31,9 +31,10 @@ pub struct ShardSaved {
     /// committed.
     pub skipped: bool,
     /// The step's global manifest exists: the coordinator (rank 0) waits
-    /// for its step's commit before its ticket resolves; other ranks do not
-    /// (their ticket resolves once their shard and done-record are stored),
-    /// so it is false there.
+    /// for its step's commit before its ticket resolves; other ranks' tickets
+    /// resolve once their shard and done-record are stored, so it is false
+    /// there, except in [`ShardedIo::finish`](super::ShardedIo::finish)'s
+    /// exit save, which every rank waits for.
     pub committed: bool,
 }
 
@@ -79,7 +80,8 @@ impl ShardTicket {
         (ShardTicket { state: State::Pending(rx) }, tx)
     }
 
-    /// Block the calling thread until the save is over.
+    /// Block the calling thread until the save is over. Not from a task of
+    /// an async runtime (tokio refuses to block one): await the ticket there.
     ///
     /// # Errors
     /// The save's failure: the shard or done-record not written, on the
