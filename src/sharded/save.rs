@@ -143,12 +143,7 @@ impl ShardedIo {
     ) -> Result<ShardTicket> {
         let started = Instant::now();
         let list = items(vs, optimizer, plan, self.shared.rank)?;
-        self.refuse_reader()?;
-        let leased = match self.shared.pool.try_lease() {
-            Some(l) => Some((l, false)),
-            None if self.skips(exit) => self.replace_waiting(),
-            None => Some((self.shared.pool.lease_async().await, true)),
-        };
+        let leased = self.take_lease_async(exit).await?;
         let loss = self.shared.average_loss();
         self.queue(iterations, list, loss, leased, started)
     }
@@ -289,6 +284,16 @@ impl ShardedIo {
             Some(l) => Some((l, false)),
             None if self.skips(exit) => self.replace_waiting(),
             None => Some((self.shared.pool.lease(), true)),
+        })
+    }
+
+    /// [`ShardedIo::take_lease`] without blocking the runtime.
+    async fn take_lease_async(&self, exit: bool) -> Result<Leased> {
+        self.refuse_reader()?;
+        Ok(match self.shared.pool.try_lease() {
+            Some(l) => Some((l, false)),
+            None if self.skips(exit) => self.replace_waiting(),
+            None => Some((self.shared.pool.lease_async().await, true)),
         })
     }
 
