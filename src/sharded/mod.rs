@@ -654,13 +654,10 @@ impl ShardedIo {
         order.sort_by_cached_key(|&i| place(&wants[i]));
         let read = futures::stream::iter(order.iter().map(|&i| &wants[i])).map(|w| s.read_want::<Loaded>(m, w)).buffered(LOADS_IN_FLIGHT);
         let loaded = s.run(read.map(|got| got.map(|Loaded(t)| t)).collect::<Vec<_>>());
-        let mut out: Vec<Option<Result<Tensor>>> = (0..wants.len()).map(|_| None).collect();
-        for (&i, t) in order.iter().zip(loaded) {
-            out[i] = Some(t);
-        }
-        out.into_iter()
-            .map(|t| t.unwrap_or_else(|| Err(Error::Internal { what: crate::error::Work::Load, message: "a want was not read".into() })))
-            .collect()
+        // Back in the order asked for.
+        let mut loaded: Vec<(usize, Result<Tensor>)> = order.into_iter().zip(loaded).collect();
+        loaded.sort_by_key(|(i, _)| *i);
+        loaded.into_iter().map(|(_, t)| t).collect()
     }
 
     /// Check every shard of step `m`: size and CRC-32C of each shard object,

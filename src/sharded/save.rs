@@ -18,9 +18,8 @@ use crate::optim::Optimizer;
 use crate::staging::{Fence, Lease};
 use crate::tensors::{dtype_of, shape_of};
 
-/// A staging buffer set for a save, and whether the save waited for it;
-/// `None`: the save is skipped.
-type Leased = Option<(Lease, bool)>;
+/// A staging buffer set for a save; `None`: the save is skipped.
+type Leased = Option<Lease>;
 
 impl ShardedIo {
     /// Save this rank's `parts` as step `iterations`, through the pipeline
@@ -196,10 +195,7 @@ impl ShardedIo {
         let wait = move || shared.wait_idle(Duration::MAX);
         let drained = tokio::task::spawn_blocking(wait.clone()).await;
         // Failures of the run not reported yet: the caller sees them all.
-        let mut unreported = Vec::new();
-        while let Some(earlier) = self.shared.failures.take() {
-            unreported.push(earlier);
-        }
+        let mut unreported: Vec<Error> = std::iter::from_fn(|| self.shared.failures.take()).collect();
         if let Err(e) = drained {
             unreported.push(Error::Internal { what: Work::ShardedSave, message: e.to_string() });
         }
@@ -225,9 +221,7 @@ impl ShardedIo {
             Err(e) => Err(e),
         };
         let _ = tokio::task::spawn_blocking(wait).await;
-        while let Some(e) = self.shared.failures.take() {
-            unreported.push(e);
-        }
+        unreported.extend(std::iter::from_fn(|| self.shared.failures.take()));
         let saved = match saved {
             Ok(mut saved) if !saved.committed => {
                 // The coordinator's commit is over; another rank waits for it.
@@ -281,9 +275,9 @@ impl ShardedIo {
     fn take_lease(&self, exit: bool) -> Result<Leased> {
         self.refuse_reader()?;
         Ok(match self.shared.pool.try_lease() {
-            Some(l) => Some((l, false)),
+            Some(l) => Some(l),
             None if self.skips(exit) => self.replace_waiting(),
-            None => Some((self.shared.pool.lease(), true)),
+            None => Some(self.shared.pool.lease()),
         })
     }
 
@@ -291,9 +285,9 @@ impl ShardedIo {
     async fn take_lease_async(&self, exit: bool) -> Result<Leased> {
         self.refuse_reader()?;
         Ok(match self.shared.pool.try_lease() {
-            Some(l) => Some((l, false)),
+            Some(l) => Some(l),
             None if self.skips(exit) => self.replace_waiting(),
-            None => Some((self.shared.pool.lease_async().await, true)),
+            None => Some(self.shared.pool.lease_async().await),
         })
     }
 
@@ -304,7 +298,7 @@ impl ShardedIo {
         let waiting = lock(&self.shared.queue).job.cancel();
         let job = waiting?;
         self.shared.replaced(job);
-        self.shared.pool.try_lease().map(|l| (l, false))
+        self.shared.pool.try_lease()
     }
 
     /// Queue a save of `list` into its buffer set: start its copies and
@@ -329,7 +323,7 @@ impl ShardedIo {
             staged.push(Staged { name, dtype, region, global });
             tensors.push(tensor);
         }
-        let Some((lease, _waited)) = leased else {
+        let Some(lease) = leased else {
             self.shared.stats.skipped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(target: "modelio", "sharded step {iterations} skipped: every staging buffer is busy (staging.on_busy = \"skip\")");
             lock(&self.shared.queue).last_saved = Some(iterations);
