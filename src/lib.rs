@@ -88,7 +88,8 @@
 //! - [`signals`]: the first Ctrl-C or SIGTERM as a cancellation token, for the exit save.
 //! - `background` (internal): what every worker shares: the lock helper, the
 //!   latest-wins slot, the failure inbox.
-//! - [`config`]: the TOML configuration; [`error`]: the one error type.
+//! - [`config`]: the TOML configuration; [`error`]: the one error type;
+//!   `crc` (internal): the CRC-32C and zip CRC-32 of everything written.
 
 #[cfg(feature = "torch")]
 pub(crate) mod actors;
@@ -96,6 +97,7 @@ pub mod archive;
 #[cfg(any(feature = "torch", feature = "remote"))]
 mod background;
 pub mod config;
+mod crc;
 pub mod error;
 pub mod folder;
 #[cfg(feature = "torch")]

@@ -123,16 +123,9 @@ pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// The CRC-32C and the zip CRC-32 of `bytes`, both computed chunk by chunk
-/// while each chunk is in cache (one pass over memory instead of two).
+/// The CRC-32C and the zip CRC-32 of `bytes` ([`crate::crc::both`]).
 pub fn checksums(bytes: &[u8]) -> (u32, u32) {
-    let mut crc = 0;
-    let mut zip_crc = crc32fast::Hasher::new();
-    for chunk in bytes.chunks(256 << 10) {
-        crc = crc32c::crc32c_append(crc, chunk);
-        zip_crc.update(chunk);
-    }
-    (crc, zip_crc.finalize())
+    crate::crc::both(bytes)
 }
 
 /// Bytes of a tensor.

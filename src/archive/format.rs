@@ -25,6 +25,11 @@ pub const STATE_ENTRY: &str = "state.json";
 
 /// Alignment of every zip entry's data and of the first tensor in it.
 pub const ALIGN: u64 = 64;
+/// The safetensors entries' data start at a multiple of this (a block of
+/// the disk and a page of memory): a tensor lies at the same offset within a
+/// block in every save of the same state, so its staging buffer can be
+/// placed for a write around the page cache.
+pub const TENSOR_ALIGN: u64 = 4096;
 
 /// The most dimensions a tensor of an archive may have: NumPy's limit
 /// (`NPY_MAXDIMS`, 64 since NumPy 2; it was 32 before), through which Python
@@ -213,7 +218,7 @@ pub fn manifest_checksum(raw: &[u8]) -> Result<(u32, u32), String> {
     if !raw[..end].ends_with(b"\"checksum\"") {
         return Err(not_last());
     }
-    let computed = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&raw[..digits_start]), b"0"), &raw[digits_end..]);
+    let computed = crate::crc::crc32c_append(crate::crc::crc32c_append(crate::crc::crc32c(&raw[..digits_start]), b"0"), &raw[digits_end..]);
     Ok((stored, computed))
 }
 
@@ -247,7 +252,7 @@ mod tests {
     #[test]
     fn manifest_checksum_covers_everything_but_its_value() {
         let zeroed = b"{\n  \"a\": 1,\n  \"checksum\": 0\n}";
-        let crc = crc32c::crc32c(zeroed);
+        let crc = crate::crc::crc32c(zeroed);
         let raw = format!("{{\n  \"a\": 1,\n  \"checksum\": {crc}\n}}");
         assert_eq!(manifest_checksum(raw.as_bytes()).unwrap(), (crc, crc));
         let edited = raw.replace("\"a\": 1", "\"a\": 2");
@@ -271,7 +276,7 @@ mod tests {
         // As other JSON writers may put it: `"checksum" : N`, with tabs or newlines.
         for sep in [" : ", "\t:\n", ":"] {
             let zeroed = format!("{{\"a\": 1, \"checksum\"{sep}0 }}\n\t ");
-            let crc = crc32c::crc32c(zeroed.as_bytes());
+            let crc = crate::crc::crc32c(zeroed.as_bytes());
             let raw = format!("{{\"a\": 1, \"checksum\"{sep}{crc} }}\n\t ");
             assert_eq!(manifest_checksum(raw.as_bytes()), Ok((crc, crc)), "{sep:?}");
         }

@@ -72,16 +72,16 @@ pub fn write_archive_located<W: Write>(
             Some(o) => Some(OptimizerMeta {
                 kind: o.kind.into(),
                 tensors: metas(path, o.tensors)?,
-                json_crc32c: optimizer_json.as_deref().map(crc32c::crc32c),
+                json_crc32c: optimizer_json.as_deref().map(crate::crc::crc32c),
             }),
             None => None,
         },
-        state_crc32c: state.map(crc32c::crc32c),
+        state_crc32c: state.map(crate::crc::crc32c),
         checksum: Some(0),
     };
     let encode = |m: &Manifest| serde_json::to_vec_pretty(m).map_err(|e| Error::io("encode manifest for", path, e.into()));
     // Serialized with `"checksum": 0` this is exactly what the checksum covers.
-    manifest.checksum = Some(crc32c::crc32c(&encode(&manifest)?));
+    manifest.checksum = Some(crate::crc::crc32c(&encode(&manifest)?));
     let manifest_json = encode(&manifest)?;
     let write_err = |e: std::io::Error| Error::io("write", path, e);
     let mut zip = rawzip::ZipArchiveWriter::new(out);
@@ -127,14 +127,25 @@ pub(super) fn write_entry<W: Write>(
     name: &str,
     parts: &[(&[u8], Option<u32>)],
 ) -> std::io::Result<u64> {
+    write_entry_at(zip, name, parts, ALIGN)
+}
+
+/// [`write_entry`] with the data at a multiple of `align` (at most [`TENSOR_ALIGN`]).
+fn write_entry_at<W: Write>(
+    zip: &mut rawzip::ZipArchiveWriter<W>,
+    name: &str,
+    parts: &[(&[u8], Option<u32>)],
+    align: u64,
+) -> std::io::Result<u64> {
+    static PAD: [u8; TENSOR_ALIGN as usize] = [0; TENSOR_ALIGN as usize];
     let io = zip_io;
     // Local header: 30 fixed bytes, the name, then our one extra field (4 + pad).
     let before_data = zip.stream_offset() + 30 + name.len() as u64 + 4;
-    let pad = ((ALIGN - before_data % ALIGN) % ALIGN) as usize;
+    let pad = ((align - before_data % align) % align) as usize;
     let (mut entry, _config) = zip
         .new_file(name)
         .compression_method(rawzip::CompressionMethod::STORE)
-        .extra_field(rawzip::extra_fields::ExtraFieldId::new(ALIGN_EXTRA_ID), &[0u8; ALIGN as usize][..pad], rawzip::Header::LOCAL)
+        .extra_field(rawzip::extra_fields::ExtraFieldId::new(ALIGN_EXTRA_ID), &PAD[..pad], rawzip::Header::LOCAL)
         .and_then(|b| b.start())
         .map_err(io)?;
     let mut crc = crc32fast::Hasher::new();
@@ -216,7 +227,7 @@ fn metas(path: &Path, tensors: &[TensorRef<'_>]) -> Result<Vec<TensorMeta>> {
                     max: MAX_RANK,
                 });
             }
-            let crc32c = t.crc32c.unwrap_or_else(|| crc32c::crc32c(t.data));
+            let crc32c = t.crc32c.unwrap_or_else(|| crate::crc::crc32c(t.data));
             Ok(TensorMeta { name: t.name.into(), dtype: t.dtype, shape: t.shape.to_vec(), crc32c })
         })
         .collect()
@@ -237,7 +248,7 @@ fn write_safetensors<'a, W: Write>(
     parts.push((&len, None));
     parts.push((&header, None));
     parts.extend(order.iter().map(|t| (t.data, t.crc32)));
-    let start = write_entry(zip, entry, &parts)?;
+    let start = write_entry_at(zip, entry, &parts, TENSOR_ALIGN)?;
     let mut at = start + 8 + header.len() as u64;
     Ok(order
         .iter()
@@ -303,7 +314,7 @@ mod tests {
             dtype,
             shape,
             data,
-            crc32c: Some(crc32c::crc32c(data)),
+            crc32c: Some(crate::crc::crc32c(data)),
             crc32: Some(crc32fast::hash(data)),
         };
         let a: &'static [u8] = Box::leak(a.into_boxed_slice());

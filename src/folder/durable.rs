@@ -10,18 +10,22 @@
 //! (a pid reused by another process has another start time). Because a committed file is never
 //! modified in place, a backup or snapshot of it may be a hard link to it.
 //!
-//! Written bytes stream to disk while the file is being written: writeback
-//! starts behind the writer and written pages leave the page cache once on
-//! disk, so the final fsync has little left to do and a large commit neither
-//! fills memory with dirty pages nor allocates a fresh page cache as large as
-//! the file.
+//! A large file is written around the page cache where the filesystem
+//! allows (`direct.rs`): no copy into the cache, no writeback to manage.
+//! Otherwise written bytes stream to disk while the file is being written:
+//! writeback starts behind the writer and written pages leave the page cache
+//! once on disk, so the final fsync has little left to do and a large commit
+//! neither fills memory with dirty pages nor allocates a fresh page cache as
+//! large as the file.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use crate::error::{Error, IoContext, Result};
+use crate::folder::direct::Direct;
 
 pub use crate::folder::disk::free_bytes;
 pub(crate) use crate::folder::disk::parent_of;
@@ -73,12 +77,15 @@ pub fn commit_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
 fn stage(tmp: &Path, target: &Path, source: Source<'_>) -> Result<()> {
     match source {
         Source::Write { size_hint, write } => {
-            let file = create_new(tmp)?;
-            let mut out = BufWriter::with_capacity(1 << 20, StreamingFile::new(file));
+            let mut file = StreamingFile::new(create_new(tmp)?);
+            if size_hint >= DIRECT_MIN {
+                file.go_direct(tmp);
+            }
+            let mut out = BufWriter::with_capacity(1 << 20, file);
             let no_space = |e: Error| e.no_space(target, size_hint);
             write(&mut out).map_err(no_space)?;
-            let file = out.into_inner().map_err(|e| Error::io("write", tmp, e.into_error())).map_err(no_space)?.file;
-            file.sync_all().at("fsync", tmp).map_err(no_space)
+            let file = out.into_inner().map_err(|e| e.into_error()).and_then(StreamingFile::finish);
+            file.at("write", tmp).map_err(no_space)?.sync_all().at("fsync", tmp).map_err(no_space)
         }
         Source::Link(src) => match fs::hard_link(src, tmp) {
             Ok(()) => Ok(()),
@@ -153,6 +160,8 @@ pub(crate) struct StreamingFile {
     dropped: u64,
     /// Cleared when the filesystem does not support `sync_file_range`.
     streaming: bool,
+    /// Written around the page cache ([`go_direct`](StreamingFile::go_direct)).
+    direct: Option<Direct>,
     /// Tests: the next `sync_file_range` fails with this errno.
     #[cfg(test)]
     fail_next_sync: Option<i32>,
@@ -160,6 +169,17 @@ pub(crate) struct StreamingFile {
     #[cfg(test)]
     syncs: Vec<(u64, u64, libc::c_uint)>,
 }
+
+/// Files expected to be at least this large are written around the page
+/// cache where the filesystem allows; smaller ones (state files, records)
+/// through it.
+pub(crate) const DIRECT_MIN: u64 = 8 << 20;
+
+/// Whether this process has said how it writes archives, and that a
+/// filesystem refused a direct write.
+static SAID_DIRECT: AtomicBool = AtomicBool::new(false);
+static SAID_BUFFERED: AtomicBool = AtomicBool::new(false);
+static SAID_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// Writeback is started for every this many bytes written.
 pub(crate) const STREAM_CHUNK: u64 = 8 << 20;
@@ -174,11 +194,38 @@ impl StreamingFile {
             started: 0,
             dropped: 0,
             streaming: true,
+            direct: None,
             #[cfg(test)]
             fail_next_sync: None,
             #[cfg(test)]
             syncs: Vec::new(),
         }
+    }
+
+    /// Write this new, empty file around the page cache where its
+    /// filesystem allows (`O_DIRECT`, [`crate::folder::direct`]); said once
+    /// per process either way, naming the folder.
+    fn go_direct(&mut self, path: &Path) {
+        self.direct = Direct::enable(&self.file);
+        let (said, how) = match self.direct {
+            Some(_) => (&SAID_DIRECT, "archives are written around the page cache (O_DIRECT)"),
+            None => (&SAID_BUFFERED, "the filesystem refuses O_DIRECT: archives are written through the page cache"),
+        };
+        if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(folder = %parent_of(path).display(), "{how}");
+        }
+    }
+
+    /// Write what is still held back (a direct file's last block) and
+    /// return the file, ready for its fsync.
+    fn finish(mut self) -> io::Result<File> {
+        if let Some(d) = &mut self.direct {
+            d.finish(&self.file, self.written)?;
+            if d.refused() && !SAID_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!("a direct write was refused (EINVAL): the rest of that archive was written through the page cache");
+            }
+        }
+        Ok(self.file)
     }
 
     /// `sync_file_range` on `len` bytes at `offset`; `false` when the
@@ -227,6 +274,11 @@ impl StreamingFile {
 
 impl Write for StreamingFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(d) = &mut self.direct {
+            let n = d.write(&self.file, buf)?;
+            self.written += n as u64;
+            return Ok(n);
+        }
         // Stop at the next chunk boundary so writeback starts on time.
         let to_boundary = STREAM_CHUNK - self.written % STREAM_CHUNK;
         let n = buf.len().min(usize::try_from(to_boundary).unwrap_or(usize::MAX));
@@ -873,6 +925,31 @@ mod tests {
             flags >= 0 && flags & libc::O_NONBLOCK == 0,
             "flags {flags:#x}: O_NONBLOCK is cleared once the file is known to be regular"
         );
+    }
+
+    #[test]
+    fn large_commits_read_back_exactly_where_written_directly_and_where_not() {
+        // A disk folder (direct where its filesystem allows) and a tmpfs one
+        // (which refuses O_DIRECT: buffered).
+        let disk = tempfile::tempdir().unwrap();
+        let shm = Path::new("/dev/shm");
+        let tmpfs = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+        let data = pattern(DIRECT_MIN as usize + 12_345);
+        for dir in std::iter::once(disk.path()).chain(tmpfs.as_ref().map(|t| t.path())) {
+            let target = dir.join("big.mio");
+            // Written in odd pieces, as an archive writer does.
+            let mut write = |out: &mut BufWriter<StreamingFile>| {
+                for piece in data.chunks(3 << 20 | 77) {
+                    out.write_all(piece).map_err(|e| Error::io("write", &target, e))?;
+                }
+                Ok(())
+            };
+            commit(&target, Source::Write { size_hint: data.len() as u64, write: &mut write }).unwrap();
+            assert!(fs::read(&target).unwrap() == data, "{}", dir.display());
+            let leftovers: Vec<_> =
+                fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| is_temp(&e.file_name().to_string_lossy())).collect();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+        }
     }
 
     #[test]

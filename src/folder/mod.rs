@@ -1,5 +1,6 @@
 //! Names and files of a model folder.
 
+pub(crate) mod direct;
 pub(crate) mod disk;
 pub mod durable;
 pub mod lock;

@@ -19,6 +19,7 @@
 pub(crate) mod blocking;
 pub mod manifest;
 pub(crate) mod objects;
+mod parts;
 pub mod status;
 pub(crate) mod store;
 pub use store::register_store;
@@ -27,12 +28,10 @@ pub(crate) mod tier;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
@@ -40,7 +39,7 @@ use object_store::{ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 
 use crate::archive::ArchiveReader;
 use crate::config::RemoteConfig;
-use crate::error::{Error, IoContext, Result, Work};
+use crate::error::{Error, IoContext, Result};
 use crate::folder::durable::{self, Source};
 use crate::folder::ModelPaths;
 use manifest::{checkpoint_id, iterations_of, Intent, Layout, ARCHIVE_OBJECT, MANIFEST_FORMAT, STATE_OBJECT};
@@ -85,6 +84,10 @@ struct Inner {
     layout: Layout,
     part_size: usize,
     parts_in_flight: usize,
+    /// Buffers of uploaded parts, reused by the next parts and uploads (at
+    /// most `parts_in_flight` + 1: a fresh buffer costs a page fault per
+    /// page, about half a second per GiB measured here).
+    part_buffers: parts::FreeBuffers,
 }
 
 impl std::fmt::Debug for Remote {
@@ -111,6 +114,7 @@ impl Remote {
             layout: Layout::new(&built.prefix, name),
             part_size: config.part_size_mib << 20,
             parts_in_flight: config.parts_in_flight,
+            part_buffers: parts::FreeBuffers::default(),
         };
         Ok(Remote { inner: Arc::new(inner), rt })
     }
@@ -362,7 +366,7 @@ impl Inner {
             file: "state".into(),
             key: state_key.to_string(),
             size: state_bytes.len() as u64,
-            crc32c: crc32c::crc32c(&state_bytes),
+            crc32c: crate::crc::crc32c(&state_bytes),
         };
         self.objects.put("upload", &state_key, state_bytes).await?;
         let archive_key = self.layout.data(&id, ARCHIVE_OBJECT);
@@ -433,13 +437,13 @@ impl Inner {
     /// else a multipart upload with at most `parts_in_flight` parts in
     /// memory. Returns its size and CRC-32C.
     async fn upload_file(&self, path: &Path, key: &Key, intent: &mut Intent, stop: &(dyn Fn() -> bool + Sync)) -> Result<(u64, u32)> {
-        let file = Arc::new(durable::open_regular(path)?);
-        let size = file.metadata().at("inspect", path)?.len();
+        let file = parts::PartReader::open(path, &self.part_buffers)?;
+        let size = file.size();
         let part = self.part_size as u64;
         let abandoned = || Error::UploadAbandoned { target: key.to_string() };
         if size <= part {
-            let bytes = read_part(&file, path, 0, size as usize).await?;
-            let crc = crc32c::crc32c(&bytes);
+            let bytes = file.read(0, size as usize).await?;
+            let crc = crate::crc::crc32c(&bytes);
             self.objects.put("upload", key, bytes).await?;
             return Ok((size, crc));
         }
@@ -461,8 +465,8 @@ impl Inner {
                             return Err(abandoned());
                         }
                         let len = part.min(size - offset) as usize;
-                        let bytes = read_part(&file, path, offset, len).await?;
-                        crc = crc32c::crc32c_append(crc, &bytes);
+                        let bytes = file.read(offset, len).await?;
+                        crc = crate::crc::crc32c_append(crc, &bytes);
                         let (mp, key, id) = (mp.clone(), key.clone(), id.clone());
                         let i = index;
                         in_flight.push_back(async move { mp.put_part(&key, &id, i, PutPayload::from(bytes)).await });
@@ -495,8 +499,8 @@ impl Inner {
                         return Err(self.objects.err("upload part of", key, e));
                     }
                     let len = part.min(size - offset) as usize;
-                    let bytes = read_part(&file, path, offset, len).await?;
-                    crc = crc32c::crc32c_append(crc, &bytes);
+                    let bytes = file.read(offset, len).await?;
+                    crc = crate::crc::crc32c_append(crc, &bytes);
                     writer.put(bytes);
                     offset += len as u64;
                     self.refresh_intent(intent, &mut refreshed).await;
@@ -593,15 +597,4 @@ impl Inner {
         }
         Ok(cleaned)
     }
-}
-
-/// Read `len` bytes at `offset` of `file` on a blocking thread.
-async fn read_part(file: &Arc<std::fs::File>, path: &Path, offset: u64, len: usize) -> Result<Bytes> {
-    let (file, p) = (file.clone(), path.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset).at("read", &p).map(|()| Bytes::from(buf))
-    })
-    .await
-    .map_err(|e| Error::Internal { what: Work::Upload, message: e.to_string() })?
 }

@@ -243,7 +243,7 @@ impl Objects {
         let (mut size, mut crc) = (0u64, 0u32);
         while let Some(chunk) = stream.next().await {
             let chunk: Bytes = chunk.map_err(|e| self.err("download", key, e))?;
-            crc = crc32c::crc32c_append(crc, &chunk);
+            crc = crate::crc::crc32c_append(crc, &chunk);
             size += chunk.len() as u64;
             sink(&chunk)?;
         }

@@ -98,7 +98,7 @@ impl Shared {
             Some(end) => self.objects.get_range(&k, p.data_offset..end).await?,
             None => bytes::Bytes::new(),
         };
-        if bytes.len() as u64 != p.data_len || crc32c::crc32c(&bytes) != p.crc32c {
+        if bytes.len() as u64 != p.data_len || crate::crc::crc32c(&bytes) != p.crc32c {
             let detail = format!("its bytes in {key} fail their CRC-32C");
             return Err(self.objects.damaged(format!("sharded step {}", m.iterations), &format!("tensor `{}`", p.name), detail));
         }
@@ -207,7 +207,7 @@ impl PieceSums {
         for &(start, end, i) in self.spans[self.from..].iter().take_while(|&&(start, _, _)| start < hi) {
             let (a, b) = (start.max(lo) - lo, end.min(hi).saturating_sub(lo));
             if a < b {
-                self.sums[i] = crc32c::crc32c_append(self.sums[i], &chunk[a as usize..b as usize]);
+                self.sums[i] = crate::crc::crc32c_append(self.sums[i], &chunk[a as usize..b as usize]);
             }
         }
         self.at = hi;
@@ -271,7 +271,7 @@ mod tests {
             shape: vec![len as usize],
             data_offset: offset,
             data_len: len,
-            crc32c: crc32c::crc32c(&shard[offset as usize..(offset + len) as usize]),
+            crc32c: crate::crc::crc32c(&shard[offset as usize..(offset + len) as usize]),
         };
         // Out of order, one empty, one spanning many chunks, one at the very end.
         let pieces = [piece(600, 400), piece(10, 5), piece(300, 0), piece(20, 333)];

@@ -166,7 +166,7 @@ impl Shared {
         let total: usize = refs.iter().map(|r| r.data.len()).sum();
         let (size, crc, spans) = if total < self.part_size {
             let (bytes, spans) = write_archive_located(Vec::new(), &path, &name, iterations, refs, None, None)?;
-            let (size, crc) = (bytes.len() as u64, crc32c::crc32c(&bytes));
+            let (size, crc) = (bytes.len() as u64, crate::crc::crc32c(&bytes));
             self.run(self.objects.put("write shard", &key, bytes))?;
             (size, crc, spans)
         } else {
@@ -233,7 +233,7 @@ impl std::io::Write for Parts<'_> {
         let buf = &buf[..buf.len().min(shared.part_size.max(1))];
         let _in_runtime = shared.rt.enter();
         upload.write(buf);
-        self.crc = crc32c::crc32c_append(self.crc, buf);
+        self.crc = crate::crc::crc32c_append(self.crc, buf);
         self.size += buf.len() as u64;
         Ok(buf.len())
     }
