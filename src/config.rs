@@ -172,6 +172,43 @@ pub enum UploadPolicy {
     Milestones,
 }
 
+/// Whether an S3 request's signature covers a SHA-256 of its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignPayload {
+    /// Only over plain `http://` to another machine: TLS, or a loopback
+    /// address, already keeps the bytes from being changed on the way, and
+    /// hashing every byte costs about as much CPU as the rest of an upload.
+    Auto,
+    /// Every payload, whatever the transport.
+    Always,
+    /// None (`UNSIGNED-PAYLOAD`): the headers are still signed.
+    Never,
+}
+
+impl SignPayload {
+    /// Whether requests to `endpoint` (empty: AWS, over https) hash their payloads.
+    pub fn hashes(self, endpoint: &str) -> bool {
+        match self {
+            SignPayload::Always => true,
+            SignPayload::Never => false,
+            SignPayload::Auto => endpoint.strip_prefix("http://").is_some_and(|rest| !is_loopback(rest)),
+        }
+    }
+}
+
+/// Whether the host of `rest` (an address after `http://`) is this machine:
+/// `localhost`, 127.0.0.0/8 or `[::1]`.
+fn is_loopback(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// `[remote]`: a copy of committed checkpoints in object storage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -186,6 +223,9 @@ pub struct RemoteConfig {
     pub allow_http: bool,
     /// S3 region; empty: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
     pub region: String,
+    /// S3: "auto" (hash each payload into its signature only over plain
+    /// http to another machine), "always" or "never".
+    pub sign_payload: SignPayload,
     /// Use the machine's own credentials (an EC2 instance profile, GCE
     /// metadata) when none are in the environment; off, a missing variable
     /// is an error at `open`.
@@ -223,6 +263,7 @@ impl Default for RemoteConfig {
             endpoint: String::new(),
             allow_http: false,
             region: String::new(),
+            sign_payload: SignPayload::Auto,
             instance_credentials: false,
             upload: UploadPolicy::Every,
             keep: 3,
@@ -392,6 +433,23 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn payloads_are_hashed_only_where_nothing_else_protects_them() {
+        let auto = SignPayload::Auto;
+        assert!(!auto.hashes(""), "AWS itself, over https");
+        assert!(!auto.hashes("https://minio.example:9000"));
+        for local in ["http://127.0.0.1:9000", "http://localhost", "http://[::1]:80/x", "http://127.3.2.1", "http://u:p@LOCALHOST:1"] {
+            assert!(!auto.hashes(local), "{local}");
+        }
+        for remote in ["http://10.0.0.5:9000", "http://minio:9000", "http://[2001:db8::1]:9000", "http://127.0.0.1.evil.example"] {
+            assert!(auto.hashes(remote), "{remote}");
+        }
+        assert!(SignPayload::Always.hashes("https://s3.example") && !SignPayload::Never.hashes("http://10.0.0.5"));
+        let c = parse("[remote]\nsign_payload = \"always\"\n").unwrap();
+        assert_eq!(c.remote.sign_payload, SignPayload::Always);
+        assert!(parse("[remote]\nsign_payload = \"sometimes\"\n").is_err());
     }
 
     #[test]

@@ -123,7 +123,7 @@ pub(crate) fn build(c: &RemoteConfig) -> Result<Built> {
             // S3-compatible servers are addressed by path, not by bucket host name.
             b = b.with_endpoint(&c.endpoint).with_virtual_hosted_style_request(false);
         }
-        b = b.with_allow_http(c.allow_http);
+        b = b.with_allow_http(c.allow_http).with_unsigned_payload(!c.sign_payload.hashes(&c.endpoint));
         let region = if c.region.is_empty() { env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")) } else { Some(c.region.clone()) };
         b = b.with_region(region.unwrap_or_else(|| "us-east-1".into()));
         let store = Arc::new(b.build().map_err(|e| bad_url(url, e))?);
