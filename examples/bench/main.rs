@@ -6,6 +6,7 @@
 //! from `--peers`.
 
 mod bench;
+mod cpu;
 mod s3;
 #[cfg(feature = "remote")]
 mod sharded;
@@ -44,6 +45,9 @@ struct Args {
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure only the background CPU per GiB saved.
+    #[arg(long)]
+    cpu_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn run(args: Args) -> modelio::Result<()> {
         device,
         steps: args.steps,
         save_every: args.save_every,
+        cpu_only: args.cpu_only,
     };
     eprintln!("measuring a {} MiB state on {device:?} in {} ({} repetitions each)...", args.size_mib, opts.dir.display(), opts.reps);
     let mut report = bench::run(&opts)?;
