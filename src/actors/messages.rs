@@ -27,6 +27,21 @@ pub(crate) struct Desc {
     pub shape: Vec<usize>,
 }
 
+impl crate::archive::Laid for Desc {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn byte_len(&self) -> usize {
+        self.shape.iter().fold(self.dtype.size(), |n, &d| n.saturating_mul(d))
+    }
+}
+
 /// Everything a save needs besides the tensor bytes.
 pub(crate) struct SaveJob {
     pub iterations: u64,

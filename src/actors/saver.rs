@@ -263,7 +263,7 @@ mod tests {
         let shared = Shared::new(ModelPaths::new(dir.path(), "m"), Settings { snapshot_keep: 0, hard_links: false });
         let pool = Pool::new(1);
         let mut lease = pool.try_lease().unwrap();
-        lease.sized(0, 16).resize(16, 1); // 4 floats staged, 6 described
+        lease.host(0, 16).fill(1); // 4 floats staged, 6 described
         let (reply, _answer) = tokio::sync::oneshot::channel();
         let job = SaveJob::test(1, vec![2, 3], reply);
         let w = Write { job, lease, crcs: Vec::new(), copy: Duration::ZERO };

@@ -16,6 +16,8 @@ pub mod zipread;
 #[cfg(feature = "remote")]
 pub(crate) use reader::parse_manifest;
 pub use reader::{ArchiveReader, Located};
+#[cfg(feature = "torch")]
+pub(crate) use safetensors::{block_offsets, Laid};
 pub use writer::{commit_archive, write_archive, write_archive_located, Span};
 
 /// What the tests of the archive's parts share.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{DType, TensorMeta, TensorRef, ALIGN};
+use super::format::{DType, TensorMeta, TensorRef, ALIGN, TENSOR_ALIGN};
 
 /// Safetensors headers larger than this are refused, as the safetensors
 /// library refuses them.
@@ -22,23 +22,48 @@ struct StEntry {
     data_offsets: [usize; 2],
 }
 
+/// What a tensor's place in a safetensors entry depends on: its bytes
+/// need not exist yet (a save places its staging buffers by it).
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
+pub(crate) trait Laid {
+    fn name(&self) -> &str;
+    fn dtype(&self) -> DType;
+    fn shape(&self) -> &[usize];
+    fn byte_len(&self) -> usize;
+}
+
+impl Laid for TensorRef<'_> {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
 /// The order tensors are laid out in: larger elements first, so that with
 /// the data starting 64-aligned every tensor starts aligned to its element size
 /// (safetensors allows no gaps between tensors).
-pub(super) fn layout_order<'a>(tensors: &'a [TensorRef<'a>]) -> Vec<&'a TensorRef<'a>> {
-    let mut order: Vec<&TensorRef> = tensors.iter().collect();
-    order.sort_by(|a, b| b.dtype.size().cmp(&a.dtype.size()).then(a.name.cmp(b.name)));
+pub(super) fn layout_order<T: Laid>(tensors: &[T]) -> Vec<&T> {
+    let mut order: Vec<&T> = tensors.iter().collect();
+    order.sort_by(|a, b| b.dtype().size().cmp(&a.dtype().size()).then(a.name().cmp(b.name())));
     order
 }
 
 /// A safetensors blob header whose length (plus the 8-byte prefix) is a
 /// multiple of [`ALIGN`], padded with spaces as the format allows.
-pub(super) fn header(order: &[&TensorRef<'_>]) -> Vec<u8> {
+pub(super) fn header<T: Laid>(order: &[&T]) -> Vec<u8> {
     let mut map = BTreeMap::new();
     let mut offset = 0usize;
     for t in order {
-        let end = offset + t.data.len();
-        map.insert(t.name.to_string(), StEntry { dtype: t.dtype, shape: t.shape.to_vec(), data_offsets: [offset, end] });
+        let end = offset + t.byte_len();
+        map.insert(t.name().to_string(), StEntry { dtype: t.dtype(), shape: t.shape().to_vec(), data_offsets: [offset, end] });
         offset = end;
     }
     // Serializing a map of plain structs cannot fail.
@@ -47,6 +72,21 @@ pub(super) fn header(order: &[&TensorRef<'_>]) -> Vec<u8> {
     let padded = total.div_ceil(ALIGN) * ALIGN;
     header.resize((padded - 8) as usize, b' ');
     header
+}
+
+/// Where each of `tensors` (in the order given) starts within a
+/// [`TENSOR_ALIGN`] block of the file once written as one safetensors entry:
+/// the same in every save of tensors of the same names, dtypes and shapes.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
+pub(crate) fn block_offsets<T: Laid>(tensors: &[T]) -> Vec<usize> {
+    let order = layout_order(tensors);
+    let mut at = 8 + header(&order).len();
+    let mut by_name = std::collections::HashMap::with_capacity(order.len());
+    for t in &order {
+        by_name.insert(t.name(), at % TENSOR_ALIGN as usize);
+        at += t.byte_len();
+    }
+    tensors.iter().map(|t| by_name.get(t.name()).copied().unwrap_or(0)).collect()
 }
 
 /// A safetensors header: its tensors in file order of appearance, refusing
@@ -228,6 +268,26 @@ mod tests {
             assert_eq!((8 + header.len() as u64) % ALIGN, 0, "{n} tensors");
             assert!(((header.len() - json) as u64) < ALIGN, "{n} tensors: {} bytes of padding", header.len() - json);
         }
+    }
+
+    #[test]
+    fn block_offsets_are_where_the_tensors_land_in_the_file() {
+        let (a, b, c, d) = (vec![1u8; 10_000], vec![2u8; 8], vec![3u8; 6_002], vec![4u8; 40_000]);
+        let model = [t("z", DType::U8, &[10_000], &a), t("b", DType::F64, &[1], &b), t("c", DType::F16, &[3_001], &c)];
+        let opt = [t("exp_avg.z", DType::F32, &[10_000], &d)];
+        let json = serde_json::json!({});
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.mio");
+        let optimizer = Some(crate::archive::format::OptimizerRef { kind: "adam", json: &json, tensors: &opt });
+        commit_archive(&path, "m", 7, &model, optimizer, None).unwrap();
+        let r = ArchiveReader::open(&path).unwrap();
+        let at = |name: &str, located: &[crate::archive::Located]| located.iter().find(|l| l.meta.name == name).unwrap().offset % 4096;
+        let offsets = block_offsets(&model);
+        for (t, want) in model.iter().zip(&offsets) {
+            assert_eq!(at(t.name, &r.model), *want, "{}", t.name);
+        }
+        let (opt_located, _) = r.optimizer.as_ref().unwrap();
+        assert_eq!(at("exp_avg.z", opt_located), block_offsets(&opt)[0]);
     }
 
     #[test]

@@ -534,10 +534,14 @@ impl ModelIo {
         self.shared.stats.requested.fetch_add(1, Ordering::Relaxed);
         let (model, optimizer, tensors) =
             describe(&self.paths.archive(), vs, optimizer.filter(|_| self.config.save.optimizer.stores(is_exit)))?;
-        let Some((lease, waited)) = leased.or_else(|| self.take_lease(is_exit)) else {
+        let Some((mut lease, waited)) = leased.or_else(|| self.take_lease(is_exit)) else {
             self.last_save = Some(LastSave::Skipped(self.state.total_iterations));
             return Ok(Ticket::ready(self.skipped(started.elapsed())));
         };
+        // Each tensor's bytes staged where the archive will hold them within
+        // a block, so that the archive is written from the staging buffers.
+        let opt_places = optimizer.as_ref().map(|(_, _, descs)| crate::archive::block_offsets(descs)).unwrap_or_default();
+        lease.place(crate::archive::block_offsets(&model).into_iter().chain(opt_places).collect());
         let copies = crate::staging::start(tensors, lease, self.config.staging.cpu_copy, &self.fence)?;
         let decision = backup_rule(&self.history, self.state.lowest_average_loss);
         // The state this save writes; the handle takes it on once the save is queued.

@@ -90,7 +90,12 @@ impl Copies {
 /// the parameters to hold still.
 fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<()> {
     for (i, t) in tensors {
-        crate::tensors::copy_bytes(t, lease.sized(*i, crate::tensors::byte_len(t)))?;
+        let src = t.f_contiguous()?;
+        // SAFETY: the caller's tensor (or a contiguous copy of it), read
+        // under the armed fence, which every writer waits on.
+        let bytes = unsafe { crate::tensors::host_bytes(&src) }
+            .ok_or_else(|| crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into())))?;
+        lease.host(*i, bytes.len()).copy_from_slice(bytes);
     }
     Ok(())
 }

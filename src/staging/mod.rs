@@ -24,10 +24,17 @@ const COPY_PIECE: usize = 4 << 20;
 /// A piece of an immediate copy: (source, destination) of the same length.
 type Piece<'a> = (&'a [u8], &'a mut [u8]);
 
+/// Tensors at least this large get a placed staging buffer: smaller ones
+/// are gathered for a direct write anyway (`folder::direct`).
+const PLACE_MIN: usize = 512 << 10;
+
 /// One tensor's host buffer.
 pub(crate) enum Buffer {
-    /// Pageable memory, filled by a memcpy (CPU tensors).
-    Host(Vec<u8>),
+    /// Pageable memory, filled by a memcpy (CPU tensors): the bytes are
+    /// `v[at..at + len]`, `at` chosen so that they start at the offset within
+    /// a block where the archive will hold them ([`Lease::place`]), and a
+    /// write around the page cache takes them from where they are.
+    Host { v: Vec<u8>, at: usize, len: usize },
     /// Page-locked memory as a `u8` libtorch tensor, filled by a non-blocking
     /// device-to-host copy (GPU tensors).
     Pinned(tch::Tensor),
@@ -39,7 +46,7 @@ impl Buffer {
     /// buffer's length against its tensor before writing, and refuses it.
     pub fn bytes(&self) -> &[u8] {
         match self {
-            Buffer::Host(v) => v,
+            Buffer::Host { v, at, len } => v.get(*at..*at + *len).unwrap_or_default(),
             // SAFETY: a contiguous CPU u8 tensor that only this lease holds.
             // Its one writer is the device-to-host copy `save` queued into it,
             // and the stager waited for that copy's event before the lease
@@ -72,6 +79,9 @@ struct PoolInner {
 /// A buffer set on loan; dropping it returns the set to the pool.
 pub(crate) struct Lease {
     set: BufferSet,
+    /// Where tensor `i`'s bytes will lie within a block of the archive
+    /// ([`Lease::place`]); none: not placed.
+    places: Vec<usize>,
     pool: Arc<PoolInner>,
 }
 
@@ -93,7 +103,7 @@ impl Pool {
 
     /// A free set now, or `None` when every set is in flight.
     pub fn try_lease(&self) -> Option<Lease> {
-        lock(&self.inner.free).pop().map(|set| Lease { set, pool: self.inner.clone() })
+        lock(&self.inner.free).pop().map(|set| Lease { set, places: Vec::new(), pool: self.inner.clone() })
     }
 
     /// Wait for a free set.
@@ -101,7 +111,7 @@ impl Pool {
         let mut free = lock(&self.inner.free);
         loop {
             if let Some(set) = free.pop() {
-                return Lease { set, pool: self.inner.clone() };
+                return Lease { set, places: Vec::new(), pool: self.inner.clone() };
             }
             free = self.inner.returned.wait(free).unwrap_or_else(|p| p.into_inner());
         }
@@ -138,25 +148,42 @@ impl Lease {
     /// The buffer for tensor `i`, created on first use.
     fn slot(&mut self, i: usize) -> &mut Buffer {
         if self.set.len() <= i {
-            self.set.resize_with(i + 1, || Buffer::Host(Vec::new()));
+            self.set.resize_with(i + 1, || Buffer::Host { v: Vec::new(), at: 0, len: 0 });
         }
         &mut self.set[i]
     }
 
-    /// A host buffer for tensor `i` with room for `len` bytes (counting a
-    /// growth when it must reallocate).
-    pub fn sized(&mut self, i: usize, len: usize) -> &mut Vec<u8> {
+    /// Place the host buffers for the archive: tensor `i`'s bytes will lie
+    /// at `places[i]` within a block of the file (`archive::block_offsets`).
+    pub fn place(&mut self, places: Vec<usize>) {
+        self.places = places;
+    }
+
+    /// The host buffer for tensor `i`, exactly `len` bytes, placed when
+    /// [`Lease::place`] said where (counting a growth when it must
+    /// reallocate). Its bytes are those of the last save that used it, or
+    /// zeros.
+    pub fn host(&mut self, i: usize, len: usize) -> &mut [u8] {
+        let block = crate::folder::direct::BLOCK;
+        let place = self.places.get(i).copied().filter(|_| len >= PLACE_MIN);
         let pool = self.pool.clone();
         let slot = self.slot(i);
-        if !matches!(slot, Buffer::Host(_)) {
-            *slot = Buffer::Host(Vec::new());
+        if !matches!(slot, Buffer::Host { .. }) {
+            *slot = Buffer::Host { v: Vec::new(), at: 0, len: 0 };
         }
-        let Buffer::Host(buf) = slot else { unreachable!("set to Host above") };
-        if buf.capacity() < len {
+        let Buffer::Host { v, at, len: filled } = slot else { unreachable!("set to Host above") };
+        let room = len + if place.is_some() { block } else { 0 };
+        if v.capacity() < room {
             pool.grown.fetch_add(1, Ordering::Relaxed);
-            buf.reserve_exact(len - buf.len());
+            *v = Vec::with_capacity(room);
         }
-        buf
+        *at = place.map_or(0, |p| (p % block + block - v.as_ptr() as usize % block) % block);
+        // Reused buffers keep their length: no memset after the first save.
+        if v.len() < *at + len {
+            v.resize(*at + len, 0);
+        }
+        *filled = len;
+        &mut v[*at..*at + len]
     }
 
     /// A pinned buffer for tensor `i` of exactly `len` bytes, allocated on
@@ -175,7 +202,7 @@ impl Lease {
         }
         match slot {
             Buffer::Pinned(t) => Ok(t),
-            Buffer::Host(_) => unreachable!("set to Pinned above"),
+            Buffer::Host { .. } => unreachable!("set to Pinned above"),
         }
     }
 
@@ -192,18 +219,16 @@ impl Lease {
         let mut total = 0usize;
         for (i, t) in &views {
             let len = crate::tensors::byte_len(t);
-            let buf = self.sized(*i, len);
-            // Reused buffers keep their length: no memset after the first save.
-            buf.resize(len, 0);
+            self.host(*i, len);
             total += len;
         }
         // (source, destination) pieces of at most COPY_PIECE bytes.
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut dsts: Vec<Option<&mut Vec<u8>>> = self
+        let mut dsts: Vec<Option<&mut [u8]>> = self
             .set
             .iter_mut()
             .map(|b| match b {
-                Buffer::Host(v) => Some(v),
+                Buffer::Host { v, at, len } => v.get_mut(*at..*at + *len),
                 Buffer::Pinned(_) => None,
             })
             .collect();
@@ -269,10 +294,28 @@ mod tests {
         let pool = Pool::new(1);
         let mut a = pool.try_lease().unwrap();
         assert!(pool.try_lease().is_none());
-        a.sized(0, 1000).resize(1000, 1);
+        a.host(0, 1000).fill(1);
         drop(a);
         let mut b = pool.try_lease().unwrap();
-        b.sized(0, 1000);
+        b.host(0, 1000);
         assert_eq!(pool.growths(), 1);
+    }
+
+    #[test]
+    fn placed_buffers_start_where_the_archive_holds_their_bytes() {
+        let pool = Pool::new(1);
+        let block = crate::folder::direct::BLOCK;
+        let len = PLACE_MIN + 100;
+        for place in [0, 1, 64, 4000] {
+            let mut lease = pool.try_lease().unwrap();
+            lease.place(vec![place, place]);
+            lease.host(0, len).fill(place as u8);
+            let small = lease.host(1, 10).as_ptr() as usize;
+            let b = lease.buffers();
+            assert_eq!((b[0].as_ptr() as usize % block, b[0].len()), (place, len), "placed");
+            assert!(b[0].iter().all(|&x| x == place as u8));
+            assert_eq!(b[1].as_ptr() as usize, small, "a small tensor is not placed");
+        }
+        assert_eq!(pool.growths(), 2, "each buffer allocated once, placed anew each time");
     }
 }
