@@ -212,8 +212,9 @@ impl Job {
         }
     }
 
-    /// Copy everything, faults first, then lift every protection: the
-    /// handler's work on one job. Allocates, locks and logs nothing.
+    /// Copy everything, faults first, lifting each window's protection once
+    /// its pages are copied: the handler's work on one job. Allocates,
+    /// locks and logs nothing.
     fn run(&self, uffd: &Uffd, msgs: &mut [Msg]) -> io::Result<()> {
         let mut copied = 0;
         let mut cursor = (0, self.spans.first().map_or(0, |s| s.start));
