@@ -4,6 +4,9 @@
 //! which save an archive holds. Prints `requested N` before each save and
 //! `committed N` once it is durable.
 //!
+//! `MODELIO_CPU_COPY` picks `staging.cpu_copy` ("immediate" by default,
+//! "protect"; not "deferred", since the parameters are filled without the fence).
+//!
 //! `crash_helper MODEL_DIR REMOTE_URL ENDPOINT` (`tests/remote_s3.rs`) also
 //! uploads every save to an S3-compatible server (credentials from the
 //! environment) and holds a 6 MiB buffer besides, so that each upload is a
@@ -11,7 +14,7 @@
 
 use std::io::Write;
 
-use modelio::config::OptimizerPolicy;
+use modelio::config::{CpuCopy, OptimizerPolicy};
 use modelio::{Adam, Config, ModelIo};
 use tch::nn::VarStore;
 use tch::Device;
@@ -31,6 +34,10 @@ fn main() -> modelio::Result<()> {
     config.model.name = "crash".into();
     config.save.optimizer = OptimizerPolicy::Always;
     config.snapshot.keep = 2;
+    config.staging.cpu_copy = match std::env::var("MODELIO_CPU_COPY").as_deref() {
+        Ok("protect") => CpuCopy::Protect,
+        _ => CpuCopy::Immediate,
+    };
     if let Some((url, endpoint)) = &remote {
         config.remote.url = url.clone();
         config.remote.endpoint = endpoint.clone();

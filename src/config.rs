@@ -138,6 +138,14 @@ pub enum CpuCopy {
     /// BatchNorm's running statistics in place) must call `Fence::wait`
     /// first; a writer that does not can tear the checkpoint.
     Deferred,
+    /// In the background, with no fence: `save` write-protects the tensors'
+    /// pages (Linux userfaultfd) and returns; a write to a page not yet
+    /// copied waits while that page is copied. The save holds the values at
+    /// the call, like "immediate", for a stall of page-table updates only.
+    /// Where userfaultfd is not available (not permitted, seccomp, a kernel
+    /// before 6.4) saves copy at the call instead, with a
+    /// warning; `modelio::staging::protect_available` says why.
+    Protect,
 }
 
 /// `[staging]`: host buffers saves are copied into.
@@ -148,8 +156,8 @@ pub struct StagingConfig {
     pub max_inflight: usize,
     /// "wait" or "skip".
     pub on_busy: OnBusy,
-    /// "immediate" or "deferred" (CPU tensors only; GPU copies are always
-    /// queued at the call in stream order).
+    /// "immediate", "deferred" or "protect" (CPU tensors only; GPU copies
+    /// are always queued at the call in stream order).
     pub cpu_copy: CpuCopy,
 }
 
@@ -486,7 +494,8 @@ mod tests {
         let err = parse(&format!("[model]\nname = \"{}\"\n", "n".repeat(200))).unwrap_err().to_string();
         assert!(err.contains("model.name") && err.contains("at most 128 bytes"), "{err}");
         let err = parse("[staging]\ncpu_copy = \"later\"\n").unwrap_err().to_string();
-        assert!(err.contains("later") && err.contains("deferred"), "{err}");
+        assert!(err.contains("later") && err.contains("deferred") && err.contains("protect"), "{err}");
+        assert_eq!(parse("[staging]\ncpu_copy = \"protect\"\n").unwrap().staging.cpu_copy, CpuCopy::Protect);
         let err = parse("[snapshot]\nkeep = -1\n").unwrap_err().to_string();
         assert!(err.contains("keep") || err.contains("-1"), "{err}");
     }

@@ -149,6 +149,19 @@ pub enum Error {
     #[error("internal error: the {what} panicked ({message}); it was not done, later ones go on; please report this as a bug")]
     Internal { what: Work, message: String },
 
+    /// The background copy of a save's write-protected CPU tensors
+    /// (`staging.cpu_copy = "protect"`) failed in the kernel's userfaultfd:
+    /// that save was not written; every protection was lifted, training
+    /// and later saves go on.
+    #[error(
+        "the write-protected copy of a save's CPU tensors failed, so that save was not written; \
+         later saves go on: set `staging.cpu_copy = \"immediate\"` if this repeats"
+    )]
+    Protect {
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The actors are gone (shut down or crashed): nothing more can be saved.
     #[error("modelio's actors have stopped; no further saves are possible (was `shutdown` already called?)")]
     Stopped,
@@ -560,7 +573,7 @@ impl Error {
             Error::Remote { .. } => K::Remote,
             Error::RemoteBehind { .. } | Error::RemoteRestore { .. } => K::Remote,
             Error::Stopped | Error::UploadAbandoned { .. } => K::Stopped,
-            Error::Internal { .. } | Error::Encode { .. } | Error::StagedLength { .. } => K::Internal,
+            Error::Internal { .. } | Error::Encode { .. } | Error::StagedLength { .. } | Error::Protect { .. } => K::Internal,
             #[cfg(feature = "torch")]
             Error::Torch(_) => K::Torch,
             Error::Background { source, .. } => source.kind(),
@@ -597,6 +610,7 @@ impl Error {
             | Error::NotASnapshot { .. }
             | Error::Overloaded { .. }
             | Error::Internal { .. }
+            | Error::Protect { .. }
             | Error::Encode { .. }
             | Error::RemoteExists { .. }
             | Error::RemoteContended { .. }

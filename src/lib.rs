@@ -62,7 +62,9 @@
 //!   backup / snapshot, one file each.
 //! - [`staging`]: the bounded pool of host buffers, a save's copies into them
 //!   (`copy`, internal: started at the call, landed by a worker, for single
-//!   saves and ranks alike), the [`Fence`] of deferred copies, and `cuda`
+//!   saves and ranks alike), the [`Fence`] of deferred copies, `protect`
+//!   (internal): copies under write protection over `uffd`, Linux's
+//!   userfaultfd, with one handler thread, and `cuda`
 //!   (internal): the non-blocking device-to-host copy and per-save event (a
 //!   small C++ shim). [`tensors`]: tensors to and from the
 //!   archive's bytes.

@@ -2,6 +2,7 @@
 //! the folder must always open and load exactly the last committed save or
 //! the one being written, never a torn file.
 //!
+//! The trials alternate `staging.cpu_copy` between "immediate" and "protect".
 //! `MODELIO_CRASH_TRIALS` sets the number of trials (30 by default; `make soak` runs 200).
 
 mod common;
@@ -29,9 +30,13 @@ struct Outcome {
     requested: u64,
 }
 
+/// The `staging.cpu_copy` modes the trials rotate through.
+const CPU_COPY: [&str; 2] = ["immediate", "protect"];
+
 /// Run the helper until a few saves committed, then kill it after a random delay.
-fn run_and_kill(dir: &Path, rng: &mut Rng) -> Outcome {
-    let mut child = Command::new(helper()).arg(dir).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+fn run_and_kill(dir: &Path, cpu_copy: &str, rng: &mut Rng) -> Outcome {
+    let mut child =
+        Command::new(helper()).arg(dir).env("MODELIO_CPU_COPY", cpu_copy).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (rx, reader) = common::read_lines(stdout);
     let mut outcome = Outcome { committed: 0, requested: 0 };
@@ -142,7 +147,8 @@ fn sigkill_never_loses_or_tears_a_commit() {
     let (mut unloadable, mut lost, mut mid_save) = (0u64, 0u64, 0u64);
     let mut problems = Vec::new();
     for trial in 0..trials {
-        let o = run_and_kill(&dir, &mut rng);
+        let cpu_copy = CPU_COPY[trial as usize % CPU_COPY.len()];
+        let o = run_and_kill(&dir, cpu_copy, &mut rng);
         if o.requested > o.committed {
             mid_save += 1;
         }
@@ -150,11 +156,14 @@ fn sigkill_never_loses_or_tears_a_commit() {
             Ok(n) if n == o.committed || n == o.requested => {}
             Ok(n) => {
                 lost += 1;
-                problems.push(format!("trial {trial}: archive holds save {n}; committed {}, requested {}", o.committed, o.requested));
+                problems.push(format!(
+                    "trial {trial} ({cpu_copy}): archive holds save {n}; committed {}, requested {}",
+                    o.committed, o.requested
+                ));
             }
             Err(e) => {
                 unloadable += 1;
-                problems.push(format!("trial {trial}: {e}"));
+                problems.push(format!("trial {trial} ({cpu_copy}): {e}"));
             }
         }
         if !problems.is_empty() {

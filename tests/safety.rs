@@ -74,6 +74,19 @@ fn every_save_holds_the_values_at_the_call_without_any_fence() {
     assert_eq!(torn_saves(CpuCopy::Immediate, 200), 0, "torn checkpoints in the default mode");
 }
 
+/// The same with `staging.cpu_copy = "protect"`: the copy runs after the
+/// call and the writes right after it wait for their pages to be copied.
+#[test]
+fn protected_saves_hold_the_values_at_the_call_without_any_fence() {
+    let before = modelio::staging::protected_saves();
+    assert_eq!(torn_saves(CpuCopy::Protect, 200), 0, "torn checkpoints with cpu_copy = \"protect\"");
+    match modelio::staging::protect_available() {
+        // Every save protected its tensors, no save fell back to copying at the call.
+        Ok(()) => assert_eq!(modelio::staging::protected_saves() - before, 200, "saves that were not protected"),
+        Err(why) => eprintln!("userfaultfd is not available, the saves copied at the call: {why}"),
+    }
+}
+
 #[test]
 fn backups_and_snapshots_survive_damage_to_the_live_archive() {
     for hard_links in [false, true] {
@@ -231,4 +244,78 @@ fn tickets_are_futures_and_never_panic_inside_a_runtime() {
         assert_eq!(c.iterations, 2);
         io.shutdown().await.unwrap();
     });
+}
+
+/// A 1 GiB state as a trainer holds it: a third model, the rest AdamW's
+/// two moments.
+fn gib_state() -> (VarStore, Adam) {
+    let vs = VarStore::new(Device::Cpu);
+    let model_bytes = (1i64 << 30) / 3;
+    let (mut total, mut i) = (0, 0);
+    while total < model_bytes {
+        let shape: &[i64] = [&[4096, 4096][..], &[4096], &[1024, 4096], &[1024]][i % 4];
+        let _ = vs.root().var(&format!("p{i}"), shape, nn::Init::Const(0.5));
+        total += 4 * shape.iter().product::<i64>();
+        i += 1;
+    }
+    let mut opt = Adam::adamw(&vs, 1e-4, (0.9, 0.999), 1e-8, 0.01).unwrap();
+    let loss = vs.trainable_variables().iter().map(|t| t.square().sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b);
+    opt.zero_grad();
+    loss.backward();
+    opt.step().unwrap();
+    (vs, opt)
+}
+
+/// The trainer's stall of saving a 1 GiB state, "protect" against
+/// "immediate", and what the optimizer step right after a save costs. A
+/// timing: run in release,
+/// `cargo test --release --test safety save_stall_per_gib -- --ignored --nocapture`
+/// (with `THP_MEM_ALLOC_ENABLE=1` for libtorch's huge pages).
+#[test]
+#[ignore = "a timing; run in release"]
+fn save_stall_per_gib() {
+    let (vs, mut opt) = gib_state();
+    let bytes = vs.variables().values().map(|t| t.numel() * 4).sum::<usize>()
+        + opt.state_tensors().iter().map(|(_, t)| t.numel() * 4).sum::<usize>();
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let step = |opt: &mut Adam| {
+        let start = std::time::Instant::now();
+        let loss = vs.trainable_variables().iter().map(|t| t.sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b);
+        opt.zero_grad();
+        loss.backward();
+        opt.step().unwrap();
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let mut stalls = Vec::new();
+    for mode in [CpuCopy::Immediate, CpuCopy::Protect] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = common::config(tmp.path(), "m");
+        c.staging.cpu_copy = mode;
+        c.save.optimizer = OptimizerPolicy::Always;
+        let mut io = ModelIo::open(c).unwrap();
+        let (mut stall, mut after, mut plain) = (vec![], vec![], vec![]);
+        for _ in 0..6 {
+            plain.push(step(&mut opt));
+            io.record(1.0);
+            let start = std::time::Instant::now();
+            let ticket = io.save(&vs, Some(&opt)).unwrap();
+            stall.push(start.elapsed().as_secs_f64() * 1e3);
+            after.push(step(&mut opt));
+            ticket.wait_blocking().unwrap();
+        }
+        io.shutdown_blocking().unwrap();
+        let (stall, after, plain) = (median(stall[1..].to_vec()), median(after[1..].to_vec()), median(plain[1..].to_vec()));
+        println!("{mode:?}: {gib:.2} GiB, save stall {stall:.2} ms ({:.2} ms/GiB); step right after the save {after:.1} ms, without a save {plain:.1} ms", stall / gib);
+        stalls.push(stall / gib);
+    }
+    // Write-protecting costs the kernel a page-table update per page: about
+    // half an immediate copy with 4 KiB pages, a few ms/GiB when libtorch
+    // allocates on huge pages (`THP_MEM_ALLOC_ENABLE=1`).
+    if modelio::staging::protect_available().is_ok() && !cfg!(debug_assertions) {
+        assert!(stalls[1] < stalls[0], "protect stalls {:.2} ms/GiB, immediate {:.2}", stalls[1], stalls[0]);
+    }
 }

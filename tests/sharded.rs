@@ -522,6 +522,37 @@ fn every_snapshot_requested_of_a_step_that_commits_is_made_or_reported() {
     }
 }
 
+/// With `staging.cpu_copy = "protect"` a rank's save holds its rows as they
+/// were at the call, though they are overwritten as soon as it returns.
+#[test]
+fn a_ranks_protected_save_holds_the_values_at_the_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |rank| {
+        let mut c = rank_config(tmp.path(), "", rank, 2, "protect", 600);
+        c.shard.keep = 0;
+        c.staging.cpu_copy = modelio::config::CpuCopy::Protect;
+        ShardedIo::open(&c).unwrap()
+    };
+    let ranks = [open(0), open(1)];
+    let rows = [Tensor::zeros([256, 1024], (Kind::Float, Device::Cpu)), Tensor::zeros([256, 1024], (Kind::Float, Device::Cpu))];
+    for s in 1..=5u64 {
+        for (r, (io, t)) in ranks.iter().zip(&rows).enumerate() {
+            let _ = t.shallow_clone().fill_(s as f64);
+            io.save(s, &[Part::rows("w", t, 256 * r, 512)]).unwrap();
+            let _ = t.shallow_clone().fill_(-1.0);
+        }
+    }
+    for io in ranks.iter().rev() {
+        assert!(io.flush(Duration::from_secs(600)).unwrap());
+    }
+    let steps = ranks[0].list().unwrap();
+    assert_eq!(steps.len(), 5);
+    for m in steps {
+        let w = ranks[0].load(&m, &[Want::whole("w")]).unwrap();
+        assert!(w[0].equal(&Tensor::full([512, 1024], m.iterations as f64, (Kind::Float, Device::Cpu))), "step {}", m.iterations);
+    }
+}
+
 #[test]
 fn flush_names_the_oldest_failure_when_many_are_waiting() {
     let tmp = tempfile::tempdir().unwrap();

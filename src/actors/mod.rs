@@ -304,7 +304,13 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         let job = SaveJob::test(iterations, vec![t.numel()], reply);
         let lease = pool.try_lease().unwrap();
-        let copies = crate::staging::Copies { lease, deferred: vec![(0, t.shallow_clone())], guard: Some(fence.arm()), events: Vec::new() };
+        let copies = crate::staging::Copies {
+            protected: None,
+            lease,
+            deferred: vec![(0, t.shallow_clone())],
+            guard: Some(fence.arm()),
+            events: Vec::new(),
+        };
         (Stage { job, copies }, answer)
     }
 

@@ -5,14 +5,20 @@
 
 use std::time::{Duration, Instant};
 
+use super::protect::{self, Piece, Protected};
 use super::{cuda, Fence, FenceGuard, Lease};
 use crate::config::CpuCopy;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// A save's copies once started: the lease they go to, the CPU tensors left
-/// to copy (`"deferred"` mode; empty otherwise) under a fence guard, and one
-/// event per GPU marking the end of its queued copies.
+/// A save's copies once started: the lease they go to, the CPU tensors
+/// being copied under write protection (`"protect"` mode) or left to copy
+/// (`"deferred"` mode, under a fence guard), and one event per GPU marking
+/// the end of its queued copies.
 pub(crate) struct Copies {
+    /// Declared before `lease`: a save dropped before it landed waits here
+    /// for the protect handler to stop writing into the lease's buffers
+    /// before the lease goes back to the pool.
+    pub protected: Option<Protection>,
     pub lease: Lease,
     /// CPU tensors to copy, with their buffer index in the lease.
     pub deferred: Vec<(usize, tch::Tensor)>,
@@ -24,14 +30,22 @@ pub(crate) struct Copies {
     pub events: Vec<cuda::Event>,
 }
 
+/// CPU tensors being copied under write protection, kept alive until their
+/// copy is done (`protected` is dropped, and so waited for, first).
+pub(crate) struct Protection {
+    protected: Protected,
+    _tensors: Vec<tch::Tensor>,
+}
+
 /// A landed save: its lease holding the bytes, the (CRC-32C, zip CRC-32) of
 /// each buffer, and how long landing took.
 pub(crate) type Landed = (Lease, Vec<(u32, u32)>, Duration);
 
 /// Start the copies of a save's `tensors` into `lease` (tensor `i` into
 /// buffer `i`): GPU tensors as non-blocking copies queued in stream order
-/// (with one event per GPU), CPU tensors copied now (`"immediate"`) or left
-/// for [`Copies::land`] (`"deferred"`, with `fence` armed until they land).
+/// (with one event per GPU), CPU tensors copied now (`"immediate"`), left
+/// for [`Copies::land`] (`"deferred"`, with `fence` armed until they land),
+/// or write-protected and copied in the background (`"protect"`).
 ///
 /// # Errors
 /// [`crate::Error::Torch`] when a pinned buffer cannot be allocated, a copy
@@ -52,28 +66,72 @@ pub(crate) fn start(tensors: Vec<tch::Tensor>, mut lease: Lease, cpu_copy: CpuCo
     }
     // One event per GPU marks the end of this save's copies on its stream.
     let events = gpus.into_iter().map(cuda::Event::record).collect::<Result<Vec<_>>>()?;
-    if cpu_copy == CpuCopy::Immediate {
-        lease.fill_now(&cpu)?;
-        cpu.clear();
-    }
+    let protected = match cpu_copy {
+        CpuCopy::Immediate => {
+            lease.fill_now(&cpu)?;
+            cpu.clear();
+            None
+        }
+        CpuCopy::Protect => Some(protect_cpu(std::mem::take(&mut cpu), &mut lease)?),
+        CpuCopy::Deferred => None,
+    };
     // Deferred CPU copies hold writers back until they land.
     let guard = if cpu.is_empty() { None } else { Some(fence.arm()) };
-    Ok(Copies { lease, deferred: cpu, guard, events })
+    Ok(Copies { protected, lease, deferred: cpu, guard, events })
+}
+
+/// Write-protect the contiguous CPU tensors and start their background
+/// copy; the others are copied now (making them contiguous copies them
+/// anyway).
+fn protect_cpu(cpu: Vec<(usize, tch::Tensor)>, lease: &mut Lease) -> Result<Protection> {
+    let (contiguous, other): (Vec<_>, Vec<_>) = cpu.into_iter().partition(|(_, t)| t.is_contiguous());
+    if !other.is_empty() {
+        lease.fill_now(&other)?;
+    }
+    let mut pieces = Vec::with_capacity(contiguous.len());
+    let mut held = Vec::with_capacity(contiguous.len());
+    for (i, t) in &contiguous {
+        // A tensor of its own on the same storage: the storage stays
+        // alive (and mapped) even if the caller's tensor is given other
+        // data meanwhile (`set_data`).
+        let t = t.f_detach()?;
+        let len = crate::tensors::byte_len(&t);
+        let buf = lease.sized(*i, len);
+        // Reused buffers keep their length: no memset after the first save.
+        buf.resize(len, 0);
+        // SAFETY: only the address is taken here; the protection makes
+        // every later write to these bytes wait until they are copied.
+        let src = unsafe { crate::tensors::host_bytes(&t) }
+            .ok_or_else(|| Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into())))?;
+        pieces.push(Piece { src: src.as_ptr(), dst: buf.as_mut_ptr(), len });
+        held.push(t);
+    }
+    // SAFETY: the sources are the tensors' storages, kept alive (and so
+    // mapped) by `held` in the `Protection` until its copy is waited for; the
+    // destinations are the lease's buffers, which nothing touches until
+    // then (`Copies::land` waits first, and `Copies` drops the protection
+    // before the lease); a staging buffer never overlaps a tensor.
+    let protected = unsafe { protect::copy_protected(pieces) };
+    Ok(Protection { protected, _tensors: held })
 }
 
 impl Copies {
-    /// Wait for the device-to-host copies, copy the deferred CPU tensors,
-    /// release the fence, checksum the staged bytes. Runs on a worker.
+    /// Wait for the protected copies and the device-to-host copies, copy
+    /// the deferred CPU tensors, release the fence, checksum the staged
+    /// bytes. Runs on a worker.
     ///
     /// # Errors
-    /// [`crate::Error::Torch`] when a copy fails.
+    /// [`crate::Error::Torch`] when a copy fails, [`crate::Error::Protect`]
+    /// when the protected copy failed.
     pub fn land(self) -> Result<Landed> {
-        let Copies { mut lease, deferred, guard, events } = self;
+        let Copies { protected, mut lease, deferred, guard, events } = self;
         let start = Instant::now();
+        // First: the handler may still be writing into the lease.
+        let protected = protected.map_or(Ok(()), |p| p.protected.wait().map_err(|source| Error::Protect { source }));
         // The trainer queued the device-to-host copies in stream order and
         // recorded an event after them; wait for exactly those copies here,
         // off the trainer's thread.
-        let landed = events.iter().try_for_each(cuda::Event::wait);
+        let landed = protected.and_then(|()| events.iter().try_for_each(cuda::Event::wait));
         drop(events);
         let copied = landed.and_then(|()| copy_all(&deferred, &mut lease));
         // The bytes are in the lease: parameters may change again. The

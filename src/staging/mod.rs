@@ -4,10 +4,16 @@
 //! Host memory is bounded: the pool hands out at most `max_inflight` buffer
 //! sets, each reused save after save (a buffer only grows when a tensor got
 //! bigger). When none is free a save waits or is skipped, per `staging.on_busy`.
+//!
+//! CPU tensors are copied at the call (`fill_now`), after it under the
+//! [`Fence`] (`fence`), or after it under write protection (`protect`, over
+//! the userfaultfd calls of `uffd`); `copy` picks per `staging.cpu_copy`.
 
 mod copy;
 pub(crate) mod cuda;
 mod fence;
+mod protect;
+mod uffd;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -15,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::background::lock;
 pub(crate) use crate::staging::copy::{start, Copies};
 pub use crate::staging::fence::{Fence, FenceGuard};
+pub use crate::staging::protect::{protect_available, protected_saves};
 
 /// Most threads an immediate staging copy uses (the caller's included).
 pub const COPY_THREADS: usize = 4;
