@@ -428,6 +428,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
 
     let mut io = io_for(&work.join("mem"), "bench", CpuCopy::Immediate)?;
     let mut deferred_io = io_for(&work.join("deferred"), "bench", CpuCopy::Deferred)?;
+    let mut protect_io = io_for(&work.join("protect"), "bench", CpuCopy::Protect)?;
 
     // Async saves (immediate and deferred CPU copy), a synchronous save and
     // a raw write of the same bytes, interleaved per repetition so that
@@ -436,15 +437,25 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     let mut buffers: Vec<Vec<u8>> = model.iter().chain(&state).map(|(_, t)| Vec::with_capacity(byte_len(t))).collect();
     let (mut stall, mut fenced, mut write_gbps) = (vec![], vec![], vec![]);
     let (mut deferred_stall, mut deferred_fenced) = (vec![], vec![]);
+    let mut protect_stall = vec![];
     let (mut sync, mut memcpy, mut raw_gbps) = (vec![], vec![], vec![]);
     let sync_path = work.join("sync.mio");
     let raw = work.join("raw.bin");
     for rep in 0..reps {
         // Rotate the order each repetition, and let the disk settle before
         // each write, so no method always pays for the one before it.
-        for which in (0..4).map(|k| (k + rep) % 4) {
+        for which in (0..5).map(|k| (k + rep) % 5) {
             settle();
             match which {
+                // Write protection covers CPU tensors only.
+                4 if opts.device != Device::Cpu || modelio::staging::protect_available().is_err() => {}
+                4 => {
+                    protect_io.record(1.0);
+                    let start = Instant::now();
+                    let ticket = protect_io.save(&vs, Some(&opt))?;
+                    protect_stall.push(ms(start.elapsed()));
+                    ticket.wait_blocking()?;
+                }
                 // GPU tensors are always queued at the call: no deferred mode to measure.
                 3 if opts.device != Device::Cpu => {}
                 3 => {
@@ -491,6 +502,10 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     }
     io.shutdown_blocking()?;
     deferred_io.shutdown_blocking()?;
+    protect_io.shutdown_blocking()?;
+    if !protect_stall.is_empty() {
+        r.insert("protect_stall_ms".into(), median(protect_stall));
+    }
     drop((model, state, buffers));
     if !deferred_stall.is_empty() {
         r.insert("deferred_stall_ms".into(), median(deferred_stall));
@@ -640,6 +655,18 @@ pub fn table(r: &Report) -> Vec<[String; 6]> {
     row("stall ms (deferred copy) vs memcpy", deferred, get("memcpy_ms"), dm, "-", None);
     let ds = ratio(deferred, get("sync_save_ms"));
     row("stall ms (deferred copy) vs sync save", deferred, get("sync_save_ms"), ds, "<= 0.01", ds.map(|x| x <= 0.01));
+    let gib = get("state_bytes").map(|b| b / (1u64 << 30) as f64);
+    let ps = get("protect_stall_ms").zip(gib).map(|(ms, g)| ms / g);
+    row("stall ms per GiB (protect copy)", ps, None, None, "<= 5", ps.map(|x| x <= 5.0));
+    let pd = ratio(get("dcp_async_stall_ms"), get("protect_stall_ms"));
+    row(
+        "  DCP async_save stall ms / protect stall",
+        get("dcp_async_stall_ms"),
+        get("protect_stall_ms"),
+        pd,
+        ">= 10",
+        pd.map(|x| x >= 10.0),
+    );
     let dc = ratio(get("deferred_copy_done_ms"), get("memcpy_ms"));
     row("  deferred: copy landed ms vs memcpy", get("deferred_copy_done_ms"), get("memcpy_ms"), dc, "-", None);
     let c = ratio(get("async_copy_done_ms"), get("memcpy_ms"));
