@@ -590,6 +590,8 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     // to the remote tier (every save), alternated; the last two take turns
     // going first.
     let (mut plain, mut saving, mut remote) = (vec![], vec![], vec![]);
+    // CPU seconds per remote run: modelio's threads, and the S3 server's.
+    let (mut remote_cpu, mut server_cpu) = (vec![], vec![]);
     let mut io = io_for(&work.join("train"), "mlp", CpuCopy::Immediate)?;
     let mut remote_io = server.map(|s| io_with_remote(&work.join("train-remote"), "mlp", s, "bench-train")).transpose()?;
     train_rate(opts.device, 5, opts.save_every, None)?; // warm-up
@@ -600,8 +602,11 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
             match (which, remote_io.as_mut()) {
                 (0, _) => saving.push(train_rate(opts.device, opts.steps, opts.save_every, Some(&mut io))?),
                 (_, Some(rio)) => {
+                    let (clock, served) = (CpuClock::start(), server.map_or(0.0, S3Server::cpu_secs));
                     remote.push(train_rate(opts.device, opts.steps, opts.save_every, Some(rio))?);
                     wait_uploads(rio);
+                    remote_cpu.push(clock.modelio_secs().0);
+                    server_cpu.push(server.map_or(0.0, S3Server::cpu_secs) - served);
                 }
                 _ => {}
             }
@@ -623,6 +628,8 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
         }
         rio.shutdown_blocking()?;
         r.insert("steps_per_s_remote".into(), median(remote));
+        r.insert("train_remote_modelio_cpu_s".into(), median(remote_cpu));
+        r.insert("train_remote_server_cpu_s".into(), median(server_cpu));
     }
     Ok(())
 }
@@ -688,6 +695,11 @@ pub fn table(r: &Report) -> Vec<[String; 6]> {
     row("  optimizer-step wait per save, ms", get("train_fence_wait_ms_per_save"), None, None, "-", None);
     let tr = ratio(get("steps_per_s_remote"), get("steps_per_s_plain"));
     row("steps/s saving + remote tier vs plain", get("steps_per_s_remote"), get("steps_per_s_plain"), tr, ">= 0.95", tr.map(|x| x >= 0.95));
+    if let (Some(up), Some(skip)) = (get("train_remote_uploaded"), get("train_remote_skipped")) {
+        row("  saves uploaded / replaced by a newer one", Some(up), Some(skip), None, "-", None);
+    }
+    let sc = ratio(get("train_remote_server_cpu_s"), get("train_remote_modelio_cpu_s"));
+    row("  CPU s per run: the S3 server vs modelio", get("train_remote_server_cpu_s"), get("train_remote_modelio_cpu_s"), sc, "-", None);
     let up = ratio(get("remote_upload_gbps"), get("plain_multipart_put_gbps"));
     let label = match get("remote_upload_bytes") {
         Some(b) => format!("upload GB/s vs object_store put, {:.0} MiB", b / (1u64 << 20) as f64),

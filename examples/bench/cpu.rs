@@ -34,6 +34,16 @@ fn threads() -> HashMap<String, (String, f64, f64)> {
     .collect()
 }
 
+/// CPU seconds another process has used (its threads, living and exited).
+pub fn process_cpu_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some(close) = stat.rfind(')') else { return 0.0 };
+    let fields: Vec<&str> = stat.get(close + 2..).unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf takes no pointers.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// The whole process's CPU seconds, exited threads included.
 fn process_cpu() -> f64 {
     // SAFETY: getrusage writes into the struct we pass and nothing else.
