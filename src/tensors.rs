@@ -123,7 +123,7 @@ pub fn copy_bytes(t: &Tensor, dst: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// The CRC-32C and the zip CRC-32 of `bytes` ([`crate::crc::both`]).
+/// The CRC-32C and the zip CRC-32 of `bytes`, both in one pass over it.
 pub fn checksums(bytes: &[u8]) -> (u32, u32) {
     crate::crc::both(bytes)
 }
