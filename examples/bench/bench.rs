@@ -596,7 +596,10 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     let mut remote_io = server.map(|s| io_with_remote(&work.join("train-remote"), "mlp", s, "bench-train")).transpose()?;
     train_rate(opts.device, 5, opts.save_every, None)?; // warm-up
     let before = io.fence().waited().0;
-    for rep in 0..reps {
+    // Runs of 100 steps swing by several percent on a shared machine, more
+    // than a save costs: three times the repetitions for a steadier median.
+    let runs = 3 * reps;
+    for rep in 0..runs {
         plain.push(train_rate(opts.device, opts.steps, opts.save_every, None)?);
         for which in (0..2).map(|k| (k + rep) % 2) {
             match (which, remote_io.as_mut()) {
@@ -612,7 +615,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
             }
         }
     }
-    let saves = reps as u64 * (opts.steps / opts.save_every.max(1));
+    let saves = runs as u64 * (opts.steps / opts.save_every.max(1));
     r.insert("train_fence_wait_ms_per_save".into(), ms(io.fence().waited().0.saturating_sub(before)) / saves.max(1) as f64);
     io.shutdown_blocking()?;
     r.insert("steps_per_s_plain".into(), median(plain));
