@@ -62,11 +62,11 @@ impl PartReader {
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         let (file, path, direct, free) = (self.file.clone(), self.path.clone(), self.direct.clone(), self.free.clone());
         tokio::task::spawn_blocking(move || {
-            let reused = lock(&free).iter().position(|b| b.bytes().len() >= len);
-            let buf = match reused {
-                Some(i) => Some(lock(&free).swap_remove(i)),
-                None => Aligned::new(len),
+            let reused = {
+                let mut free = lock(&free);
+                free.iter().position(|b| b.bytes().len() >= len).map(|i| free.swap_remove(i))
             };
+            let buf = reused.or_else(|| Aligned::new(len));
             let Some(mut buf) = buf else {
                 // No aligned memory: an ordinary buffer and read.
                 let mut v = vec![0u8; len];

@@ -99,8 +99,7 @@ fn protect_cpu(cpu: Vec<(usize, tch::Tensor)>, lease: &mut Lease) -> Result<Prot
         let buf = lease.host(*i, len);
         // SAFETY: only the address is taken here; the protection makes
         // every later write to these bytes wait until they are copied.
-        let src = unsafe { crate::tensors::host_bytes(&t) }
-            .ok_or_else(|| Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into())))?;
+        let src = unsafe { crate::tensors::host_bytes(&t) }.ok_or_else(super::no_host_bytes)?;
         pieces.push(Piece { src: src.as_ptr(), dst: buf.as_mut_ptr(), len });
         held.push(t);
     }
@@ -177,8 +176,7 @@ fn copy_all(tensors: &[(usize, tch::Tensor)], lease: &mut Lease) -> Result<()> {
         let src = t.f_contiguous()?;
         // SAFETY: the caller's tensor (or a contiguous copy of it), read
         // under the armed fence, which every writer waits on.
-        let bytes = unsafe { crate::tensors::host_bytes(&src) }
-            .ok_or_else(|| crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into())))?;
+        let bytes = unsafe { crate::tensors::host_bytes(&src) }.ok_or_else(super::no_host_bytes)?;
         lease.host(*i, bytes.len()).copy_from_slice(bytes);
     }
     Ok(())

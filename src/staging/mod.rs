@@ -28,6 +28,11 @@ pub const COPY_THREADS: usize = 4;
 /// Pieces an immediate copy is split into, in bytes.
 const COPY_PIECE: usize = 4 << 20;
 
+/// The error of a contiguous CPU tensor whose bytes cannot be had.
+pub(crate) fn no_host_bytes() -> crate::Error {
+    crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into()))
+}
+
 /// A piece of an immediate copy: (source, destination) of the same length.
 type Piece<'a> = (&'a [u8], &'a mut [u8]);
 
@@ -244,8 +249,7 @@ impl Lease {
             // borrows them; modelio never writes them. A write from another
             // thread meanwhile would be the caller's race, as with any read
             // of a tensor through tch.
-            let src = unsafe { crate::tensors::host_bytes(t) }
-                .ok_or_else(|| crate::Error::Torch(tch::TchError::Torch("a contiguous CPU tensor has no host bytes".into())))?;
+            let src = unsafe { crate::tensors::host_bytes(t) }.ok_or_else(no_host_bytes)?;
             let Some(dst) = dsts.get_mut(*i).and_then(Option::take) else { continue };
             for (s, d) in src.chunks(COPY_PIECE).zip(dst.chunks_mut(COPY_PIECE)) {
                 pieces.push((s, d));
