@@ -132,7 +132,7 @@ impl Drop for Workers {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Priority {
     /// As the trainer's threads: work training waits for (the stager's
-    /// copies; a rank's shard writer and coordinator, which the other
+    /// deferred copies; a rank's shard writer and coordinator, which the other
     /// ranks' steps wait for).
     Normal,
     /// Below them ([`lower_priority`]): writing, checksumming, uploading

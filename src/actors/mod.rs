@@ -81,6 +81,9 @@ pub(crate) struct Settings {
     pub snapshot_keep: usize,
     /// Backups and snapshot archives as hard links instead of copies.
     pub hard_links: bool,
+    /// Whether the stager copies CPU tensors that writers wait for
+    /// (`staging.cpu_copy = "deferred"`, under the fence).
+    pub stager_holds_writers: bool,
 }
 
 /// What the actors and the handle share.
@@ -188,8 +191,10 @@ impl Actors {
     pub fn start(shared: Arc<Shared>) -> Result<Actors> {
         let rider = shared.rider.clone();
         let (workers, (stager, saver)) = Workers::start("modelio-actors", move || {
-            // The disk-bound actors yield the CPU to training; the stager
-            // does not, since optimizer steps wait for its copies.
+            // The disk-bound actors yield the CPU to training; so does the
+            // stager, unless optimizer steps wait for its copies (the
+            // deferred CPU copy). Otherwise it only waits (for a protected
+            // copy, a GPU's copies) and checksums.
             let s = shared.clone();
             let backup = worker("modelio-backup", Priority::Low, move || backup::BackupActor { shared: s.clone() });
             let s = shared.clone();
@@ -206,7 +211,8 @@ impl Actors {
             });
             let s = shared.clone();
             let to_saver = saver.clone();
-            let stager = worker("modelio-stager", Priority::Normal, move || Stager { shared: s.clone(), saver: to_saver.clone() });
+            let priority = if shared.settings.stager_holds_writers { Priority::Normal } else { Priority::Low };
+            let stager = worker("modelio-stager", priority, move || Stager { shared: s.clone(), saver: to_saver.clone() });
             (stager, saver)
         })?;
         Ok(Actors { stager, saver, staged: AtomicU64::new(0), snapshots: Arc::new(AtomicUsize::new(0)), workers, rider })
@@ -294,7 +300,8 @@ mod tests {
     use crate::staging::{Fence, Pool};
 
     fn actors(dir: &std::path::Path) -> (Arc<Shared>, Actors) {
-        let shared = Arc::new(Shared::new(ModelPaths::new(dir, "m"), Settings { snapshot_keep: 0, hard_links: false }));
+        let shared =
+            Arc::new(Shared::new(ModelPaths::new(dir, "m"), Settings { snapshot_keep: 0, hard_links: false, stager_holds_writers: false }));
         let actors = Actors::start(shared.clone()).unwrap();
         (shared, actors)
     }

@@ -126,7 +126,11 @@ impl ModelIo {
             allowed: "values the state file can record as JSON".into(),
         })?;
         let paths = ModelPaths::new(&config.model.dir, &config.model.name);
-        let settings = Settings { snapshot_keep: config.snapshot.keep, hard_links: config.save.hard_links };
+        let settings = Settings {
+            snapshot_keep: config.snapshot.keep,
+            hard_links: config.save.hard_links,
+            stager_holds_writers: config.staging.cpu_copy == crate::config::CpuCopy::Deferred,
+        };
         let mut shared = Shared::new(paths.clone(), settings);
         let mut remote = Seam::connect(&config)?;
         let lock = if config.model.predict {
