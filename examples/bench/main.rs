@@ -45,9 +45,9 @@ struct Args {
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Measure only the background CPU per GiB saved.
-    #[arg(long)]
-    cpu_only: bool,
+    /// Measure only one group of figures.
+    #[arg(long, value_enum)]
+    only: Option<bench::Phase>,
 }
 
 fn main() -> ExitCode {
@@ -80,7 +80,7 @@ fn run(args: Args) -> modelio::Result<()> {
         device,
         steps: args.steps,
         save_every: args.save_every,
-        cpu_only: args.cpu_only,
+        only: args.only,
     };
     eprintln!("measuring a {} MiB state on {device:?} in {} ({} repetitions each)...", args.size_mib, opts.dir.display(), opts.reps);
     let mut report = bench::run(&opts)?;

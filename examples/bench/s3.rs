@@ -53,7 +53,7 @@ impl Drop for S3Server {
 
 impl S3Server {
     /// Start a server on a free loopback port with its data in a temporary
-    /// folder under `parent`, and set its credentials and region in this
+    /// folder in `/dev/shm` when there is one, else under `parent`, and set its credentials and region in this
     /// process's environment (where the remote tier reads them). `Ok(None)`
     /// when the binary is missing.
     ///
@@ -65,7 +65,13 @@ impl S3Server {
         if !bin.is_file() {
             return Ok(None);
         }
-        let tmp = tempfile::Builder::new().prefix("s3-").tempdir_in(parent).at("create a folder in", parent)?;
+        // The server stands in for another machine, whose disk the trainer
+        // does not share: its objects go to memory where it can, so that its
+        // writes and their writeback are not charged to the trainer's runs.
+        // (It never holds more than a few copies of an archive.)
+        let shm = Path::new("/dev/shm");
+        let parent = if shm.is_dir() { shm } else { parent };
+        let tmp = tempfile::Builder::new().prefix("modelio-bench-s3-").tempdir_in(parent).at("create a folder in", parent)?;
         let data = tmp.path().join("data");
         fs::create_dir_all(data.join(BUCKET)).at("create", &data)?;
         let log_path = tmp.path().join("s3s-fs.log");
