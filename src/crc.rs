@@ -32,6 +32,37 @@ pub fn both(bytes: &[u8]) -> (u32, u32) {
     (c.finalize() as u32, zip.finalize() as u32)
 }
 
+/// Both checksums of a stream of bytes, fed piece by piece (each piece
+/// passes through both while it is in cache).
+pub struct Both {
+    crc32c: Digest,
+    zip: Digest,
+}
+
+impl Both {
+    pub fn new() -> Both {
+        Both { crc32c: Digest::new(CrcAlgorithm::Crc32Iscsi), zip: Digest::new(CrcAlgorithm::Crc32IsoHdlc) }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(256 << 10) {
+            self.crc32c.update(chunk);
+            self.zip.update(chunk);
+        }
+    }
+
+    /// (CRC-32C, zip CRC-32) of everything fed.
+    pub fn finalize(&self) -> (u32, u32) {
+        (self.crc32c.finalize() as u32, self.zip.finalize() as u32)
+    }
+}
+
+impl Default for Both {
+    fn default() -> Both {
+        Both::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +76,10 @@ mod tests {
             assert_eq!(both(d), (crc32c::crc32c(d), crc32fast::hash(d)), "{len}");
             let (a, b) = d.split_at(len / 3);
             assert_eq!(crc32c_append(crc32c(a), b), crc32c::crc32c(d), "{len}");
+            let mut fed = Both::new();
+            fed.update(a);
+            fed.update(b);
+            assert_eq!(fed.finalize(), both(d), "{len}, fed in two pieces");
         }
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
     }

@@ -102,6 +102,9 @@ impl std::ops::Deref for Backing {
 /// Tensors are read this many bytes at a time (each chunk is checksummed
 /// while still in the CPU's cache).
 const READ_CHUNK: usize = 4 << 20;
+/// Tensors of at least this many bytes are checksummed by a helper thread
+/// while they are read ([`read_checksummed`]).
+const PIPELINE_MIN: usize = 2 * READ_CHUNK;
 /// Both checksums (CRC-32C and zip CRC-32) are computed over pieces of this
 /// size, one after the other, so the second reads the piece from L2.
 const CHECK_PIECE: usize = 256 << 10;
@@ -109,6 +112,51 @@ const CHECK_PIECE: usize = 256 << 10;
 /// Entries an archive may hold; any other is refused, so that no entry goes
 /// unchecked (`zipfile.testzip()` would read it).
 const KNOWN_ENTRIES: [&str; 5] = [MANIFEST_ENTRY, MODEL_ENTRY, OPTIMIZER_ENTRY, OPTIMIZER_JSON_ENTRY, STATE_ENTRY];
+
+/// Read `dst.len()` bytes of `file` at `offset` into `dst` with `pread`,
+/// [`READ_CHUNK`] at a time; the (CRC-32C, zip CRC-32) of what was read.
+/// From [`PIPELINE_MIN`] bytes on, a helper thread checksums each chunk
+/// while the next one is read, so the checksums cost no time beside the
+/// read (where a second core is free); without a helper the caller does both.
+fn read_checksummed(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<(u32, u32)> {
+    use std::os::unix::fs::FileExt;
+    let mut sums = crate::crc::Both::new();
+    if dst.len() < PIPELINE_MIN {
+        for (i, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
+            file.read_exact_at(chunk, offset + (i * READ_CHUNK) as u64)?;
+            sums.update(chunk);
+        }
+        return Ok(sums.finalize());
+    }
+    std::thread::scope(|scope| {
+        // Chunks read and not yet checksummed: at most two ahead.
+        let (to_sum, read) = std::sync::mpsc::sync_channel::<&[u8]>(2);
+        let helper = std::thread::Builder::new().name("modelio-load-crc".into()).spawn_scoped(scope, move || {
+            let mut sums = crate::crc::Both::new();
+            for chunk in read {
+                sums.update(chunk);
+            }
+            sums
+        });
+        let mut to_sum = helper.is_ok().then_some(to_sum);
+        for (i, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
+            file.read_exact_at(chunk, offset + (i * READ_CHUNK) as u64)?;
+            let chunk: &[u8] = chunk;
+            match &to_sum {
+                Some(tx) if tx.send(chunk).is_ok() => {}
+                _ => sums.update(chunk),
+            }
+        }
+        // Hang up so the helper finishes; its sums cover every chunk it was sent.
+        to_sum.take();
+        match helper.map(|h| h.join()) {
+            Ok(Ok(helped)) => Ok(helped.finalize()),
+            // No helper was started: the caller summed every chunk.
+            Err(_) => Ok(sums.finalize()),
+            Ok(Err(_)) => Err(std::io::Error::other("the checksum thread of a load panicked")),
+        }
+    })
+}
 
 impl std::fmt::Debug for ArchiveReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -236,8 +284,9 @@ impl ArchiveReader {
 
     /// Copy a tensor's bytes into `dst` (exactly its length), checking its
     /// CRC-32C on the way. An archive opened from disk is read with `pread`
-    /// straight into `dst`, chunk by chunk, each chunk checksummed while in
-    /// cache: one pass, with no page faults on the mapping. The zip CRC-32 is
+    /// straight into `dst`, chunk by chunk, with no page faults on the
+    /// mapping; from 8 MiB on a helper thread checksums each chunk while the
+    /// next one is read. The zip CRC-32 is
     /// computed in the same pass; once every tensor of the entry has been
     /// read, the entry's CRC-32 is checked, so a caller that reads them all
     /// has checked everything `zipfile.testzip()` would.
@@ -257,25 +306,15 @@ impl ArchiveReader {
                 format!("{} bytes stored, {} expected for its dtype and shape", t.len, dst.len()),
             ));
         }
-        let mut crc32c = 0;
-        let mut crc32 = crc32fast::Hasher::new();
-        for (i, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
-            let offset = t.offset + i * READ_CHUNK;
-            match &self.map {
-                Backing::Mapped(_, file) => {
-                    use std::os::unix::fs::FileExt;
-                    file.read_exact_at(chunk, offset as u64).at("read", &self.path)?;
-                }
+        let (crc32c, crc32) = match &self.map {
+            Backing::Mapped(_, file) => read_checksummed(file, t.offset as u64, dst).at("read", &self.path)?,
+            Backing::Owned(bytes) => {
                 // `entry_of` matched `t` to a located tensor, which lies inside the bytes.
-                Backing::Owned(bytes) => chunk.copy_from_slice(&bytes[offset..offset + chunk.len()]),
+                dst.copy_from_slice(&bytes[t.offset..t.offset + t.len]);
+                crate::crc::both(dst)
             }
-            // Both checksums per piece small enough to stay in L2 between them.
-            for piece in chunk.chunks(CHECK_PIECE) {
-                crc32c = crate::crc::crc32c_append(crc32c, piece);
-                crc32.update(piece);
-            }
-        }
-        self.check_read(entry, located, t, crc32c, crc32.finalize())
+        };
+        self.check_read(entry, located, t, crc32c, crc32)
     }
 
     /// Check a tensor's CRC-32C, record its CRC-32, and check the entry's
@@ -523,6 +562,18 @@ mod tests {
             let mut out = vec![0u8; len];
             reader.read_checked_into(&reader.model[0], &mut out).unwrap();
             assert!(out == data);
+        }
+        // A byte changed in any chunk (read while a helper thread checksums
+        // the chunks before it) is found.
+        let offset = ArchiveReader::open(&path).unwrap().model[0].offset;
+        for at in [0, READ_CHUNK + 7, len - 1] {
+            let mut damaged = bytes.clone();
+            damaged[offset + at] ^= 0x40;
+            std::fs::write(&path, &damaged).unwrap();
+            let reader = ArchiveReader::open(&path).unwrap();
+            let mut out = vec![0u8; len];
+            let e = reader.read_checked_into(&reader.model[0], &mut out).unwrap_err();
+            assert!(matches!(&e, Error::Damaged { what, .. } if what.contains("tensor `big`")), "byte {at}: {e:?}");
         }
     }
 
