@@ -55,6 +55,8 @@ pub struct BenchOptions {
 pub enum Phase {
     /// Background CPU per GiB saved.
     Cpu,
+    /// Save stalls and write throughput against their references.
+    Save,
     /// Loads against a raw read of the same archive.
     Load,
     /// Training throughput without and with saves.
@@ -455,6 +457,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
             drop((vs, opt));
             return load_phase(&work.join("mem").join("bench.mio"), bytes, reps, r);
         }
+        Some(Phase::Save) => return save_phase(opts, reps, work, &vs, &opt, bytes, r),
         Some(Phase::Train) => {
             drop((vs, opt));
             return train_phase(opts, reps, work, server, r);
@@ -480,6 +483,42 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     // Background CPU per GiB saved, local and with the remote tier.
     cpu_phase(work, &vs, &opt, bytes, reps, server, r)?;
 
+    save_phase(opts, reps, work, &vs, &opt, bytes, r)?;
+
+    load_phase(&work.join("mem").join("bench.mio"), bytes, reps, r)?;
+    #[cfg(feature = "remote")]
+    if opts.device == Device::Cpu {
+        crate::sharded::run(work, reps, &vs, &opt, bytes, r)?;
+    }
+    drop((vs, opt));
+
+    // Uploads of a committed archive to the remote tier vs a plain
+    // object_store multipart put of the same file, alternated: that archive
+    // when it is at most UPLOAD_MAX_MIB, else one of a state that size
+    // (uploads to a server on the same machine go at about 0.1 GB/s on 2 cores).
+    #[cfg(feature = "remote")]
+    if let Some(server) = server {
+        let paths = if state_bytes > UPLOAD_MAX_MIB << 20 {
+            let dir = work.join("upload");
+            let (vs, opt) = synthetic_state(UPLOAD_MAX_MIB << 20, Device::Cpu)?;
+            let mut io = io_for(&dir, "upload", CpuCopy::Immediate)?;
+            io.record(1.0);
+            io.save(&vs, Some(&opt))?.wait_blocking()?;
+            io.shutdown_blocking()?;
+            modelio::folder::ModelPaths::new(dir, "upload")
+        } else {
+            modelio::folder::ModelPaths::new(work.join("mem"), "bench")
+        };
+        s3::upload_phase(server, &paths.archive(), &paths.state(), reps, r)?;
+    }
+
+    train_phase(opts, reps, work, server, r)
+}
+
+/// Saves (immediate, deferred and protected CPU copy), a synchronous save,
+/// a memcpy and a raw write of the same bytes, interleaved per repetition;
+/// the immediate saves' archive stays in `work/mem` for the loads.
+fn save_phase(opts: &BenchOptions, reps: usize, work: &Path, vs: &VarStore, opt: &Adam, bytes: u64, r: &mut Report) -> Result<()> {
     let mut io = io_for(&work.join("mem"), "bench", CpuCopy::Immediate)?;
     let mut deferred_io = io_for(&work.join("deferred"), "bench", CpuCopy::Deferred)?;
     let mut protect_io = io_for(&work.join("protect"), "bench", CpuCopy::Protect)?;
@@ -487,7 +526,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     // Async saves (immediate and deferred CPU copy), a synchronous save and
     // a raw write of the same bytes, interleaved per repetition so that
     // drifts of the disk's speed hit them all alike.
-    let (model, state) = cpu_tensors(&vs, &opt)?;
+    let (model, state) = cpu_tensors(vs, opt)?;
     let mut buffers: Vec<Vec<u8>> = model.iter().chain(&state).map(|(_, t)| Vec::with_capacity(byte_len(t))).collect();
     let (mut stall, mut fenced, mut write_gbps) = (vec![], vec![], vec![]);
     let (mut deferred_stall, mut deferred_fenced) = (vec![], vec![]);
@@ -506,7 +545,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
                 4 => {
                     protect_io.record(1.0);
                     let start = Instant::now();
-                    let ticket = protect_io.save(&vs, Some(&opt))?;
+                    let ticket = protect_io.save(vs, Some(opt))?;
                     protect_stall.push(ms(start.elapsed()));
                     ticket.wait_blocking()?;
                 }
@@ -515,7 +554,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
                 3 => {
                     deferred_io.record(1.0);
                     let start = Instant::now();
-                    let ticket = deferred_io.save(&vs, Some(&opt))?;
+                    let ticket = deferred_io.save(vs, Some(opt))?;
                     deferred_stall.push(ms(start.elapsed()));
                     deferred_io.fence().wait();
                     deferred_fenced.push(ms(start.elapsed()));
@@ -524,7 +563,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
                 0 => {
                     io.record(1.0);
                     let start = Instant::now();
-                    let ticket = io.save(&vs, Some(&opt))?;
+                    let ticket = io.save(vs, Some(opt))?;
                     stall.push(ms(start.elapsed()));
                     io.fence().wait();
                     if opts.device != Device::Cpu {
@@ -534,7 +573,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
                     let c = ticket.wait_blocking()?;
                     write_gbps.push(c.bytes as f64 / c.write.as_secs_f64() / 1e9);
                 }
-                1 => sync.push(ms(sync_save(&sync_path, &vs, &opt)?)),
+                1 => sync.push(ms(sync_save(&sync_path, vs, opt)?)),
                 _ => {
                     let start = Instant::now();
                     for ((_, t), b) in model.iter().chain(&state).zip(buffers.iter_mut()) {
@@ -574,35 +613,7 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
     r.insert("sync_save_ms".into(), median(sync));
     r.insert("memcpy_ms".into(), median(memcpy));
     r.insert("raw_write_gbps".into(), median(raw_gbps));
-
-    load_phase(&work.join("mem").join("bench.mio"), bytes, reps, r)?;
-    #[cfg(feature = "remote")]
-    if opts.device == Device::Cpu {
-        crate::sharded::run(work, reps, &vs, &opt, bytes, r)?;
-    }
-    drop((vs, opt));
-
-    // Uploads of a committed archive to the remote tier vs a plain
-    // object_store multipart put of the same file, alternated: that archive
-    // when it is at most UPLOAD_MAX_MIB, else one of a state that size
-    // (uploads to a server on the same machine go at about 0.1 GB/s on 2 cores).
-    #[cfg(feature = "remote")]
-    if let Some(server) = server {
-        let paths = if state_bytes > UPLOAD_MAX_MIB << 20 {
-            let dir = work.join("upload");
-            let (vs, opt) = synthetic_state(UPLOAD_MAX_MIB << 20, Device::Cpu)?;
-            let mut io = io_for(&dir, "upload", CpuCopy::Immediate)?;
-            io.record(1.0);
-            io.save(&vs, Some(&opt))?.wait_blocking()?;
-            io.shutdown_blocking()?;
-            modelio::folder::ModelPaths::new(dir, "upload")
-        } else {
-            modelio::folder::ModelPaths::new(work.join("mem"), "bench")
-        };
-        s3::upload_phase(server, &paths.archive(), &paths.state(), reps, r)?;
-    }
-
-    train_phase(opts, reps, work, server, r)
+    Ok(())
 }
 
 /// Loads of `archive` (holding `bytes` of tensors) from disk, the page cache

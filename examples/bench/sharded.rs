@@ -113,25 +113,29 @@ pub fn run(work: &Path, reps: usize, vs: &VarStore, opt: &Adam, bytes: u64, r: &
     let files: Vec<std::path::PathBuf> = m.shards.iter().map(|d| dir.join(&d.key)).collect();
     let wants: Vec<Want> = tensors.iter().map(|(n, _)| Want::whole(n)).collect();
     let (mut load, mut read) = (vec![], vec![]);
-    for _ in 0..reps {
-        files.iter().for_each(|f| evict(f));
-        let start = Instant::now();
-        let mut n = 0u64;
-        for f in &files {
-            n += std::fs::read(f).at("read", f)?.len() as u64;
-        }
-        read.push(n as f64 / start.elapsed().as_secs_f64() / 1e9);
-        files.iter().for_each(|f| evict(f));
-        let start = Instant::now();
-        let loaded = reader.load(&m, &wants)?;
-        load.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
-        let got: u64 = loaded.iter().map(|t| byte_len(t) as u64).sum();
-        if got != bytes {
-            return Err(modelio::Error::Argument {
-                arg: "sharded bench".into(),
-                value: format!("{got} bytes loaded"),
-                allowed: format!("the {bytes} bytes saved"),
-            });
+    // The two take turns going first (the disk's speed drifts).
+    for rep in 0..reps {
+        for which in (0..2).map(|k| (k + rep) % 2) {
+            files.iter().for_each(|f| evict(f));
+            let start = Instant::now();
+            if which == 0 {
+                let mut n = 0u64;
+                for f in &files {
+                    n += std::fs::read(f).at("read", f)?.len() as u64;
+                }
+                read.push(n as f64 / start.elapsed().as_secs_f64() / 1e9);
+                continue;
+            }
+            let loaded = reader.load(&m, &wants)?;
+            load.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
+            let got: u64 = loaded.iter().map(|t| byte_len(t) as u64).sum();
+            if got != bytes {
+                return Err(modelio::Error::Argument {
+                    arg: "sharded bench".into(),
+                    value: format!("{got} bytes loaded"),
+                    allowed: format!("the {bytes} bytes saved"),
+                });
+            }
         }
     }
     r.insert("sharded_load_gbps".into(), median(load));
