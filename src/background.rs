@@ -136,7 +136,8 @@ pub(crate) enum Priority {
     /// ranks' steps wait for).
     Normal,
     /// Below them ([`lower_priority`]): writing, checksumming, uploading
-    /// that nothing waits for.
+    /// that training does not wait for, unless saves come faster than they
+    /// finish and `save` waits for a staging buffer.
     Low,
 }
 

@@ -81,9 +81,11 @@ pub(crate) struct Settings {
     pub snapshot_keep: usize,
     /// Backups and snapshot archives as hard links instead of copies.
     pub hard_links: bool,
-    /// Whether the stager copies CPU tensors that writers wait for
-    /// (`staging.cpu_copy = "deferred"`, under the fence).
-    pub stager_holds_writers: bool,
+    /// The stager's priority: low with the immediate CPU copy, where it only
+    /// waits and checksums; as the trainer's with `"deferred"` (optimizer
+    /// steps wait for its copies) and `"protect"` (it moves the protected
+    /// tensors onto huge pages, holding the process's memory map meanwhile).
+    pub stager_priority: Priority,
 }
 
 /// What the actors and the handle share.
@@ -191,10 +193,8 @@ impl Actors {
     pub fn start(shared: Arc<Shared>) -> Result<Actors> {
         let rider = shared.rider.clone();
         let (workers, (stager, saver)) = Workers::start("modelio-actors", move || {
-            // The disk-bound actors yield the CPU to training; so does the
-            // stager, unless optimizer steps wait for its copies (the
-            // deferred CPU copy). Otherwise it only waits (for a protected
-            // copy, a GPU's copies) and checksums.
+            // The disk-bound actors yield the CPU to training; the stager
+            // as its settings say.
             let s = shared.clone();
             let backup = worker("modelio-backup", Priority::Low, move || backup::BackupActor { shared: s.clone() });
             let s = shared.clone();
@@ -211,8 +211,8 @@ impl Actors {
             });
             let s = shared.clone();
             let to_saver = saver.clone();
-            let priority = if shared.settings.stager_holds_writers { Priority::Normal } else { Priority::Low };
-            let stager = worker("modelio-stager", priority, move || Stager { shared: s.clone(), saver: to_saver.clone() });
+            let stager =
+                worker("modelio-stager", shared.settings.stager_priority, move || Stager { shared: s.clone(), saver: to_saver.clone() });
             (stager, saver)
         })?;
         Ok(Actors { stager, saver, staged: AtomicU64::new(0), snapshots: Arc::new(AtomicUsize::new(0)), workers, rider })
@@ -300,8 +300,10 @@ mod tests {
     use crate::staging::{Fence, Pool};
 
     fn actors(dir: &std::path::Path) -> (Arc<Shared>, Actors) {
-        let shared =
-            Arc::new(Shared::new(ModelPaths::new(dir, "m"), Settings { snapshot_keep: 0, hard_links: false, stager_holds_writers: false }));
+        let shared = Arc::new(Shared::new(
+            ModelPaths::new(dir, "m"),
+            Settings { snapshot_keep: 0, hard_links: false, stager_priority: Priority::Low },
+        ));
         let actors = Actors::start(shared.clone()).unwrap();
         (shared, actors)
     }

@@ -99,8 +99,8 @@ impl std::ops::Deref for Backing {
     }
 }
 
-/// Tensors are read this many bytes at a time (each chunk is checksummed
-/// while still in the CPU's cache).
+/// Tensors are read this many bytes at a time, each chunk checksummed once
+/// read (by a helper thread for large tensors: [`read_checksummed`]).
 const READ_CHUNK: usize = 4 << 20;
 /// Tensors of at least this many bytes are checksummed by a helper thread
 /// while they are read ([`read_checksummed`]).
@@ -115,47 +115,54 @@ const KNOWN_ENTRIES: [&str; 5] = [MANIFEST_ENTRY, MODEL_ENTRY, OPTIMIZER_ENTRY, 
 
 /// Read `dst.len()` bytes of `file` at `offset` into `dst` with `pread`,
 /// [`READ_CHUNK`] at a time; the (CRC-32C, zip CRC-32) of what was read.
-/// From [`PIPELINE_MIN`] bytes on, a helper thread checksums each chunk
-/// while the next one is read, so the checksums cost no time beside the
-/// read (where a second core is free); without a helper the caller does both.
+/// From [`PIPELINE_MIN`] bytes on, on a machine with a second core, a helper
+/// thread checksums each chunk while the next one is read, so the checksums
+/// cost no time beside the read. Without a helper (one core, or it cannot
+/// be started) the caller checksums each chunk after reading it; if the
+/// helper dies, the caller checksums the whole of `dst` once it is read.
 fn read_checksummed(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<(u32, u32)> {
     use std::os::unix::fs::FileExt;
     let mut sums = crate::crc::Both::new();
-    if dst.len() < PIPELINE_MIN {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if dst.len() < PIPELINE_MIN || cores < 2 {
         for (i, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
             file.read_exact_at(chunk, offset + (i * READ_CHUNK) as u64)?;
             sums.update(chunk);
         }
         return Ok(sums.finalize());
     }
-    std::thread::scope(|scope| {
-        // Chunks read and not yet checksummed: at most two ahead.
+    let helped = std::thread::scope(|scope| -> std::io::Result<Option<(u32, u32)>> {
+        // Chunks read and not yet checksummed: at most two waiting, besides
+        // the one being checksummed.
         let (to_sum, read) = std::sync::mpsc::sync_channel::<&[u8]>(2);
         let helper = std::thread::Builder::new().name("modelio-load-crc".into()).spawn_scoped(scope, move || {
             let mut sums = crate::crc::Both::new();
             for chunk in read {
                 sums.update(chunk);
             }
-            sums
+            sums.finalize()
         });
         let mut to_sum = helper.is_ok().then_some(to_sum);
+        let mut lost = false;
         for (i, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
             file.read_exact_at(chunk, offset + (i * READ_CHUNK) as u64)?;
             let chunk: &[u8] = chunk;
             match &to_sum {
-                Some(tx) if tx.send(chunk).is_ok() => {}
-                _ => sums.update(chunk),
+                Some(tx) => lost |= tx.send(chunk).is_err(),
+                None => sums.update(chunk),
             }
         }
         // Hang up so the helper finishes; its sums cover every chunk it was sent.
         to_sum.take();
         match helper.map(|h| h.join()) {
-            Ok(Ok(helped)) => Ok(helped.finalize()),
+            Ok(Ok(sums)) if !lost => Ok(Some(sums)),
+            // The helper died: its sums are incomplete.
+            Ok(_) => Ok(None),
             // No helper was started: the caller summed every chunk.
-            Err(_) => Ok(sums.finalize()),
-            Ok(Err(_)) => Err(std::io::Error::other("the checksum thread of a load panicked")),
+            Err(_) => Ok(Some(sums.finalize())),
         }
-    })
+    })?;
+    Ok(helped.unwrap_or_else(|| crate::crc::both(dst)))
 }
 
 impl std::fmt::Debug for ArchiveReader {

@@ -129,7 +129,10 @@ impl ModelIo {
         let settings = Settings {
             snapshot_keep: config.snapshot.keep,
             hard_links: config.save.hard_links,
-            stager_holds_writers: config.staging.cpu_copy == crate::config::CpuCopy::Deferred,
+            stager_priority: match config.staging.cpu_copy {
+                crate::config::CpuCopy::Immediate => crate::background::Priority::Low,
+                crate::config::CpuCopy::Deferred | crate::config::CpuCopy::Protect => crate::background::Priority::Normal,
+            },
         };
         let mut shared = Shared::new(paths.clone(), settings);
         let mut remote = Seam::connect(&config)?;
