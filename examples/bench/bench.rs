@@ -66,12 +66,14 @@ pub enum Phase {
 /// Figures by name (the keys of `target/bench.json`).
 pub type Report = BTreeMap<String, f64>;
 
+/// The median (of an even count, the mean of the middle two; 0 for none).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
@@ -233,6 +235,7 @@ fn cpu_phase(work: &Path, vs: &VarStore, opt: &Adam, bytes: u64, reps: usize, se
         r.insert("bg_cpu_s_per_gib_remote".into(), cpu_per_gib(&mut io, &vs, &opt, upload_bytes, reps)?);
         io.shutdown_blocking()?;
         let _ = std::fs::remove_dir_all(work.join("cpu-remote"));
+        server.remove("bench-cpu");
     }
     #[cfg(not(feature = "remote"))]
     let _ = server;
@@ -285,8 +288,10 @@ impl Trainer {
 
     /// Steps per second over `steps` steps, saving every `save_every` steps
     /// when `io` is given: in the middle of each interval, so that every
-    /// save's background work falls inside the timed run (it is waited for,
-    /// untimed, after it).
+    /// save's background work falls inside the timed run as long as it takes
+    /// less than half an interval (at the defaults, a 45 MB save's checksums
+    /// and write take about 20 ms of the 12 steps' 220 ms; anything left is
+    /// waited for, untimed, after the run).
     fn rate(&mut self, steps: u64, save_every: u64, io: Option<&mut ModelIo>) -> Result<f64> {
         let mut opt = self.opt.take().ok_or_else(|| Error::Internal {
             what: modelio::Work::Save,
@@ -667,9 +672,9 @@ fn load_phase(archive: &Path, bytes: u64, reps: usize, r: &mut Report) -> Result
 }
 
 /// Training throughput without saves, with saves, and with saves uploaded
-/// to the remote tier (every save): one run of each per repetition, taking
-/// turns going first, each saving run compared with the run without saves
-/// beside it.
+/// to the remote tier (every save): one run of each per repetition, in
+/// every order in turn, each saving run compared with the run without saves
+/// of the same repetition.
 fn train_phase(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Server>, r: &mut Report) -> Result<()> {
     let (mut plain, mut saving, mut remote) = (vec![], vec![], vec![]);
     // CPU seconds per remote run: modelio's threads, and the S3 server's.
@@ -680,12 +685,15 @@ fn train_phase(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3
     trainer.rate(5, opts.save_every, None)?; // warm-up
     let before = io.fence().waited().0;
     // The speed of this machine drifts by several percent from one run to
-    // the next (more than a save costs): four times the repetitions, and
+    // the next (more than a save costs): about four times the repetitions,
     // each ratio taken within a repetition, whose runs follow each other.
-    let runs = 4 * reps;
-    let kinds = if remote_io.is_some() { 3 } else { 2 };
+    // The repetitions go through every order of the kinds in turn, so that
+    // each kind comes first, last and after each other kind equally often.
+    let kinds: &[usize] = if remote_io.is_some() { &[0, 1, 2] } else { &[0, 1] };
+    let orders = permutations(kinds);
+    let runs = (4 * reps).next_multiple_of(orders.len());
     for rep in 0..runs {
-        for which in (0..kinds).map(|k| (k + rep) % kinds) {
+        for &which in &orders[rep % orders.len()] {
             match (which, remote_io.as_mut()) {
                 (0, _) => plain.push(trainer.rate(opts.steps, opts.save_every, None)?),
                 (1, _) => saving.push(trainer.rate(opts.steps, opts.save_every, Some(&mut io))?),
@@ -705,7 +713,8 @@ fn train_phase(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3
     if !remote.is_empty() {
         r.insert("train_remote_ratio".into(), paired(&remote));
     }
-    let saves = runs as u64 * (opts.steps / opts.save_every.max(1));
+    let every = opts.save_every.max(1);
+    let saves = runs as u64 * (1..=opts.steps).filter(|step| step % every == every / 2).count() as u64;
     r.insert("train_fence_wait_ms_per_save".into(), ms(io.fence().waited().0.saturating_sub(before)) / saves.max(1) as f64);
     io.shutdown_blocking()?;
     r.insert("steps_per_s_plain".into(), median(plain));
@@ -725,6 +734,22 @@ fn train_phase(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3
         r.insert("train_remote_server_cpu_s".into(), median(server_cpu));
     }
     Ok(())
+}
+
+/// Every order of `items` (6 of 3, 2 of 2).
+fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut all = Vec::new();
+    for (i, &first) in items.iter().enumerate() {
+        let rest: Vec<usize> = items.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, &x)| x).collect();
+        for mut tail in permutations(&rest) {
+            tail.insert(0, first);
+            all.push(tail);
+        }
+    }
+    all
 }
 
 /// The comparison table: (figure, ours, reference, ratio, target, holds).

@@ -53,9 +53,9 @@ impl Drop for S3Server {
 
 impl S3Server {
     /// Start a server on a free loopback port with its data in a temporary
-    /// folder in `/dev/shm` when there is one, else under `parent`, and set its credentials and region in this
-    /// process's environment (where the remote tier reads them). `Ok(None)`
-    /// when the binary is missing.
+    /// folder in `/dev/shm` when it has 4 GiB free, else under `parent`, and
+    /// set its credentials and region in this process's environment (where
+    /// the remote tier reads them). `Ok(None)` when the binary is missing.
     ///
     /// # Errors
     /// The folder cannot be created, or the server does not start (its log
@@ -68,9 +68,10 @@ impl S3Server {
         // The server stands in for another machine, whose disk the trainer
         // does not share: its objects go to memory where it can, so that its
         // writes and their writeback are not charged to the trainer's runs.
-        // (It never holds more than a few copies of an archive.)
+        // It holds a few copies of the archives uploaded at once (up to
+        // 1 GiB of them at the default 1 GiB state, 256 MiB uploads).
         let shm = Path::new("/dev/shm");
-        let parent = if shm.is_dir() { shm } else { parent };
+        let parent = if free_bytes(shm) >= SHM_MIN { shm } else { parent };
         let tmp = tempfile::Builder::new().prefix("modelio-bench-s3-").tempdir_in(parent).at("create a folder in", parent)?;
         let data = tmp.path().join("data");
         fs::create_dir_all(data.join(BUCKET)).at("create", &data)?;
@@ -134,6 +135,12 @@ impl S3Server {
         Error::Io { op: "start", path: "s3s-fs".into(), source: std::io::Error::other(format!("{what}; its log:\n{log}")) }
     }
 
+    /// Remove every object under `prefix` from the server's folder (what a
+    /// phase left there, so that it does not hold memory for the rest).
+    pub fn remove(&self, prefix: &str) {
+        let _ = fs::remove_dir_all(self.tmp.path().join("data").join(BUCKET).join(prefix));
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -149,6 +156,23 @@ impl S3Server {
             upload: UploadPolicy::Every,
             ..RemoteConfig::default()
         }
+    }
+}
+
+/// The memory the server's objects may use in `/dev/shm` (else they go to disk).
+const SHM_MIN: u64 = 4 << 30;
+
+/// Bytes free to an unprivileged writer on the filesystem of `path` (0 when unknown).
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: a NUL-terminated path and a zeroed struct the call fills.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_bavail.saturating_mul(st.f_frsize)
     }
 }
 
