@@ -27,13 +27,9 @@ pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
 /// while each chunk is in cache (one pass over memory instead of two).
 #[cfg_attr(not(feature = "torch"), allow(dead_code))]
 pub fn both(bytes: &[u8]) -> (u32, u32) {
-    let mut c = Digest::new(CrcAlgorithm::Crc32Iscsi);
-    let mut zip = Digest::new(CrcAlgorithm::Crc32IsoHdlc);
-    for chunk in bytes.chunks(PIECE) {
-        c.update(chunk);
-        zip.update(chunk);
-    }
-    (c.finalize() as u32, zip.finalize() as u32)
+    let mut sums = Both::new();
+    sums.update(bytes);
+    sums.finalize()
 }
 
 /// Both checksums of a stream of bytes, fed piece by piece (each piece
