@@ -118,6 +118,13 @@ pub mod staging;
 #[cfg(feature = "torch")]
 pub mod tensors;
 
+/// The cores this process may use, asked once (the answer reads the
+/// process's cgroup files, too slow for a trainer's every save).
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
 pub use config::Config;
 pub use error::{Error, ErrorKind, Report, Result, Work};
 #[cfg(feature = "torch")]

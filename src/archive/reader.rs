@@ -123,10 +123,7 @@ const KNOWN_ENTRIES: [&str; 5] = [MANIFEST_ENTRY, MODEL_ENTRY, OPTIMIZER_ENTRY, 
 fn read_checksummed(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<(u32, u32)> {
     use std::os::unix::fs::FileExt;
     let mut sums = crate::crc::Both::new();
-    // Asked once: the answer reads the process's cgroup files.
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
-    if dst.len() < PIPELINE_MIN || cores < 2 {
+    if dst.len() < PIPELINE_MIN || crate::cores() < 2 {
         for (i, chunk) in dst.chunks_mut(READ_CHUNK).enumerate() {
             file.read_exact_at(chunk, offset + (i * READ_CHUNK) as u64)?;
             sums.update(chunk);

@@ -255,7 +255,7 @@ impl Lease {
                 pieces.push((s, d));
             }
         }
-        let threads = COPY_THREADS.min(std::thread::available_parallelism().map_or(1, |n| n.get())).min(total / COPY_PIECE + 1);
+        let threads = COPY_THREADS.min(crate::cores()).min(total / COPY_PIECE + 1);
         if threads <= 1 {
             pieces.into_iter().for_each(|(s, d)| d.copy_from_slice(s));
             return Ok(());
