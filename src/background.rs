@@ -133,11 +133,11 @@ impl Drop for Workers {
 pub(crate) enum Priority {
     /// As the trainer's threads: work training waits for (the stager's
     /// deferred copies; a rank's shard writer and coordinator, which the other
-    /// ranks' steps wait for).
+    /// ranks' steps wait for), and a save's short bursts of work between its
+    /// writes (the stager, the saver), best done as soon as the disk is ready.
     Normal,
-    /// Below them ([`lower_priority`]): writing, checksumming, uploading
-    /// that training does not wait for, unless saves come faster than they
-    /// finish and `save` waits for a staging buffer.
+    /// Below them ([`lower_priority`]): backups, snapshots, uploads, which
+    /// training does not wait for and which may take as long as they need.
     Low,
 }
 

@@ -260,10 +260,7 @@ mod tests {
     #[test]
     fn a_short_staged_buffer_is_refused_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let shared = Shared::new(
-            ModelPaths::new(dir.path(), "m"),
-            Settings { snapshot_keep: 0, hard_links: false, stager_priority: crate::background::Priority::Low },
-        );
+        let shared = Shared::new(ModelPaths::new(dir.path(), "m"), Settings { snapshot_keep: 0, hard_links: false });
         let pool = Pool::new(1);
         let mut lease = pool.try_lease().unwrap();
         lease.host(0, 16).fill(1); // 4 floats staged, 6 described

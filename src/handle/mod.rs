@@ -126,14 +126,7 @@ impl ModelIo {
             allowed: "values the state file can record as JSON".into(),
         })?;
         let paths = ModelPaths::new(&config.model.dir, &config.model.name);
-        let settings = Settings {
-            snapshot_keep: config.snapshot.keep,
-            hard_links: config.save.hard_links,
-            stager_priority: match config.staging.cpu_copy {
-                crate::config::CpuCopy::Immediate => crate::background::Priority::Low,
-                crate::config::CpuCopy::Deferred | crate::config::CpuCopy::Protect => crate::background::Priority::Normal,
-            },
-        };
+        let settings = Settings { snapshot_keep: config.snapshot.keep, hard_links: config.save.hard_links };
         let mut shared = Shared::new(paths.clone(), settings);
         let mut remote = Seam::connect(&config)?;
         let lock = if config.model.predict {
