@@ -61,6 +61,8 @@ pub enum Phase {
     Load,
     /// Training throughput without and with saves.
     Train,
+    /// Sharded saves' stalls and memory, and a sharded load against a raw read.
+    Sharded,
 }
 
 /// Figures by name (the keys of `target/bench.json`).
@@ -467,6 +469,10 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
             drop((vs, opt));
             return train_phase(opts, reps, work, server, r);
         }
+        #[cfg(feature = "remote")]
+        Some(Phase::Sharded) => return crate::sharded::run(work, reps, &vs, &opt, bytes, r),
+        #[cfg(not(feature = "remote"))]
+        Some(Phase::Sharded) => return Ok(()),
         None => {}
     }
 

@@ -319,6 +319,45 @@ mod tests {
         (Stage { job, copies }, answer)
     }
 
+    /// (nice, scheduling policy) of each of this process's threads named
+    /// `name` (as `/proc` shows it: at most 15 bytes).
+    fn scheduling_of(name: &str) -> Vec<(i64, i64)> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // After the command in parentheses: the state (field 3), ...,
+            // the nice value (field 19), ..., the policy (field 41).
+            let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            if comm.trim_end() == name && fields.len() > 41 - 3 {
+                found.push((fields[19 - 3].parse().unwrap(), fields[41 - 3].parse().unwrap()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_stager_and_saver_run_as_the_trainer_does_and_backups_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_shared, actors) = actors(dir.path());
+        // Through every worker: each has started (and set its priority).
+        actors.flush_blocking().unwrap();
+        // SAFETY: a plain query of the calling thread.
+        let own = i64::from(unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t) });
+        for name in ["modelio-stager", "modelio-saver"] {
+            let threads = scheduling_of(name);
+            assert!(!threads.is_empty(), "no {name} thread");
+            // Threads of tests running beside this one included: none is lowered.
+            assert!(
+                threads.iter().all(|&(nice, policy)| nice <= own.max(0) && policy == i64::from(libc::SCHED_OTHER)),
+                "{name}: {threads:?}"
+            );
+        }
+        // This one's backup worker is lowered (another test's may not be yet).
+        let backups = scheduling_of("modelio-backup");
+        assert!(backups.iter().any(|&(nice, policy)| nice >= 10 && policy == i64::from(libc::SCHED_BATCH)), "{backups:?}");
+    }
+
     #[test]
     fn a_flush_never_holds_up_the_stager() {
         let dir = tempfile::tempdir().unwrap();

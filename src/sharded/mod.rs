@@ -646,14 +646,25 @@ impl ShardedIo {
     pub fn load(&self, m: &GlobalManifest, wants: &[Want]) -> Result<Vec<Tensor>> {
         use futures::StreamExt;
         // Wants are read in the order their first pieces lie in the shards
-        // (sequential reads of each shard), a few at once, so the store's
-        // reads overlap the copies and checksums of those already read.
+        // (sequential reads of each shard), a few at once, each a task of
+        // the runtime: the store's reads overlap the copies and checksums of
+        // those already read, which run on the runtime's threads side by side.
         let s = self.shared.clone();
         let mut order: Vec<usize> = (0..wants.len()).collect();
         let place = |w: &Want| m.pieces(&w.name).first().map(|(key, p)| (key.to_string(), p.data_offset));
         order.sort_by_cached_key(|&i| place(&wants[i]));
-        let read = futures::stream::iter(order.iter().map(|&i| &wants[i])).map(|w| s.read_want::<Loaded>(m, w)).buffered(LOADS_IN_FLIGHT);
-        let loaded = s.run(read.map(|got| got.map(|Loaded(t)| t)).collect::<Vec<_>>());
+        let step = Arc::new(m.clone());
+        let task = |w: &Want| {
+            let (s, m, w) = (s.clone(), step.clone(), w.clone());
+            async move {
+                let read = tokio::spawn(async move { s.read_want::<Loaded>(&m, &w).await.map(|Loaded(t)| t) });
+                read.await.unwrap_or_else(|e| {
+                    Err(Error::Internal { what: crate::error::Work::Load, message: format!("a tensor's read failed: {e}") })
+                })
+            }
+        };
+        let read = futures::stream::iter(order.iter().map(|&i| &wants[i])).map(task).buffered(LOADS_IN_FLIGHT);
+        let loaded = s.run(read.collect::<Vec<_>>());
         // Back in the order asked for.
         let mut loaded: Vec<(usize, Result<Tensor>)> = order.into_iter().zip(loaded).collect();
         loaded.sort_by_key(|(i, _)| *i);
