@@ -48,8 +48,8 @@ pub(crate) fn guarded<T>(what: Work, work: impl FnOnce() -> Result<T>) -> Result
     })
 }
 
-/// Lower the calling thread's scheduling priority, so background
-/// checksumming, writing and uploading run in the time training leaves idle:
+/// Lower the calling thread's scheduling priority, so backups, snapshots
+/// and uploads run in the time training leaves idle:
 /// nice 10, and the batch policy (`SCHED_BATCH`), under which a thread
 /// woken (by a finished write, a network reply) does not preempt a training
 /// thread that is running, but waits for its turn.

@@ -61,7 +61,8 @@ pub enum Phase {
     Load,
     /// Training throughput without and with saves.
     Train,
-    /// Sharded saves' stalls and memory, and a sharded load against a raw read.
+    /// Sharded saves' stalls and memory, and a sharded load against a raw
+    /// read (CPU state; built with the `remote` feature).
     Sharded,
 }
 
@@ -470,9 +471,17 @@ fn run_in(opts: &BenchOptions, reps: usize, work: &Path, server: Option<&S3Serve
             return train_phase(opts, reps, work, server, r);
         }
         #[cfg(feature = "remote")]
-        Some(Phase::Sharded) => return crate::sharded::run(work, reps, &vs, &opt, bytes, r),
-        #[cfg(not(feature = "remote"))]
-        Some(Phase::Sharded) => return Ok(()),
+        Some(Phase::Sharded) if opts.device == Device::Cpu => {
+            let dir = work.join("sharded-memory");
+            let memory = crate::sharded::memory_phase(&dir, &vs, &opt, bytes, r);
+            let _ = std::fs::remove_dir_all(&dir);
+            memory?;
+            return crate::sharded::run(work, reps, &vs, &opt, bytes, r);
+        }
+        Some(Phase::Sharded) => {
+            eprintln!("the sharded figures are measured on a CPU state, with the `remote` feature: none here");
+            return Ok(());
+        }
         None => {}
     }
 

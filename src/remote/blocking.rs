@@ -25,9 +25,6 @@ impl Blocking {
         Ok(Blocking(Some(rt)))
     }
 
-    /// Run `fut` on this runtime and wait for it. From inside another
-    /// runtime it runs on a scoped thread (a runtime cannot be blocked on
-    /// from one of its own or another runtime's threads).
     /// Enter the runtime on this thread (until the guard drops), so that
     /// what spawns tasks (a multipart writer's parts) spawns them on it.
     #[cfg_attr(not(feature = "torch"), allow(dead_code))]
@@ -35,6 +32,9 @@ impl Blocking {
         self.0.as_ref().map(|rt| rt.enter())
     }
 
+    /// Run `fut` on this runtime and wait for it. From inside another
+    /// runtime it runs on a scoped thread (a runtime cannot be blocked on
+    /// from one of its own or another runtime's threads).
     pub fn run<F: Future + Send>(&self, fut: F) -> F::Output
     where
         F::Output: Send,

@@ -638,11 +638,14 @@ impl ShardedIo {
     #[cfg(feature = "torch")]
     /// Read `wants` from step `m`: each a whole tensor, rows or a box of one,
     /// reassembled from the pieces that overlap it, every piece read checked
-    /// against its CRC-32C.
+    /// against its CRC-32C. The checksums and copies run on the two threads
+    /// of the rank's object-store runtime, beside its saves' uploads and
+    /// commits if a save is in flight.
     ///
     /// # Errors
     /// [`Error::Mismatch`] when a tensor or rows are not in the step;
-    /// [`Error::RemoteDamaged`] when a piece's checksum fails; [`Error::Remote`].
+    /// [`Error::RemoteDamaged`] when a piece's checksum fails; [`Error::Remote`];
+    /// [`Error::Internal`] naming the tensor when its read panicked.
     pub fn load(&self, m: &GlobalManifest, wants: &[Want]) -> Result<Vec<Tensor>> {
         use futures::StreamExt;
         // Wants are read in the order their first pieces lie in the shards
@@ -656,10 +659,13 @@ impl ShardedIo {
         let step = Arc::new(m.clone());
         let task = |w: &Want| {
             let (s, m, w) = (s.clone(), step.clone(), w.clone());
+            let name = w.name.clone();
             async move {
                 let read = tokio::spawn(async move { s.read_want::<Loaded>(&m, &w).await.map(|Loaded(t)| t) });
                 read.await.unwrap_or_else(|e| {
-                    Err(Error::Internal { what: crate::error::Work::Load, message: format!("a tensor's read failed: {e}") })
+                    let how = if e.is_panic() { "panicked" } else { "was cancelled" };
+                    let message = format!("the read of tensor `{name}` {how}: {e}");
+                    Err(Error::Internal { what: crate::error::Work::Load, message })
                 })
             }
         };

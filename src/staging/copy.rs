@@ -150,7 +150,14 @@ impl Copies {
 /// `madvise` advice (Linux 6.1): back the range with huge pages now.
 const MADV_COLLAPSE: libc::c_int = 25;
 /// A huge page.
-const HUGE_PAGE: usize = 2 << 20;
+pub(super) const HUGE_PAGE: usize = 2 << 20;
+
+/// The whole huge pages within `len` bytes at `start`, as (first, end)
+/// addresses; none when the bytes hold no whole huge page.
+pub(super) fn whole_huge_pages(start: usize, len: usize) -> Option<(usize, usize)> {
+    let (lo, hi) = (start.next_multiple_of(HUGE_PAGE), start.saturating_add(len) / HUGE_PAGE * HUGE_PAGE);
+    (hi > lo).then_some((lo, hi))
+}
 
 /// Ask the kernel to back the 2 MiB-aligned stretches of a protected
 /// tensor's bytes with huge pages now (`MADV_COLLAPSE`): write-protecting a
@@ -160,9 +167,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// change; memory already on huge pages costs nothing, the rest a copy, on
 /// this worker. A kernel or memory that refuses it changes nothing.
 fn prefer_huge_pages(t: &tch::Tensor) {
-    let (start, len) = (t.data_ptr() as usize, crate::tensors::byte_len(t));
-    let (lo, hi) = (start.next_multiple_of(HUGE_PAGE), (start + len) / HUGE_PAGE * HUGE_PAGE);
-    if hi > lo {
+    if let Some((lo, hi)) = whole_huge_pages(t.data_ptr() as usize, crate::tensors::byte_len(t)) {
         // SAFETY: advice on the pages of a tensor this save holds alive;
         // the kernel keeps their contents, concurrent writes included.
         unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, MADV_COLLAPSE) };

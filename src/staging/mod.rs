@@ -89,18 +89,16 @@ struct PoolInner {
 }
 
 /// Ask for huge pages behind the whole 2 MiB pages of a new buffer of
-/// `len` bytes at `ptr`, before its first use: a copy into it misses the
-/// TLB less often, and a direct write pins its pages for the disk a huge
-/// page at a time (measured here: the saver's CPU per GiB written fell from
-/// 0.050 s to 0.028). A refusal changes nothing.
-fn prefer_huge_pages(ptr: *mut u8, len: usize) {
-    const HUGE: usize = 2 << 20;
-    let start = (ptr as usize).next_multiple_of(HUGE);
-    let end = (ptr as usize).saturating_add(len) / HUGE * HUGE;
-    if end > start {
-        // SAFETY: advice on whole pages of memory this buffer owns, not
-        // yet touched; it changes how they are backed, never their bytes.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+/// `len` bytes at `ptr` (`MADV_HUGEPAGE`), before it is filled: a copy into
+/// it misses the TLB less often, and a direct write pins its pages for the
+/// disk a huge page at a time (measured here: the saver's CPU per GiB
+/// written fell from 0.050 s to 0.028). A buffer under 4 MiB may hold no
+/// whole huge page, and is left as it is; so is one the kernel refuses.
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    if let Some((lo, hi)) = copy::whole_huge_pages(ptr as usize, len) {
+        // SAFETY: advice only, on whole pages within memory this buffer
+        // owns; it changes how they are backed, never their contents.
+        unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
     }
 }
 
@@ -204,7 +202,7 @@ impl Lease {
         if v.capacity() < room {
             pool.grown.fetch_add(1, Ordering::Relaxed);
             *v = Vec::with_capacity(room);
-            prefer_huge_pages(v.as_mut_ptr(), room);
+            advise_huge_pages(v.as_mut_ptr(), room);
         }
         *at = place.map_or(0, |p| (p % block + block - v.as_ptr() as usize % block) % block);
         // Reused buffers keep their length: no memset after the first save.
