@@ -25,7 +25,6 @@ pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
 
 /// The CRC-32C and the zip CRC-32 of `bytes`, both computed chunk by chunk
 /// while each chunk is in cache (one pass over memory instead of two).
-#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 pub fn both(bytes: &[u8]) -> (u32, u32) {
     let mut sums = Both::new();
     sums.update(bytes);

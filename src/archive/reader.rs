@@ -105,9 +105,6 @@ const READ_CHUNK: usize = 4 << 20;
 /// Tensors of at least this many bytes are checksummed by a helper thread
 /// while they are read ([`read_checksummed`]).
 const PIPELINE_MIN: usize = 2 * READ_CHUNK;
-/// Both checksums (CRC-32C and zip CRC-32) are computed over pieces of this
-/// size, one after the other, so the second reads the piece from L2.
-const CHECK_PIECE: usize = 256 << 10;
 
 /// Entries an archive may hold; any other is refused, so that no entry goes
 /// unchecked (`zipfile.testzip()` would read it).
@@ -382,7 +379,7 @@ impl ArchiveReader {
     pub fn checked_data(&self, t: &Located) -> Result<&[u8]> {
         let (entry, located) = self.entry_of(t)?;
         let data = self.data(t);
-        let (crc32c, crc32) = checksums(data);
+        let (crc32c, crc32) = crate::crc::both(data);
         self.check_read(entry, located, t, crc32c, crc32)?;
         Ok(data)
     }
@@ -398,7 +395,7 @@ impl ArchiveReader {
             let mut crcs = Vec::with_capacity(located.len());
             let mut tensors_ok = true;
             for t in located {
-                let (crc32c, crc32) = checksums(self.data(t));
+                let (crc32c, crc32) = crate::crc::both(self.data(t));
                 if crc32c != t.meta.crc32c {
                     damaged.push(t.meta.name.clone());
                     tensors_ok = false;
@@ -422,18 +419,6 @@ impl ArchiveReader {
         let optimizer = self.optimizer.iter().flat_map(|(t, _)| t.iter());
         self.model.iter().chain(optimizer).map(|t| t.len as u64).sum()
     }
-}
-
-/// The CRC-32C and the zip CRC-32 of `bytes`, chunk by chunk while each
-/// chunk is in cache.
-fn checksums(bytes: &[u8]) -> (u32, u32) {
-    let mut crc32c = 0;
-    let mut crc32 = crc32fast::Hasher::new();
-    for chunk in bytes.chunks(CHECK_PIECE) {
-        crc32c = crate::crc::crc32c_append(crc32c, chunk);
-        crc32.update(chunk);
-    }
-    (crc32c, crc32.finalize())
 }
 
 /// Parse the manifest and check its format, version and own checksum.

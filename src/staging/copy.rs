@@ -150,7 +150,7 @@ impl Copies {
 /// `madvise` advice (Linux 6.1): back the range with huge pages now.
 const MADV_COLLAPSE: libc::c_int = 25;
 /// A huge page.
-pub(super) const HUGE_PAGE: usize = 2 << 20;
+const HUGE_PAGE: usize = 2 << 20;
 
 /// The whole huge pages within `len` bytes at `start`, as (first, end)
 /// addresses; none when the bytes hold no whole huge page.
